@@ -1,0 +1,121 @@
+// CUDA kernels for dropout masks and the in-place merge (see kernels.h).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "../philox.h"
+#include "kernels.h"
+
+namespace soslora::cuda {
+namespace {
+
+template <typename T> __host__ __device__ __forceinline__ T from_double(double v) { return T(v); }
+template <> __host__ __device__ __forceinline__ __half from_double<__half>(double v) {
+  return __double2half(v);
+}
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 from_double<__nv_bfloat16>(double v) {
+  return __double2bfloat16(v);
+}
+template <typename Acc, typename T> __device__ __forceinline__ Acc to_acc(T v) {
+  return static_cast<Acc>(v);
+}
+template <> __device__ __forceinline__ float to_acc<float, __half>(__half v) {
+  return __half2float(v);
+}
+template <> __device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__global__ void dropout_mask_kernel(T* out, int64_t numel, const int64_t* seed,
+                                    uint32_t threshold, T keep_value) {
+  const uint64_t s = static_cast<uint64_t>(seed[0]), offset = static_cast<uint64_t>(seed[1]);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = dropout_keep(s, offset, static_cast<uint64_t>(i), threshold) ? keep_value
+                                                                         : from_double<T>(0.0);
+}
+
+constexpr int kMergeTileCols = 32;
+constexpr int kMergeTileRows = 8;
+
+// One thread per weight element; A's rows are read coalesced, Bs broadcast across the warp.
+template <typename T, typename Acc>
+__global__ void merge_kernel(T* weight, int64_t rows, int64_t cols, int64_t row_stride,
+                             int64_t col_stride, const Acc* Bs, const Acc* A, int64_t rank,
+                             Acc alpha) {
+  const int64_t c = blockIdx.x * int64_t(kMergeTileCols) + threadIdx.x;
+  const int64_t o = blockIdx.y * int64_t(kMergeTileRows) + threadIdx.y;
+  if (o >= rows || c >= cols) return;
+  Acc sum = 0;
+  for (int64_t j = 0; j < rank; ++j) sum += Bs[o * rank + j] * A[j * cols + c];
+  T* w = weight + o * row_stride + c * col_stride;
+  *w = from_double<T>(static_cast<double>(to_acc<Acc>(*w) + alpha * sum));
+}
+
+template <typename T>
+cudaError_t dropout_mask_typed(void* out, int64_t numel, const int64_t* seed, double p,
+                               cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  constexpr int threads = 256;
+  const int64_t blocks = std::min<int64_t>((numel + threads - 1) / threads, 65536);
+  dropout_mask_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      static_cast<T*>(out), numel, seed, dropout_threshold(p), from_double<T>(1.0 / (1.0 - p)));
+  return cudaGetLastError();
+}
+
+template <typename T, typename Acc>
+cudaError_t merge_typed(void* weight, int64_t rows, int64_t cols, int64_t row_stride,
+                        int64_t col_stride, const void* Bs, const void* A, int64_t rank,
+                        double alpha, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const dim3 block(kMergeTileCols, kMergeTileRows);
+  const int64_t grid_y = (rows + kMergeTileRows - 1) / kMergeTileRows;
+  if (grid_y > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>((cols + kMergeTileCols - 1) / kMergeTileCols),
+                  static_cast<unsigned>(grid_y));
+  merge_kernel<T, Acc><<<grid, block, 0, stream>>>(
+      static_cast<T*>(weight), rows, cols, row_stride, col_stride, static_cast<const Acc*>(Bs),
+      static_cast<const Acc*>(A), rank, static_cast<Acc>(alpha));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_dropout_mask(void* out, DType dtype, int64_t numel, const int64_t* seed,
+                                double p, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return dropout_mask_typed<float>(out, numel, seed, p, stream);
+    case DType::kFloat64: return dropout_mask_typed<double>(out, numel, seed, p, stream);
+    case DType::kFloat16: return dropout_mask_typed<__half>(out, numel, seed, p, stream);
+    case DType::kBFloat16: return dropout_mask_typed<__nv_bfloat16>(out, numel, seed, p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_merge(void* weight, DType dtype, int64_t rows, int64_t cols,
+                         int64_t row_stride, int64_t col_stride, const void* Bs, const void* A,
+                         int64_t rank, bool acc_double, double alpha, cudaStream_t stream) {
+  if (acc_double)
+    return dtype == DType::kFloat64
+               ? merge_typed<double, double>(weight, rows, cols, row_stride, col_stride, Bs, A,
+                                             rank, alpha, stream)
+               : cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return merge_typed<float, float>(weight, rows, cols, row_stride, col_stride, Bs, A, rank,
+                                       alpha, stream);
+    case DType::kFloat16:
+      return merge_typed<__half, float>(weight, rows, cols, row_stride, col_stride, Bs, A, rank,
+                                        alpha, stream);
+    case DType::kBFloat16:
+      return merge_typed<__nv_bfloat16, float>(weight, rows, cols, row_stride, col_stride, Bs, A,
+                                               rank, alpha, stream);
+    case DType::kFloat64: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace soslora::cuda

@@ -1,0 +1,151 @@
+// The low-rank adapter path, forward and the pieces of its backward.
+//
+//   post-dropout ("post"): h = drop(x A^T),   out = base_out + h (B*s)^T
+//   pre-dropout  ("pre"):  h = drop(x) A^T,   out = base_out + h (B*s)^T
+//
+// x: [N, in], A: [r, in], B: [out, r], s: [r] or [out, r]. Experts (and later clusters or
+// summed adapters) are contiguous segments of the r axis; their scales live in s.
+// Written with ATen calls so the same code serves the CPU and CUDA dispatch keys.
+#include "soslora.h"
+
+namespace soslora {
+namespace {
+
+void check_same_float_dtype(const Tensor& a, const char* a_name, const Tensor& b,
+                            const char* b_name, const char* op) {
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": ", a_name,
+              " must be a floating-point tensor, got ", a.scalar_type());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), op, ": ", a_name, " and ", b_name,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+void check_matrix(const Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+}
+
+Tensor apply_mask(const Tensor& t, const OptTensor& seed, double p) {
+  return t * dropout_scale_mask(*seed, t.sizes(), p, t.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, const Tensor& B,
+                                           const Tensor& scale, const OptTensor& base_out,
+                                           const OptTensor& dropout_seed, double dropout_p,
+                                           bool dropout_on_input) {
+  constexpr const char* op = "soslora::lowrank_forward";
+  check_matrix(x, "x", op);
+  check_matrix(A, "A", op);
+  check_matrix(B, "B", op);
+  check_same_float_dtype(x, "x", A, "A", op);
+  check_same_float_dtype(x, "x", B, "B", op);
+  TORCH_CHECK(A.size(1) == x.size(1), op, ": A must be [r, in] with in = x.size(1) = ", x.size(1),
+              ", got A of shape ", A.sizes());
+  TORCH_CHECK(B.size(1) == A.size(0), op, ": B must be [out, r] with r = A.size(0) = ", A.size(0),
+              ", got B of shape ", B.sizes());
+  check_scale(scale, B, op);
+  if (base_out.has_value()) {
+    check_same_float_dtype(*base_out, "base_out", x, "x", op);
+    TORCH_CHECK(base_out->dim() == 2 && base_out->size(0) == x.size(0) &&
+                    base_out->size(1) == B.size(0),
+                op, ": base_out must be [N, out] = [", x.size(0), ", ", B.size(0), "], got ",
+                base_out->sizes());
+  }
+  check_dropout(dropout_seed, dropout_p, x, op);
+
+  const bool drop = dropout_p > 0;
+  const Tensor x_in = (drop && dropout_on_input) ? apply_mask(x, dropout_seed, dropout_p) : x;
+  Tensor hidden = at::mm(x_in, A.t());
+  if (drop && !dropout_on_input) hidden = apply_mask(hidden, dropout_seed, dropout_p);
+  const Tensor Bs_t = scaled_B(B, scale).t();
+  Tensor out = base_out.has_value() ? at::addmm(*base_out, hidden, Bs_t) : at::mm(hidden, Bs_t);
+  return {out, hidden};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lowrank_grad_hidden(const Tensor& grad_out, const Tensor& B,
+                                                       const Tensor& scale, const Tensor& hidden,
+                                                       const OptTensor& dropout_seed,
+                                                       double dropout_p, bool dropout_on_input) {
+  constexpr const char* op = "soslora::lowrank_grad_hidden";
+  check_matrix(grad_out, "grad_out", op);
+  check_matrix(B, "B", op);
+  check_matrix(hidden, "hidden", op);
+  check_same_float_dtype(grad_out, "grad_out", B, "B", op);
+  check_same_float_dtype(grad_out, "grad_out", hidden, "hidden", op);
+  TORCH_CHECK(grad_out.size(1) == B.size(0) && hidden.size(0) == grad_out.size(0) &&
+                  hidden.size(1) == B.size(1),
+              op, ": expected grad_out [N, out], B [out, r], hidden [N, r]; got ",
+              grad_out.sizes(), ", ", B.sizes(), ", ", hidden.sizes());
+  check_scale(scale, B, op);
+  check_dropout(dropout_seed, dropout_p, grad_out, op);
+
+  // One product over grad_out for each factor: grad wrt the unscaled-B product, then split.
+  const Tensor grad_Bs = at::mm(grad_out.t(), hidden);  // [out, r], gradient of B * scale
+  Tensor grad_hidden = at::mm(grad_out, scaled_B(B, scale));
+  if (dropout_p > 0 && !dropout_on_input)
+    grad_hidden = apply_mask(grad_hidden, dropout_seed, dropout_p);
+
+  const auto acc = accumulate_dtype(B.scalar_type());
+  const Tensor grad_Bs_acc = grad_Bs.to(acc);
+  Tensor grad_B = (grad_Bs_acc * scale.to(acc)).to(B.scalar_type());
+  Tensor grad_scale = grad_Bs_acc * B.to(acc);
+  if (scale.dim() == 1) grad_scale = grad_scale.sum(0);
+  return {grad_hidden, grad_B, grad_scale.to(scale.scalar_type())};
+}
+
+Tensor lowrank_grad_A(const Tensor& grad_hidden, const Tensor& x, const OptTensor& dropout_seed,
+                      double dropout_p, bool dropout_on_input) {
+  constexpr const char* op = "soslora::lowrank_grad_A";
+  check_matrix(grad_hidden, "grad_hidden", op);
+  check_matrix(x, "x", op);
+  check_same_float_dtype(grad_hidden, "grad_hidden", x, "x", op);
+  TORCH_CHECK(grad_hidden.size(0) == x.size(0), op,
+              ": grad_hidden [N, r] and x [N, in] must share N, got ", grad_hidden.sizes(),
+              " and ", x.sizes());
+  check_dropout(dropout_seed, dropout_p, x, op);
+  const Tensor x_in =
+      (dropout_p > 0 && dropout_on_input) ? apply_mask(x, dropout_seed, dropout_p) : x;
+  return at::mm(grad_hidden.t(), x_in);
+}
+
+Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTensor& grad_x_base,
+                      const OptTensor& dropout_seed, double dropout_p, bool dropout_on_input) {
+  constexpr const char* op = "soslora::lowrank_grad_x";
+  check_matrix(grad_hidden, "grad_hidden", op);
+  check_matrix(A, "A", op);
+  check_same_float_dtype(grad_hidden, "grad_hidden", A, "A", op);
+  TORCH_CHECK(grad_hidden.size(1) == A.size(0), op,
+              ": grad_hidden [N, r] and A [r, in] must share r, got ", grad_hidden.sizes(),
+              " and ", A.sizes());
+  check_dropout(dropout_seed, dropout_p, grad_hidden, op);
+  Tensor grad_x = at::mm(grad_hidden, A);
+  if (dropout_p > 0 && dropout_on_input) grad_x = apply_mask(grad_x, dropout_seed, dropout_p);
+  if (grad_x_base.has_value()) {
+    check_same_float_dtype(*grad_x_base, "grad_x_base", grad_x, "grad_hidden", op);
+    TORCH_CHECK(grad_x_base->sizes() == grad_x.sizes(), op, ": grad_x_base must be [N, in] = ",
+                grad_x.sizes(), ", got ", grad_x_base->sizes());
+    grad_x.add_(*grad_x_base);
+  }
+  return grad_x;
+}
+
+Tensor scaled_B(const Tensor& B, const Tensor& scale) {
+  const auto acc = accumulate_dtype(B.scalar_type());
+  return (B.to(acc) * scale.to(acc)).to(B.scalar_type());
+}
+
+void check_scale(const Tensor& scale, const Tensor& B, const char* op) {
+  const int64_t out_features = B.size(0), rank = B.size(1);
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op,
+              ": scale must be a floating-point tensor, got ", scale.scalar_type());
+  TORCH_CHECK(scale.device() == B.device(), op, ": scale must be on B's device ", B.device(),
+              ", got ", scale.device());
+  const bool per_rank = scale.dim() == 1 && scale.size(0) == rank;
+  const bool per_channel = scale.dim() == 2 && scale.size(0) == out_features && scale.size(1) == rank;
+  TORCH_CHECK(per_rank || per_channel, op, ": scale must be [r] = [", rank, "] or [out, r] = [",
+              out_features, ", ", rank, "], got ", scale.sizes());
+}
+
+}  // namespace soslora

@@ -1,0 +1,47 @@
+// In-place merge of a low-rank update into a weight: weight += alpha * (B * scale) @ A,
+// accumulated in float32 (float64 for float64 weights) and rounded once into weight's dtype.
+#include "soslora.h"
+
+namespace soslora {
+
+void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B,
+                      const Tensor& scale) {
+  constexpr const char* op = "soslora::merge_into_";
+  TORCH_CHECK(weight.dim() == 2 && A.dim() == 2 && B.dim() == 2, op,
+              ": weight [out, in], A [r, in] and B [out, r] must be 2-D, got ", weight.sizes(),
+              ", ", A.sizes(), ", ", B.sizes());
+  TORCH_CHECK(A.size(1) == weight.size(1) && B.size(0) == weight.size(0) &&
+                  B.size(1) == A.size(0),
+              op, ": shapes do not chain: weight ", weight.sizes(), ", A ", A.sizes(), ", B ",
+              B.sizes(), " (expected weight [out, in], A [r, in], B [out, r])");
+  for (const Tensor* t : {&weight, &A, &B})
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op,
+                ": weight, A and B must be floating-point, got ", t->scalar_type());
+  TORCH_CHECK(A.device() == weight.device() && B.device() == weight.device(), op,
+              ": weight, A and B must be on one device, got ", weight.device(), ", ", A.device(),
+              ", ", B.device());
+  check_scale(scale, B, op);
+}
+
+void merge_into_cpu_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
+                     double alpha) {
+  check_merge_args(weight, A, B, scale);
+  const auto acc = at::promote_types(accumulate_dtype(weight.scalar_type()),
+                                     at::promote_types(A.scalar_type(), B.scalar_type()));
+  const Tensor A_acc = A.to(acc);
+  const Tensor Bs_acc = B.to(acc) * scale.to(acc);
+  if (weight.scalar_type() == acc) {
+    weight.addmm_(Bs_acc, A_acc, /*beta=*/1, /*alpha=*/alpha);
+    return;
+  }
+  // Lower-precision weight: accumulate a band of rows at a time in `acc`, round once.
+  const int64_t rows = weight.size(0), cols = std::max<int64_t>(weight.size(1), 1);
+  const int64_t band = std::max<int64_t>(1, (int64_t{1} << 20) / cols);
+  for (int64_t start = 0; start < rows; start += band) {
+    const int64_t n = std::min(band, rows - start);
+    Tensor w = weight.narrow(0, start, n);
+    w.copy_(at::addmm(w.to(acc), Bs_acc.narrow(0, start, n), A_acc, /*beta=*/1, /*alpha=*/alpha));
+  }
+}
+
+}  // namespace soslora

@@ -1,0 +1,48 @@
+// Op schemas (namespace `soslora`) and their CPU kernels; the Python module `_C` that loading
+// this library creates only reports how it was built.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#include "soslora.h"
+
+TORCH_LIBRARY(soslora, m) {
+  // out = base_out + h (B*scale)^T, h = drop(x A^T) or drop(x) A^T; returns (out, h).
+  m.def(
+      "lowrank_forward(Tensor x, Tensor A, Tensor B, Tensor scale, Tensor? base_out, "
+      "Tensor? dropout_seed, float dropout_p, bool dropout_on_input) -> (Tensor, Tensor)");
+  // From grad_out: (grad wrt A-side product x A^T or drop(x) A^T, grad_B, grad_scale).
+  m.def(
+      "lowrank_grad_hidden(Tensor grad_out, Tensor B, Tensor scale, Tensor hidden, "
+      "Tensor? dropout_seed, float dropout_p, bool dropout_on_input) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lowrank_grad_A(Tensor grad_hidden, Tensor x, Tensor? dropout_seed, float dropout_p, "
+      "bool dropout_on_input) -> Tensor");
+  // grad_x = grad_hidden A (masked for input dropout) + grad_x_base.
+  m.def(
+      "lowrank_grad_x(Tensor grad_hidden, Tensor A, Tensor? grad_x_base, Tensor? dropout_seed, "
+      "float dropout_p, bool dropout_on_input) -> Tensor");
+  m.def("ortho_penalty(Tensor A, int num_experts) -> Tensor");
+  // grad_A += weight * d(ortho_penalty)/dA; weight is a one-element tensor (read on device).
+  m.def("ortho_penalty_grad_(Tensor(a!) grad_A, Tensor A, Tensor weight, int num_experts) -> ()");
+  // weight += alpha * (B*scale) @ A, accumulated in float32, rounded once.
+  m.def("merge_into_(Tensor(a!) weight, Tensor A, Tensor B, Tensor scale, float alpha) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(soslora, CPU, m) {
+  m.impl("lowrank_forward", &soslora::lowrank_forward);
+  m.impl("lowrank_grad_hidden", &soslora::lowrank_grad_hidden);
+  m.impl("lowrank_grad_A", &soslora::lowrank_grad_A);
+  m.impl("lowrank_grad_x", &soslora::lowrank_grad_x);
+  m.impl("ortho_penalty", &soslora::ortho_penalty);
+  m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_);
+  m.impl("merge_into_", &soslora::merge_into_cpu_);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "soslora_ext native library: registers the torch.ops.soslora operators";
+#ifdef SOSLORA_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

@@ -1,0 +1,61 @@
+// Device-generic implementations of the soslora ops (ATen calls), shared by the CPU and CUDA
+// registrations, plus the few device-specific pieces they need.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace soslora {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---- low-rank adapter: out = base_out + (drop(x) A^T or drop(x A^T)) (B * scale)^T -------------
+std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, const Tensor& B,
+                                           const Tensor& scale, const OptTensor& base_out,
+                                           const OptTensor& dropout_seed, double dropout_p,
+                                           bool dropout_on_input);
+std::tuple<Tensor, Tensor, Tensor> lowrank_grad_hidden(const Tensor& grad_out, const Tensor& B,
+                                                       const Tensor& scale, const Tensor& hidden,
+                                                       const OptTensor& dropout_seed,
+                                                       double dropout_p, bool dropout_on_input);
+Tensor lowrank_grad_A(const Tensor& grad_hidden, const Tensor& x, const OptTensor& dropout_seed,
+                      double dropout_p, bool dropout_on_input);
+Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTensor& grad_x_base,
+                      const OptTensor& dropout_seed, double dropout_p, bool dropout_on_input);
+
+// ---- cross-expert orthogonality penalty -------------------------------------------------------
+Tensor ortho_penalty(const Tensor& A, int64_t num_experts);
+void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
+                         int64_t num_experts);
+
+// ---- merge: weight += alpha * (B * scale) @ A -------------------------------------------------
+void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale);
+void merge_into_cpu_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
+                     double alpha);
+
+// ---- helpers ----------------------------------------------------------------------------------
+// Accumulation dtype: float64 stays float64, everything else accumulates in float32.
+inline at::ScalarType accumulate_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+// B * scale with scale of shape [r] (one per rank) or [out, r] (per output channel and rank),
+// multiplied in the accumulation dtype and rounded once to B's dtype.
+Tensor scaled_B(const Tensor& B, const Tensor& scale);
+// Checks scale against B [out, r]: floating, on B's device, shape [r] or [out, r].
+void check_scale(const Tensor& scale, const Tensor& B, const char* op);
+
+// Dropout keep-mask of `sizes` with values 0 or 1/(1-p), dtype `dtype`, on seed's device;
+// element i is decided by philox(seed[0], seed[1], i).
+Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
+                          at::ScalarType dtype);
+void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor& like,
+                   const char* op);
+
+#ifdef SOSLORA_WITH_CUDA
+Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double p,
+                               at::ScalarType dtype);
+#endif
+
+}  // namespace soslora
