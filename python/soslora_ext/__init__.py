@@ -1,1 +1,25 @@
-from . import _C  # noqa: F401
+"""soslora_ext: structured low-rank adapters (SOS-LoRA) as a PyTorch C++/CUDA extension.
+
+    import soslora_ext as sl
+    layer = sl.SOSLinear(nn.Linear(4096, 4096), num_experts=4, rank=64, alpha=128.0)
+    model = sl.apply_sos_lora(model, target_modules=["q_proj", "v_proj"], rank=64)
+"""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from . import ops, reference
+from ._C import built_with_cuda
+from .config import SOSConfig
+from .layer import SOSLinear
+from .model import apply_sos_lora, merge_and_unload, ortho_penalty, sos_layers, trainable_parameters
+from .schedules import GateSchedule, OrthoSchedule
+
+try:
+    __version__ = _version("soslora_ext")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "SOSConfig", "SOSLinear", "apply_sos_lora", "merge_and_unload", "ortho_penalty", "sos_layers",
+    "trainable_parameters", "OrthoSchedule", "GateSchedule", "ops", "reference",
+    "built_with_cuda", "__version__",
+]

@@ -1,0 +1,100 @@
+"""Hyperparameters of an SOS-LoRA layer, validated in one place."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+RANK_MODES = ("total", "expert")
+SCALE_BASES = ("expert", "total")
+SCALE_MODES = ("fixed", "channel")
+DROPOUT_POSITIONS = ("post", "pre")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class SOSConfig:
+    """SOS-LoRA hyperparameters (see METHODS.md section 1 and the SOSLinear docstring)."""
+
+    num_experts: int = 4
+    rank: int = 64
+    alpha: float = 128.0
+    gamma_max: float = 2.5
+    rank_mode: str = "total"
+    scale_base: str = "expert"
+    scale_mode: str = "fixed"
+    gate: bool = False
+    scale_anchor: float = 0.0
+    uniform_prior: float = 0.0
+    loraplus_ratio: float = 1.0
+    dropout: float = 0.0
+    dropout_position: str = "post"
+    init_gain: float = 2**0.5
+
+    def __post_init__(self):
+        _require(_is_int(self.num_experts) and self.num_experts > 0,
+                 f"num_experts must be a positive int, got {self.num_experts!r}")
+        _require(_is_int(self.rank) and self.rank > 0,
+                 f"rank must be a positive int, got {self.rank!r}")
+        _require(_is_real(self.alpha) and self.alpha > 0,
+                 f"alpha must be a positive number, got {self.alpha!r}")
+        _require(_is_real(self.gamma_max) and self.gamma_max >= 1,
+                 f"gamma_max must be a number >= 1, got {self.gamma_max!r}")
+        for name, choices in (("rank_mode", RANK_MODES), ("scale_base", SCALE_BASES),
+                              ("scale_mode", SCALE_MODES),
+                              ("dropout_position", DROPOUT_POSITIONS)):
+            value = getattr(self, name)
+            _require(value in choices, f"{name} must be one of {choices}, got {value!r}")
+        if self.rank_mode == "total":
+            _require(self.rank % self.num_experts == 0,
+                     f"rank={self.rank} must be divisible by num_experts={self.num_experts} "
+                     "when rank_mode='total' (rank is the total rank split across experts)")
+        _require(isinstance(self.gate, bool), f"gate must be a bool, got {self.gate!r}")
+        _require(_is_real(self.scale_anchor) and self.scale_anchor >= 0,
+                 f"scale_anchor must be a number >= 0, got {self.scale_anchor!r}")
+        _require(self.scale_anchor == 0 or self.scale_mode == "channel",
+                 "scale_anchor > 0 needs scale_mode='channel' (it pulls the trainable channel "
+                 "scales towards the fixed ones)")
+        _require(_is_real(self.uniform_prior) and self.uniform_prior >= 0,
+                 f"uniform_prior must be a number >= 0, got {self.uniform_prior!r}")
+        _require(self.uniform_prior == 0 or self.gate,
+                 "uniform_prior > 0 needs gate=True (it acts on the gate logits)")
+        _require(_is_real(self.loraplus_ratio) and self.loraplus_ratio > 0,
+                 f"loraplus_ratio must be a positive number, got {self.loraplus_ratio!r}")
+        _require(_is_real(self.dropout) and 0 <= self.dropout < 1,
+                 f"dropout must be in [0, 1), got {self.dropout!r}")
+        _require(_is_real(self.init_gain) and self.init_gain > 0,
+                 f"init_gain must be a positive number, got {self.init_gain!r}")
+
+    @property
+    def r_expert(self) -> int:
+        return self.rank // self.num_experts if self.rank_mode == "total" else self.rank
+
+    @property
+    def r_total(self) -> int:
+        return self.r_expert * self.num_experts
+
+    def fixed_scales(self) -> list[float]:
+        """Expert k's fixed scale: gamma_k * base scaling, gamma = linspace(1, gamma_max, K)
+        (divided by its mean in total rank mode), base scaling alpha / r_expert or alpha / r_total."""
+        K = self.num_experts
+        gammas = [1.0 + (self.gamma_max - 1.0) * k / max(K - 1, 1) for k in range(K)]
+        if self.rank_mode == "total":
+            mean = sum(gammas) / K
+            gammas = [g / mean for g in gammas]
+        base = self.alpha / (self.r_expert if self.scale_base == "expert" else self.r_total)
+        return [g * base for g in gammas]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

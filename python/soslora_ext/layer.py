@@ -1,0 +1,267 @@
+"""SOSLinear: an nn.Linear wrapped with an SOS-LoRA adapter (K static, always-on experts)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import ops, reference
+from .config import SOSConfig
+
+Tensor = torch.Tensor
+
+
+class _AddToGrad(torch.autograd.Function):
+    """Identity in the forward pass; adds a fixed tensor to the gradient in the backward pass.
+
+    Carries the reference recipe's gradient-only terms (scale anchor, gate uniform prior),
+    which have no loss of their own."""
+
+    @staticmethod
+    def forward(ctx, t, extra):
+        ctx.save_for_backward(extra)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (extra,) = ctx.saved_tensors
+        return grad + extra, None
+
+
+class _AFactorGradient(torch.autograd.Function):
+    """Identity on lora_A; backward returns (grad + lam * d ortho_penalty / dA) / loraplus_ratio.
+
+    lam is a device tensor, so a schedule can change it without a host sync; the ratio divides
+    the sum, as in the reference code."""
+
+    @staticmethod
+    def forward(ctx, A, lam, num_experts, grad_multiplier):
+        ctx.save_for_backward(A, lam)
+        ctx.num_experts, ctx.grad_multiplier = num_experts, grad_multiplier
+        return A.view_as(A)
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, lam = ctx.saved_tensors
+        grad = grad.clone()
+        if ctx.num_experts > 1:
+            ops.add_ortho_penalty_grad_(grad, A, lam, ctx.num_experts)
+        if ctx.grad_multiplier != 1.0:
+            grad = grad * ctx.grad_multiplier
+        return grad, None, None, None
+
+
+def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # As PEFT: half-precision bases get float32 adapters; others keep the base dtype.
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+class SOSLinear(nn.Module):
+    """y = base(x) + sum_k s_k * (B_k A_k drop(x)): K static low-rank experts on a frozen Linear.
+
+    The experts are stored concatenated: ``lora_A`` [r_tot, in] and ``lora_B`` [out, r_tot];
+    ``expert_ranges[k]`` is expert k's slice of rows of A / columns of B. Scales are fixed
+    (``scale_mode="fixed"``, one per expert) or trainable per expert and output channel
+    (``"channel"``, [K, out]), optionally times a mean-1 gate K*softmax(logits / T).
+
+    Args:
+        base: the nn.Linear to adapt; wrapped, not copied; its parameters are frozen.
+        num_experts, rank, alpha, gamma_max, rank_mode, scale_base, scale_mode, gate,
+        scale_anchor, uniform_prior, loraplus_ratio, dropout, dropout_position, init_gain:
+            see SOSConfig and METHODS.md. ``dropout_position="post"`` drops A x (the reference
+            default), ``"pre"`` drops x (as PEFT).
+        dtype: dtype of the adapter factors; default float32 for fp16/bf16 bases (as PEFT),
+            else the base weight's dtype. Scales and gate are float32 (float64 with float64
+            factors).
+
+    Inputs ``x: [..., in]`` of float32/bf16/fp16 (float64 on CPU). The adapter computes in the
+    autocast dtype when autocast is on, else in the adapter dtype; the output has the base
+    layer's output dtype. In training mode the backward adds ``ortho_lambda`` times the
+    gradient of ``ortho_penalty()`` to lora_A's gradient (``ortho_lambda`` is a device buffer,
+    0 until an OrthoSchedule sets it).
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int = 4, rank: int = 64,
+                 alpha: float = 128.0, gamma_max: float = 2.5, rank_mode: str = "total",
+                 scale_base: str = "expert", scale_mode: str = "fixed", gate: bool = False,
+                 scale_anchor: float = 0.0, uniform_prior: float = 0.0,
+                 loraplus_ratio: float = 1.0, dropout: float = 0.0,
+                 dropout_position: str = "post", init_gain: float = 2**0.5,
+                 dtype: torch.dtype | None = None):
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"SOSLinear: base must be an nn.Linear, got {type(base).__name__}")
+        config = SOSConfig(num_experts=num_experts, rank=rank, alpha=alpha, gamma_max=gamma_max,
+                           rank_mode=rank_mode, scale_base=scale_base, scale_mode=scale_mode,
+                           gate=gate, scale_anchor=scale_anchor, uniform_prior=uniform_prior,
+                           loraplus_ratio=loraplus_ratio, dropout=dropout,
+                           dropout_position=dropout_position, init_gain=init_gain)
+        weight = base.weight
+        if dtype is None:
+            dtype = _default_adapter_dtype(weight.dtype)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"SOSLinear: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        super().__init__()
+        self.config = config
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+        K, r = config.num_experts, config.r_expert
+        factory = dict(device=weight.device, dtype=dtype)
+        scale_factory = dict(device=weight.device, dtype=ops._accumulate_dtype(dtype))
+        A = torch.cat(reference.orthogonal_init(K, r, base.in_features, config.init_gain), dim=0)
+        self.lora_A = nn.Parameter(A.to(**factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.r_total, **factory))
+        self.register_buffer("fixed_scales", torch.tensor(config.fixed_scales(), **scale_factory))
+        self.register_buffer("ortho_lambda", torch.zeros((), **scale_factory))
+        if config.scale_mode == "channel":
+            self.expert_scales = nn.Parameter(
+                self.fixed_scales[:, None].repeat(1, base.out_features))
+        if config.gate:
+            logits = torch.randn(K, dtype=torch.float32) * 0.05
+            self.gate_logits = nn.Parameter((logits - logits.mean()).to(**scale_factory))
+            self.register_buffer("gate_temperature", torch.ones((), **scale_factory))
+        # The per-rank scale used by merge(), so unmerge() subtracts exactly what was added.
+        self.register_buffer("_merged_scale", None, persistent=False)
+
+    # ---- structure ---------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def expert_ranges(self) -> list[slice]:
+        """Expert k's rows of lora_A and columns of lora_B."""
+        r = self.config.r_expert
+        return [slice(k * r, (k + 1) * r) for k in range(self.num_experts)]
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_scale is not None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in={self.in_features}, out={self.out_features}, experts={c.num_experts}, "
+                f"r_tot={c.r_total}, scale_mode={c.scale_mode}, gate={c.gate}, "
+                f"dropout={c.dropout} ({c.dropout_position}), merged={self.merged}")
+
+    # ---- scales ------------------------------------------------------------------------------
+    def _gate(self) -> Tensor:
+        logits, T = self.gate_logits, self.gate_temperature
+        if self.config.uniform_prior > 0:
+            p = torch.softmax(logits.detach() / T, dim=0)
+            logits = _AddToGrad.apply(logits, self.config.uniform_prior * (p - 1 / p.numel()) / T)
+        return logits.numel() * torch.softmax(logits / T, dim=0)
+
+    def _expert_scale_tensor(self) -> Tensor:
+        """[K] (fixed) or [K, out] (channel) effective scales, gate folded in; differentiable."""
+        if self.config.scale_mode == "channel":
+            scales = self.expert_scales
+            if self.config.scale_anchor > 0:
+                pull = self.config.scale_anchor * (scales.detach() - self.fixed_scales[:, None])
+                scales = _AddToGrad.apply(scales, pull)
+        else:
+            scales = self.fixed_scales
+        if self.config.gate:
+            g = self._gate()
+            scales = scales * (g if scales.dim() == 1 else g[:, None])
+        return scales
+
+    def _rank_scale(self) -> Tensor:
+        """The scales as the ops take them: [r_tot] (per rank) or [out, r_tot]."""
+        scales, r = self._expert_scale_tensor(), self.config.r_expert
+        if scales.dim() == 1:
+            return scales.repeat_interleave(r, dim=0)
+        return scales.t().repeat_interleave(r, dim=1)
+
+    def scales(self) -> Tensor:
+        """Effective per-expert scales [K] (or [K, out] in channel mode), gate included."""
+        with torch.no_grad():
+            return self._expert_scale_tensor().clone()
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SOSLinear: input x must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SOSLinear: input x must have last dimension in_features="
+                             f"{self.in_features}, got shape {tuple(x.shape)}")
+        if x.device != self.lora_A.device:
+            raise ValueError(f"SOSLinear: input x is on {x.device} but the layer is on "
+                             f"{self.lora_A.device}")
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.lora_A.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        c = self.config
+        A = self.lora_A
+        if self.training and (c.num_experts > 1 or c.loraplus_ratio != 1.0):
+            A = _AFactorGradient.apply(A, self.ortho_lambda, c.num_experts, 1.0 / c.loraplus_ratio)
+        dtype = self._compute_dtype(x)
+        p = c.dropout if self.training else 0.0
+        seed = ops.new_dropout_seed(x.device) if p > 0 else None
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        base2 = result.reshape(-1, self.out_features)
+        fused = base2.dtype == dtype  # add into the base output inside the op when dtypes agree
+        out = ops.lowrank(x2, A.to(dtype), self.lora_B.to(dtype), self._rank_scale(),
+                          base2 if fused else None, seed, p, c.dropout_position == "pre")
+        out = out.reshape(result.shape)
+        return out if fused else result + out.to(result.dtype)
+
+    # ---- penalty, delta, merge ---------------------------------------------------------------
+    def ortho_penalty(self) -> Tensor:
+        """Cross-expert orthogonality penalty of lora_A (0-d, float32); differentiable."""
+        return ops.ortho_penalty(self.lora_A, self.num_experts)
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """The update sum_k (s_k * B_k) A_k as an [out, in] tensor in the accumulation dtype."""
+        delta = torch.zeros(self.out_features, self.in_features, device=self.lora_A.device,
+                            dtype=ops._accumulate_dtype(self.lora_A.dtype))
+        ops.merge_into_(delta, self.lora_A, self.lora_B, self._rank_scale(), 1.0)
+        return delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the base weight in place (float32 accumulation, one rounding)."""
+        if self.merged:
+            raise RuntimeError("SOSLinear.merge: the adapter is already merged; unmerge() first")
+        scale = self._rank_scale().clone()
+        ops.merge_into_(self.base_layer.weight, self.lora_A, self.lora_B, scale, 1.0)
+        self._merged_scale = scale
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged update again (exact up to one rounding of the weight's dtype)."""
+        if not self.merged:
+            raise RuntimeError("SOSLinear.unmerge: the adapter is not merged")
+        ops.merge_into_(self.base_layer.weight, self.lora_A, self.lora_B, self._merged_scale, -1.0)
+        self._merged_scale = None
+
+    def merge_and_unload(self) -> nn.Linear:
+        """Merge (if not yet merged) and return the base nn.Linear carrying the update."""
+        if not self.merged:
+            self.merge()
+        return self.base_layer

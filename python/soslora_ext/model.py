@@ -1,0 +1,97 @@
+"""Model-level helpers: inject SOS-LoRA layers, sum penalties, merge, count parameters."""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import SOSConfig
+from .layer import SOSLinear
+
+
+def sos_layers(model: nn.Module) -> Iterator[tuple[str, SOSLinear]]:
+    """(name, layer) for every SOSLinear in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, SOSLinear):
+            yield name, module
+
+
+def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
+    # As PEFT: a string is a regex that must match the whole module name; a list matches a
+    # module whose name equals an entry or ends with "." + entry.
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
+                   **layer_kwargs) -> nn.Module:
+    """Replace the nn.Linear modules named by `target_modules` with SOSLinear, in place.
+
+    `target_modules` is a list of names (a module matches if its name equals one or ends with
+    "." + one, e.g. ["q_proj", "v_proj"]) or a regex matched against the full module name.
+    Every other parameter of the model is frozen, so only adapter parameters train.
+    Returns `model`. On any error nothing in the model is changed.
+    """
+    if not isinstance(target_modules, str):
+        if (not isinstance(target_modules, Sequence) or not target_modules
+                or not all(isinstance(t, str) for t in target_modules)):
+            raise ValueError("apply_sos_lora: target_modules must be a regex string or a "
+                             f"non-empty list of module names, got {target_modules!r}")
+    layer_kwargs = dict(layer_kwargs)
+    dtype = layer_kwargs.pop("dtype", None)
+    SOSConfig(**layer_kwargs)  # validate before touching the model
+
+    inside_adapters = {id(m) for _, layer in sos_layers(model) for m in layer.modules()}
+    targets = [(name, module) for name, module in model.named_modules()
+               if name and id(module) not in inside_adapters and _matches(name, target_modules)]
+    if not targets:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"apply_sos_lora: target_modules={target_modules!r} matches no module; "
+                         f"Linear modules include {linear_names[:8]}")
+    for name, module in targets:
+        if isinstance(module, SOSLinear):
+            raise ValueError(f"apply_sos_lora: module {name!r} already has an SOS-LoRA adapter")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"apply_sos_lora: module {name!r} matched target_modules but is a "
+                            f"{type(module).__name__}, not an nn.Linear")
+
+    replacements = [(name, SOSLinear(module, dtype=dtype, **layer_kwargs))
+                    for name, module in targets]
+    for name, layer in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    adapter_params = {id(p) for _, layer in sos_layers(model) for p in _adapter_parameters(layer)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter_params)
+    return model
+
+
+def _adapter_parameters(layer: SOSLinear):
+    return (p for name, p in layer.named_parameters() if not name.startswith("base_layer."))
+
+
+def ortho_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of every SOS layer's orthogonality penalty (differentiable). Adding
+    lambda * ortho_penalty(model) to the loss gives lora_A the same gradient as setting the
+    layers' ortho_lambda to lambda (the in-backward form of the reference code)."""
+    penalties = [layer.ortho_penalty() for _, layer in sos_layers(model)]
+    if not penalties:
+        raise ValueError("ortho_penalty: the model has no SOSLinear layers")
+    return torch.stack([p.to(penalties[0].device) for p in penalties]).sum()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every SOS layer into its base weight and put the base nn.Linear back in its place."""
+    for name, layer in list(sos_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.merge_and_unload())
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared parameters counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))

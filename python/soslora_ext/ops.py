@@ -1,0 +1,129 @@
+"""Python face of the `torch.ops.soslora` operators: fake kernels, autograd, thin wrappers.
+
+Shapes: x [N, in], A [r, in], B [out, r], scale [r] (one per rank) or [out, r] (per output
+channel and rank). Experts are contiguous segments of the r axis. Dropout is described by an
+int64 tensor `dropout_seed = (seed, offset)` on x's device: the mask is recomputed from it in
+the backward pass, never stored.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.soslora)
+
+Tensor = torch.Tensor
+_ops = torch.ops.soslora
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fake kernels (shape and dtype propagation for torch.compile / meta tensors) -------------
+@torch.library.register_fake("soslora::lowrank_forward")
+def _(x, A, B, scale, base_out, dropout_seed, dropout_p, dropout_on_input):
+    return x.new_empty(x.shape[0], B.shape[0]), x.new_empty(x.shape[0], A.shape[0])
+
+
+@torch.library.register_fake("soslora::lowrank_grad_hidden")
+def _(grad_out, B, scale, hidden, dropout_seed, dropout_p, dropout_on_input):
+    return hidden.new_empty(hidden.shape), B.new_empty(B.shape), scale.new_empty(scale.shape)
+
+
+@torch.library.register_fake("soslora::lowrank_grad_A")
+def _(grad_hidden, x, dropout_seed, dropout_p, dropout_on_input):
+    return x.new_empty(grad_hidden.shape[1], x.shape[1])
+
+
+@torch.library.register_fake("soslora::lowrank_grad_x")
+def _(grad_hidden, A, grad_x_base, dropout_seed, dropout_p, dropout_on_input):
+    return A.new_empty(grad_hidden.shape[0], A.shape[1])
+
+
+@torch.library.register_fake("soslora::ortho_penalty")
+def _(A, num_experts):
+    return A.new_empty((), dtype=_accumulate_dtype(A.dtype))
+
+
+@torch.library.register_fake("soslora::ortho_penalty_grad_")
+def _(grad_A, A, weight, num_experts):
+    return None
+
+
+@torch.library.register_fake("soslora::merge_into_")
+def _(weight, A, B, scale, alpha):
+    return None
+
+
+# ---- autograd ---------------------------------------------------------------------------------
+def _lowrank_setup_context(ctx, inputs, output):
+    x, A, B, scale, base_out, dropout_seed, dropout_p, dropout_on_input = inputs
+    _, hidden = output
+    ctx.mark_non_differentiable(hidden)
+    ctx.save_for_backward(x, A, B, scale, hidden, dropout_seed)
+    ctx.dropout = (dropout_p, dropout_on_input)
+    ctx.has_base_out = base_out is not None
+
+
+def _lowrank_backward(ctx, grad_out, _grad_hidden_output):
+    x, A, B, scale, hidden, seed = ctx.saved_tensors
+    p, on_input = ctx.dropout
+    grad_hidden, grad_B, grad_scale = _ops.lowrank_grad_hidden(
+        grad_out, B, scale, hidden, seed, p, on_input)
+    grad_A = _ops.lowrank_grad_A(grad_hidden, x, seed, p, on_input)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.lowrank_grad_x(grad_hidden, A, None, seed, p, on_input)
+    return (grad_x, grad_A, grad_B, grad_scale if ctx.needs_input_grad[3] else None,
+            grad_out if ctx.has_base_out else None, None, None, None)
+
+
+torch.library.register_autograd(
+    "soslora::lowrank_forward", _lowrank_backward, setup_context=_lowrank_setup_context)
+
+
+def _ortho_setup_context(ctx, inputs, output):
+    A, num_experts = inputs
+    ctx.save_for_backward(A)
+    ctx.num_experts = num_experts
+
+
+def _ortho_backward(ctx, grad_loss):
+    (A,) = ctx.saved_tensors
+    grad_A = torch.zeros_like(A)
+    _ops.ortho_penalty_grad_(grad_A, A, grad_loss, ctx.num_experts)
+    return grad_A, None
+
+
+torch.library.register_autograd(
+    "soslora::ortho_penalty", _ortho_backward, setup_context=_ortho_setup_context)
+
+
+# ---- wrappers ---------------------------------------------------------------------------------
+def lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, base_out: Tensor | None = None,
+            dropout_seed: Tensor | None = None, dropout_p: float = 0.0,
+            dropout_on_input: bool = False) -> Tensor:
+    """base_out + drop-path(x) A^T (B*scale)^T for 2-D x; differentiable in x, A, B, scale."""
+    out, _ = _ops.lowrank_forward(x, A, B, scale, base_out, dropout_seed, float(dropout_p),
+                                  bool(dropout_on_input))
+    return out
+
+
+def ortho_penalty(A: Tensor, num_experts: int) -> Tensor:
+    """Cross-expert orthogonality penalty of stacked A [r_tot, in] (0-d, float32/float64)."""
+    return _ops.ortho_penalty(A, int(num_experts))
+
+
+def add_ortho_penalty_grad_(grad_A: Tensor, A: Tensor, weight: Tensor, num_experts: int) -> None:
+    """grad_A += weight * d ortho_penalty(A) / dA, in place; weight is a one-element tensor."""
+    _ops.ortho_penalty_grad_(grad_A, A, weight, int(num_experts))
+
+
+def merge_into_(weight: Tensor, A: Tensor, B: Tensor, scale: Tensor, alpha: float = 1.0) -> None:
+    """weight += alpha * (B*scale) @ A in place, float32 accumulation, one rounding."""
+    _ops.merge_into_(weight, A, B, scale, float(alpha))
+
+
+def new_dropout_seed(device: torch.device) -> Tensor:
+    """(seed, offset) drawn from torch's generator for `device`: torch.manual_seed reproduces it."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)

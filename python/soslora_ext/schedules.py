@@ -1,0 +1,107 @@
+"""Schedules of the reference training recipe, written into device buffers (no host sync)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .model import sos_layers
+
+
+def _check_fraction(owner: str, name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise ValueError(f"{owner}: {name} must be a fraction in [0, 1], got {value!r}")
+
+
+def _check_total_steps(owner: str, total_steps) -> None:
+    if not (isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps > 0):
+        raise ValueError(f"{owner}: total_steps must be a positive int, got {total_steps!r}")
+
+
+class _StepSchedule:
+    """Calls `_apply(value(step))` at construction and after each step(); resumable."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.last_step = 0
+        self._apply(self.value(0))
+
+    def value(self, step: int) -> float:
+        raise NotImplementedError
+
+    def _apply(self, value: float) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Advance one optimizer step and write the new value into the layers; returns it."""
+        self.last_step += 1
+        value = self.value(self.last_step)
+        self._apply(value)
+        return value
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state["last_step"])
+        self._apply(self.value(self.last_step))
+
+
+class OrthoSchedule(_StepSchedule):
+    """lambda = 0 for the first `delay` fraction of steps, then a linear ramp to `lambda_max`
+    over the next `ramp` fraction, then constant. Written into every SOS layer's ortho_lambda."""
+
+    def __init__(self, model: nn.Module, lambda_max: float = 0.006, delay: float = 0.15,
+                 ramp: float = 0.20, total_steps: int = 1000):
+        owner = "OrthoSchedule"
+        if not (isinstance(lambda_max, (int, float)) and lambda_max >= 0):
+            raise ValueError(f"{owner}: lambda_max must be a number >= 0, got {lambda_max!r}")
+        _check_fraction(owner, "delay", delay)
+        _check_fraction(owner, "ramp", ramp)
+        _check_total_steps(owner, total_steps)
+        self.layers = [layer for _, layer in sos_layers(model)]
+        if not self.layers:
+            raise ValueError(f"{owner}: model has no SOSLinear layers")
+        self.lambda_max = float(lambda_max)
+        self.delay_steps = int(delay * total_steps)
+        self.ramp_steps = int(ramp * total_steps)
+        super().__init__(total_steps)
+
+    def value(self, step: int) -> float:
+        if step < self.delay_steps:
+            return 0.0
+        if self.ramp_steps <= 0:
+            return self.lambda_max
+        return self.lambda_max * min(max((step - self.delay_steps) / self.ramp_steps, 0.0), 1.0)
+
+    def _apply(self, value: float) -> None:
+        for layer in self.layers:
+            layer.ortho_lambda.fill_(value)
+
+
+class GateSchedule(_StepSchedule):
+    """Gate temperature annealed linearly from `start` to `end` over the first `anneal`
+    fraction of steps, then held at `end`. Written into every gated SOS layer."""
+
+    def __init__(self, model: nn.Module, start: float = 2.0, end: float = 1.0,
+                 anneal: float = 0.30, total_steps: int = 1000):
+        owner = "GateSchedule"
+        for name, v in (("start", start), ("end", end)):
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{owner}: {name} temperature must be a number > 0, got {v!r}")
+        _check_fraction(owner, "anneal", anneal)
+        _check_total_steps(owner, total_steps)
+        self.layers = [layer for _, layer in sos_layers(model) if layer.config.gate]
+        if not self.layers:
+            raise ValueError(f"{owner}: model has no SOSLinear layer with gate=True")
+        self.start, self.end = float(start), float(end)
+        self.anneal_steps = int(anneal * total_steps)
+        super().__init__(total_steps)
+
+    def value(self, step: int) -> float:
+        if self.anneal_steps <= 0:
+            return self.end
+        t = min(max(step / self.anneal_steps, 0.0), 1.0)
+        return self.start + t * (self.end - self.start)
+
+    def _apply(self, value: float) -> None:
+        for layer in self.layers:
+            layer.gate_temperature.fill_(value)
