@@ -44,11 +44,13 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
     dtype = layer_kwargs.pop("dtype", None)
     SOSConfig(**layer_kwargs)  # validate before touching the model
 
-    inside_adapters = {id(m) for _, layer in sos_layers(model) for m in layer.modules()}
-    targets = [(name, module) for name, module in model.named_modules()
-               if name and id(module) not in inside_adapters and _matches(name, target_modules)]
+    inside_adapters = {id(m) for _, layer in sos_layers(model) for m in layer.modules()
+                       if m is not layer}
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if name and id(module) not in inside_adapters]
+    targets = [(name, module) for name, module in candidates if _matches(name, target_modules)]
     if not targets:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linear_names = [n for n, m in candidates if isinstance(m, nn.Linear)]
         raise ValueError(f"apply_sos_lora: target_modules={target_modules!r} matches no module; "
                          f"Linear modules include {linear_names[:8]}")
     for name, module in targets:

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+import soslora_ext as sl
+from soslora_ext import reference
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """|actual - expected| / |expected| in float64 (0 when both are 0)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, (a.shape, e.shape)
+    assert torch.isfinite(a).all(), "non-finite values"
+    denom = e.norm()
+    return float((a - e).norm() / denom) if denom > 0 else float((a - e).norm())
+
+
+def make_layer(in_features=13, out_features=7, *, bias=True, dtype=torch.float64,
+               device="cpu", random_b=True, **kwargs) -> sl.SOSLinear:
+    """An SOSLinear on a random base with B (and gate logits) randomized so every term matters."""
+    base = torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+    layer = sl.SOSLinear(base, dtype=kwargs.pop("adapter_dtype", dtype), **kwargs)
+    if random_b:
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.5)
+            if layer.config.gate:
+                layer.gate_logits.normal_(0, 0.5)
+                layer.gate_temperature.fill_(1.7)
+            if layer.config.scale_mode == "channel":
+                layer.expert_scales.mul_(torch.rand_like(layer.expert_scales) + 0.5)
+    return layer
+
+
+def oracle_forward(layer: sl.SOSLinear, x: torch.Tensor, seed=None, params=None) -> torch.Tensor:
+    """reference.sos_forward on the layer's parameters, split per expert (float64)."""
+    p = params or dict(layer.named_parameters())
+    A, B = p["lora_A"].double(), p["lora_B"].double()
+    ranges = layer.expert_ranges
+    scales = oracle_expert_scales(layer, p)
+    drop = layer.config.dropout if layer.training else 0.0
+    base = layer.base_layer
+    return reference.sos_forward(
+        x.double(), base.weight.double(), None if base.bias is None else base.bias.double(),
+        [A[s] for s in ranges], [B[:, s] for s in ranges], list(scales), drop,
+        layer.config.dropout_position, seed)
+
+
+def oracle_expert_scales(layer: sl.SOSLinear, params=None) -> torch.Tensor:
+    """Per-expert scales [K] or [K, out], gate included, computed by the reference formulas."""
+    p = params or dict(layer.named_parameters())
+    c = layer.config
+    scales = p["expert_scales"].double() if c.scale_mode == "channel" else \
+        torch.tensor(c.fixed_scales(), dtype=torch.float64)
+    if c.gate:
+        g = reference.gate(p["gate_logits"].double(), float(layer.gate_temperature))
+        scales = scales * (g if scales.dim() == 1 else g[:, None])
+    return scales
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,63 @@
+"""The counter-based dropout mask: native == reference, keep rate, determinism."""
+import math
+
+import pytest
+import torch
+
+import soslora_ext as sl
+from soslora_ext import reference
+
+from conftest import make_layer
+
+_ops = torch.ops.soslora
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_native_mask_equals_reference(p):
+    # x A^T is all ones, so the post-dropout hidden shows the native mask element by element.
+    n, r = 37, 11
+    seed = torch.tensor([torch.randint(0, 2**62, ()).item(), 12345678901])
+    x = torch.ones(n, 1, dtype=torch.float64)
+    A = torch.ones(r, 1, dtype=torch.float64)
+    B = torch.eye(r, dtype=torch.float64)
+    _, hidden = _ops.lowrank_forward(x, A, B, torch.ones(r, dtype=torch.float64), None, seed, p,
+                                     False)
+    expected = reference.dropout_keep_mask(seed, (n, r), p).double() / (1 - p)
+    assert torch.equal(hidden, expected)
+
+
+def test_philox_known_answer():
+    # Philox4x32-10 test vector (Random123 kat_vectors): counter 0, key 0 -> 0x6627e8d5 first word.
+    word = reference.philox_word(0, 0, torch.zeros(1, dtype=torch.int64))
+    assert int(word) == 0x6627E8D5
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keep_rate_within_statistical_bounds(p):
+    n = 200_000
+    keep = reference.dropout_keep_mask(torch.tensor([987654321, 7]), (n,), p)
+    rate = keep.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 5 * sigma
+
+
+def test_layer_dropout_deterministic_under_seed_and_off_in_eval():
+    layer = make_layer(dropout=0.3, num_experts=2, rank=4)
+    x = torch.randn(6, 13, dtype=torch.float64)
+    torch.manual_seed(7)
+    y1 = layer(x)
+    torch.manual_seed(7)
+    y2 = layer(x)
+    y3 = layer(x)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y2, y3)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_new_dropout_seed_follows_torch_generator():
+    torch.manual_seed(3)
+    a = sl.ops.new_dropout_seed(torch.device("cpu"))
+    torch.manual_seed(3)
+    b = sl.ops.new_dropout_seed(torch.device("cpu"))
+    assert a.dtype == torch.int64 and a.shape == (2,) and torch.equal(a, b)

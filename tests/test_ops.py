@@ -1,0 +1,216 @@
+"""The torch.ops.soslora operators: opcheck, values and gradients against the oracle, errors."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import soslora_ext as sl
+from soslora_ext import reference
+
+from conftest import rel_err
+
+_ops = torch.ops.soslora
+F64 = torch.float64
+
+
+def lowrank_inputs(N, n_in, n_out, r, *, per_channel, dtype=F64, device="cpu", base=True,
+                   p=0.0, requires_grad=False):
+    g = dict(dtype=dtype, device=device)
+    x = torch.randn(N, n_in, **g)
+    A = torch.randn(r, n_in, **g)
+    B = torch.randn(n_out, r, **g)
+    scale = (torch.rand(n_out, r, **g) if per_channel else torch.rand(r, **g)) + 0.5
+    base_out = torch.randn(N, n_out, **g) if base else None
+    seed = torch.tensor([123456789, 42], device=device) if p > 0 else None
+    tensors = [x, A, B, scale, base_out]
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_(True)
+    return x, A, B, scale, base_out, seed
+
+
+def oracle_lowrank(x, A, B, scale, base_out, seed, p, on_input):
+    """Dense formula: base_out + drop-path(x) A^T (B * scale)^T."""
+    if on_input:
+        h = reference.dropout(x, seed, p) @ A.T
+    else:
+        h = reference.dropout(x @ A.T, seed, p)
+    out = h @ (B * scale).T
+    return out if base_out is None else base_out + out
+
+
+LOWRANK_CASES = [
+    # N, in, out, r, per_channel, base_out, p, on_input
+    (1, 5, 3, 2, False, False, 0.0, False),
+    (7, 13, 9, 6, True, True, 0.0, False),
+    (11, 6, 10, 9, False, True, 0.3, False),  # r > in
+    (8, 17, 5, 4, True, False, 0.25, True),
+    (3, 4, 4, 1, True, True, 0.5, True),
+]
+
+
+@pytest.mark.parametrize("case", LOWRANK_CASES)
+def test_lowrank_value_and_gradcheck(case):
+    N, n_in, n_out, r, per_channel, base, p, on_input = case
+    inputs = lowrank_inputs(N, n_in, n_out, r, per_channel=per_channel, base=base, p=p,
+                            requires_grad=True)
+    x, A, B, scale, base_out, seed = inputs
+    out = sl.ops.lowrank(x, A, B, scale, base_out, seed, p, on_input)
+    assert rel_err(out, oracle_lowrank(*inputs, p, on_input)) < 1e-12
+    diff = [t for t in (x, A, B, scale, base_out) if t is not None]
+
+    def fn(*ts):
+        it = iter(ts)
+        args = [next(it) if t is not None else None for t in (x, A, B, scale, base_out)]
+        return sl.ops.lowrank(*args, seed, p, on_input)
+
+    assert torch.autograd.gradcheck(fn, diff)
+
+
+@pytest.mark.parametrize("case", LOWRANK_CASES)
+def test_lowrank_gradients_match_oracle(case):
+    N, n_in, n_out, r, per_channel, base, p, on_input = case
+    inputs = lowrank_inputs(N, n_in, n_out, r, per_channel=per_channel, base=base, p=p,
+                            requires_grad=True)
+    grad = torch.randn(N, n_out, dtype=F64)
+    diff = [t for t in inputs[:5] if t is not None]
+    got = torch.autograd.grad(sl.ops.lowrank(*inputs, p, on_input), diff, grad)
+    want = torch.autograd.grad(oracle_lowrank(*inputs, p, on_input), diff, grad)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("case", LOWRANK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+def test_opcheck_lowrank_ops(case, dtype):
+    N, n_in, n_out, r, per_channel, base, p, on_input = case
+    x, A, B, scale, base_out, seed = lowrank_inputs(
+        N, n_in, n_out, r, per_channel=per_channel, dtype=dtype, base=base, p=p,
+        requires_grad=dtype != torch.bfloat16)
+    opcheck(_ops.lowrank_forward, (x, A, B, scale, base_out, seed, p, on_input))
+    with torch.no_grad():
+        grad_out = torch.randn(N, n_out, dtype=dtype)
+        _, hidden = _ops.lowrank_forward(x, A, B, scale, base_out, seed, p, on_input)
+        grad_hidden = torch.randn(N, r, dtype=dtype)
+        x_, A_, B_, s_ = (t.detach() for t in (x, A, B, scale))
+    opcheck(_ops.lowrank_grad_hidden, (grad_out, B_, s_, hidden, seed, p, on_input))
+    opcheck(_ops.lowrank_grad_A, (grad_hidden, x_, seed, p, on_input))
+    opcheck(_ops.lowrank_grad_x, (grad_hidden, A_, torch.randn(N, n_in, dtype=dtype), seed, p,
+                                  on_input))
+    opcheck(_ops.lowrank_grad_x, (grad_hidden, A_, None, seed, p, on_input))
+
+
+def test_grad_x_accumulates_into_base_gradient():
+    grad_hidden, A = torch.randn(5, 3, dtype=F64), torch.randn(3, 8, dtype=F64)
+    base = torch.randn(5, 8, dtype=F64)
+    got = _ops.lowrank_grad_x(grad_hidden, A, base, None, 0.0, False)
+    assert rel_err(got, base + grad_hidden @ A) < 1e-14
+
+
+@pytest.mark.parametrize("K,r,n_in", [(1, 4, 9), (2, 3, 10), (3, 5, 7), (4, 2, 16), (8, 3, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_ortho_penalty_value_grad_opcheck(K, r, n_in, dtype):
+    A = torch.randn(K * r, n_in, dtype=dtype, requires_grad=True)
+    got = sl.ops.ortho_penalty(A, K)
+    A64 = A.detach().double().requires_grad_(True)
+    want = reference.ortho_penalty(list(A64.split(r)))
+    assert got.dtype == (F64 if dtype == F64 else torch.float32)
+    assert abs(got.item() - want.item()) <= 1e-5 * max(abs(want.item()), 1e-8)
+    (g,) = torch.autograd.grad(got, A)
+    (w,) = torch.autograd.grad(want, A64) if K > 1 else (torch.zeros_like(A64),)
+    assert rel_err(g, w) < (1e-10 if dtype == F64 else 1e-5)
+    opcheck(_ops.ortho_penalty, (A, K))
+    weight = torch.rand((), dtype=torch.float32)
+    opcheck(_ops.ortho_penalty_grad_, (torch.randn_like(A.detach()), A.detach(), weight, K))
+
+
+def test_ortho_penalty_grad_adds_in_place_with_device_weight():
+    K, r = 3, 4
+    A = torch.randn(K * r, 11, dtype=F64)
+    grad = torch.randn_like(A)
+    before = grad.clone()
+    lam = torch.tensor(0.37, dtype=F64)
+    sl.ops.add_ortho_penalty_grad_(grad, A, lam, K)
+    A64 = A.clone().requires_grad_(True)
+    (w,) = torch.autograd.grad(reference.ortho_penalty(list(A64.split(r))), A64)
+    assert rel_err(grad, before + 0.37 * w) < 1e-12
+
+
+def test_ortho_penalty_gradcheck_and_zero_rows():
+    A = torch.randn(6, 5, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: sl.ops.ortho_penalty(a, 3), (A,))
+    Z = torch.zeros(6, 5, dtype=F64, requires_grad=True)  # F.normalize's eps branch
+    (g,) = torch.autograd.grad(sl.ops.ortho_penalty(Z, 2), Z)
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16, F64])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_merge_into_matches_oracle_and_rounds_once(w_dtype, per_channel):
+    n_out, n_in, r = 37, 29, 6
+    W = torch.randn(n_out, n_in).to(w_dtype)
+    A, B = torch.randn(r, n_in), torch.randn(n_out, r)
+    scale = torch.rand(n_out, r) + 0.5 if per_channel else torch.rand(r) + 0.5
+    expected = (W.double() + (B.double() * scale.double()) @ A.double()).to(w_dtype)
+    got = W.clone()
+    sl.ops.merge_into_(got, A, B, scale, 1.0)
+    if w_dtype in (torch.bfloat16, torch.float16):
+        # float32 accumulation then one rounding: within one unit in the last place of float64's.
+        ulp = (expected.double().abs() * torch.finfo(w_dtype).eps).clamp_min(1e-30)
+        assert ((got.double() - expected.double()).abs() <= ulp).all()
+    else:
+        assert rel_err(got, expected) < (1e-6 if w_dtype == torch.float32 else 1e-14)
+    sl.ops.merge_into_(got, A, B, scale, -1.0)
+    assert rel_err(got, W) < (1e-2 if w_dtype in (torch.bfloat16, torch.float16) else 1e-5)
+    opcheck(_ops.merge_into_, (W.clone(), A, B, scale, 0.5))
+
+
+def test_merge_into_large_weight_in_bands():
+    # More rows than one accumulation band (2**20 elements) so the band loop runs several times.
+    W = torch.randn(700, 3000).to(torch.bfloat16)
+    A, B, scale = torch.randn(4, 3000), torch.randn(700, 4), torch.rand(4)
+    got = W.clone()
+    sl.ops.merge_into_(got, A, B, scale, 1.0)
+    expected = (W.double() + (B.double() * scale.double()) @ A.double()).to(torch.bfloat16)
+    assert rel_err(got, expected) < 4e-3
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: _ops.lowrank_forward(torch.randn(3, 4), torch.randn(2, 5), torch.randn(6, 2),
+                                  torch.ones(2), None, None, 0.0, False), "A must be"),
+    (lambda: _ops.lowrank_forward(torch.randn(3, 4), torch.randn(2, 4), torch.randn(6, 3),
+                                  torch.ones(2), None, None, 0.0, False), "B must be"),
+    (lambda: _ops.lowrank_forward(torch.randn(3, 4), torch.randn(2, 4), torch.randn(6, 2),
+                                  torch.ones(3), None, None, 0.0, False), "scale must be"),
+    (lambda: _ops.lowrank_forward(torch.randn(3, 4), torch.randn(2, 4, dtype=F64),
+                                  torch.randn(6, 2), torch.ones(2), None, None, 0.0, False),
+     "same dtype"),
+    (lambda: _ops.lowrank_forward(torch.randn(3, 4), torch.randn(2, 4), torch.randn(6, 2),
+                                  torch.ones(2), torch.randn(3, 5), None, 0.0, False),
+     "base_out must be"),
+    (lambda: _ops.lowrank_forward(torch.randn(3, 4), torch.randn(2, 4), torch.randn(6, 2),
+                                  torch.ones(2), None, None, 0.5, False),
+     "dropout_seed is required"),
+    (lambda: _ops.lowrank_forward(torch.randn(3, 4), torch.randn(2, 4), torch.randn(6, 2),
+                                  torch.ones(2), None, torch.tensor([1.0, 2.0]), 0.5, False),
+     "dropout_seed must be an int64"),
+    (lambda: _ops.lowrank_forward(torch.randn(3, 4), torch.randn(2, 4), torch.randn(6, 2),
+                                  torch.ones(2), None, None, 1.0, False), "dropout_p must be"),
+    (lambda: _ops.ortho_penalty(torch.randn(5, 4), 2), "divisible by num_experts"),
+    (lambda: _ops.ortho_penalty(torch.randn(4, 4), 0), "num_experts must be"),
+    (lambda: _ops.merge_into_(torch.randn(6, 4), torch.randn(2, 5), torch.randn(6, 2),
+                              torch.ones(2), 1.0), "shapes do not chain"),
+    (lambda: _ops.merge_into_(torch.randn(6, 4), torch.randn(2, 4), torch.randn(6, 2),
+                              torch.ones(6, 3), 1.0), "scale must be"),
+])
+def test_ops_reject_bad_input(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_merge_rejects_bad_input_without_writing():
+    W = torch.randn(6, 4)
+    before = W.clone()
+    with pytest.raises(RuntimeError):
+        _ops.merge_into_(W, torch.randn(2, 4), torch.randn(6, 2), torch.ones(5), 1.0)
+    assert torch.equal(W, before)
