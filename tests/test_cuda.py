@@ -1,0 +1,156 @@
+"""The CUDA path against the float64 oracle (skipped on machines without a CUDA device)."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import soslora_ext as sl
+from soslora_ext import reference
+
+from conftest import make_layer, oracle_forward, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_ops = torch.ops.soslora
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+CASES = [
+    # x leading shape, in, out, layer kwargs
+    ((1,), 13, 7, dict(num_experts=1, rank=3)),
+    ((5, 3), 9, 11, dict(num_experts=4, rank=12, rank_mode="total", dropout=0.2,
+                         scale_mode="channel", gate=True)),
+    ((33,), 6, 10, dict(num_experts=3, rank=3, rank_mode="expert", dropout=0.3,
+                        dropout_position="pre")),  # r_tot = 9 > in = 6
+    ((64,), 40, 24, dict(num_experts=8, rank=16, gate=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_layer_on_cuda_matches_float64_oracle(case, dtype):
+    lead, n_in, n_out, kwargs = case
+    layer = make_layer(n_in, n_out, dtype=dtype, device="cuda", adapter_dtype=dtype, **kwargs)
+    x = torch.randn(*lead, n_in, device="cuda", dtype=dtype, requires_grad=True)
+    state = torch.cuda.get_rng_state()
+    seed = sl.ops.new_dropout_seed(x.device).cpu() if layer.config.dropout else None
+    torch.cuda.set_rng_state(state)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    trainable = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    got = torch.autograd.grad(y, [x, *trainable.values()], grad)
+
+    cpu_layer = make_layer(n_in, n_out, **kwargs)
+    cpu_layer.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    p64 = {n: p for n, p in cpu_layer.named_parameters() if p.requires_grad}
+    y_ref = oracle_forward(cpu_layer, x64, seed, p64)
+    want = torch.autograd.grad(y_ref, [x64, *p64.values()], grad.double().cpu())
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for name, g, w in zip(["x", *trainable], got, want):
+        assert rel_err(g, w) < TOL[dtype], name
+
+
+def test_non_contiguous_3d_input_on_cuda():
+    layer = make_layer(12, 5, dtype=torch.float32, device="cuda", num_experts=2, rank=4)
+    x = torch.randn(4, 12, 3, device="cuda").transpose(1, 2)
+    assert rel_err(layer(x), oracle_forward(layer.double().cpu(), x.double().cpu())) < 1e-5
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_merge_kernel_matches_cpu(w_dtype, transposed):
+    n_out, n_in, r = 77, 45, 9
+    W = torch.randn(n_in, n_out).t() if transposed else torch.randn(n_out, n_in)
+    W = W.to(w_dtype)
+    A, B, scale = torch.randn(r, n_in), torch.randn(n_out, r), torch.rand(n_out, r) + 0.5
+    expected = W.clone()
+    sl.ops.merge_into_(expected, A, B, scale, 0.75)
+    got = W.cuda()
+    if transposed:
+        got = got.t().contiguous().t()
+    sl.ops.merge_into_(got, A.cuda(), B.cuda(), scale.cuda(), 0.75)
+    if w_dtype in (torch.bfloat16, torch.float16):
+        ulp = expected.double().abs() * torch.finfo(w_dtype).eps
+        assert ((got.cpu().double() - expected.double()).abs() <= ulp).all()
+    else:
+        assert rel_err(got, expected) < 1e-6
+
+
+def test_dropout_mask_kernel_equals_reference_everywhere():
+    # More elements than one grid covers, so the grid-stride loop runs.
+    n = 65536 * 256 + 12345
+    seed = torch.tensor([0x1234_5678_9ABC, 77], device="cuda")
+    x = torch.ones(n, 1, device="cuda")
+    A = torch.ones(1, 1, device="cuda")
+    _, hidden = _ops.lowrank_forward(x, A, torch.ones(1, 1, device="cuda"),
+                                     torch.ones(1, device="cuda"), None, seed, 0.25, False)
+    keep = reference.dropout_keep_mask(seed.cpu(), (n, 1), 0.25)
+    assert torch.equal(hidden.cpu() != 0, keep)
+
+
+def test_opcheck_on_cuda():
+    g = dict(device="cuda", dtype=torch.float32)
+    x, A, B = torch.randn(6, 9, **g), torch.randn(4, 9, **g), torch.randn(5, 4, **g)
+    scale, base = torch.rand(4, **g), torch.randn(6, 5, **g)
+    seed = torch.tensor([11, 3], device="cuda")
+    for t in (x, A, B, scale):
+        t.requires_grad_(True)
+    for on_input in (False, True):
+        opcheck(_ops.lowrank_forward, (x, A, B, scale, base, seed, 0.3, on_input))
+    xd, Ad, Bd, sd = (t.detach() for t in (x, A, B, scale))
+    opcheck(_ops.lowrank_grad_hidden, (torch.randn(6, 5, **g), Bd, sd, torch.randn(6, 4, **g),
+                                       seed, 0.3, False))
+    opcheck(_ops.lowrank_grad_A, (torch.randn(6, 4, **g), xd, seed, 0.3, True))
+    opcheck(_ops.lowrank_grad_x, (torch.randn(6, 4, **g), Ad, torch.randn(6, 9, **g), seed, 0.3,
+                                  True))
+    opcheck(_ops.ortho_penalty, (torch.randn(8, 9, requires_grad=True, **g), 4))
+    opcheck(_ops.ortho_penalty_grad_, (torch.randn(8, 9, **g), torch.randn(8, 9, **g),
+                                       torch.tensor(0.5, **g), 4))
+    opcheck(_ops.merge_into_, (torch.randn(5, 9, **g), Ad, Bd, sd, 1.0))
+
+
+def test_torch_compile_on_cuda_matches_eager():
+    layer = make_layer(32, 24, dtype=torch.bfloat16, device="cuda", adapter_dtype=torch.bfloat16,
+                       num_experts=4, rank=8, scale_mode="channel", gate=True)
+    x = torch.randn(3, 16, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y_e = layer(x)
+    g_e = torch.autograd.grad(y_e.float().square().sum(), [x, layer.lora_A, layer.lora_B])
+    y_c = compiled(x)
+    g_c = torch.autograd.grad(y_c.float().square().sum(), [x, layer.lora_A, layer.lora_B])
+    assert rel_err(y_c, y_e) < 1e-2
+    for a, b in zip(g_c, g_e):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_training_step_has_no_host_sync():
+    layer = make_layer(64, 48, dtype=torch.bfloat16, device="cuda", num_experts=4, rank=16,
+                       scale_mode="channel", gate=True, scale_anchor=0.1, uniform_prior=0.1,
+                       loraplus_ratio=2.0, dropout=0.05)
+    layer.ortho_lambda.fill_(0.006)
+    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()  # warm-up outside the check (lazy initialisation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_dropout_deterministic_under_seed_on_cuda():
+    layer = make_layer(16, 8, dtype=torch.float32, device="cuda", num_experts=2, rank=4,
+                       dropout=0.5)
+    x = torch.randn(10, 16, device="cuda")
+    torch.manual_seed(3)
+    a = layer(x)
+    torch.manual_seed(3)
+    b = layer(x)
+    assert torch.equal(a, b) and not torch.equal(b, layer(x))
