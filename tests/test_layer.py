@@ -56,7 +56,7 @@ def test_forward_and_gradients_match_oracle(cfg, shape):
         assert rel_err(g, w) < 1e-10, name
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[1:4], ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_layer_gradcheck(cfg):
     layer = make_layer(7, 5, **cfg)
     x = torch.randn(2, 3, 7, dtype=F64, requires_grad=True)
@@ -129,8 +129,9 @@ def test_autocast_bf16_on_cpu():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_torch_compile_fullgraph_matches_eager(dropout):
-    torch._inductor.config.fallback_random = True  # compiled dropout seeds = eager's
+def test_torch_compile_fullgraph_matches_eager(dropout, monkeypatch):
+    # Compiled code then draws the dropout seed from the same generator as eager.
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     layer = make_layer(12, 10, dtype=torch.float32, num_experts=2, rank=4, gate=True,
                        scale_mode="channel", dropout=dropout)
     compiled = torch.compile(layer, fullgraph=True)
