@@ -52,4 +52,12 @@ Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
   return mask;
 }
 
+Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double dropout_p,
+                    at::ScalarType dtype) {
+  constexpr const char* op = "soslora::dropout_mask";
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": dtype must be floating-point, got ", dtype);
+  check_dropout(dropout_seed, dropout_p, dropout_seed, op);
+  return dropout_scale_mask(dropout_seed, C10_AS_INTARRAYREF_SLOW(size), dropout_p, dtype);
+}
+
 }  // namespace soslora

@@ -26,6 +26,7 @@ void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B,
 void merge_into_cpu_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
                      double alpha) {
   check_merge_args(weight, A, B, scale);
+  const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
   const auto acc = at::promote_types(accumulate_dtype(weight.scalar_type()),
                                      at::promote_types(A.scalar_type(), B.scalar_type()));
   const Tensor A_acc = A.to(acc);

@@ -62,6 +62,7 @@ void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weig
               ": weight must be a floating-point tensor with one element, got ",
               weight.scalar_type(), " of shape ", weight.sizes());
   if (num_experts == 1 || A.size(0) == 0) return;
+  const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
   const Gram g = cross_gram(A, num_experts);
   // d/dÂ sum(G²) = 4 G Â (G symmetric); then through Â = A / max(|A|, eps).
   const Tensor grad_hat = at::mm(g.G, g.A_hat) * (4.0 / g.denom);

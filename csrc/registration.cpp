@@ -21,6 +21,8 @@ TORCH_LIBRARY(soslora, m) {
   m.def(
       "lowrank_grad_x(Tensor grad_hidden, Tensor A, Tensor? grad_x_base, Tensor? dropout_seed, "
       "float dropout_p, bool dropout_on_input) -> Tensor");
+  // The dropout scale mask (0 or 1/(1-p)) that the ops above apply for a given seed and shape.
+  m.def("dropout_mask(Tensor dropout_seed, SymInt[] size, float dropout_p, ScalarType dtype) -> Tensor");
   m.def("ortho_penalty(Tensor A, int num_experts) -> Tensor");
   // grad_A += weight * d(ortho_penalty)/dA; weight is a one-element tensor (read on device).
   m.def("ortho_penalty_grad_(Tensor(a!) grad_A, Tensor A, Tensor weight, int num_experts) -> ()");
@@ -33,9 +35,17 @@ TORCH_LIBRARY_IMPL(soslora, CPU, m) {
   m.impl("lowrank_grad_hidden", &soslora::lowrank_grad_hidden);
   m.impl("lowrank_grad_A", &soslora::lowrank_grad_A);
   m.impl("lowrank_grad_x", &soslora::lowrank_grad_x);
+  m.impl("dropout_mask", &soslora::dropout_mask);
   m.impl("ortho_penalty", &soslora::ortho_penalty);
   m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_);
   m.impl("merge_into_", &soslora::merge_into_cpu_);
+}
+
+// The in-place ops update gradients and frozen weights: they are not differentiable, so
+// autograd passes through them instead of recording the ATen calls inside.
+TORCH_LIBRARY_IMPL(soslora, Autograd, m) {
+  m.impl("ortho_penalty_grad_", torch::CppFunction::makeFallthrough());
+  m.impl("merge_into_", torch::CppFunction::makeFallthrough());
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -2,6 +2,7 @@
 // registrations, plus the few device-specific pieces they need.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 
 #include <optional>
 #include <tuple>
@@ -50,6 +51,9 @@ void check_scale(const Tensor& scale, const Tensor& B, const char* op);
 // element i is decided by philox(seed[0], seed[1], i).
 Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
                           at::ScalarType dtype);
+// The op `dropout_mask`: checks its arguments, then dropout_scale_mask.
+Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double dropout_p,
+                    at::ScalarType dtype);
 void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor& like,
                    const char* op);
 

@@ -14,15 +14,15 @@ _ops = torch.ops.soslora
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
 def test_native_mask_equals_reference(p):
-    # x A^T is all ones, so the post-dropout hidden shows the native mask element by element.
     n, r = 37, 11
     seed = torch.tensor([torch.randint(0, 2**62, ()).item(), 12345678901])
-    x = torch.ones(n, 1, dtype=torch.float64)
-    A = torch.ones(r, 1, dtype=torch.float64)
-    B = torch.eye(r, dtype=torch.float64)
-    _, hidden = _ops.lowrank_forward(x, A, B, torch.ones(r, dtype=torch.float64), None, seed, p,
-                                     False)
     expected = reference.dropout_keep_mask(seed, (n, r), p).double() / (1 - p)
+    assert torch.equal(_ops.dropout_mask(seed, [n, r], p, torch.float64), expected)
+    # ... and the forward applies exactly that mask: x A^T is all ones here.
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    _, hidden = _ops.lowrank_forward(ones, torch.ones(r, 1, dtype=torch.float64),
+                                     torch.eye(r, dtype=torch.float64),
+                                     torch.ones(r, dtype=torch.float64), None, seed, p, False)
     assert torch.equal(hidden, expected)
 
 

@@ -56,22 +56,35 @@ def test_forward_and_gradients_match_oracle(cfg, shape):
         assert rel_err(g, w) < 1e-10, name
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_layer_gradcheck(cfg):
-    layer = make_layer(7, 5, **cfg)
-    x = torch.randn(2, 3, 7, dtype=F64, requires_grad=True)
-    params = [p for p in layer.parameters() if p.requires_grad]
+def _as_function(layer):
+    """(x, *trainable parameters) -> layer(x), with the same dropout mask at every call."""
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
 
-    def fn(x, *ps):
-        with torch.nn.utils.stateless._reparametrize_module(
-                layer, dict(zip([n for n, p in layer.named_parameters() if p.requires_grad], ps))):
+    def fn(x, *params):
+        with torch.nn.utils.stateless._reparametrize_module(layer, dict(zip(names, params))):
             state = torch.get_rng_state()
-            torch.manual_seed(0)  # the same dropout mask at every evaluation
+            torch.manual_seed(0)
             out = layer(x)
             torch.set_rng_state(state)
             return out
 
+    return fn, [p for p in layer.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_layer_gradcheck(cfg):
+    layer = make_layer(7, 5, **cfg)
+    fn, params = _as_function(layer)
+    x = torch.randn(2, 3, 7, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[2]], ids=["pre-channel-gate", "post-channel"])
+def test_layer_double_backward(cfg):
+    layer = make_layer(6, 5, **cfg)
+    fn, params = _as_function(layer)
+    x = torch.randn(4, 6, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(fn, (x, *params))
 
 
 def test_non_contiguous_input():
@@ -129,21 +142,20 @@ def test_autocast_bf16_on_cpu():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_torch_compile_fullgraph_matches_eager(dropout, monkeypatch):
-    # Compiled code then draws the dropout seed from the same generator as eager.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_torch_compile_fullgraph_matches_eager(dropout):
     layer = make_layer(12, 10, dtype=torch.float32, num_experts=2, rank=4, gate=True,
                        scale_mode="channel", dropout=dropout)
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(2, 3, 12, requires_grad=True)
+    params = [x, layer.lora_A, layer.lora_B, layer.expert_scales, layer.gate_logits]
     torch.manual_seed(5)
     y_eager = layer(x)
-    g_eager = torch.autograd.grad(y_eager.square().sum(), [x, layer.lora_A, layer.lora_B,
-                                                           layer.expert_scales])
-    torch.manual_seed(5)
-    y_comp = compiled(x)
-    g_comp = torch.autograd.grad(y_comp.square().sum(), [x, layer.lora_A, layer.lora_B,
-                                                         layer.expert_scales])
+    g_eager = torch.autograd.grad(y_eager.square().sum(), params)
+    # fallback_random: compiled code draws the dropout seed from the same generator as eager.
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(5)
+        y_comp = compiled(x)
+        g_comp = torch.autograd.grad(y_comp.square().sum(), params)
     assert rel_err(y_comp, y_eager) < 1e-6
     for a, b in zip(g_comp, g_eager):
         assert rel_err(a, b) < 1e-5

@@ -68,6 +68,15 @@ def test_lowrank_value_and_gradcheck(case):
 
 
 @pytest.mark.parametrize("case", LOWRANK_CASES)
+def test_lowrank_double_backward_gradgradcheck(case):
+    N, n_in, n_out, r, per_channel, base, p, on_input = case
+    x, A, B, scale, base_out, seed = lowrank_inputs(N, n_in, n_out, r, per_channel=per_channel,
+                                                    base=base, p=p, requires_grad=True)
+    fn = lambda x, A, B, scale: sl.ops.lowrank(x, A, B, scale, base_out, seed, p, on_input)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x, A, B, scale))
+
+
+@pytest.mark.parametrize("case", LOWRANK_CASES)
 def test_lowrank_gradients_match_oracle(case):
     N, n_in, n_out, r, per_channel, base, p, on_input = case
     inputs = lowrank_inputs(N, n_in, n_out, r, per_channel=per_channel, base=base, p=p,
@@ -88,16 +97,20 @@ def test_opcheck_lowrank_ops(case, dtype):
         N, n_in, n_out, r, per_channel=per_channel, dtype=dtype, base=base, p=p,
         requires_grad=dtype != torch.bfloat16)
     opcheck(_ops.lowrank_forward, (x, A, B, scale, base_out, seed, p, on_input))
+    # The backward pieces are differentiable too (double backward).
+    need_grad = dtype != torch.bfloat16
+    grad_out = torch.randn(N, n_out, dtype=dtype, requires_grad=need_grad)
     with torch.no_grad():
-        grad_out = torch.randn(N, n_out, dtype=dtype)
         _, hidden = _ops.lowrank_forward(x, A, B, scale, base_out, seed, p, on_input)
-        grad_hidden = torch.randn(N, r, dtype=dtype)
-        x_, A_, B_, s_ = (t.detach() for t in (x, A, B, scale))
-    opcheck(_ops.lowrank_grad_hidden, (grad_out, B_, s_, hidden, seed, p, on_input))
-    opcheck(_ops.lowrank_grad_A, (grad_hidden, x_, seed, p, on_input))
-    opcheck(_ops.lowrank_grad_x, (grad_hidden, A_, torch.randn(N, n_in, dtype=dtype), seed, p,
-                                  on_input))
-    opcheck(_ops.lowrank_grad_x, (grad_hidden, A_, None, seed, p, on_input))
+    hidden.requires_grad_(need_grad)
+    grad_hidden = torch.randn(N, r, dtype=dtype, requires_grad=need_grad)
+    grad_x_base = torch.randn(N, n_in, dtype=dtype, requires_grad=need_grad)
+    opcheck(_ops.lowrank_grad_hidden, (grad_out, B, scale, hidden, seed, p, on_input))
+    opcheck(_ops.lowrank_grad_A, (grad_hidden, x, seed, p, on_input))
+    opcheck(_ops.lowrank_grad_x, (grad_hidden, A, grad_x_base, seed, p, on_input))
+    opcheck(_ops.lowrank_grad_x, (grad_hidden, A, None, seed, p, on_input))
+    if seed is not None:
+        opcheck(_ops.dropout_mask, (seed, [N, n_in], p, dtype))
 
 
 def test_grad_x_accumulates_into_base_gradient():
@@ -134,6 +147,19 @@ def test_ortho_penalty_grad_adds_in_place_with_device_weight():
     A64 = A.clone().requires_grad_(True)
     (w,) = torch.autograd.grad(reference.ortho_penalty(list(A64.split(r))), A64)
     assert rel_err(grad, before + 0.37 * w) < 1e-12
+
+
+def test_in_place_ops_record_no_graph_and_penalty_refuses_double_backward():
+    A = torch.randn(4, 6, dtype=F64, requires_grad=True)
+    W = torch.randn(5, 6, dtype=F64)
+    sl.ops.merge_into_(W, A, torch.randn(5, 4, dtype=F64), torch.ones(4, dtype=F64))
+    assert W.grad_fn is None and not W.requires_grad
+    g = torch.zeros(4, 6, dtype=F64)
+    sl.ops.add_ortho_penalty_grad_(g, A, torch.tensor(1.0), 2)
+    assert g.grad_fn is None
+    (grad,) = torch.autograd.grad(sl.ops.ortho_penalty(A, 2), A, create_graph=False)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(sl.ops.ortho_penalty(A, 2), A, create_graph=True)
 
 
 def test_ortho_penalty_gradcheck_and_zero_rows():

@@ -24,6 +24,7 @@ cuda::DType kernel_dtype(at::ScalarType t) {
 void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
                       double alpha) {
   check_merge_args(weight, A, B, scale);
+  const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto acc = accumulate_dtype(weight.scalar_type());
   // The factors are small ([r, in], [out, r]): fold the scale once, in the accumulation type.
@@ -56,6 +57,7 @@ TORCH_LIBRARY_IMPL(soslora, CUDA, m) {
   m.impl("lowrank_grad_hidden", &soslora::lowrank_grad_hidden);
   m.impl("lowrank_grad_A", &soslora::lowrank_grad_A);
   m.impl("lowrank_grad_x", &soslora::lowrank_grad_x);
+  m.impl("dropout_mask", &soslora::dropout_mask);
   m.impl("ortho_penalty", &soslora::ortho_penalty);
   m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_);
   m.impl("merge_into_", &soslora::merge_into_cuda_);

@@ -40,6 +40,11 @@ def _(grad_hidden, A, grad_x_base, dropout_seed, dropout_p, dropout_on_input):
     return A.new_empty(grad_hidden.shape[0], A.shape[1])
 
 
+@torch.library.register_fake("soslora::dropout_mask")
+def _(dropout_seed, size, dropout_p, dtype):
+    return dropout_seed.new_empty(size, dtype=dtype)
+
+
 @torch.library.register_fake("soslora::ortho_penalty")
 def _(A, num_experts):
     return A.new_empty((), dtype=_accumulate_dtype(A.dtype))
@@ -56,20 +61,34 @@ def _(weight, A, B, scale, alpha):
 
 
 # ---- autograd ---------------------------------------------------------------------------------
+def _drop(t: Tensor, seed: Tensor | None, p: float, apply: bool) -> Tensor:
+    """t times the ops' dropout mask for t's shape, when `apply` and p > 0."""
+    if not apply or p == 0:
+        return t
+    return t * _ops.dropout_mask(seed, t.shape, p, t.dtype)
+
+
 def _lowrank_setup_context(ctx, inputs, output):
     x, A, B, scale, base_out, dropout_seed, dropout_p, dropout_on_input = inputs
     _, hidden = output
-    ctx.mark_non_differentiable(hidden)
+    # `hidden` is saved as an output so that double backward sees its dependence on x and A.
     ctx.save_for_backward(x, A, B, scale, hidden, dropout_seed)
     ctx.dropout = (dropout_p, dropout_on_input)
     ctx.has_base_out = base_out is not None
+    ctx.set_materialize_grads(False)  # hidden is rarely used: its gradient is usually None
 
 
-def _lowrank_backward(ctx, grad_out, _grad_hidden_output):
+def _lowrank_backward(ctx, grad_out, grad_hidden_output):
     x, A, B, scale, hidden, seed = ctx.saved_tensors
     p, on_input = ctx.dropout
+    if grad_out is None and grad_hidden_output is None:
+        return (None,) * 8
+    if grad_out is None:
+        grad_out = hidden.new_zeros(hidden.shape[0], B.shape[0])
     grad_hidden, grad_B, grad_scale = _ops.lowrank_grad_hidden(
         grad_out, B, scale, hidden, seed, p, on_input)
+    if grad_hidden_output is not None:  # hidden = D_post(A-side product)
+        grad_hidden = grad_hidden + _drop(grad_hidden_output, seed, p, not on_input)
     grad_A = _ops.lowrank_grad_A(grad_hidden, x, seed, p, on_input)
     grad_x = None
     if ctx.needs_input_grad[0]:
@@ -82,6 +101,60 @@ torch.library.register_autograd(
     "soslora::lowrank_forward", _lowrank_backward, setup_context=_lowrank_setup_context)
 
 
+# Gradients of the backward pieces, so that double backward through a layer is exact.
+def _grad_hidden_setup_context(ctx, inputs, output):
+    grad_out, B, scale, hidden, seed, p, on_input = inputs
+    ctx.save_for_backward(grad_out, B, scale, hidden, seed)
+    ctx.dropout = (p, on_input)
+
+
+def _grad_hidden_backward(ctx, gg_hidden, gg_B, gg_scale):
+    # Outputs: grad_hidden = D_post(g (B*s)), grad_B = (g^T h) * s, grad_scale = sum((g^T h) * B).
+    g, B, scale, hidden, seed = ctx.saved_tensors
+    p, on_input = ctx.dropout
+    s = scale.to(B.dtype)
+    gg_s = gg_scale.to(B.dtype) if scale.dim() == 2 else gg_scale.to(B.dtype)[None, :]
+    gd = _drop(gg_hidden, seed, p, not on_input)
+    w = gg_B * s + gg_s * B
+    grad_g = gd @ (B * s).T + hidden @ w.T
+    grad_hidden = g @ w
+    g_h, g_gd = g.T @ hidden, g.T @ gd
+    grad_B = g_gd * s + g_h * gg_s
+    grad_scale = g_gd * B + g_h * gg_B
+    if scale.dim() == 1:
+        grad_scale = grad_scale.sum(0)
+    return grad_g, grad_B, grad_scale.to(scale.dtype), grad_hidden, None, None, None
+
+
+def _grad_A_setup_context(ctx, inputs, output):
+    grad_hidden, x, seed, p, on_input = inputs
+    ctx.save_for_backward(grad_hidden, x, seed)
+    ctx.dropout = (p, on_input)
+
+
+def _grad_A_backward(ctx, gg):
+    # Output: grad_A = grad_hidden^T D_in(x).
+    grad_hidden, x, seed = ctx.saved_tensors
+    p, on_input = ctx.dropout
+    return (_drop(x, seed, p, on_input) @ gg.T, _drop(grad_hidden @ gg, seed, p, on_input),
+            None, None, None)
+
+
+def _grad_x_setup_context(ctx, inputs, output):
+    grad_hidden, A, grad_x_base, seed, p, on_input = inputs
+    ctx.save_for_backward(grad_hidden, A, seed)
+    ctx.dropout = (p, on_input)
+    ctx.has_base = grad_x_base is not None
+
+
+def _grad_x_backward(ctx, gg):
+    # Output: grad_x = D_in(grad_hidden A) + grad_x_base.
+    grad_hidden, A, seed = ctx.saved_tensors
+    p, on_input = ctx.dropout
+    gd = _drop(gg, seed, p, on_input)
+    return gd @ A.T, grad_hidden.T @ gd, gg if ctx.has_base else None, None, None, None
+
+
 def _ortho_setup_context(ctx, inputs, output):
     A, num_experts = inputs
     ctx.save_for_backward(A)
@@ -90,13 +163,20 @@ def _ortho_setup_context(ctx, inputs, output):
 
 def _ortho_backward(ctx, grad_loss):
     (A,) = ctx.saved_tensors
+    if torch.is_grad_enabled() and (A.requires_grad or grad_loss.requires_grad):
+        raise NotImplementedError(
+            "soslora::ortho_penalty: double backward (create_graph=True) is not supported")
     grad_A = torch.zeros_like(A)
     _ops.ortho_penalty_grad_(grad_A, A, grad_loss, ctx.num_experts)
     return grad_A, None
 
 
-torch.library.register_autograd(
-    "soslora::ortho_penalty", _ortho_backward, setup_context=_ortho_setup_context)
+for _name, _backward, _setup in (
+        ("lowrank_grad_hidden", _grad_hidden_backward, _grad_hidden_setup_context),
+        ("lowrank_grad_A", _grad_A_backward, _grad_A_setup_context),
+        ("lowrank_grad_x", _grad_x_backward, _grad_x_setup_context),
+        ("ortho_penalty", _ortho_backward, _ortho_setup_context)):
+    torch.library.register_autograd(f"soslora::{_name}", _backward, setup_context=_setup)
 
 
 # ---- wrappers ---------------------------------------------------------------------------------
