@@ -23,7 +23,7 @@ $(VENV)/.installed: Makefile
 venv: $(VENV)/.installed
 
 build: venv
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps .
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps --config-settings=build-dir=$(VENV)/build .
 
 demo: build
 	$(PY) -m soslora_ext demo

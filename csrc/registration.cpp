@@ -30,14 +30,20 @@ TORCH_LIBRARY(soslora, m) {
   m.def("merge_into_(Tensor(a!) weight, Tensor A, Tensor B, Tensor scale, float alpha) -> ()");
 }
 
+namespace soslora {
+void register_device_generic_kernels(torch::Library& m) {
+  m.impl("lowrank_forward", &lowrank_forward);
+  m.impl("lowrank_grad_hidden", &lowrank_grad_hidden);
+  m.impl("lowrank_grad_A", &lowrank_grad_A);
+  m.impl("lowrank_grad_x", &lowrank_grad_x);
+  m.impl("dropout_mask", &dropout_mask);
+  m.impl("ortho_penalty", &ortho_penalty);
+  m.impl("ortho_penalty_grad_", &ortho_penalty_grad_);
+}
+}  // namespace soslora
+
 TORCH_LIBRARY_IMPL(soslora, CPU, m) {
-  m.impl("lowrank_forward", &soslora::lowrank_forward);
-  m.impl("lowrank_grad_hidden", &soslora::lowrank_grad_hidden);
-  m.impl("lowrank_grad_A", &soslora::lowrank_grad_A);
-  m.impl("lowrank_grad_x", &soslora::lowrank_grad_x);
-  m.impl("dropout_mask", &soslora::dropout_mask);
-  m.impl("ortho_penalty", &soslora::ortho_penalty);
-  m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_);
+  soslora::register_device_generic_kernels(m);
   m.impl("merge_into_", &soslora::merge_into_cpu_);
 }
 

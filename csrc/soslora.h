@@ -7,6 +7,10 @@
 #include <optional>
 #include <tuple>
 
+namespace torch {
+class Library;
+}
+
 namespace soslora {
 
 using at::Tensor;
@@ -56,6 +60,9 @@ Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double
                     at::ScalarType dtype);
 void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor& like,
                    const char* op);
+
+// Registers the kernels above that are written with ATen calls (so serve any device) on `m`.
+void register_device_generic_kernels(torch::Library& m);
 
 #ifdef SOSLORA_WITH_CUDA
 Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double p,

@@ -53,12 +53,6 @@ Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double
 }  // namespace soslora
 
 TORCH_LIBRARY_IMPL(soslora, CUDA, m) {
-  m.impl("lowrank_forward", &soslora::lowrank_forward);
-  m.impl("lowrank_grad_hidden", &soslora::lowrank_grad_hidden);
-  m.impl("lowrank_grad_A", &soslora::lowrank_grad_A);
-  m.impl("lowrank_grad_x", &soslora::lowrank_grad_x);
-  m.impl("dropout_mask", &soslora::dropout_mask);
-  m.impl("ortho_penalty", &soslora::ortho_penalty);
-  m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_);
+  soslora::register_device_generic_kernels(m);
   m.impl("merge_into_", &soslora::merge_into_cuda_);
 }
