@@ -87,6 +87,13 @@ def test_layer_double_backward(cfg):
     assert torch.autograd.gradgradcheck(fn, (x, *params))
 
 
+def test_base_without_bias():
+    layer = make_layer(10, 6, bias=False, num_experts=2, rank=4, dropout=0.1)
+    x = torch.randn(3, 10, dtype=F64, requires_grad=True)
+    seed = _draw_seed(layer, x)
+    assert rel_err(layer(x), oracle_forward(layer, x, seed)) < 1e-12
+
+
 def test_non_contiguous_input():
     layer = make_layer(13, 7, num_experts=2, rank=4)
     x = torch.randn(13, 6, dtype=F64).t()  # [6, 13] non-contiguous

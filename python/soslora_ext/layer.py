@@ -107,7 +107,7 @@ class SOSLinear(nn.Module):
 
         K, r = config.num_experts, config.r_expert
         factory = dict(device=weight.device, dtype=dtype)
-        scale_factory = dict(device=weight.device, dtype=ops._accumulate_dtype(dtype))
+        scale_factory = dict(device=weight.device, dtype=ops.accumulate_dtype(dtype))
         A = torch.cat(reference.orthogonal_init(K, r, base.in_features, config.init_gain), dim=0)
         self.lora_A = nn.Parameter(A.to(**factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.r_total, **factory))
@@ -239,7 +239,7 @@ class SOSLinear(nn.Module):
     def delta_weight(self) -> Tensor:
         """The update sum_k (s_k * B_k) A_k as an [out, in] tensor in the accumulation dtype."""
         delta = torch.zeros(self.out_features, self.in_features, device=self.lora_A.device,
-                            dtype=ops._accumulate_dtype(self.lora_A.dtype))
+                            dtype=ops.accumulate_dtype(self.lora_A.dtype))
         ops.merge_into_(delta, self.lora_A, self.lora_B, self._rank_scale(), 1.0)
         return delta
 

@@ -15,7 +15,8 @@ Tensor = torch.Tensor
 _ops = torch.ops.soslora
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -47,7 +48,7 @@ def _(dropout_seed, size, dropout_p, dtype):
 
 @torch.library.register_fake("soslora::ortho_penalty")
 def _(A, num_experts):
-    return A.new_empty((), dtype=_accumulate_dtype(A.dtype))
+    return A.new_empty((), dtype=accumulate_dtype(A.dtype))
 
 
 @torch.library.register_fake("soslora::ortho_penalty_grad_")
