@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 
 BUILD_DEPS := scikit-build-core==1.1.2 pybind11==3.1.0 ninja==1.13.2 cmake==4.4.4 numpy==2.4.6
-TEST_DEPS := pytest==9.2.0 transformers==5.23.0
+TEST_DEPS := pytest==9.2.0 transformers==5.23.0 peft==0.21.2 accelerate==1.15.0
 
 .PHONY: venv build demo test bench clean
 

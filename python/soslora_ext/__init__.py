@@ -10,8 +10,19 @@ from . import ops, reference
 from ._C import built_with_cuda
 from .config import SOSConfig
 from .layer import SOSLinear
-from .model import apply_sos_lora, merge_and_unload, ortho_penalty, sos_layers, trainable_parameters
+from .model import (apply_sos_lora, merge_and_unload, modules_to_save, ortho_penalty, sos_layers,
+                    trainable_parameters)
 from .schedules import GateSchedule, OrthoSchedule
+from .serialization import AdapterError, export_peft, import_peft, load_adapter, save_adapter
+
+
+def __getattr__(name):
+    # The Trainer callback imports transformers: load it only when asked for.
+    if name == "SOSLoRACallback":
+        from .integrations import SOSLoRACallback
+        return SOSLoRACallback
+    raise AttributeError(f"module 'soslora_ext' has no attribute {name!r}")
+
 
 try:
     __version__ = _version("soslora_ext")
@@ -19,7 +30,8 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
-    "SOSConfig", "SOSLinear", "apply_sos_lora", "merge_and_unload", "ortho_penalty", "sos_layers",
-    "trainable_parameters", "OrthoSchedule", "GateSchedule", "ops", "reference",
-    "built_with_cuda", "__version__",
+    "SOSConfig", "SOSLinear", "apply_sos_lora", "merge_and_unload", "modules_to_save",
+    "ortho_penalty", "sos_layers", "trainable_parameters", "OrthoSchedule", "GateSchedule",
+    "SOSLoRACallback", "save_adapter", "load_adapter", "export_peft", "import_peft",
+    "AdapterError", "ops", "reference", "built_with_cuda", "__version__",
 ]

@@ -26,20 +26,27 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _check_names(owner: str, arg: str, value, allow_empty: bool = False) -> None:
+    if isinstance(value, str):
+        return
+    if (not isinstance(value, Sequence) or (not value and not allow_empty)
+            or not all(isinstance(t, str) for t in value)):
+        raise ValueError(f"{owner}: {arg} must be a regex string or a non-empty list of module "
+                         f"names, got {value!r}")
+
+
 def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
-                   **layer_kwargs) -> nn.Module:
+                   modules_to_save: str | Sequence[str] = (), **layer_kwargs) -> nn.Module:
     """Replace the nn.Linear modules named by `target_modules` with SOSLinear, in place.
 
     `target_modules` is a list of names (a module matches if its name equals one or ends with
     "." + one, e.g. ["q_proj", "v_proj"]) or a regex matched against the full module name.
-    Every other parameter of the model is frozen, so only adapter parameters train.
-    Returns `model`. On any error nothing in the model is changed.
+    `modules_to_save` (same rules, e.g. ["classifier"]) stay fully trainable and are saved and
+    exported with the adapter, as PEFT's option of that name. Every other parameter of the model
+    is frozen. Returns `model`. On any error nothing in the model is changed.
     """
-    if not isinstance(target_modules, str):
-        if (not isinstance(target_modules, Sequence) or not target_modules
-                or not all(isinstance(t, str) for t in target_modules)):
-            raise ValueError("apply_sos_lora: target_modules must be a regex string or a "
-                             f"non-empty list of module names, got {target_modules!r}")
+    _check_names("apply_sos_lora", "target_modules", target_modules)
+    _check_names("apply_sos_lora", "modules_to_save", modules_to_save, allow_empty=True)
     layer_kwargs = dict(layer_kwargs)
     dtype = layer_kwargs.pop("dtype", None)
     SOSConfig(**layer_kwargs)  # validate before touching the model
@@ -60,19 +67,38 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
             raise TypeError(f"apply_sos_lora: module {name!r} matched target_modules but is a "
                             f"{type(module).__name__}, not an nn.Linear")
 
+    saved = [m for name, m in candidates if modules_to_save and _matches(name, modules_to_save)]
+    if modules_to_save and not saved:
+        raise ValueError(f"apply_sos_lora: modules_to_save={modules_to_save!r} matches no module")
+
     replacements = [(name, SOSLinear(module, dtype=dtype, **layer_kwargs))
                     for name, module in targets]
     for name, layer in replacements:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-    adapter_params = {id(p) for _, layer in sos_layers(model) for p in _adapter_parameters(layer)}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in adapter_params)
+        replace_module(model, name, layer)
+    freeze_all_but_adapters(model, keep_trainable=saved)
     return model
 
 
-def _adapter_parameters(layer: SOSLinear):
-    return (p for name, p in layer.named_parameters() if not name.startswith("base_layer."))
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def freeze_all_but_adapters(model: nn.Module, keep_trainable: Sequence[nn.Module] = ()) -> None:
+    """Only adapter parameters (and those of `keep_trainable` modules) require grad."""
+    trainable = {id(p) for _, layer in sos_layers(model) for name, p in layer.named_parameters()
+                 if not name.startswith("base_layer.")}
+    trainable |= {id(p) for m in keep_trainable for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules outside the SOS layers that own trainable parameters (e.g. a new classifier
+    head): what save_adapter and export_peft store besides the adapters."""
+    inside = {id(m) for _, layer in sos_layers(model) for m in layer.modules()}
+    return {name: m for name, m in model.named_modules() if id(m) not in inside
+            and any(p.requires_grad for p in m.parameters(recurse=False))}
 
 
 def ortho_penalty(model: nn.Module) -> torch.Tensor:
@@ -88,8 +114,7 @@ def ortho_penalty(model: nn.Module) -> torch.Tensor:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every SOS layer into its base weight and put the base nn.Linear back in its place."""
     for name, layer in list(sos_layers(model)):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.merge_and_unload())
+        replace_module(model, name, layer.merge_and_unload())
     return model
 
 

@@ -32,7 +32,11 @@ class _StepSchedule:
 
     def step(self) -> float:
         """Advance one optimizer step and write the new value into the layers; returns it."""
-        self.last_step += 1
+        return self.set_step(self.last_step + 1)
+
+    def set_step(self, step: int) -> float:
+        """Jump to optimizer step `step` (e.g. a trainer's global step); returns the value."""
+        self.last_step = int(step)
         value = self.value(self.last_step)
         self._apply(value)
         return value
@@ -41,17 +45,24 @@ class _StepSchedule:
         return {"last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last_step = int(state["last_step"])
-        self._apply(self.value(self.last_step))
+        self.set_step(state["last_step"])
 
 
 class OrthoSchedule(_StepSchedule):
     """lambda = 0 for the first `delay` fraction of steps, then a linear ramp to `lambda_max`
-    over the next `ramp` fraction, then constant. Written into every SOS layer's ortho_lambda."""
+    over the next `ramp` fraction, then constant. Written into every SOS layer's ortho_lambda.
+
+    With gradient accumulation the layers add their term at every micro-batch backward, so
+    `accumulation_steps` divides what is written: an optimizer step then sees lambda once.
+    """
 
     def __init__(self, model: nn.Module, lambda_max: float = 0.006, delay: float = 0.15,
-                 ramp: float = 0.20, total_steps: int = 1000):
+                 ramp: float = 0.20, total_steps: int = 1000, accumulation_steps: int = 1):
         owner = "OrthoSchedule"
+        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
+            raise ValueError(f"{owner}: accumulation_steps must be an int >= 1, got "
+                             f"{accumulation_steps!r}")
+        self.accumulation_steps = accumulation_steps
         if not (isinstance(lambda_max, (int, float)) and lambda_max >= 0):
             raise ValueError(f"{owner}: lambda_max must be a number >= 0, got {lambda_max!r}")
         _check_fraction(owner, "delay", delay)
@@ -74,7 +85,7 @@ class OrthoSchedule(_StepSchedule):
 
     def _apply(self, value: float) -> None:
         for layer in self.layers:
-            layer.ortho_lambda.fill_(value)
+            layer.ortho_lambda.fill_(value / self.accumulation_steps)
 
 
 class GateSchedule(_StepSchedule):

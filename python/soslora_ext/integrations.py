@@ -1,0 +1,49 @@
+"""transformers.Trainer integration: the reference recipe's schedules driven by the trainer."""
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from .model import ortho_penalty, sos_layers
+from .schedules import GateSchedule, OrthoSchedule
+
+
+class SOSLoRACallback(TrainerCallback):
+    """Sets each SOS layer's orthogonality weight and gate temperature from the trainer's
+    optimizer step (``state.global_step`` of ``state.max_steps``) and logs the penalty.
+
+    Works with gradient accumulation (lambda is divided by the accumulation steps, so each
+    optimizer step sees lambda once) and under ``accelerate`` (the schedules only write device
+    buffers of whatever model the trainer hands over, wrapped or not).
+    """
+
+    def __init__(self, lambda_max: float = 0.006, delay: float = 0.15, ramp: float = 0.20,
+                 gate_start: float = 2.0, gate_end: float = 1.0, gate_anneal: float = 0.30):
+        self.ortho_kwargs = dict(lambda_max=lambda_max, delay=delay, ramp=ramp)
+        self.gate_kwargs = dict(start=gate_start, end=gate_end, anneal=gate_anneal)
+        self.ortho: OrthoSchedule | None = None
+        self.gate: GateSchedule | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        total = max(int(state.max_steps), 1)
+        self.ortho = OrthoSchedule(model, total_steps=total,
+                                   accumulation_steps=args.gradient_accumulation_steps,
+                                   **self.ortho_kwargs)
+        gated = any(layer.config.gate for _, layer in sos_layers(model))
+        self.gate = GateSchedule(model, total_steps=total, **self.gate_kwargs) if gated else None
+        self._set(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._set(state.global_step)
+
+    def _set(self, step: int) -> None:
+        self.ortho.set_step(step)
+        if self.gate is not None:
+            self.gate.set_step(step)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or model is None or self.ortho is None:
+            return
+        logs["ortho_penalty"] = float(ortho_penalty(model).detach())  # a host read, at logging only
+        logs["ortho_lambda"] = self.ortho.value(self.ortho.last_step)
+        if self.gate is not None:
+            logs["gate_temperature"] = self.gate.value(self.gate.last_step)

@@ -1,0 +1,355 @@
+"""Saving, loading and converting adapters.
+
+Our format: a directory with ``adapter_config.json`` (format version, library version, method,
+each adapted layer's hyperparameters and shapes, the modules saved whole, and the SHA-256 of
+the weights) and ``adapter_model.safetensors`` (every adapter tensor under its module path).
+Both files are first written to temporary files and then renamed into place, weights first. An
+interrupted save therefore leaves the previous files whole. If it stops in the moment between
+the two renames, the checksum makes loading refuse the mismatched pair instead of using it.
+
+PEFT format: the whole SOS update of a layer is one LoRA of rank r_tot, with the scales (and the
+gate) folded into B. ``export_peft`` writes it with lora_alpha = r, so PEFT's scaling is 1.
+``import_peft`` goes the other way.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .config import SOSConfig
+from .layer import SOSLinear
+from .model import freeze_all_but_adapters, modules_to_save, replace_module, sos_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "soslora_ext"
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be saved, read or applied to this model."""
+
+
+# ---- files -----------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """write(tmp) into a temporary file beside `path`, fsync it; returns the temporary path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _save_pair(directory: Path, config: dict, tensors: dict[str, torch.Tensor],
+               checksum: bool) -> Path:
+    """Writes adapter_config.json + adapter_model.safetensors, the JSON renamed into place last
+    (carrying the weights' SHA-256 when `checksum`)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    weights_tmp = _write_atomically(directory / WEIGHTS_NAME,
+                                    lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    if checksum:
+        config = {**config, "weights_sha256": _sha256(weights_tmp)}
+    try:
+        config_tmp = _write_atomically(
+            directory / CONFIG_NAME,
+            lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    except BaseException:
+        weights_tmp.unlink(missing_ok=True)
+        raise
+    os.replace(weights_tmp, directory / WEIGHTS_NAME)
+    os.replace(config_tmp, directory / CONFIG_NAME)
+    return directory
+
+
+def _read_pair(directory: Path, check_sha: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterError(f"{path}: file not found (not an adapter directory?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    if check_sha and config.get("weights_sha256") != _sha256(weights_path):
+        raise AdapterError(f"{weights_path}: contents do not match the checksum in {CONFIG_NAME} "
+                           "(the file is corrupted, edited, or from an interrupted save)")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{weights_path}: unreadable safetensors file ({e})") from None
+    return config, tensors
+
+
+# ---- our format ------------------------------------------------------------------------------
+def _layer_state(layer: SOSLinear) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's SOS adapters (and its modules_to_save) to `directory`."""
+    from . import __version__
+
+    layers = dict(sos_layers(model))
+    if not layers:
+        raise AdapterError("save_adapter: the model has no SOSLinear layers")
+    tensors, modules = {}, {}
+    for name, layer in layers.items():
+        tensors.update({f"{name}.{k}": v for k, v in _layer_state(layer).items()})
+        modules[name] = dict(in_features=layer.in_features, out_features=layer.out_features,
+                             bias=layer.bias is not None, config=layer.config.to_dict(),
+                             dtype=str(layer.lora_A.dtype).removeprefix("torch."))
+    saved = {}
+    for name, module in modules_to_save(model).items():
+        params = dict(module.named_parameters(recurse=False))
+        tensors.update({f"{name}.{k}": v for k, v in params.items()})
+        saved[name] = sorted(params)
+    config = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=__version__,
+                  method="sos", base_model_class=type(model).__name__,
+                  target_modules=sorted(layers), modules=modules, modules_to_save=saved)
+    return _save_pair(Path(directory), config, tensors, checksum=True)
+
+
+def _fail(directory, message: str):
+    raise AdapterError(f"load_adapter({str(directory)!r}): {message}")
+
+
+def _module(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Re-create the saved SOS layers on a fresh `model` and restore them exactly.
+
+    Every layer's name, shape, hyperparameters and tensors are checked before the model is
+    touched; a mismatch raises AdapterError naming the layer and leaves the model unchanged.
+    """
+    config, tensors = _read_pair(Path(directory), check_sha=True)
+    if config.get("format") != FORMAT:
+        _fail(directory, f"{CONFIG_NAME} is not a {FORMAT} adapter (format="
+                         f"{config.get('format')!r}); for PEFT adapters use import_peft")
+    if config.get("format_version") != FORMAT_VERSION:
+        _fail(directory, f"unsupported format_version {config.get('format_version')!r}")
+    if not isinstance(config.get("modules"), dict) or not config["modules"]:
+        _fail(directory, f"{CONFIG_NAME} lists no adapted modules")
+
+    plans, expected_keys = [], set()
+    for name, entry in config["modules"].items():
+        base = _module(model, name)
+        if base is None:
+            _fail(directory, f"layer {name!r}: no such module in {type(model).__name__}")
+        if isinstance(base, SOSLinear):
+            _fail(directory, f"layer {name!r} already has an SOS-LoRA adapter; load into a "
+                             "fresh model")
+        if not isinstance(base, nn.Linear):
+            _fail(directory, f"layer {name!r} is a {type(base).__name__}, not an nn.Linear")
+        try:
+            layer_config = SOSConfig(**entry["config"])
+            dtype = getattr(torch, entry["dtype"])
+            shape = (entry["in_features"], entry["out_features"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            _fail(directory, f"layer {name!r}: bad entry in {CONFIG_NAME} ({e})")
+        if shape != (base.in_features, base.out_features):
+            _fail(directory, f"layer {name!r}: adapter is for in/out features {shape}, the "
+                             f"model's layer is ({base.in_features}, {base.out_features})")
+        # The tensors a fresh layer of this configuration holds, built on the meta device.
+        probe = SOSLinear(nn.Linear(*shape, device="meta", dtype=dtype), dtype=dtype,
+                          **layer_config.to_dict())
+        state = {}
+        for key, like in _layer_state(probe).items():
+            full = f"{name}.{key}"
+            if full not in tensors:
+                _fail(directory, f"layer {name!r}: tensor {key!r} is missing")
+            t = tensors[full]
+            if t.shape != like.shape or t.dtype != like.dtype:
+                _fail(directory, f"layer {name!r}: tensor {key!r} is {t.dtype} "
+                                 f"{tuple(t.shape)}, expected {like.dtype} {tuple(like.shape)}")
+            if not torch.isfinite(t).all():
+                _fail(directory, f"layer {name!r}: tensor {key!r} has non-finite values")
+            state[key] = t
+            expected_keys.add(full)
+        plans.append((name, base, layer_config, dtype, state))
+
+    whole = []
+    for name, params in (config.get("modules_to_save") or {}).items():
+        module = _module(model, name)
+        if module is None:
+            _fail(directory, f"module to save {name!r}: no such module in {type(model).__name__}")
+        own = dict(module.named_parameters(recurse=False))
+        for p in params:
+            full = f"{name}.{p}"
+            if p not in own or full not in tensors or tensors[full].shape != own[p].shape:
+                _fail(directory, f"module to save {name!r}: parameter {p!r} is missing or has "
+                                 "the wrong shape")
+            expected_keys.add(full)
+            whole.append((own[p], tensors[full]))
+    extra = sorted(set(tensors) - expected_keys)
+    if extra:
+        _fail(directory, f"{WEIGHTS_NAME} holds tensors that no layer uses: {extra[:5]}")
+
+    for name, base, layer_config, dtype, state in plans:
+        layer = SOSLinear(base, dtype=dtype, **layer_config.to_dict())
+        layer.load_state_dict(state, strict=False)  # every non-base key was checked above
+        replace_module(model, name, layer)
+    with torch.no_grad():
+        for param, t in whole:
+            param.copy_(t)
+    freeze_all_but_adapters(model, keep_trainable=[_module(model, n) for n in
+                                                   (config.get("modules_to_save") or {})])
+    return model
+
+
+# ---- PEFT's LoRA format ----------------------------------------------------------------------
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the SOS adapters as a standard PEFT LoRA (rank r_tot, scales folded into B) that
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs."""
+    layers = dict(sos_layers(model))
+    if not layers:
+        raise AdapterError("export_peft: the model has no SOSLinear layers")
+    tensors, ranks = {}, {}
+    for name, layer in layers.items():
+        if layer.merged:
+            raise AdapterError(f"export_peft: layer {name!r} is merged; unmerge() it first")
+        with torch.no_grad():
+            acc = torch.promote_types(layer.lora_A.dtype, torch.float32)
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.to(acc)
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = \
+                layer.lora_B.to(acc) * layer._rank_scale().to(acc)
+        ranks[name] = layer.config.r_total
+    saved = modules_to_save(model)
+    for name, module in saved.items():
+        tensors.update({f"{PEFT_PREFIX}{name}.{k}": v
+                        for k, v in module.named_parameters(recurse=False)})
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    # lora_alpha = r everywhere, so PEFT's scaling alpha / r is 1 and B carries the scales.
+    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    config = dict(peft_type="LORA", task_type=None, r=r, lora_alpha=r, rank_pattern=pattern,
+                  alpha_pattern=dict(pattern), target_modules=sorted(layers),
+                  modules_to_save=sorted(saved) or None, lora_dropout=0.0, bias="none",
+                  fan_in_fan_out=False, use_rslora=False, use_dora=False,
+                  init_lora_weights=True, inference_mode=True, base_model_name_or_path=None)
+    return _save_pair(Path(directory), config, tensors, checksum=False)
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    # PEFT matches pattern keys as regexes against the end of the module name.
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int = 4,
+                **layer_kwargs) -> nn.Module:
+    """Turn a PEFT LoRA adapter directory into SOS layers with unchanged outputs.
+
+    Each LoRA of rank r becomes `num_experts` experts of rank r / num_experts (r must divide);
+    B absorbs PEFT's scaling divided by the SOS scales, so B_sos * scales = B_peft * alpha / r.
+    `layer_kwargs` are SOSLinear's (alpha, gamma_max, scale_mode, ...; rank comes from the file).
+    """
+    config, tensors = _read_pair(Path(directory), check_sha=False)
+
+    def fail(message):
+        raise AdapterError(f"import_peft({str(directory)!r}): {message}")
+
+    if config.get("peft_type") != "LORA":
+        fail(f"not a PEFT LoRA adapter (peft_type={config.get('peft_type')!r})")
+    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if config.get(flag):
+            fail(f"{flag}=True adapters are not supported")
+    if "rank" in layer_kwargs or "rank_mode" in layer_kwargs:
+        fail("rank and rank_mode come from the adapter; do not pass them")
+    names, whole = [], {}
+    for key in tensors:
+        if not key.startswith(PEFT_PREFIX):
+            fail(f"unexpected tensor {key!r}")
+        path = key[len(PEFT_PREFIX):]
+        if path.endswith(".lora_A.weight"):
+            names.append(path[: -len(".lora_A.weight")])
+        elif not path.endswith(".lora_B.weight"):
+            module, _, param = path.rpartition(".")
+            if "lora_" in path:
+                fail(f"unsupported LoRA tensor {key!r}")
+            whole[path] = (module, param)
+    if not names:
+        fail("the adapter holds no lora_A/lora_B tensors")
+
+    plans = []
+    for name in sorted(names):
+        A = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"]
+        B = tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
+        base = _module(model, name)
+        if base is None or not isinstance(base, nn.Linear) or isinstance(base, SOSLinear):
+            fail(f"layer {name!r}: the model has no plain nn.Linear of that name")
+        r = A.shape[0]
+        if B is None or A.dim() != 2 or B.shape != (base.out_features, r) \
+                or A.shape[1] != base.in_features:
+            fail(f"layer {name!r}: LoRA factors of shapes {tuple(A.shape)} and "
+                 f"{None if B is None else tuple(B.shape)} do not fit the model's "
+                 f"({base.in_features} -> {base.out_features}) layer")
+        if r % num_experts:
+            fail(f"layer {name!r}: LoRA rank {r} is not divisible by num_experts={num_experts}")
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+        scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        plans.append((name, base, A, B, scaling))
+    for path, (module_name, param) in whole.items():
+        module = _module(model, module_name)
+        own = dict(module.named_parameters(recurse=False)) if module is not None else {}
+        if param not in own or own[param].shape != tensors[PEFT_PREFIX + path].shape:
+            fail(f"module to save {module_name!r}: parameter {param!r} does not fit the model")
+    SOSConfig(num_experts=num_experts, rank=num_experts, **{k: v for k, v in layer_kwargs.items()
+                                                           if k != "dtype"})  # validate kwargs
+
+    for name, base, A, B, scaling in plans:
+        layer = SOSLinear(base, num_experts=num_experts, rank=A.shape[0], rank_mode="total",
+                          **layer_kwargs)
+        with torch.no_grad():
+            acc = torch.float64
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B.to(acc) * scaling / layer._rank_scale().to(acc))
+        replace_module(model, name, layer)
+    kept = []
+    with torch.no_grad():
+        for path, (module_name, param) in whole.items():
+            module = model.get_submodule(module_name)
+            getattr(module, param).copy_(tensors[PEFT_PREFIX + path])
+            kept.append(module)
+    freeze_all_but_adapters(model, keep_trainable=kept)
+    return model
