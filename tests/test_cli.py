@@ -1,0 +1,142 @@
+"""The command line on tiny models built from transformers configs, and the main job."""
+import json
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          BertConfig, BertForSequenceClassification, BertTokenizerFast,
+                          LlamaConfig, LlamaForCausalLM)
+
+import soslora_ext as sl
+from soslora_ext import main_job
+from soslora_ext.cli import main
+
+from conftest import rel_err
+
+WORDS = ["def", "return", "import", "include", "struct", "int", "license", "copyright",
+         "the", "of", "and", "permission", "x", "y", "(", ")", "{", "}", ";", "#", "=", ":"]
+
+
+def tiny_dir(tmp_path, kind="bert"):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=48, max_position_embeddings=64))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    path = tmp_path / kind
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def classification_data(path):
+    rows = [{"text": "def x ( ) : return y", "label": "python"},
+            {"text": "struct x { int y ; }", "label": "c"},
+            {"text": "# include x", "label": "c"},
+            {"text": "import x", "label": "python"}] * 10
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_train_info_merge_export_on_tiny_classifier(tmp_path, capsys):
+    model_dir, tokenizer = tiny_dir(tmp_path)
+    data = classification_data(tmp_path / "data.jsonl")
+    out = tmp_path / "run"
+    assert run_cli("train", model_dir, "--data", data, "--out", out, "--steps", 12, "--rank", 4,
+                   "--experts", 2, "--max-length", 16, "--log-every", 6) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "classification" and 0 <= metrics["accuracy"] <= 1
+    assert len(metrics["losses"]) == 12
+
+    capsys.readouterr()
+    assert run_cli("info", out / "adapter") == 0
+    info = capsys.readouterr().out
+    assert "bert.encoder.layer.0.attention.self.query" in info and "trainable parameters" in info
+
+    batch = tokenizer(["def x ( ) : return y", "struct x { int y ; }"], return_tensors="pt",
+                      padding=True)
+    adapted = sl.load_adapter(AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2), out / "adapter").eval()
+    with torch.no_grad():
+        expected = adapted(**batch).logits
+
+    assert run_cli("merge", out / "adapter", "--base", model_dir, "--out", tmp_path / "merged") == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not list(sl.sos_layers(merged))
+    with torch.no_grad():
+        assert rel_err(merged(**batch).logits, expected) < 1e-5
+
+    assert run_cli("export-peft", out / "adapter", "--base", model_dir,
+                   "--out", tmp_path / "peft") == 0
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert rel_err(peft_model(**batch).logits, expected) < 1e-5
+
+
+def test_train_text_task_on_tiny_llama(tmp_path):
+    model_dir, _ = tiny_dir(tmp_path, kind="llama")
+    text = tmp_path / "corpus"
+    text.mkdir()
+    (text / "a.txt").write_text("def x ( ) : return y\n" * 40)
+    out = tmp_path / "run"
+    assert run_cli("train", model_dir, "--data", text, "--out", out, "--steps", 15, "--rank", 4,
+                   "--experts", 2, "--max-length", 16, "--lr", 3e-3, "--gate") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "text" and metrics["losses"][-1] < metrics["losses"][0]
+    model = sl.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    assert all(layer.config.gate for _, layer in sl.sos_layers(model))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "/nonexistent", "--data", "filekinds", "--out", "x"], "not a model directory"),
+    (["info", "/nonexistent"], "file not found"),
+    (["train", "MODEL", "--data", "/nonexistent.jsonl", "--out", "x"], "no such file"),
+    (["train", "MODEL", "--data", "BADJSONL", "--out", "x"], "expected a JSON object"),
+    (["train", "MODEL", "--data", "filekinds", "--out", "x", "--rank", "6", "--experts", "4"],
+     "divisible by num_experts"),
+    (["train", "MODEL", "--data", "filekinds", "--out", "x", "--steps", "0"], "must be positive"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    model_dir, _ = tiny_dir(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    args = [str(model_dir) if a == "MODEL" else str(bad) if a == "BADJSONL" else a for a in args]
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_help_is_complete():
+    for command in ["", "demo", "main-job", "train", "merge", "export-peft", "info"]:
+        result = subprocess.run([sys.executable, "-m", "soslora_ext", *command.split(), "--help"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0 and "usage:" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "soslora_ext", "frobnicate"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_main_job_small_end_to_end(tmp_path):
+    summary = main_job.run(tmp_path, steps=4, batch_size=4, train_per_class=8, test_per_class=4,
+                           progress=False)
+    assert summary["checks"]["ok"]
+    assert set(summary["results"]) == {"SOS-LoRA", "LoRA"}
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "adapter_peft" / "adapter_config.json").read_text())["peft_type"] \
+        == "LORA"
