@@ -182,37 +182,30 @@ def cmd_export_peft(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
-    import torch.nn as nn
     from safetensors.torch import load_file
 
-    from .layer import SOSLinear
-    from .serialization import WEIGHTS_NAME, read_adapter_config
+    from .serialization import WEIGHTS_NAME, sos_layers_from_directory
 
-    config = read_adapter_config(args.adapter)
-    tensors = load_file(str(Path(args.adapter) / WEIGHTS_NAME))
+    config, layers = sos_layers_from_directory(args.adapter)
     print(f"adapter {args.adapter}: method {config['method']}, library "
           f"{config['library_version']}, base {config.get('base_model_class')}")
     print(f"{'layer':<48} {'in->out':>11} {'K':>2} {'r_tot':>5} {'mode':>7} {'gate':>5}  scales")
     adapter_params = 0
-    for name, entry in config["modules"].items():
-        c = entry["config"]
-        layer = SOSLinear(nn.Linear(entry["in_features"], entry["out_features"], device="meta"),
-                          dtype=getattr(torch, entry["dtype"]), **c)
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        layer.load_state_dict(state, strict=False, assign=True)
+    for name, layer in layers.items():
+        c = layer.config
         adapter_params += sum(p.numel() for n, p in layer.named_parameters()
                               if not n.startswith("base_layer."))
         scales = layer.scales()
         shown = scales if scales.dim() == 1 else scales.mean(dim=1)
         note = "" if scales.dim() == 1 else " (mean over channels)"
-        print(f"{name:<48} {entry['in_features']:>5}->{entry['out_features']:<5} "
-              f"{c['num_experts']:>2} {layer.config.r_total:>5} {c['scale_mode']:>7} "
-              f"{str(c['gate']):>5}  {[round(v, 3) for v in shown.tolist()]}{note}")
-    saved = sum(tensors[f"{m}.{p}"].numel() for m, ps in config["modules_to_save"].items()
-                for p in ps)
-    print(f"trainable parameters: {adapter_params + saved} ({adapter_params} in adapters, "
-          f"{saved} in modules saved whole: {sorted(config['modules_to_save']) or 'none'})")
+        print(f"{name:<48} {layer.in_features:>5}->{layer.out_features:<5} {c.num_experts:>2} "
+              f"{c.r_total:>5} {c.scale_mode:>7} {str(c.gate):>5}  "
+              f"{[round(v, 3) for v in shown.tolist()]}{note}")
+    saved = config["modules_to_save"]
+    tensors = load_file(str(Path(args.adapter) / WEIGHTS_NAME))
+    whole = sum(tensors[f"{m}.{p}"].numel() for m, ps in saved.items() for p in ps)
+    print(f"trainable parameters: {adapter_params + whole} ({adapter_params} in adapters, "
+          f"{whole} in modules saved whole: {sorted(saved) or 'none'})")
     return 0
 
 

@@ -249,35 +249,71 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 # ---- PEFT's LoRA format ----------------------------------------------------------------------
+def write_peft_lora(directory: str | os.PathLike, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    whole: dict[str, torch.Tensor] | None = None,
+                    fan_in_fan_out: bool = False) -> Path:
+    """Write {module: (A [r, in], B [out, r])} as a PEFT LoRA with delta = B A per module.
+
+    lora_alpha = r for every module, so PEFT's scaling alpha / r is 1 and B carries all scales;
+    modules of another rank get rank_pattern / alpha_pattern entries. `whole` holds tensors of
+    modules saved whole ("module.param" -> tensor), PEFT's modules_to_save.
+    """
+    if not factors:
+        raise AdapterError("write_peft_lora: no layers to write")
+    whole = whole or {}
+    tensors, ranks = {}, {}
+    for name, (A, B) in factors.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B
+        ranks[name] = A.shape[0]
+    tensors.update({PEFT_PREFIX + k: v for k, v in whole.items()})
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    saved = sorted({k.rpartition(".")[0] for k in whole})
+    config = dict(peft_type="LORA", task_type=None, r=r, lora_alpha=r, rank_pattern=pattern,
+                  alpha_pattern=dict(pattern), target_modules=sorted(factors),
+                  modules_to_save=saved or None, lora_dropout=0.0, bias="none",
+                  fan_in_fan_out=fan_in_fan_out, use_rslora=False, use_dora=False,
+                  init_lora_weights=True, inference_mode=True, base_model_name_or_path=None)
+    return _save_pair(Path(directory), config, tensors, checksum=False)
+
+
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the SOS adapters as a standard PEFT LoRA (rank r_tot, scales folded into B) that
     ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs."""
     layers = dict(sos_layers(model))
     if not layers:
         raise AdapterError("export_peft: the model has no SOSLinear layers")
-    tensors, ranks = {}, {}
+    factors = {}
     for name, layer in layers.items():
         if layer.merged:
             raise AdapterError(f"export_peft: layer {name!r} is merged; unmerge() it first")
-        with torch.no_grad():
-            acc = torch.promote_types(layer.lora_A.dtype, torch.float32)
-            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.to(acc)
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = \
-                layer.lora_B.to(acc) * layer._rank_scale().to(acc)
-        ranks[name] = layer.config.r_total
-    saved = modules_to_save(model)
-    for name, module in saved.items():
-        tensors.update({f"{PEFT_PREFIX}{name}.{k}": v
-                        for k, v in module.named_parameters(recurse=False)})
-    r = collections.Counter(ranks.values()).most_common(1)[0][0]
-    # lora_alpha = r everywhere, so PEFT's scaling alpha / r is 1 and B carries the scales.
-    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
-    config = dict(peft_type="LORA", task_type=None, r=r, lora_alpha=r, rank_pattern=pattern,
-                  alpha_pattern=dict(pattern), target_modules=sorted(layers),
-                  modules_to_save=sorted(saved) or None, lora_dropout=0.0, bias="none",
-                  fan_in_fan_out=False, use_rslora=False, use_dora=False,
-                  init_lora_weights=True, inference_mode=True, base_model_name_or_path=None)
-    return _save_pair(Path(directory), config, tensors, checksum=False)
+        factors[name] = folded_factors(layer)
+    whole = {f"{name}.{k}": v for name, module in modules_to_save(model).items()
+             for k, v in module.named_parameters(recurse=False)}
+    return write_peft_lora(directory, factors, whole)
+
+
+def folded_factors(layer: SOSLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B * scales) in float32 (float64 for float64 factors): the layer's update is B A."""
+    with torch.no_grad():
+        acc = torch.promote_types(layer.lora_A.dtype, torch.float32)
+        return layer.lora_A.to(acc), layer.lora_B.to(acc) * layer._rank_scale().to(acc)
+
+
+def sos_layers_from_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, SOSLinear]]:
+    """(config, {name: SOSLinear}) of a saved adapter, each layer on a weightless (meta) base:
+    enough for scales, factors and parameter counts without the base model."""
+    config = read_adapter_config(directory)
+    _, tensors = _read_pair(Path(directory), check_sha=False)
+    layers = {}
+    for name, entry in config["modules"].items():
+        layer = SOSLinear(nn.Linear(entry["in_features"], entry["out_features"], device="meta"),
+                          dtype=getattr(torch, entry["dtype"]), **entry["config"])
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        layer.load_state_dict(state, strict=False, assign=True)
+        layers[name] = layer
+    return config, layers
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -288,26 +324,21 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int = 4,
-                **layer_kwargs) -> nn.Module:
-    """Turn a PEFT LoRA adapter directory into SOS layers with unchanged outputs.
-
-    Each LoRA of rank r becomes `num_experts` experts of rank r / num_experts (r must divide);
-    B absorbs PEFT's scaling divided by the SOS scales, so B_sos * scales = B_peft * alpha / r.
-    `layer_kwargs` are SOSLinear's (alpha, gamma_max, scale_mode, ...; rank comes from the file).
-    """
+def read_peft_lora(directory: str | os.PathLike
+                   ) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                              dict[str, torch.Tensor]]:
+    """(config, {module: (A, B, scaling)}, {"module.param": tensor saved whole}) of a PEFT LoRA
+    directory; delta = scaling * B A, scaling from lora_alpha / alpha_pattern / rsLoRA."""
     config, tensors = _read_pair(Path(directory), check_sha=False)
 
     def fail(message):
-        raise AdapterError(f"import_peft({str(directory)!r}): {message}")
+        raise AdapterError(f"{str(directory)!r}: {message}")
 
     if config.get("peft_type") != "LORA":
         fail(f"not a PEFT LoRA adapter (peft_type={config.get('peft_type')!r})")
-    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+    for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
             fail(f"{flag}=True adapters are not supported")
-    if "rank" in layer_kwargs or "rank_mode" in layer_kwargs:
-        fail("rank and rank_mode come from the adapter; do not pass them")
     names, whole = [], {}
     for key in tensors:
         if not key.startswith(PEFT_PREFIX):
@@ -316,52 +347,73 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int
         if path.endswith(".lora_A.weight"):
             names.append(path[: -len(".lora_A.weight")])
         elif not path.endswith(".lora_B.weight"):
-            module, _, param = path.rpartition(".")
             if "lora_" in path:
                 fail(f"unsupported LoRA tensor {key!r}")
-            whole[path] = (module, param)
+            whole[path] = tensors[key]
     if not names:
         fail("the adapter holds no lora_A/lora_B tensors")
-
-    plans = []
+    factors = {}
     for name in sorted(names):
         A = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"]
         B = tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
+        if B is None or A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            fail(f"layer {name!r}: lora_A {tuple(A.shape)} and lora_B "
+                 f"{None if B is None else tuple(B.shape)} are not a LoRA pair")
+        r = A.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+        factors[name] = (A, B, alpha / (math.sqrt(r) if config.get("use_rslora") else r))
+    return config, factors, whole
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int = 4,
+                **layer_kwargs) -> nn.Module:
+    """Turn a PEFT LoRA adapter directory into SOS layers with unchanged outputs.
+
+    Each LoRA of rank r becomes `num_experts` experts of rank r / num_experts (r must divide);
+    B absorbs PEFT's scaling divided by the SOS scales, so B_sos * scales = B_peft * alpha / r.
+    `layer_kwargs` are SOSLinear's (alpha, gamma_max, scale_mode, ...; rank comes from the file).
+    """
+    def fail(message):
+        raise AdapterError(f"import_peft({str(directory)!r}): {message}")
+
+    if "rank" in layer_kwargs or "rank_mode" in layer_kwargs:
+        fail("rank and rank_mode come from the adapter; do not pass them")
+    config, factors, whole = read_peft_lora(directory)
+    if config.get("fan_in_fan_out"):
+        fail("fan_in_fan_out=True adapters (GPT-2 Conv1D layers) are not supported")
+    for name, (A, B, _) in factors.items():
         base = _module(model, name)
         if base is None or not isinstance(base, nn.Linear) or isinstance(base, SOSLinear):
             fail(f"layer {name!r}: the model has no plain nn.Linear of that name")
-        r = A.shape[0]
-        if B is None or A.dim() != 2 or B.shape != (base.out_features, r) \
-                or A.shape[1] != base.in_features:
+        if B.shape != (base.out_features, A.shape[0]) or A.shape[1] != base.in_features:
             fail(f"layer {name!r}: LoRA factors of shapes {tuple(A.shape)} and "
-                 f"{None if B is None else tuple(B.shape)} do not fit the model's "
+                 f"{tuple(B.shape)} do not fit the model's "
                  f"({base.in_features} -> {base.out_features}) layer")
-        if r % num_experts:
-            fail(f"layer {name!r}: LoRA rank {r} is not divisible by num_experts={num_experts}")
-        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
-        scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        plans.append((name, base, A, B, scaling))
-    for path, (module_name, param) in whole.items():
+        if A.shape[0] % num_experts:
+            fail(f"layer {name!r}: LoRA rank {A.shape[0]} is not divisible by "
+                 f"num_experts={num_experts}")
+    for path, t in whole.items():
+        module_name, _, param = path.rpartition(".")
         module = _module(model, module_name)
         own = dict(module.named_parameters(recurse=False)) if module is not None else {}
-        if param not in own or own[param].shape != tensors[PEFT_PREFIX + path].shape:
+        if param not in own or own[param].shape != t.shape:
             fail(f"module to save {module_name!r}: parameter {param!r} does not fit the model")
     SOSConfig(num_experts=num_experts, rank=num_experts, **{k: v for k, v in layer_kwargs.items()
                                                            if k != "dtype"})  # validate kwargs
 
-    for name, base, A, B, scaling in plans:
-        layer = SOSLinear(base, num_experts=num_experts, rank=A.shape[0], rank_mode="total",
-                          **layer_kwargs)
+    for name, (A, B, scaling) in factors.items():
+        layer = SOSLinear(model.get_submodule(name), num_experts=num_experts, rank=A.shape[0],
+                          rank_mode="total", **layer_kwargs)
         with torch.no_grad():
-            acc = torch.float64
             layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B.to(acc) * scaling / layer._rank_scale().to(acc))
+            layer.lora_B.copy_(B.double() * scaling / layer._rank_scale().double())
         replace_module(model, name, layer)
     kept = []
     with torch.no_grad():
-        for path, (module_name, param) in whole.items():
+        for path, t in whole.items():
+            module_name, _, param = path.rpartition(".")
             module = model.get_submodule(module_name)
-            getattr(module, param).copy_(tensors[PEFT_PREFIX + path])
+            getattr(module, param).copy_(t)
             kept.append(module)
     freeze_all_but_adapters(model, keep_trainable=kept)
     return model
