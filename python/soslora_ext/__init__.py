@@ -6,7 +6,7 @@
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import ops, reference
+from . import compose, ops, reference
 from ._C import built_with_cuda
 from .config import SOSConfig
 from .layer import SOSLinear
@@ -33,5 +33,5 @@ __all__ = [
     "SOSConfig", "SOSLinear", "apply_sos_lora", "merge_and_unload", "modules_to_save",
     "ortho_penalty", "sos_layers", "trainable_parameters", "OrthoSchedule", "GateSchedule",
     "SOSLoRACallback", "save_adapter", "load_adapter", "export_peft", "import_peft",
-    "AdapterError", "ops", "reference", "built_with_cuda", "__version__",
+    "AdapterError", "compose", "ops", "reference", "built_with_cuda", "__version__",
 ]

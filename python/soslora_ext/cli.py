@@ -6,6 +6,7 @@
     merge        write a merged model directory (loadable with from_pretrained)
     export-peft  write an adapter in PEFT's LoRA format
     info         layers, ranks, scales and parameter counts of an adapter
+    compose      report / merge / concat / eval: naive summation of adapters
 
 Errors are reported in one line (set SOSLORA_DEBUG=1 for the traceback).
 """
@@ -209,6 +210,64 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---- compose ---------------------------------------------------------------------------------
+def _adapters(paths):
+    from . import compose
+
+    return [compose.load(p) for p in paths]
+
+
+def cmd_compose_report(args) -> int:
+    from . import compose
+
+    rep = compose.report(_adapters(args.adapters))
+    print(compose.format_report(rep))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+    if args.plot:
+        compose.plot_report(rep, args.plot)
+    return 0
+
+
+def cmd_compose_merge(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import compose
+
+    adapters = _adapters(args.adapters)
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(_model_dir(args.into))
+    compose.sum_into(model, adapters, args.weights)
+    model.save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(args.into).save_pretrained(args.out)
+    print(f"base + sum of {len(adapters)} adapters written to {args.out}")
+    return 0
+
+
+def cmd_compose_concat(args) -> int:
+    from . import compose
+
+    total = compose.concat(_adapters(args.adapters), args.weights)
+    total.save_peft(args.out)
+    print(f"exact sum (one PEFT LoRA, ranks {sorted({total.rank(n) for n in total})}) written "
+          f"to {args.out}")
+    return 0
+
+
+def cmd_compose_eval(args) -> int:
+    from . import compose
+
+    _model_dir(args.model)
+    _quiet_transformers()
+    result = compose.evaluate(args.model, _adapters(args.adapters), compose.read_texts(args.text),
+                              max_length=args.max_length, max_chunks=args.max_chunks)
+    for name, ppl in result["perplexity"].items():
+        print(f"{name:<40} perplexity {ppl:10.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import main_job
@@ -261,6 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="layers, ranks, scales and trainable parameters")
     p.add_argument("adapter", help="an adapter directory")
+
+    compose = sub.add_parser("compose", help="sum adapters and measure their interference",
+                             description="Naive summation of LoRA adapters (PEFT directories "
+                             "or our own) and their interference, computed on the factors.")
+    csub = compose.add_subparsers(dest="compose_command", required=True, metavar="ACTION")
+    p = csub.add_parser("report", help="pairwise cosines, RMS cosine, norms, effective ranks")
+    p.add_argument("adapters", nargs="+", help="adapter directories")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--plot", help="write a PNG heatmap of the pairwise RMS cosine here")
+    p = csub.add_parser("merge", help="write MODEL_DIR + sum of the adapters as a model")
+    p.add_argument("adapters", nargs="+", help="adapter directories")
+    p.add_argument("--into", required=True, help="the base causal-LM model directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter")
+    p = csub.add_parser("concat", help="write the exact sum as one PEFT LoRA adapter")
+    p.add_argument("adapters", nargs="+", help="adapter directories")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter")
+    p = csub.add_parser("eval", help="perplexity of the base, each adapter and each sum")
+    p.add_argument("adapters", nargs="+", help="adapter directories")
+    p.add_argument("--model", required=True, help="the base causal-LM model directory")
+    p.add_argument("--text", required=True, help="a text file or a folder of .txt files")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per chunk")
+    p.add_argument("--max-chunks", type=int, default=None, help="evaluate at most this many")
+    p.add_argument("--json", help="write the perplexities as JSON here")
     return parser
 
 
@@ -270,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"demo": lambda a: demo.main(["--steps", str(a.steps), "--seed", str(a.seed)]),
                 "main-job": main_job.main, "train": cmd_train, "merge": cmd_merge,
-                "export-peft": cmd_export_peft, "info": cmd_info}
+                "export-peft": cmd_export_peft, "info": cmd_info,
+                "compose": lambda a: {"report": cmd_compose_report, "merge": cmd_compose_merge,
+                                      "concat": cmd_compose_concat,
+                                      "eval": cmd_compose_eval}[a.compose_command](a)}
     for name in ("steps", "batch_size", "rank", "experts", "max_length"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
             print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)

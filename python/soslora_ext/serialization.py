@@ -298,7 +298,8 @@ def folded_factors(layer: SOSLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B * scales) in float32 (float64 for float64 factors): the layer's update is B A."""
     with torch.no_grad():
         acc = torch.promote_types(layer.lora_A.dtype, torch.float32)
-        return layer.lora_A.to(acc), layer.lora_B.to(acc) * layer._rank_scale().to(acc)
+        return (layer.lora_A.detach().to(acc),
+                layer.lora_B.detach().to(acc) * layer._rank_scale().detach().to(acc))
 
 
 def sos_layers_from_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, SOSLinear]]:

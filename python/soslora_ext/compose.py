@@ -1,0 +1,389 @@
+"""Adapter composition by naive summation, and the interference between adapters.
+
+An ``Adapter`` maps module names to sums of low-rank terms, delta_W = sum_t scale_t B_t A_t
+(a PEFT LoRA is one term per module; an SOS adapter is one term with its scales folded into B).
+Everything here works on the factors and never builds an [out, in] matrix:
+
+    <B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T))        inner products, norms, cosines
+    sum_i delta_W_i  = [B_1 | B_2 | ...] [A_1; A_2; ...]   an exact sum is a concatenation
+
+Interference between two adapters is the cosine similarity of their deltas, per layer, and
+its root mean square over the layers both adapt.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .serialization import (CONFIG_NAME, FORMAT, AdapterError, folded_factors, read_peft_lora,
+                            sos_layers_from_directory, write_peft_lora)
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LowRankTerm:
+    """scale * B @ A, with A [r, in] and B [out, r]."""
+
+    A: Tensor
+    B: Tensor
+    scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B.shape[0], self.A.shape[1]
+
+
+@dataclass
+class Adapter(Mapping):
+    """Module name -> list of LowRankTerm. `fan_in_fan_out` marks adapters of layers whose
+    weight is stored [in, out] (GPT-2's Conv1D); `whole` holds modules saved whole."""
+
+    layers: dict[str, list[LowRankTerm]]
+    name: str = ""
+    fan_in_fan_out: bool = False
+    whole: dict[str, Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> list[LowRankTerm]:
+        return self.layers[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def shape(self, layer: str) -> tuple[int, int]:
+        """(out, in) of the layer's delta."""
+        return self.layers[layer][0].shape
+
+    def rank(self, layer: str) -> int:
+        return sum(t.A.shape[0] for t in self.layers[layer])
+
+    def factors(self, layer: str, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        """(A_cat, B_cat) with delta = B_cat A_cat: the terms concatenated, scales in B."""
+        terms = self.layers[layer]
+        A = torch.cat([t.A.to(dtype) for t in terms], dim=0)
+        B = torch.cat([t.B.to(dtype) * t.scale for t in terms], dim=1)
+        return A, B
+
+    def delta(self, layer: str, dtype=torch.float64) -> Tensor:
+        """The dense [out, in] delta (for inspection and tests; the rest never builds it)."""
+        A, B = self.factors(layer, dtype)
+        return B @ A
+
+    def save_peft(self, directory: str | os.PathLike) -> Path:
+        """Write as one PEFT LoRA (rank = sum of the terms' ranks per layer)."""
+        return write_peft_lora(directory, {n: self.factors(n) for n in self.layers}, self.whole,
+                               fan_in_fan_out=self.fan_in_fan_out)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
+    """An adapter directory: PEFT LoRA (lora_alpha, rank_pattern/alpha_pattern, rsLoRA) or
+    soslora_ext's own format."""
+    directory = Path(directory)
+    name = name or directory.name
+    config_path = directory / CONFIG_NAME
+    try:
+        fmt = json.loads(config_path.read_text()).get("format")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        fmt = None  # read_peft_lora reports the problem precisely
+    if fmt == FORMAT:
+        config, layers = sos_layers_from_directory(directory)
+        terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
+        return Adapter(terms, name=name)
+    config, factors, whole = read_peft_lora(directory)
+    terms = {n: [LowRankTerm(A, B, scaling)] for n, (A, B, scaling) in factors.items()}
+    return Adapter(terms, name=name, fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+                   whole=whole)
+
+
+def from_model(model: nn.Module, name: str = "model") -> Adapter:
+    """The SOS adapters of a model, as an Adapter."""
+    from .model import sos_layers
+
+    terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in sos_layers(model)}
+    if not terms:
+        raise AdapterError("from_model: the model has no SOSLinear layers")
+    return Adapter(terms, name=name)
+
+
+# ---- interference ----------------------------------------------------------------------------
+def _inner(a: Sequence[LowRankTerm], b: Sequence[LowRankTerm]) -> float:
+    """<sum_i s_i B_i A_i, sum_j s_j B_j A_j>_F from r x r products only (float64)."""
+    total = 0.0
+    for s, t in itertools.product(a, b):
+        BtB = s.B.double().T @ t.B.double()      # [r_s, r_t]
+        AAt = s.A.double() @ t.A.double().T      # [r_s, r_t]
+        total += s.scale * t.scale * float((BtB * AAt).sum())
+    return total
+
+
+def _check_same_shape(a: Adapter, b: Adapter, layer: str) -> None:
+    if a.shape(layer) != b.shape(layer) or a.fan_in_fan_out != b.fan_in_fan_out:
+        raise AdapterError(f"layer {layer!r}: adapter {a.name!r} is for a {a.shape(layer)} "
+                           f"weight and {b.name!r} for a {b.shape(layer)} weight: not the same "
+                           "base model")
+
+
+def cosine(a: Adapter, b: Adapter) -> dict[str, float]:
+    """Per layer both adapt: <dW_a, dW_b>_F / (|dW_a|_F |dW_b|_F) (0 where a delta is zero)."""
+    result = {}
+    for layer in sorted(a.keys() & b.keys()):
+        _check_same_shape(a, b, layer)
+        norm = math.sqrt(max(_inner(a[layer], a[layer]), 0.0) * max(_inner(b[layer], b[layer]), 0.0))
+        result[layer] = _inner(a[layer], b[layer]) / norm if norm > 0 else 0.0
+    return result
+
+
+def rms_cosine(a: Adapter, b: Adapter) -> float:
+    """Root mean square of the per-layer cosines over the layers both adapters touch."""
+    values = list(cosine(a, b).values())
+    if not values:
+        raise AdapterError(f"adapters {a.name!r} and {b.name!r} adapt no layer in common")
+    return math.sqrt(sum(v * v for v in values) / len(values))
+
+
+def singular_values(adapter: Adapter, layer: str) -> Tensor:
+    """Singular values of the layer's delta from QR of its factors: B = Q1 R1, A^T = Q2 R2,
+    delta = Q1 (R1 R2^T) Q2^T, so they are those of the small matrix R1 R2^T."""
+    A, B = adapter.factors(layer, torch.float64)
+    _, R1 = torch.linalg.qr(B)
+    _, R2 = torch.linalg.qr(A.T)
+    return torch.linalg.svdvals(R1 @ R2.T)
+
+
+def effective_rank(sv: Tensor) -> float:
+    """exp(entropy of sigma / sum sigma) (Roy & Vetterli, 2007); 0 for a zero delta."""
+    total = float(sv.sum())
+    if total <= 0:
+        return 0.0
+    p = sv[sv > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def report(adapters: Sequence[Adapter]) -> dict:
+    """Pairwise per-layer cosines and RMS cosine, each adapter's per-layer delta norm and
+    effective rank: what `compose report --json` writes."""
+    if len(adapters) < 1:
+        raise AdapterError("report: give at least one adapter")
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise AdapterError(f"report: adapter names must be distinct, got {names}")
+    per_adapter = {}
+    for a in adapters:
+        layers = {}
+        for layer in sorted(a):
+            sv = singular_values(a, layer)
+            layers[layer] = dict(norm=float(sv.norm()), effective_rank=effective_rank(sv),
+                                 rank=a.rank(layer))
+        per_adapter[a.name] = layers
+    pairs, matrix = [], [[1.0 if i == j else None for j in names] for i in names]
+    for (i, a), (j, b) in itertools.combinations(enumerate(adapters), 2):
+        cos = cosine(a, b)
+        rms = math.sqrt(sum(v * v for v in cos.values()) / len(cos)) if cos else None
+        pairs.append(dict(a=a.name, b=b.name, rms_cosine=rms, layers_in_common=len(cos),
+                          cosine=cos))
+        matrix[i][j] = matrix[j][i] = rms
+    return dict(adapters=names, rms_cosine_matrix=matrix, pairs=pairs, layers=per_adapter)
+
+
+def format_report(rep: dict) -> str:
+    """The report as a readable table."""
+    lines = ["pairwise RMS cosine of the deltas (layers both adapt):"]
+    width = max(len(n) for n in rep["adapters"]) + 2
+    lines.append(" " * width + "".join(f"{n:>{width}}" for n in rep["adapters"]))
+    for name, row in zip(rep["adapters"], rep["rms_cosine_matrix"]):
+        cells = "".join(f"{'-' if v is None else f'{v:.4f}':>{width}}" for v in row)
+        lines.append(f"{name:<{width}}{cells}")
+    lines.append("")
+    lines.append(f"{'adapter':<{width}} {'layers':>6} {'mean |dW|':>10} {'mean eff. rank':>15}")
+    for name, layers in rep["layers"].items():
+        n = len(layers)
+        mean_norm = sum(v["norm"] for v in layers.values()) / max(n, 1)
+        mean_rank = sum(v["effective_rank"] for v in layers.values()) / max(n, 1)
+        lines.append(f"{name:<{width}} {n:>6} {mean_norm:>10.4g} {mean_rank:>15.2f}")
+    return "\n".join(lines)
+
+
+def plot_report(rep: dict, path: str | os.PathLike) -> Path:
+    """A PNG heatmap of the pairwise RMS cosine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = rep["adapters"]
+    values = [[float("nan") if v is None else v for v in row] for row in rep["rms_cosine_matrix"]]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.0 * len(names) + 2))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center",
+                        color="white" if v < 0.5 else "black")
+    fig.colorbar(image, ax=ax, label="RMS cosine of deltas")
+    ax.set_title("Interference between adapters")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- sums ------------------------------------------------------------------------------------
+def _weights(adapters: Sequence[Adapter], weights) -> list[float]:
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
+        raise AdapterError(f"weights must be {len(adapters)} finite numbers, got {weights}")
+    return weights
+
+
+def _check_compatible(adapters: Sequence[Adapter]) -> None:
+    for a, b in itertools.combinations(adapters, 2):
+        for layer in a.keys() & b.keys():
+            _check_same_shape(a, b, layer)
+
+
+def concat(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> Adapter:
+    """The exact (weighted) sum as one adapter: per layer the terms of all adapters, rank
+    sum r_i. Modules saved whole are taken from the last adapter that has them."""
+    if not adapters:
+        raise AdapterError("concat: give at least one adapter")
+    weights = _weights(adapters, weights)
+    _check_compatible(adapters)
+    layers: dict[str, list[LowRankTerm]] = {}
+    whole: dict[str, Tensor] = {}
+    for adapter, w in zip(adapters, weights):
+        for layer, terms in adapter.items():
+            layers.setdefault(layer, []).extend(
+                LowRankTerm(t.A, t.B, t.scale * w) for t in terms)
+        whole.update(adapter.whole)
+    return Adapter(layers, name="+".join(a.name for a in adapters),
+                   fan_in_fan_out=adapters[0].fan_in_fan_out, whole=whole)
+
+
+def sum_into(model: nn.Module, adapters: Sequence[Adapter],
+             weights: Sequence[float] | None = None) -> nn.Module:
+    """W += sum_i w_i delta_W_i in place, for every adapted module of `model`, through the merge
+    op (float32 accumulation, one rounding per term, no [out, in] temporary). Everything is
+    checked before the first weight changes."""
+    weights = _weights(adapters, weights)
+    _check_compatible(adapters)
+    plans = []
+    for adapter, w in zip(adapters, weights):
+        for layer, terms in adapter.items():
+            try:
+                module = model.get_submodule(layer)
+            except AttributeError:
+                raise AdapterError(f"layer {layer!r} of adapter {adapter.name!r}: no such module "
+                                   f"in {type(model).__name__}") from None
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, Tensor) or weight.dim() != 2:
+                raise AdapterError(f"layer {layer!r}: {type(module).__name__} has no 2-D weight")
+            target = weight.T if adapter.fan_in_fan_out else weight  # Conv1D stores [in, out]
+            if tuple(target.shape) != adapter.shape(layer):
+                raise AdapterError(f"layer {layer!r}: adapter {adapter.name!r} is for a "
+                                   f"{adapter.shape(layer)} weight, the model's is "
+                                   f"{tuple(target.shape)}")
+            plans.append((target, terms, w))
+    for adapter in adapters:
+        for path, tensor in adapter.whole.items():
+            module_name, _, param = path.rpartition(".")
+            try:
+                current = getattr(model.get_submodule(module_name), param)
+            except AttributeError:
+                current = None
+            if not isinstance(current, Tensor) or current.shape != tensor.shape:
+                raise AdapterError(f"module {module_name!r} saved whole by {adapter.name!r} "
+                                   "does not fit the model")
+    with torch.no_grad():
+        for target, terms, w in plans:
+            for t in terms:
+                A, B = t.A.to(target.device), t.B.to(target.device)
+                scale = torch.full((A.shape[0],), t.scale * w, device=target.device,
+                                   dtype=torch.float32)
+                ops.merge_into_(target, A, B, scale, 1.0)
+    for adapter in adapters:
+        for path, tensor in adapter.whole.items():
+            module_name, _, param = path.rpartition(".")
+            with torch.no_grad():
+                getattr(model.get_submodule(module_name), param).copy_(tensor)
+    return model
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+def read_texts(path: str | os.PathLike) -> str:
+    """A text file, or every .txt file below a folder (sorted), joined by blank lines."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"{path}: no such file or directory")
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    text = "\n\n".join(f.read_text(errors="replace") for f in files)
+    if not text.strip():
+        raise AdapterError(f"{path}: no text found")
+    return text
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, text: str, max_length: int = 128,
+               batch_size: int = 8, max_chunks: int | None = None, desc: str = "eval",
+               progress: bool = True) -> float:
+    """exp(mean next-token negative log-likelihood) over consecutive `max_length` chunks."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // max_length
+    if n < 1:
+        raise AdapterError(f"{desc}: fewer than max_length={max_length} tokens of text")
+    chunks = ids[: n * max_length].view(n, max_length)[:max_chunks]
+    model.eval()
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(chunks), batch_size), desc=desc, disable=not progress,
+                  file=sys.stderr, leave=False):
+        batch = chunks[i:i + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                batch[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def evaluate(model_dir: str | os.PathLike, adapters: Sequence[Adapter], text: str,
+             max_length: int = 128, max_chunks: int | None = None, progress: bool = True
+             ) -> dict:
+    """Perplexity of the causal LM at `model_dir` on `text`: the base, each adapter summed into
+    it alone, every pair summed, and all of them summed (when more than two)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    variants = [("base", [])] + [(a.name, [a]) for a in adapters]
+    variants += [("+".join(x.name for x in pair), list(pair))
+                 for pair in itertools.combinations(adapters, 2)]
+    if len(adapters) > 2:
+        variants.append(("+".join(a.name for a in adapters), list(adapters)))
+    results = {}
+    for name, members in variants:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        sum_into(model, members)
+        results[name] = perplexity(model, tokenizer, text, max_length, max_chunks=max_chunks,
+                                   desc=name, progress=progress)
+    return dict(model=str(model_dir), max_length=max_length, perplexity=results)
