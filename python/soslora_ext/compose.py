@@ -256,7 +256,7 @@ def _weights(adapters: Sequence[Adapter], weights) -> list[float]:
 
 def _check_compatible(adapters: Sequence[Adapter]) -> None:
     for a, b in itertools.combinations(adapters, 2):
-        for layer in a.keys() & b.keys():
+        for layer in sorted(a.keys() & b.keys()):
             _check_same_shape(a, b, layer)
 
 
