@@ -14,3 +14,19 @@ def test_example_runs(tmp_path, script):
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_naive_summation_experiment_small(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "naive_summation" / "run.py"), "--out",
+         str(tmp_path), "--train-chars", "20000", "--test-chars", "4000", "--pretrain-steps", "4",
+         "--lora-steps", "3"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["domains"] for r in rows] == ["python+c_header", "python+english",
+                                            "c_header+english", "python+c_header+english"]
+    assert all(0 <= r["rms_cosine"] <= 1 and r["ppl_naive_sum"] for r in rows)
+    assert (tmp_path / "scatter.png").stat().st_size > 1000
+    assert "Pearson correlation" in (tmp_path / "RESULTS.md").read_text()

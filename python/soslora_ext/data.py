@@ -29,7 +29,8 @@ def _sources() -> dict[str, list[Path]]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     doc = Path("/usr/share/doc")
     return {
-        "python": sorted(stdlib.rglob("*.py")),
+        # The standard library only: what pip installed varies from machine to machine.
+        "python": sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts),
         "c_header": sorted(Path("/usr/include").rglob("*.h")),
         "license": sorted(p for p in Path("/usr/share/common-licenses").glob("*") if p.is_file())
         + sorted(doc.glob("*/copyright")),
@@ -86,3 +87,36 @@ def build_filekinds(train_per_class: int = 256, test_per_class: int = 64, seed: 
         test += got[True]
     random.Random(seed).shuffle(train)
     return train, test
+
+
+def domain_text(kind: str, train_chars: int, test_chars: int, seed: int = 0) -> tuple[str, str]:
+    """(train, held-out) text of one filekinds domain: whole files (first 64 KiB of each,
+    exact duplicates skipped), shuffled with `seed`, split by file as build_filekinds does,
+    each side cut at its character budget."""
+    sources = _sources()
+    if kind not in sources:
+        raise ValueError(f"kind must be one of {list(sources)}, got {kind!r}")
+    files = list(sources[kind])
+    random.Random(f"{seed}:{kind}").shuffle(files)
+    budget = {False: train_chars, True: test_chars}
+    parts: dict[bool, list[str]] = {False: [], True: []}
+    size = {False: 0, True: 0}
+    seen = set()
+    for path in files:
+        split = _in_test_split(path, test_chars / (train_chars + test_chars))
+        if size[split] >= budget[split]:
+            if all(size[s] >= budget[s] for s in size):
+                break
+            continue
+        text = _read(path).strip()
+        digest = hashlib.sha256(text.encode()).digest()
+        if not text or digest in seen:
+            continue
+        seen.add(digest)
+        parts[split].append(text)
+        size[split] += len(text) + 2
+    for split in (False, True):
+        if size[split] < budget[split]:
+            raise RuntimeError(f"domain_text: only {size[split]} characters of {kind} text for "
+                               f"the {'test' if split else 'train'} split")
+    return ("\n\n".join(parts[False])[:train_chars], "\n\n".join(parts[True])[:test_chars])
