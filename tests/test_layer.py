@@ -1,5 +1,4 @@
 """SOSLinear against the reference oracle: values, gradients, init, scales, penalty, merge."""
-import itertools
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ import json
 import peft
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
@@ -31,7 +30,7 @@ def bert(seed=0):
 def randomize(model):
     """Give every trainable tensor (and the gate temperature) values far from init."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
         for _, layer in sl.sos_layers(model):
