@@ -145,6 +145,10 @@ Q0 = "model.layers.0.self_attn.q_proj"
      f"layer '{Q0}': tensor 'lora_A'"),
     (lambda d: _edit_config(d, lambda c: c["modules"][Q0]["config"].update(rank_mode="bad")),
      f"layer '{Q0}': bad entry"),
+    (lambda d: _edit_config(d, lambda c: c["modules"][Q0].update(dtype="Tensor")),
+     f"layer '{Q0}': bad entry"),
+    (lambda d: _edit_config(d, lambda c: c["modules"][Q0].update(in_features="32")),
+     f"layer '{Q0}': adapter is for"),
     (lambda d: _edit_config(d, lambda c: c["modules"].update(
         {"model.layers.9.mlp": c["modules"][Q0]})), "layer 'model.layers.9.mlp': no such module"),
     (lambda d: _rewrite_weights(d, lambda t: t.pop(f"{Q0}.lora_B")),

@@ -196,14 +196,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer_config = SOSConfig(**entry["config"])
             dtype = getattr(torch, entry["dtype"])
             shape = (entry["in_features"], entry["out_features"])
+            if shape != (base.in_features, base.out_features):
+                _fail(directory, f"layer {name!r}: adapter is for in/out features {shape}, the "
+                                 f"model's layer is ({base.in_features}, {base.out_features})")
+            # The tensors a fresh layer of this configuration holds, built on the meta device.
+            probe = SOSLinear(nn.Linear(*shape, device="meta", dtype=dtype), dtype=dtype,
+                              **layer_config.to_dict())
+        except AdapterError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             _fail(directory, f"layer {name!r}: bad entry in {CONFIG_NAME} ({e})")
-        if shape != (base.in_features, base.out_features):
-            _fail(directory, f"layer {name!r}: adapter is for in/out features {shape}, the "
-                             f"model's layer is ({base.in_features}, {base.out_features})")
-        # The tensors a fresh layer of this configuration holds, built on the meta device.
-        probe = SOSLinear(nn.Linear(*shape, device="meta", dtype=dtype), dtype=dtype,
-                          **layer_config.to_dict())
         state = {}
         for key, like in _layer_state(probe).items():
             full = f"{name}.{key}"
