@@ -1,4 +1,5 @@
 """DistributedDataParallel (gloo, 2 CPU processes) around a model with SOS adapters."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -68,3 +69,61 @@ def test_ddp_equals_single_process_on_the_global_batch(tmp_path):
     for name in single:
         # Same math, different summation order (all-reduce): float32 rounding only.
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _fsdp_worker(rank, init_file, out_dir):
+    from pathlib import Path
+
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        model = build()
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        params = train(model, batches(), rank, WORLD)  # DTensor shards
+        layer = dict(sl.sos_layers(model))["model.layers.0.self_attn.q_proj"]
+        lam = layer.ortho_lambda.item()
+        penalty = sl.ortho_penalty(model)  # gathers the sharded lora_A on every rank
+        penalty.backward()  # and is differentiable through the gather
+        out = Path(out_dir)
+        sl.save_adapter(model, out / f"sharded-rank{rank}")
+        sl.export_peft(model, out / f"peft-rank{rank}")
+        gathered = {n: p.full_tensor() for n, p in params.items()}
+        if rank == 0:
+            torch.save(dict(params=gathered, penalty=penalty.item(), lam=lam), out / "fsdp.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_trains_schedules_and_saves_like_unsharded(tmp_path):
+    from safetensors.torch import load_file
+
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    result = torch.load(tmp_path / "fsdp.pt")
+    single_model = build()
+    single = train(single_model, batches())
+    for name in single:
+        torch.testing.assert_close(result["params"][name], single[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    assert result["lam"] == pytest.approx(0.05)
+    assert result["penalty"] == pytest.approx(sl.ortho_penalty(single_model).item(), rel=1e-4)
+    # Rank 0 wrote, rank 1 wrote nothing; the files equal an unsharded save of the same values.
+    assert not (tmp_path / "sharded-rank1").exists() and not (tmp_path / "peft-rank1").exists()
+    unsharded = build()
+    with torch.no_grad():
+        for name, p in unsharded.named_parameters():
+            if name in result["params"]:
+                p.copy_(result["params"][name])
+        for (_, a), (_, b) in zip(sl.sos_layers(unsharded), sl.sos_layers(single_model)):
+            a.ortho_lambda.copy_(b.ortho_lambda)
+    sl.save_adapter(unsharded, tmp_path / "unsharded")
+    sl.export_peft(unsharded, tmp_path / "unsharded-peft")
+    for sharded_dir, plain_dir in (("sharded-rank0", "unsharded"), ("peft-rank0", "unsharded-peft")):
+        got = load_file(str(tmp_path / sharded_dir / "adapter_model.safetensors"))
+        want = load_file(str(tmp_path / plain_dir / "adapter_model.safetensors"))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got), sharded_dir

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from . import ops, reference
 from .config import SOSConfig
+from .distributed import full
 
 Tensor = torch.Tensor
 
@@ -232,8 +233,9 @@ class SOSLinear(nn.Module):
 
     # ---- penalty, delta, merge ---------------------------------------------------------------
     def ortho_penalty(self) -> Tensor:
-        """Cross-expert orthogonality penalty of lora_A (0-d, float32); differentiable."""
-        return ops.ortho_penalty(self.lora_A, self.num_experts)
+        """Cross-expert orthogonality penalty of lora_A (0-d, float32); differentiable.
+        Under FSDP2 every rank must call it (the sharded lora_A is gathered)."""
+        return ops.ortho_penalty(full(self.lora_A), self.num_experts)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:

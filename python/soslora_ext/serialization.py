@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .config import SOSConfig
+from .distributed import full, is_writer
 from .layer import SOSLinear
 from .model import freeze_all_but_adapters, modules_to_save, replace_module, sos_layers
 
@@ -117,14 +118,28 @@ def _read_pair(directory: Path, check_sha: bool) -> tuple[dict, dict[str, torch.
 
 # ---- our format ------------------------------------------------------------------------------
 def _layer_state(layer: SOSLinear) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+    """The adapter's tensors (whole, also when the model is sharded)."""
+    return {k: full(v) for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+
+
+def _unsharded(layer: SOSLinear) -> SOSLinear:
+    """`layer` itself, or for a sharded one a copy on a weightless base with gathered tensors."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(t, DTensor) for t in layer.state_dict().values()):
+        return layer
+    copy = SOSLinear(nn.Linear(layer.in_features, layer.out_features, device="meta"),
+                     dtype=layer.lora_A.dtype, **layer.config.to_dict())
+    copy.load_state_dict(_layer_state(layer), strict=False, assign=True)
+    return copy
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike,
                  metadata: dict | None = None) -> Path:
     """Write the model's SOS adapters (and its modules_to_save) to `directory`.
 
-    `metadata` (JSON-serialisable) is stored as is, e.g. how to rebuild the base model."""
+    `metadata` (JSON-serialisable) is stored as is, e.g. how to rebuild the base model.
+    In a distributed run every rank calls it: sharded tensors are gathered and rank 0 writes."""
     from . import __version__
 
     layers = dict(sos_layers(model))
@@ -139,12 +154,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     saved = {}
     for name, module in modules_to_save(model).items():
         params = dict(module.named_parameters(recurse=False))
-        tensors.update({f"{name}.{k}": v for k, v in params.items()})
+        tensors.update({f"{name}.{k}": full(v) for k, v in params.items()})
         saved[name] = sorted(params)
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=__version__,
                   method="sos", base_model_class=type(model).__name__,
                   target_modules=sorted(layers), modules=modules, modules_to_save=saved,
                   metadata=metadata or {})
+    if not is_writer():
+        return Path(directory)
     return _save_pair(Path(directory), config, tensors, checksum=True)
 
 
@@ -282,7 +299,8 @@ def write_peft_lora(directory: str | os.PathLike, factors: dict[str, tuple[torch
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the SOS adapters as a standard PEFT LoRA (rank r_tot, scales folded into B) that
-    ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs."""
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs.
+    In a distributed run every rank calls it; rank 0 writes."""
     layers = dict(sos_layers(model))
     if not layers:
         raise AdapterError("export_peft: the model has no SOSLinear layers")
@@ -290,9 +308,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     for name, layer in layers.items():
         if layer.merged:
             raise AdapterError(f"export_peft: layer {name!r} is merged; unmerge() it first")
-        factors[name] = folded_factors(layer)
-    whole = {f"{name}.{k}": v for name, module in modules_to_save(model).items()
+        factors[name] = folded_factors(_unsharded(layer))
+    whole = {f"{name}.{k}": full(v) for name, module in modules_to_save(model).items()
              for k, v in module.named_parameters(recurse=False)}
+    if not is_writer():
+        return Path(directory)
     return write_peft_lora(directory, factors, whole)
 
 

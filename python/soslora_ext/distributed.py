@@ -1,0 +1,18 @@
+"""Helpers for adapters inside sharded models (FSDP2 / DTensor parameters)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor is gathered from every rank (a collective, differentiable);
+    anything else is returned as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def is_writer() -> bool:
+    """Whether this process writes shared files: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
