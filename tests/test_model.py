@@ -220,3 +220,41 @@ def test_training_with_schedules_reduces_loss():
         gate.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_tied_weight_refuses_merge_and_model_stays_intact():
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    sl.apply_sos_lora(model, ["lm_head", "q_proj"], num_experts=2, rank=4)
+    head = model.lm_head
+    assert head.weight_shared_with == ["model.embed_tokens"]
+    with torch.no_grad():
+        head.lora_B.normal_()
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"shared with \['model.embed_tokens'\]"):
+        head.merge()
+    with pytest.raises(RuntimeError, match="'lm_head' shares its base weight"):
+        sl.merge_and_unload(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, sl.SOSLinear)  # nothing merged
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    # The untied layer merges as usual, and the adapted model still runs unmerged.
+    model.model.layers[0].self_attn.q_proj.merge()
+    model(torch.randint(0, 96, (1, 5)))
+
+
+def test_check_finite_names_the_layer():
+    model = tiny_llama()
+    sl.apply_sos_lora(model, ["q_proj"], num_experts=2, rank=4)
+    sl.check_finite(model)
+    layer = model.model.layers[1].self_attn.q_proj
+    layer.lora_B.grad = torch.full_like(layer.lora_B, float("nan"))
+    with pytest.raises(FloatingPointError, match="'model.layers.1.self_attn.q_proj': the gradient "
+                                                 "of lora_B"):
+        sl.check_finite(model)
+    layer.lora_B.grad = None
+    with torch.no_grad():
+        layer.lora_A[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="lora_A has non-finite"):
+        sl.check_finite(model)

@@ -10,7 +10,7 @@ from . import compose, ops, reference
 from ._C import built_with_cuda
 from .config import SOSConfig
 from .layer import SOSLinear
-from .model import (apply_sos_lora, merge_and_unload, modules_to_save, ortho_penalty, sos_layers,
+from .model import (apply_sos_lora, check_finite, merge_and_unload, modules_to_save, ortho_penalty, sos_layers,
                     trainable_parameters)
 from .schedules import GateSchedule, OrthoSchedule
 from .serialization import AdapterError, export_peft, import_peft, load_adapter, save_adapter
@@ -30,7 +30,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
-    "SOSConfig", "SOSLinear", "apply_sos_lora", "merge_and_unload", "modules_to_save",
+    "SOSConfig", "SOSLinear", "apply_sos_lora", "check_finite", "merge_and_unload", "modules_to_save",
     "ortho_penalty", "sos_layers", "trainable_parameters", "OrthoSchedule", "GateSchedule",
     "SOSLoRACallback", "save_adapter", "load_adapter", "export_peft", "import_peft",
     "AdapterError", "compose", "ops", "reference", "built_with_cuda", "__version__",

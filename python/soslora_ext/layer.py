@@ -123,6 +123,8 @@ class SOSLinear(nn.Module):
             self.register_buffer("gate_temperature", torch.ones((), **scale_factory))
         # The per-rank scale used by merge(), so unmerge() subtracts exactly what was added.
         self.register_buffer("_merged_scale", None, persistent=False)
+        # Modules that share the base weight (set by apply_sos_lora); merging would change them.
+        self.weight_shared_with: list[str] = []
 
     # ---- structure ---------------------------------------------------------------------------
     @property
@@ -250,6 +252,10 @@ class SOSLinear(nn.Module):
         """Add the update into the base weight in place (float32 accumulation, one rounding)."""
         if self.merged:
             raise RuntimeError("SOSLinear.merge: the adapter is already merged; unmerge() first")
+        if self.weight_shared_with:
+            raise RuntimeError(f"SOSLinear.merge: the base weight is shared with "
+                               f"{self.weight_shared_with}; merging would change those modules "
+                               "too. Keep the adapter unmerged (or untie the weights first)")
         scale = self._rank_scale().clone()
         ops.merge_into_(self.base_layer.weight, self.lora_A, self.lora_B, scale, 1.0)
         self._merged_scale = scale

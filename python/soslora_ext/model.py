@@ -71,9 +71,14 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
     if modules_to_save and not saved:
         raise ValueError(f"apply_sos_lora: modules_to_save={modules_to_save!r} matches no module")
 
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
     replacements = [(name, SOSLinear(module, dtype=dtype, **layer_kwargs))
                     for name, module in targets]
     for name, layer in replacements:
+        # A weight tied to another module (e.g. lm_head and the embeddings) must not be merged.
+        layer.weight_shared_with = sorted(set(owners[id(layer.weight)]) - {name})
         replace_module(model, name, layer)
     freeze_all_but_adapters(model, keep_trainable=saved)
     return model
@@ -111,9 +116,28 @@ def ortho_penalty(model: nn.Module) -> torch.Tensor:
     return torch.stack([p.to(penalties[0].device) for p in penalties]).sum()
 
 
+def check_finite(model: nn.Module) -> None:
+    """Raise FloatingPointError naming the first SOS layer whose adapter parameters or their
+    gradients hold NaN or Inf (one host sync per call: call it where you can afford one)."""
+    for name, layer in sos_layers(model):
+        for pname, p in layer.named_parameters():
+            if pname.startswith("base_layer."):
+                continue
+            if not torch.isfinite(p).all():
+                raise FloatingPointError(f"layer {name!r}: {pname} has non-finite values")
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise FloatingPointError(f"layer {name!r}: the gradient of {pname} has "
+                                         "non-finite values")
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every SOS layer into its base weight and put the base nn.Linear back in its place."""
-    for name, layer in list(sos_layers(model)):
+    layers = list(sos_layers(model))
+    for name, layer in layers:  # refuse before anything is merged
+        if layer.weight_shared_with and not layer.merged:
+            raise RuntimeError(f"merge_and_unload: layer {name!r} shares its base weight with "
+                               f"{layer.weight_shared_with}; merging would change those too")
+    for name, layer in layers:
         replace_module(model, name, layer.merge_and_unload())
     return model
 
