@@ -45,7 +45,7 @@ def main(steps: int, out: Path) -> None:
     trainer.train()  # the logs carry ortho_penalty, ortho_lambda
     if trainer.is_world_process_zero():
         sl.save_adapter(trainer.model, out / "adapter")
-        print(f"adapter saved to {out / 'adapter'}")
+        print(f"trained in {args.world_size} process(es); adapter saved to {out / 'adapter'}")
 
 
 if __name__ == "__main__":
