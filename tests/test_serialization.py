@@ -170,6 +170,13 @@ def test_load_refuses_bad_adapters_and_changes_nothing(tmp_path, damage, match):
     assert_unchanged(fresh, before)
 
 
+def test_load_adapter_points_peft_directories_to_import_peft(tmp_path):
+    peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path))
+    with pytest.raises(sl.AdapterError, match="for PEFT adapters use import_peft"):
+        sl.load_adapter(llama(), tmp_path)
+
+
 def test_load_refuses_other_architecture_and_adapted_model(tmp_path):
     sl.save_adapter(adapted_llama(), tmp_path)
     with pytest.raises(sl.AdapterError, match="no such module in BertForSequenceClassification"):

@@ -106,7 +106,9 @@ def _read_pair(directory: Path, check_sha: bool) -> tuple[dict, dict[str, torch.
         raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: expected a JSON object")
-    if check_sha and config.get("weights_sha256") != _sha256(weights_path):
+    # Only our own format carries a checksum; callers check the format itself.
+    if check_sha and config.get("format") == FORMAT \
+            and config.get("weights_sha256") != _sha256(weights_path):
         raise AdapterError(f"{weights_path}: contents do not match the checksum in {CONFIG_NAME} "
                            "(the file is corrupted, edited, or from an interrupted save)")
     try:
