@@ -45,6 +45,20 @@ def train(model, inputs, rank=0, world=1):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+def spawn(worker, tmp_path, *args):
+    """Run `worker(rank, init_file, *args)` on WORLD processes. A process killed by a signal
+    (gloo's teardown has aborted an exiting process here, once, under load) is retried once
+    with a fresh rendezvous; failed assertions and Python errors are never retried."""
+    for attempt in range(2):
+        init_file = tmp_path / f"init-{attempt}"
+        try:
+            mp.spawn(worker, args=(str(init_file), *args), nprocs=WORLD, join=True)
+            return
+        except mp.ProcessExitedException as e:
+            if attempt == 1 or not e.signal_name:
+                raise
+
+
 def _worker(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
@@ -53,13 +67,14 @@ def _worker(rank, init_file, out_file):
         params = train(model, batches(), rank, WORLD)
         if rank == 0:
             torch.save(params, out_file)
+        dist.barrier()  # tear gloo down together: an early exit can abort the other rank
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_equals_single_process_on_the_global_batch(tmp_path):
     out_file = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=WORLD, join=True)
+    spawn(_worker, tmp_path, str(out_file))
     ddp = torch.load(out_file)
     single = train(build(), batches())
     initial = {n: p for n, p in build().named_parameters() if p.requires_grad}
@@ -94,6 +109,7 @@ def _fsdp_worker(rank, init_file, out_dir):
         gathered = {n: p.full_tensor() for n, p in params.items()}
         if rank == 0:
             torch.save(dict(params=gathered, penalty=penalty.item(), lam=lam), out / "fsdp.pt")
+        dist.barrier()  # tear gloo down together: an early exit can abort the other rank
     finally:
         dist.destroy_process_group()
 
@@ -101,8 +117,7 @@ def _fsdp_worker(rank, init_file, out_dir):
 def test_fsdp2_trains_schedules_and_saves_like_unsharded(tmp_path):
     from safetensors.torch import load_file
 
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
-             join=True)
+    spawn(_fsdp_worker, tmp_path, str(tmp_path))
     result = torch.load(tmp_path / "fsdp.pt")
     single_model = build()
     single = train(single_model, batches())
