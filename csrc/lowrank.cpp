@@ -9,7 +9,6 @@
 #include "soslora.h"
 
 namespace soslora {
-namespace {
 
 void check_same_float_dtype(const Tensor& a, const char* a_name, const Tensor& b,
                             const char* b_name, const char* op) {
@@ -24,6 +23,8 @@ void check_same_float_dtype(const Tensor& a, const char* a_name, const Tensor& b
 void check_matrix(const Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
 }
+
+namespace {
 
 Tensor apply_mask(const Tensor& t, const OptTensor& seed, double p) {
   return t * dropout_scale_mask(*seed, t.sizes(), p, t.scalar_type());

@@ -27,6 +27,16 @@ TORCH_LIBRARY(soslora, m) {
   // grad_A += weight * d(ortho_penalty)/dA; weight is a one-element tensor (read on device).
   m.def("ortho_penalty_grad_(Tensor(a!) grad_A, Tensor A, Tensor weight, int num_experts) -> ()");
   // weight += alpha * (B*scale) @ A, accumulated in float32, rounded once.
+  // CPS-LoRA: low-rank terms local to clusters of rows and columns (see soslora.h).
+  m.def(
+      "cluster_lowrank_forward(Tensor x, Tensor A, Tensor B, Tensor scale, Tensor row_index, "
+      "Tensor col_index, int[] row_offsets, int[] col_offsets, int[] ranks, Tensor? base_out, "
+      "Tensor? dropout_seed, float dropout_p) -> (Tensor, Tensor)");
+  m.def(
+      "cluster_lowrank_backward(Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor scale, "
+      "Tensor hidden, Tensor? grad_hidden, Tensor row_index, Tensor col_index, int[] row_offsets, int[] col_offsets, "
+      "int[] ranks, Tensor? grad_x_base, Tensor? dropout_seed, float dropout_p) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("merge_into_(Tensor(a!) weight, Tensor A, Tensor B, Tensor scale, float alpha) -> ()");
 }
 
@@ -36,6 +46,8 @@ void register_device_generic_kernels(torch::Library& m) {
   m.impl("lowrank_grad_hidden", &lowrank_grad_hidden);
   m.impl("lowrank_grad_A", &lowrank_grad_A);
   m.impl("lowrank_grad_x", &lowrank_grad_x);
+  m.impl("cluster_lowrank_forward", &cluster_lowrank_forward);
+  m.impl("cluster_lowrank_backward", &cluster_lowrank_backward);
   m.impl("dropout_mask", &dropout_mask);
   m.impl("ortho_penalty", &ortho_penalty);
   m.impl("ortho_penalty_grad_", &ortho_penalty_grad_);

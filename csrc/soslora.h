@@ -40,7 +40,30 @@ void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B, co
 void merge_into_cpu_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
                      double alpha);
 
+// ---- cluster-local low-rank terms (CPS-LoRA) ---------------------------------------------------
+// Cluster c owns the output rows row_index[row_offsets[c]:row_offsets[c+1]] and the input
+// columns col_index[col_offsets[c]:col_offsets[c+1]]; its factors are the blocks
+// A[:ranks[c], col_offsets[c]:col_offsets[c+1]] and B[row_offsets[c]:row_offsets[c+1], :ranks[c]]
+// (A's columns and B's rows are stored in partition order), its scale is scale[c].
+//   out[:, R_c] = base_out[:, R_c] + (drop(x)[:, C_c] A_c^T) (scale[c] B_c)^T
+// hidden is [N, sum(ranks)], cluster c's part at its rank offset.
+std::tuple<Tensor, Tensor> cluster_lowrank_forward(
+    const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, at::IntArrayRef ranks, const OptTensor& base_out,
+    const OptTensor& dropout_seed, double dropout_p);
+// (grad_x (+ grad_x_base), grad_A, grad_B) from one pass over grad_out (and grad_hidden).
+std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& A, const Tensor& B,
+    const Tensor& scale, const Tensor& hidden, const OptTensor& grad_hidden,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, at::IntArrayRef ranks, const OptTensor& grad_x_base,
+    const OptTensor& dropout_seed, double dropout_p);
+
 // ---- helpers ----------------------------------------------------------------------------------
+void check_matrix(const Tensor& t, const char* name, const char* op);
+void check_same_float_dtype(const Tensor& a, const char* a_name, const Tensor& b,
+                            const char* b_name, const char* op);
 // Accumulation dtype: float64 stays float64, everything else accumulates in float32.
 inline at::ScalarType accumulate_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -41,6 +41,18 @@ def _(grad_hidden, A, grad_x_base, dropout_seed, dropout_p, dropout_on_input):
     return A.new_empty(grad_hidden.shape[0], A.shape[1])
 
 
+@torch.library.register_fake("soslora::cluster_lowrank_forward")
+def _(x, A, B, scale, row_index, col_index, row_offsets, col_offsets, ranks, base_out,
+      dropout_seed, dropout_p):
+    return x.new_empty(x.shape[0], B.shape[0]), x.new_empty(x.shape[0], sum(ranks))
+
+
+@torch.library.register_fake("soslora::cluster_lowrank_backward")
+def _(grad_out, x, A, B, scale, hidden, grad_hidden, row_index, col_index, row_offsets, col_offsets, ranks,
+      grad_x_base, dropout_seed, dropout_p):
+    return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape)
+
+
 @torch.library.register_fake("soslora::dropout_mask")
 def _(dropout_seed, size, dropout_p, dtype):
     return dropout_seed.new_empty(size, dtype=dtype)
@@ -172,6 +184,37 @@ def _ortho_backward(ctx, grad_loss):
     return grad_A, None
 
 
+def _cluster_setup_context(ctx, inputs, output):
+    (x, A, B, scale, row_index, col_index, row_offsets, col_offsets, ranks, base_out,
+     dropout_seed, dropout_p) = inputs
+    ctx.save_for_backward(x, A, B, scale, output[1], row_index, col_index, dropout_seed)
+    ctx.partition = (row_offsets, col_offsets, ranks)
+    ctx.dropout_p = dropout_p
+    ctx.has_base_out = base_out is not None
+    ctx.set_materialize_grads(False)  # the hidden output has no gradient in normal use
+
+
+def _cluster_backward(ctx, grad_out, grad_hidden):
+    if grad_out is None and grad_hidden is None:
+        return (None,) * 12
+    x, A, B, scale, hidden, row_index, col_index, seed = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = x.new_zeros(x.shape[0], B.shape[0])
+    if torch.is_grad_enabled() and any(
+            g is not None and g.requires_grad for g in (grad_out, grad_hidden)):
+        raise NotImplementedError("soslora::cluster_lowrank_forward: double backward "
+                                  "(create_graph=True) is not supported")
+    grad_x, grad_A, grad_B = _ops.cluster_lowrank_backward(
+        grad_out, x, A, B, scale, hidden, grad_hidden, row_index, col_index, *ctx.partition,
+        None, seed, ctx.dropout_p)
+    return (grad_x, grad_A, grad_B, None, None, None, None, None, None,
+            grad_out if ctx.has_base_out else None, None, None)
+
+
+torch.library.register_autograd("soslora::cluster_lowrank_forward", _cluster_backward,
+                                setup_context=_cluster_setup_context)
+
+
 for _name, _backward, _setup in (
         ("lowrank_grad_hidden", _grad_hidden_backward, _grad_hidden_setup_context),
         ("lowrank_grad_A", _grad_A_backward, _grad_A_setup_context),
@@ -187,6 +230,20 @@ def lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, base_out: Tensor | N
     """base_out + drop-path(x) A^T (B*scale)^T for 2-D x; differentiable in x, A, B, scale."""
     out, _ = _ops.lowrank_forward(x, A, B, scale, base_out, dropout_seed, float(dropout_p),
                                   bool(dropout_on_input))
+    return out
+
+
+def cluster_lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, row_index: Tensor,
+                    col_index: Tensor, row_offsets: list[int], col_offsets: list[int],
+                    ranks: list[int], base_out: Tensor | None = None,
+                    dropout_seed: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """base_out plus the cluster-local low-rank terms (CPS-LoRA) for 2-D x; differentiable in
+    x, A, B and base_out. Cluster c: rows row_index[row_offsets[c]:row_offsets[c+1]], columns
+    col_index[col_offsets[c]:...], factors A[:ranks[c], its column range] and
+    B[its row range, :ranks[c]] (stored in partition order), scale[c]; dropout on the input."""
+    out, _ = _ops.cluster_lowrank_forward(
+        x, A, B, scale, row_index, col_index, list(row_offsets), list(col_offsets), list(ranks),
+        base_out, dropout_seed, float(dropout_p))
     return out
 
 

@@ -1,10 +1,14 @@
-"""Pure-PyTorch oracle for SOS-LoRA, written for clarity rather than speed.
+"""Pure-PyTorch oracle for SOS-LoRA and CPS-LoRA, written for clarity rather than speed.
 
 Every fast path in this package is tested against these functions. They use the per-expert
 form of the method (lists of factors, loops over experts) where the fast path works on the
 concatenated factors, and they accumulate in whatever dtype they are given (tests pass float64).
 
     y = base(x) + sum_k  s_k * (B_k @ A_k @ drop(x))       A_k: [r, in], B_k: [out, r]
+
+CPS-LoRA places each cluster's term on its own rows R_c and columns C_c of a dense update:
+
+    dW[R_c, C_c] = s_c * B_c A_c,   y = base(x) + drop(x) dW^T
 """
 from __future__ import annotations
 
@@ -144,3 +148,22 @@ def merge(weight: Tensor, A: Sequence[Tensor], B: Sequence[Tensor],
     delta = delta_weight([a.double() for a in A], [b.double() for b in B],
                          [s.double() if isinstance(s, Tensor) else s for s in scales])
     return (weight.double() + delta).to(weight.dtype)
+
+
+def cps_delta_weight(out_features: int, in_features: int, rows: Sequence[Tensor],
+                     cols: Sequence[Tensor], A: Sequence[Tensor], B: Sequence[Tensor],
+                     scales: Sequence[float]) -> Tensor:
+    """Dense update with dW[rows[c]][:, cols[c]] = s_c * B_c A_c (A_c [r_c, |C_c|],
+    B_c [|R_c|, r_c]); the clusters' row sets and column sets are disjoint."""
+    delta = torch.zeros(out_features, in_features, dtype=A[0].dtype)
+    for r_c, c_c, a, b, s in zip(rows, cols, A, B, scales):
+        delta[r_c[:, None], c_c[None, :]] += s * (b @ a)
+    return delta
+
+
+def cps_forward(x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor,
+                dropout_p: float = 0.0, dropout_seed: Tensor | None = None) -> Tensor:
+    """y = x W^T + b + drop(x) dW^T, the mask indexing the flattened input [N, in]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = F.linear(x2, weight, bias) + dropout(x2, dropout_seed, dropout_p) @ delta.T
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,177 @@
+// Cluster-local low-rank terms (CPS-LoRA), forward and backward; see soslora.h for the layout.
+//
+// The input is gathered once into partition order (x[:, col_index]) so that every cluster's
+// columns are one contiguous range, each cluster is two small matmuls on views, and the output
+// is scattered back with one index_add. Written with ATen calls so it serves CPU and CUDA.
+#include "soslora.h"
+
+namespace soslora {
+namespace {
+
+constexpr const char* kForward = "soslora::cluster_lowrank_forward";
+constexpr const char* kBackward = "soslora::cluster_lowrank_backward";
+
+void check_offsets(at::IntArrayRef offsets, const char* name, int64_t clusters, int64_t total,
+                   const char* op) {
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == clusters + 1, op, ": ", name,
+              " must have num_clusters + 1 = ", clusters + 1, " entries, got ", offsets.size());
+  TORCH_CHECK(offsets.front() == 0 && offsets.back() == total, op, ": ", name,
+              " must start at 0 and end at ", total, ", got ", offsets);
+  for (size_t c = 1; c < offsets.size(); ++c)
+    TORCH_CHECK(offsets[c - 1] <= offsets[c], op, ": ", name, " must be non-decreasing, got ",
+                offsets);
+}
+
+void check_index(const Tensor& index, const char* name, int64_t size, const Tensor& like,
+                 const char* op) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == size, op,
+              ": ", name, " must be an int64 permutation of shape [", size, "], got ",
+              index.scalar_type(), " of shape ", index.sizes());
+  TORCH_CHECK(index.device() == like.device(), op, ": ", name, " must be on ", like.device(),
+              ", got ", index.device());
+}
+
+// Checks the factors and the partition; returns the rank offsets of the hidden columns.
+std::vector<int64_t> check_partition(const Tensor& x, const Tensor& A, const Tensor& B,
+                                     const Tensor& scale, const Tensor& row_index,
+                                     const Tensor& col_index, at::IntArrayRef row_offsets,
+                                     at::IntArrayRef col_offsets, at::IntArrayRef ranks,
+                                     const char* op) {
+  check_matrix(x, "x", op);
+  check_matrix(A, "A", op);
+  check_matrix(B, "B", op);
+  check_same_float_dtype(x, "x", A, "A", op);
+  check_same_float_dtype(x, "x", B, "B", op);
+  TORCH_CHECK(A.size(1) == x.size(1), op, ": A must be [r_max, in] with in = x.size(1) = ",
+              x.size(1), ", got A of shape ", A.sizes());
+  TORCH_CHECK(B.size(1) == A.size(0), op, ": B must be [out, r_max] with r_max = A.size(0) = ",
+              A.size(0), ", got B of shape ", B.sizes());
+  const auto clusters = static_cast<int64_t>(ranks.size());
+  TORCH_CHECK(clusters >= 1, op, ": ranks must name at least one cluster");
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()) && scale.dim() == 1 &&
+                  scale.size(0) == clusters && scale.device() == A.device(),
+              op, ": scale must be a floating-point tensor [num_clusters] = [", clusters,
+              "] on ", A.device(), ", got ", scale.scalar_type(), " ", scale.sizes(), " on ",
+              scale.device());
+  check_index(row_index, "row_index", B.size(0), x, op);
+  check_index(col_index, "col_index", x.size(1), x, op);
+  check_offsets(row_offsets, "row_offsets", clusters, B.size(0), op);
+  check_offsets(col_offsets, "col_offsets", clusters, x.size(1), op);
+  std::vector<int64_t> rank_offsets{0};
+  for (const int64_t r : ranks) {
+    TORCH_CHECK(r >= 0 && r <= A.size(0), op, ": every rank must be in [0, r_max = ", A.size(0),
+                "], got ", ranks);
+    rank_offsets.push_back(rank_offsets.back() + r);
+  }
+  return rank_offsets;
+}
+
+Tensor masked(const Tensor& x, const OptTensor& seed, double p) {
+  return p > 0 ? x * dropout_scale_mask(*seed, x.sizes(), p, x.scalar_type()) : x;
+}
+
+// Cluster c's blocks of A [r_c, |C_c|] and of B * scale[c] [|R_c|, r_c].
+Tensor block_A(const Tensor& A, at::IntArrayRef col_offsets, at::IntArrayRef ranks, size_t c) {
+  return A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], col_offsets[c + 1] - col_offsets[c]);
+}
+Tensor block_Bs(const Tensor& B, const Tensor& scale_acc, at::IntArrayRef row_offsets,
+                at::IntArrayRef ranks, size_t c) {
+  const Tensor Bc =
+      B.narrow(0, row_offsets[c], row_offsets[c + 1] - row_offsets[c]).narrow(1, 0, ranks[c]);
+  return (Bc.to(scale_acc.scalar_type()) * scale_acc[c]).to(B.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> cluster_lowrank_forward(
+    const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, at::IntArrayRef ranks, const OptTensor& base_out,
+    const OptTensor& dropout_seed, double dropout_p) {
+  const auto rank_offsets = check_partition(x, A, B, scale, row_index, col_index, row_offsets,
+                                            col_offsets, ranks, kForward);
+  if (base_out.has_value()) {
+    check_same_float_dtype(*base_out, "base_out", x, "x", kForward);
+    TORCH_CHECK(base_out->dim() == 2 && base_out->size(0) == x.size(0) &&
+                    base_out->size(1) == B.size(0),
+                kForward, ": base_out must be [N, out] = [", x.size(0), ", ", B.size(0),
+                "], got ", base_out->sizes());
+  }
+  check_dropout(dropout_seed, dropout_p, x, kForward);
+
+  const Tensor x_perm = masked(x, dropout_seed, dropout_p).index_select(1, col_index);
+  const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
+  const int64_t n = x.size(0);
+  Tensor hidden = at::empty({n, rank_offsets.back()}, x.options());
+  Tensor out_perm = at::empty({n, B.size(0)}, x.options());  // adapter output, partition order
+  for (size_t c = 0; c < ranks.size(); ++c) {
+    Tensor h = hidden.narrow(1, rank_offsets[c], ranks[c]);
+    at::mm_out(h, x_perm.narrow(1, col_offsets[c], col_offsets[c + 1] - col_offsets[c]),
+               block_A(A, col_offsets, ranks, c).t());
+    Tensor out_c = out_perm.narrow(1, row_offsets[c], row_offsets[c + 1] - row_offsets[c]);
+    at::mm_out(out_c, h, block_Bs(B, scale_acc, row_offsets, ranks, c).t());
+  }
+  const Tensor start = base_out.has_value() ? *base_out : at::zeros_like(out_perm);
+  return {at::index_add(start, 1, row_index, out_perm), hidden};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& A, const Tensor& B,
+    const Tensor& scale, const Tensor& hidden, const OptTensor& grad_hidden,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, at::IntArrayRef ranks, const OptTensor& grad_x_base,
+    const OptTensor& dropout_seed, double dropout_p) {
+  const auto rank_offsets = check_partition(x, A, B, scale, row_index, col_index, row_offsets,
+                                            col_offsets, ranks, kBackward);
+  check_matrix(grad_out, "grad_out", kBackward);
+  check_same_float_dtype(grad_out, "grad_out", x, "x", kBackward);
+  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == B.size(0), kBackward,
+              ": grad_out must be [N, out] = [", x.size(0), ", ", B.size(0), "], got ",
+              grad_out.sizes());
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == x.size(0) &&
+                  hidden.size(1) == rank_offsets.back(),
+              kBackward, ": hidden must be [N, sum(ranks)] = [", x.size(0), ", ",
+              rank_offsets.back(), "], got ", hidden.sizes());
+  if (grad_hidden.has_value()) {
+    check_same_float_dtype(*grad_hidden, "grad_hidden", x, "x", kBackward);
+    TORCH_CHECK(grad_hidden->sizes() == hidden.sizes(), kBackward,
+                ": grad_hidden must have hidden's shape ", hidden.sizes(), ", got ",
+                grad_hidden->sizes());
+  }
+  check_dropout(dropout_seed, dropout_p, x, kBackward);
+
+  const Tensor x_perm = masked(x, dropout_seed, dropout_p).index_select(1, col_index);
+  const Tensor grad_perm = grad_out.index_select(1, row_index);
+  const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
+  // Rank slots beyond a cluster's rank (and clusters' unused blocks) get zero gradient.
+  Tensor grad_A = at::zeros_like(A);
+  Tensor grad_B = at::zeros_like(B);
+  Tensor grad_x_perm = at::empty_like(x_perm);
+  for (size_t c = 0; c < ranks.size(); ++c) {
+    const int64_t rows = row_offsets[c + 1] - row_offsets[c];
+    const int64_t cols = col_offsets[c + 1] - col_offsets[c];
+    const Tensor g = grad_perm.narrow(1, row_offsets[c], rows);
+    const Tensor h = hidden.narrow(1, rank_offsets[c], ranks[c]);
+    // grad_B = scale * g^T h, rounded once from the accumulation dtype.
+    grad_B.narrow(0, row_offsets[c], rows).narrow(1, 0, ranks[c]).copy_(
+        at::mm(g.t(), h).to(scale_acc.scalar_type()) * scale_acc[c]);
+    Tensor grad_h = at::mm(g, block_Bs(B, scale_acc, row_offsets, ranks, c));
+    if (grad_hidden.has_value()) grad_h.add_(grad_hidden->narrow(1, rank_offsets[c], ranks[c]));
+    const Tensor x_c = x_perm.narrow(1, col_offsets[c], cols);
+    Tensor grad_A_c = grad_A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], cols);
+    at::mm_out(grad_A_c, grad_h.t(), x_c);
+    Tensor grad_x_c = grad_x_perm.narrow(1, col_offsets[c], cols);
+    at::mm_out(grad_x_c, grad_h, block_A(A, col_offsets, ranks, c));
+  }
+  Tensor grad_x = masked(at::zeros_like(x).index_add_(1, col_index, grad_x_perm), dropout_seed,
+                         dropout_p);
+  if (grad_x_base.has_value()) {
+    check_same_float_dtype(*grad_x_base, "grad_x_base", x, "x", kBackward);
+    TORCH_CHECK(grad_x_base->sizes() == x.sizes(), kBackward, ": grad_x_base must be [N, in] = ",
+                x.sizes(), ", got ", grad_x_base->sizes());
+    grad_x.add_(*grad_x_base);
+  }
+  return {grad_x, grad_A, grad_B};
+}
+
+}  // namespace soslora
