@@ -101,16 +101,17 @@ std::tuple<Tensor, Tensor> cluster_lowrank_forward(
 
   const Tensor x_perm = masked(x, dropout_seed, dropout_p).index_select(1, col_index);
   const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
-  const int64_t n = x.size(0);
-  Tensor hidden = at::empty({n, rank_offsets.back()}, x.options());
-  Tensor out_perm = at::empty({n, B.size(0)}, x.options());  // adapter output, partition order
+  // Per-cluster products go to fresh tensors and are concatenated: matmuls into strided
+  // views of one buffer take a slow path in ATen.
+  std::vector<Tensor> hidden_parts, out_parts;
   for (size_t c = 0; c < ranks.size(); ++c) {
-    Tensor h = hidden.narrow(1, rank_offsets[c], ranks[c]);
-    at::mm_out(h, x_perm.narrow(1, col_offsets[c], col_offsets[c + 1] - col_offsets[c]),
-               block_A(A, col_offsets, ranks, c).t());
-    Tensor out_c = out_perm.narrow(1, row_offsets[c], row_offsets[c + 1] - row_offsets[c]);
-    at::mm_out(out_c, h, block_Bs(B, scale_acc, row_offsets, ranks, c).t());
+    const Tensor h = at::mm(x_perm.narrow(1, col_offsets[c], col_offsets[c + 1] - col_offsets[c]),
+                            block_A(A, col_offsets, ranks, c).t());
+    out_parts.push_back(at::mm(h, block_Bs(B, scale_acc, row_offsets, ranks, c).t()));
+    hidden_parts.push_back(h);
   }
+  const Tensor hidden = at::cat(hidden_parts, 1);
+  const Tensor out_perm = at::cat(out_parts, 1);  // adapter output in partition order
   const Tensor start = base_out.has_value() ? *base_out : at::zeros_like(out_perm);
   return {at::index_add(start, 1, row_index, out_perm), hidden};
 }
@@ -146,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
   // Rank slots beyond a cluster's rank (and clusters' unused blocks) get zero gradient.
   Tensor grad_A = at::zeros_like(A);
   Tensor grad_B = at::zeros_like(B);
-  Tensor grad_x_perm = at::empty_like(x_perm);
+  std::vector<Tensor> grad_x_parts;
   for (size_t c = 0; c < ranks.size(); ++c) {
     const int64_t rows = row_offsets[c + 1] - row_offsets[c];
     const int64_t cols = col_offsets[c + 1] - col_offsets[c];
@@ -158,12 +159,10 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
     Tensor grad_h = at::mm(g, block_Bs(B, scale_acc, row_offsets, ranks, c));
     if (grad_hidden.has_value()) grad_h.add_(grad_hidden->narrow(1, rank_offsets[c], ranks[c]));
     const Tensor x_c = x_perm.narrow(1, col_offsets[c], cols);
-    Tensor grad_A_c = grad_A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], cols);
-    at::mm_out(grad_A_c, grad_h.t(), x_c);
-    Tensor grad_x_c = grad_x_perm.narrow(1, col_offsets[c], cols);
-    at::mm_out(grad_x_c, grad_h, block_A(A, col_offsets, ranks, c));
+    grad_A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], cols).copy_(at::mm(grad_h.t(), x_c));
+    grad_x_parts.push_back(at::mm(grad_h, block_A(A, col_offsets, ranks, c)));
   }
-  Tensor grad_x = masked(at::zeros_like(x).index_add_(1, col_index, grad_x_perm), dropout_seed,
+  Tensor grad_x = masked(at::zeros_like(x).index_add_(1, col_index, at::cat(grad_x_parts, 1)), dropout_seed,
                          dropout_p);
   if (grad_x_base.has_value()) {
     check_same_float_dtype(*grad_x_base, "grad_x_base", x, "x", kBackward);

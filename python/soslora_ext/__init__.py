@@ -1,4 +1,5 @@
-"""soslora_ext: structured low-rank adapters (SOS-LoRA) as a PyTorch C++/CUDA extension.
+"""soslora_ext: structured low-rank adapters (SOS-LoRA, CPS-LoRA) as a PyTorch C++/CUDA
+extension.
 
     import soslora_ext as sl
     layer = sl.SOSLinear(nn.Linear(4096, 4096), num_experts=4, rank=64, alpha=128.0)
@@ -8,9 +9,11 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import compose, ops, reference
 from ._C import built_with_cuda
-from .config import SOSConfig
-from .layer import SOSLinear
-from .model import (apply_sos_lora, check_finite, merge_and_unload, modules_to_save, ortho_penalty, sos_layers,
+from .config import CPSConfig, SOSConfig
+from .cps import CPSLinear, RepartitionSchedule
+from .layer import AdapterLinear, SOSLinear
+from .model import (adapter_layers, apply_cps_lora, apply_sos_lora, check_finite, cps_layers,
+                    merge_and_unload, modules_to_save, ortho_penalty, sos_layers,
                     trainable_parameters)
 from .schedules import GateSchedule, OrthoSchedule
 from .serialization import AdapterError, export_peft, import_peft, load_adapter, save_adapter
@@ -18,9 +21,9 @@ from .serialization import AdapterError, export_peft, import_peft, load_adapter,
 
 def __getattr__(name):
     # The Trainer callback imports transformers: load it only when asked for.
-    if name == "SOSLoRACallback":
-        from .integrations import SOSLoRACallback
-        return SOSLoRACallback
+    if name in ("SOSLoRACallback", "CPSLoRACallback"):
+        from . import integrations
+        return getattr(integrations, name)
     raise AttributeError(f"module 'soslora_ext' has no attribute {name!r}")
 
 
@@ -30,6 +33,8 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "AdapterLinear", "CPSConfig", "CPSLinear", "RepartitionSchedule", "adapter_layers",
+    "apply_cps_lora", "cps_layers", "CPSLoRACallback",
     "SOSConfig", "SOSLinear", "apply_sos_lora", "check_finite", "merge_and_unload", "modules_to_save",
     "ortho_penalty", "sos_layers", "trainable_parameters", "OrthoSchedule", "GateSchedule",
     "SOSLoRACallback", "save_adapter", "load_adapter", "export_peft", "import_peft",

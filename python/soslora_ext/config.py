@@ -98,3 +98,82 @@ class SOSConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+PARTITION_INITS = ("contiguous", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class CPSConfig:
+    """CPS-LoRA hyperparameters (see METHODS.md section 3 and the CPSLinear docstring)."""
+
+    num_clusters: int = 4
+    rank: int = 8
+    alpha: float = 16.0
+    rank_per_cluster: tuple[int, ...] | None = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init_partition: str = "contiguous"
+    repartition_every: int = 0
+    statistics_steps: int | None = None
+    sketch_rank: int | None = None
+
+    def __post_init__(self):
+        _require(_is_int(self.num_clusters) and self.num_clusters > 0,
+                 f"num_clusters must be a positive int, got {self.num_clusters!r}")
+        _require(_is_int(self.rank) and self.rank > 0,
+                 f"rank must be a positive int, got {self.rank!r}")
+        if self.rank_per_cluster is not None:
+            ranks = self.rank_per_cluster
+            _require(isinstance(ranks, (list, tuple)) and len(ranks) == self.num_clusters
+                     and all(_is_int(r) and r > 0 for r in ranks),
+                     f"rank_per_cluster must be a list of num_clusters={self.num_clusters} "
+                     f"positive ints, got {ranks!r}")
+            object.__setattr__(self, "rank_per_cluster", tuple(ranks))
+        _require(_is_real(self.alpha) and self.alpha > 0,
+                 f"alpha must be a positive number, got {self.alpha!r}")
+        _require(_is_real(self.dropout) and 0 <= self.dropout < 1,
+                 f"dropout must be in [0, 1), got {self.dropout!r}")
+        _require(isinstance(self.use_rslora, bool),
+                 f"use_rslora must be a bool, got {self.use_rslora!r}")
+        _require(self.init_partition in PARTITION_INITS,
+                 f"init_partition must be one of {PARTITION_INITS}, got {self.init_partition!r}")
+        _require(_is_int(self.repartition_every) and self.repartition_every >= 0,
+                 f"repartition_every must be an int >= 0 (0: never), got "
+                 f"{self.repartition_every!r}")
+        _require(self.statistics_steps is None or (
+                     _is_int(self.statistics_steps)
+                     and 1 <= self.statistics_steps <= max(self.repartition_every, 1)),
+                 f"statistics_steps must be None or an int in [1, repartition_every="
+                 f"{self.repartition_every}], got {self.statistics_steps!r}")
+        _require(self.sketch_rank is None or (_is_int(self.sketch_rank) and self.sketch_rank > 0),
+                 f"sketch_rank must be None or a positive int, got {self.sketch_rank!r}")
+
+    @property
+    def ranks(self) -> list[int]:
+        """Rank of each cluster's term."""
+        return list(self.rank_per_cluster or [self.rank] * self.num_clusters)
+
+    @property
+    def r_max(self) -> int:
+        return max(self.ranks)
+
+    def cluster_scales(self) -> list[float]:
+        """alpha / r_c (alpha / sqrt(r_c) with use_rslora), as PEFT scales a LoRA of rank r_c."""
+        return [self.alpha / (math.sqrt(r) if self.use_rslora else r) for r in self.ranks]
+
+    @property
+    def window(self) -> int:
+        """Optimizer steps of gradient statistics before each repartition."""
+        if self.statistics_steps is not None:
+            return self.statistics_steps
+        return max(1, self.repartition_every // 4)
+
+    def resolved_sketch_rank(self) -> int:
+        return self.sketch_rank or min(32, max(8, 2 * sum(self.ranks)))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["rank_per_cluster"] is not None:
+            d["rank_per_cluster"] = list(d["rank_per_cluster"])
+        return d

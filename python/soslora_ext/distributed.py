@@ -1,4 +1,4 @@
-"""Helpers for adapters inside sharded models (FSDP2 / DTensor parameters)."""
+"""Helpers for adapters in distributed runs (sharded FSDP2 / DTensor parameters, reductions)."""
 from __future__ import annotations
 
 import torch
@@ -16,3 +16,11 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def is_writer() -> bool:
     """Whether this process writes shared files: rank 0, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over all ranks (a collective; t itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t

@@ -1,8 +1,10 @@
-"""transformers.Trainer integration: the reference recipe's schedules driven by the trainer."""
+"""transformers.Trainer integration: the SOS-LoRA recipe's schedules and the CPS-LoRA
+repartitions, driven by the trainer's optimizer step."""
 from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from .cps import RepartitionSchedule
 from .model import ortho_penalty, sos_layers
 from .schedules import GateSchedule, OrthoSchedule
 
@@ -47,3 +49,25 @@ class SOSLoRACallback(TrainerCallback):
         logs["ortho_lambda"] = self.ortho.value(self.ortho.last_step)
         if self.gate is not None:
             logs["gate_temperature"] = self.gate.value(self.gate.last_step)
+
+
+class CPSLoRACallback(TrainerCallback):
+    """Runs every CPSLinear's gradient-statistics windows and repartitions from the trainer's
+    optimizer steps (a RepartitionSchedule), dropping the optimizer state of re-fitted layers,
+    and logs each repartition's relative change of the update as ``repartition_change``."""
+
+    def __init__(self):
+        self.schedule: RepartitionSchedule | None = None
+        self.changes: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.schedule = RepartitionSchedule(model, optimizer)
+        self.schedule.load_state_dict({"step_count": state.global_step})  # resumed runs
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.changes.update(self.schedule.step())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.changes:
+            logs["repartition_change"] = max(self.changes.values())
+            self.changes = {}

@@ -1,4 +1,5 @@
-"""SOSLinear: an nn.Linear wrapped with an SOS-LoRA adapter (K static, always-on experts)."""
+"""Adapted linear layers: what every adapter shares (AdapterLinear), and SOSLinear, an
+nn.Linear wrapped with an SOS-LoRA adapter (K static, always-on experts)."""
 from __future__ import annotations
 
 import torch
@@ -56,7 +57,109 @@ def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
-class SOSLinear(nn.Module):
+class AdapterLinear(nn.Module):
+    """A frozen nn.Linear plus an update that is a sum of low-rank terms.
+
+    Subclasses give the update as factors, ``_update_factors() -> (A [R, in], B [out, R],
+    scale [R] or [out, R])`` with delta = (B * scale) A, which is what merging, ``delta_weight``
+    and the PEFT export use."""
+
+    def __init__(self, base: nn.Linear, dtype: torch.dtype | None):
+        name = type(self).__name__
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{name}: base must be an nn.Linear, got {type(base).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{name}: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        super().__init__()
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.adapter_dtype = dtype or _default_adapter_dtype(base.weight.dtype)
+        # The per-rank scale used by merge(), so unmerge() subtracts exactly what was added.
+        self.register_buffer("_merged_scale", None, persistent=False)
+        # Modules that share the base weight (set by apply_*); merging would change them.
+        self.weight_shared_with: list[str] = []
+
+    def _update_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_scale is not None
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: input x must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{name}: input x must have last dimension in_features="
+                             f"{self.in_features}, got shape {tuple(x.shape)}")
+        if x.device != self.lora_A.device:
+            raise ValueError(f"{name}: input x is on {x.device} but the layer is on "
+                             f"{self.lora_A.device}")
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.lora_A.dtype
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """The update as an [out, in] tensor in the accumulation dtype."""
+        A, B, scale = self._update_factors()
+        delta = torch.zeros(self.out_features, self.in_features, device=A.device,
+                            dtype=ops.accumulate_dtype(A.dtype))
+        ops.merge_into_(delta, A, B, scale, 1.0)
+        return delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the base weight in place (float32 accumulation, one rounding)."""
+        name = type(self).__name__
+        if self.merged:
+            raise RuntimeError(f"{name}.merge: the adapter is already merged; unmerge() first")
+        if self.weight_shared_with:
+            raise RuntimeError(f"{name}.merge: the base weight is shared with "
+                               f"{self.weight_shared_with}; merging would change those modules "
+                               "too. Keep the adapter unmerged (or untie the weights first)")
+        A, B, scale = self._update_factors()
+        scale = scale.clone()
+        ops.merge_into_(self.base_layer.weight, A, B, scale, 1.0)
+        self._merged_scale = scale
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged update again (exact up to one rounding of the weight's dtype)."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the adapter is not merged")
+        A, B, _ = self._update_factors()
+        ops.merge_into_(self.base_layer.weight, A, B, self._merged_scale, -1.0)
+        self._merged_scale = None
+
+    def merge_and_unload(self) -> nn.Linear:
+        """Merge (if not yet merged) and return the base nn.Linear carrying the update."""
+        if not self.merged:
+            self.merge()
+        return self.base_layer
+
+
+class SOSLinear(AdapterLinear):
     """y = base(x) + sum_k s_k * (B_k A_k drop(x)): K static low-rank experts on a frozen Linear.
 
     The experts are stored concatenated: ``lora_A`` [r_tot, in] and ``lora_B`` [out, r_tot];
@@ -88,23 +191,14 @@ class SOSLinear(nn.Module):
                  loraplus_ratio: float = 1.0, dropout: float = 0.0,
                  dropout_position: str = "post", init_gain: float = 2**0.5,
                  dtype: torch.dtype | None = None):
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"SOSLinear: base must be an nn.Linear, got {type(base).__name__}")
         config = SOSConfig(num_experts=num_experts, rank=rank, alpha=alpha, gamma_max=gamma_max,
                            rank_mode=rank_mode, scale_base=scale_base, scale_mode=scale_mode,
                            gate=gate, scale_anchor=scale_anchor, uniform_prior=uniform_prior,
                            loraplus_ratio=loraplus_ratio, dropout=dropout,
                            dropout_position=dropout_position, init_gain=init_gain)
-        weight = base.weight
-        if dtype is None:
-            dtype = _default_adapter_dtype(weight.dtype)
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"SOSLinear: dtype must be a floating-point torch.dtype, got {dtype!r}")
-        super().__init__()
+        super().__init__(base, dtype)
         self.config = config
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        weight, dtype = base.weight, self.adapter_dtype
 
         K, r = config.num_experts, config.r_expert
         factory = dict(device=weight.device, dtype=dtype)
@@ -121,28 +215,8 @@ class SOSLinear(nn.Module):
             logits = torch.randn(K, dtype=torch.float32) * 0.05
             self.gate_logits = nn.Parameter((logits - logits.mean()).to(**scale_factory))
             self.register_buffer("gate_temperature", torch.ones((), **scale_factory))
-        # The per-rank scale used by merge(), so unmerge() subtracts exactly what was added.
-        self.register_buffer("_merged_scale", None, persistent=False)
-        # Modules that share the base weight (set by apply_sos_lora); merging would change them.
-        self.weight_shared_with: list[str] = []
 
     # ---- structure ---------------------------------------------------------------------------
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
-
     @property
     def num_experts(self) -> int:
         return self.config.num_experts
@@ -152,10 +226,6 @@ class SOSLinear(nn.Module):
         """Expert k's rows of lora_A and columns of lora_B."""
         r = self.config.r_expert
         return [slice(k * r, (k + 1) * r) for k in range(self.num_experts)]
-
-    @property
-    def merged(self) -> bool:
-        return self._merged_scale is not None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -198,21 +268,6 @@ class SOSLinear(nn.Module):
             return self._expert_scale_tensor().clone()
 
     # ---- forward -----------------------------------------------------------------------------
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"SOSLinear: input x must be a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"SOSLinear: input x must have last dimension in_features="
-                             f"{self.in_features}, got shape {tuple(x.shape)}")
-        if x.device != self.lora_A.device:
-            raise ValueError(f"SOSLinear: input x is on {x.device} but the layer is on "
-                             f"{self.lora_A.device}")
-
-    def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.lora_A.dtype
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         result = self.base_layer(x)
@@ -239,37 +294,5 @@ class SOSLinear(nn.Module):
         Under FSDP2 every rank must call it (the sharded lora_A is gathered)."""
         return ops.ortho_penalty(full(self.lora_A), self.num_experts)
 
-    @torch.no_grad()
-    def delta_weight(self) -> Tensor:
-        """The update sum_k (s_k * B_k) A_k as an [out, in] tensor in the accumulation dtype."""
-        delta = torch.zeros(self.out_features, self.in_features, device=self.lora_A.device,
-                            dtype=ops.accumulate_dtype(self.lora_A.dtype))
-        ops.merge_into_(delta, self.lora_A, self.lora_B, self._rank_scale(), 1.0)
-        return delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the update into the base weight in place (float32 accumulation, one rounding)."""
-        if self.merged:
-            raise RuntimeError("SOSLinear.merge: the adapter is already merged; unmerge() first")
-        if self.weight_shared_with:
-            raise RuntimeError(f"SOSLinear.merge: the base weight is shared with "
-                               f"{self.weight_shared_with}; merging would change those modules "
-                               "too. Keep the adapter unmerged (or untie the weights first)")
-        scale = self._rank_scale().clone()
-        ops.merge_into_(self.base_layer.weight, self.lora_A, self.lora_B, scale, 1.0)
-        self._merged_scale = scale
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the merged update again (exact up to one rounding of the weight's dtype)."""
-        if not self.merged:
-            raise RuntimeError("SOSLinear.unmerge: the adapter is not merged")
-        ops.merge_into_(self.base_layer.weight, self.lora_A, self.lora_B, self._merged_scale, -1.0)
-        self._merged_scale = None
-
-    def merge_and_unload(self) -> nn.Linear:
-        """Merge (if not yet merged) and return the base nn.Linear carrying the update."""
-        if not self.merged:
-            self.merge()
-        return self.base_layer
+    def _update_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.lora_A, self.lora_B, self._rank_scale()

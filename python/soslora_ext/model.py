@@ -1,4 +1,5 @@
-"""Model-level helpers: inject SOS-LoRA layers, sum penalties, merge, count parameters."""
+"""Model-level helpers: inject SOS-LoRA and CPS-LoRA layers, sum penalties, merge, count
+parameters."""
 from __future__ import annotations
 
 import re
@@ -7,15 +8,26 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .config import SOSConfig
-from .layer import SOSLinear
+from .config import CPSConfig, SOSConfig
+from .cps import CPSLinear, _check_fits
+from .layer import AdapterLinear, SOSLinear
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """(name, layer) for every adapted layer (SOSLinear or CPSLinear) in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
 
 
 def sos_layers(model: nn.Module) -> Iterator[tuple[str, SOSLinear]]:
     """(name, layer) for every SOSLinear in `model`."""
-    for name, module in model.named_modules():
-        if isinstance(module, SOSLinear):
-            yield name, module
+    return ((n, m) for n, m in adapter_layers(model) if isinstance(m, SOSLinear))
+
+
+def cps_layers(model: nn.Module) -> Iterator[tuple[str, CPSLinear]]:
+    """(name, layer) for every CPSLinear in `model`."""
+    return ((n, m) for n, m in adapter_layers(model) if isinstance(m, CPSLinear))
 
 
 def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
@@ -45,37 +57,59 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
     exported with the adapter, as PEFT's option of that name. Every other parameter of the model
     is frozen. Returns `model`. On any error nothing in the model is changed.
     """
-    _check_names("apply_sos_lora", "target_modules", target_modules)
-    _check_names("apply_sos_lora", "modules_to_save", modules_to_save, allow_empty=True)
     layer_kwargs = dict(layer_kwargs)
     dtype = layer_kwargs.pop("dtype", None)
     SOSConfig(**layer_kwargs)  # validate before touching the model
+    return _apply_adapters(model, target_modules, modules_to_save, "apply_sos_lora",
+                           lambda linear: SOSLinear(linear, dtype=dtype, **layer_kwargs))
 
-    inside_adapters = {id(m) for _, layer in sos_layers(model) for m in layer.modules()
+
+def apply_cps_lora(model: nn.Module, target_modules: str | Sequence[str],
+                   modules_to_save: str | Sequence[str] = (), **layer_kwargs) -> nn.Module:
+    """Replace the nn.Linear modules named by `target_modules` with CPSLinear, in place.
+    Same rules as apply_sos_lora; `layer_kwargs` are CPSLinear's. Every layer's shape is
+    checked against the clusters and ranks before the model is changed."""
+    layer_kwargs = dict(layer_kwargs)
+    dtype = layer_kwargs.pop("dtype", None)
+    config = CPSConfig(**layer_kwargs)
+
+    def build(linear):
+        return CPSLinear(linear, dtype=dtype, **layer_kwargs)
+    build.check = lambda name, linear: _check_fits(config, linear.out_features,
+                                                   linear.in_features, name)
+    return _apply_adapters(model, target_modules, modules_to_save, "apply_cps_lora", build)
+
+
+def _apply_adapters(model, target_modules, modules_to_save, owner, build) -> nn.Module:
+    _check_names(owner, "target_modules", target_modules)
+    _check_names(owner, "modules_to_save", modules_to_save, allow_empty=True)
+    inside_adapters = {id(m) for _, layer in adapter_layers(model) for m in layer.modules()
                        if m is not layer}
     candidates = [(name, module) for name, module in model.named_modules()
                   if name and id(module) not in inside_adapters]
     targets = [(name, module) for name, module in candidates if _matches(name, target_modules)]
     if not targets:
         linear_names = [n for n, m in candidates if isinstance(m, nn.Linear)]
-        raise ValueError(f"apply_sos_lora: target_modules={target_modules!r} matches no module; "
+        raise ValueError(f"{owner}: target_modules={target_modules!r} matches no module; "
                          f"Linear modules include {linear_names[:8]}")
     for name, module in targets:
-        if isinstance(module, SOSLinear):
-            raise ValueError(f"apply_sos_lora: module {name!r} already has an SOS-LoRA adapter")
+        if isinstance(module, AdapterLinear):
+            raise ValueError(f"{owner}: module {name!r} already has an adapter "
+                             f"({type(module).__name__})")
         if not isinstance(module, nn.Linear):
-            raise TypeError(f"apply_sos_lora: module {name!r} matched target_modules but is a "
+            raise TypeError(f"{owner}: module {name!r} matched target_modules but is a "
                             f"{type(module).__name__}, not an nn.Linear")
+        if hasattr(build, "check"):
+            build.check(name, module)
 
     saved = [m for name, m in candidates if modules_to_save and _matches(name, modules_to_save)]
     if modules_to_save and not saved:
-        raise ValueError(f"apply_sos_lora: modules_to_save={modules_to_save!r} matches no module")
+        raise ValueError(f"{owner}: modules_to_save={modules_to_save!r} matches no module")
 
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
-    replacements = [(name, SOSLinear(module, dtype=dtype, **layer_kwargs))
-                    for name, module in targets]
+    replacements = [(name, build(module)) for name, module in targets]
     for name, layer in replacements:
         # A weight tied to another module (e.g. lm_head and the embeddings) must not be merged.
         layer.weight_shared_with = sorted(set(owners[id(layer.weight)]) - {name})
@@ -91,7 +125,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def freeze_all_but_adapters(model: nn.Module, keep_trainable: Sequence[nn.Module] = ()) -> None:
     """Only adapter parameters (and those of `keep_trainable` modules) require grad."""
-    trainable = {id(p) for _, layer in sos_layers(model) for name, p in layer.named_parameters()
+    trainable = {id(p) for _, layer in adapter_layers(model) for name, p in layer.named_parameters()
                  if not name.startswith("base_layer.")}
     trainable |= {id(p) for m in keep_trainable for p in m.parameters()}
     for p in model.parameters():
@@ -99,9 +133,9 @@ def freeze_all_but_adapters(model: nn.Module, keep_trainable: Sequence[nn.Module
 
 
 def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules outside the SOS layers that own trainable parameters (e.g. a new classifier
+    """Modules outside the adapted layers that own trainable parameters (e.g. a new classifier
     head): what save_adapter and export_peft store besides the adapters."""
-    inside = {id(m) for _, layer in sos_layers(model) for m in layer.modules()}
+    inside = {id(m) for _, layer in adapter_layers(model) for m in layer.modules()}
     return {name: m for name, m in model.named_modules() if id(m) not in inside
             and any(p.requires_grad for p in m.parameters(recurse=False))}
 
@@ -117,9 +151,9 @@ def ortho_penalty(model: nn.Module) -> torch.Tensor:
 
 
 def check_finite(model: nn.Module) -> None:
-    """Raise FloatingPointError naming the first SOS layer whose adapter parameters or their
-    gradients hold NaN or Inf (one host sync per call: call it where you can afford one)."""
-    for name, layer in sos_layers(model):
+    """Raise FloatingPointError naming the first adapted layer whose adapter parameters or
+    their gradients hold NaN or Inf (one host sync per call: call it where you can afford one)."""
+    for name, layer in adapter_layers(model):
         for pname, p in layer.named_parameters():
             if pname.startswith("base_layer."):
                 continue
@@ -131,8 +165,8 @@ def check_finite(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every SOS layer into its base weight and put the base nn.Linear back in its place."""
-    layers = list(sos_layers(model))
+    """Merge every adapted layer into its base weight and put the base nn.Linear back."""
+    layers = list(adapter_layers(model))
     for name, layer in layers:  # refuse before anything is merged
         if layer.weight_shared_with and not layer.merged:
             raise RuntimeError(f"merge_and_unload: layer {name!r} shares its base weight with "

@@ -1,0 +1,579 @@
+"""CPS-LoRA: low-rank updates local to clusters of rows and columns, with a learned partition.
+
+A CPSLinear splits the output rows into G clusters R_c and the input columns into G clusters
+C_c; cluster c's update is a low-rank term on its block only, dW[R_c, C_c] = s_c B_c A_c. The
+factors are stored in partition order (``lora_A`` [r_max, in]: cluster c owns the columns
+``col_offsets[c]:col_offsets[c+1]``; ``lora_B`` [out, r_max] likewise for rows), so every
+cluster is a contiguous block and a repartition keeps the parameter shapes. With one rank r
+for all clusters a CPS adapter has exactly the parameters of a LoRA of rank r, r (in + out),
+while its update can have rank G r: that is the method's parameter efficiency when the update
+really is block-structured.
+
+Partition criterion. Rows (and columns) are grouped so that each block captures as much as
+possible of the signal S that training produces, with blocks mutually uncorrelated:
+
+1. S is the sum of the full weight's gradients dL/dW over a window of steps before the
+   repartition (what full fine-tuning would move), kept as a two-sided random sketch
+   (Y = S Omega, Z = S^T Psi, Tropp et al. 2017) that the backward pass updates at the cost of
+   a rank-3k LoRA, only inside the window. Without statistics, S is the current update dW.
+   The gradient is the informative signal: the update alone only reproduces the partition that
+   shaped it.
+2. Rows are clustered by spectral clustering on the squared cosine between their rows of S,
+   (s_i . s_j)^2 / (|s_i|^2 |s_j|^2), which is high within a shared subspace and zero between
+   rows whose updates live on disjoint columns. The affinity is never formed: it is the Gram
+   matrix of the features s_i (x) s_i, so the spectral embedding is one thin SVD. K-means on
+   the embedding gives the labels; columns the same way, on S^T.
+3. Row clusters are paired with column clusters to maximize the energy of S on the G
+   diagonal blocks.
+4. The new partition is adopted only if its blocks capture clearly more of S (the sum over
+   blocks of the energy in the top r_c singular values, at least ADOPTION_MARGIN times the
+   current partition's): a repartition never trades a partition for a worse one, nor for one
+   that is only better by noise.
+
+Re-fit. Each new block gets the best rank-r_c approximation of the current update restricted
+to it (a truncated SVD computed from the factors), split evenly between A and B; rank slots
+the update does not fill get fresh random A rows and zero B columns, so they keep learning.
+``repartition()`` returns ||dW_new - dW_old||_F / ||dW_old||_F.
+
+Schedule. The first repartition comes after the first ``statistics_steps`` optimizer steps
+(default a quarter of ``repartition_every``), while the update is still small, so the gradients
+show the structure the task wants rather than the initial partition's; then one every
+``repartition_every`` steps, each after a window of ``statistics_steps`` steps of statistics.
+The default ``repartition_every=0`` never repartitions: the partition stays at its
+initialization. ``RepartitionSchedule``
+(plain loops) and ``CPSLoRACallback`` (transformers.Trainer) drive it and reset the optimizer
+state of the layers whose factors were re-fitted.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .config import CPSConfig
+from .layer import AdapterLinear
+
+Tensor = torch.Tensor
+
+# A new partition must capture this many times the current one's share of the signal: late in
+# training the statistics are mostly minibatch noise, which any partition captures about as
+# well, and a reshuffle then costs the update more than it gains.
+ADOPTION_MARGIN = 1.25
+
+
+# ---- partitions ------------------------------------------------------------------------------
+def labels_to_index(labels: Tensor, num_clusters: int) -> tuple[Tensor, list[int]]:
+    """(index, offsets): positions sorted by cluster (stable), and each cluster's range."""
+    index = torch.sort(labels, stable=True).indices
+    counts = torch.bincount(labels, minlength=num_clusters).tolist()
+    return index, [0] + list(itertools.accumulate(counts))
+
+
+def index_to_labels(index: Tensor, offsets: list[int]) -> Tensor:
+    labels = torch.empty_like(index)
+    for c in range(len(offsets) - 1):
+        labels[index[offsets[c]:offsets[c + 1]]] = c
+    return labels
+
+
+def _initial_labels(n: int, num_clusters: int, how: str, generator: torch.Generator) -> Tensor:
+    labels = torch.arange(n) * num_clusters // n  # balanced contiguous blocks
+    if how == "random":
+        labels = labels[torch.randperm(n, generator=generator)]
+    return labels
+
+
+def adjusted_rand_index(a: Tensor, b: Tensor) -> float:
+    """Adjusted Rand index of two labelings (1: the same partition, about 0: unrelated)."""
+    a, b = torch.as_tensor(a).long().flatten(), torch.as_tensor(b).long().flatten()
+    table = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64)
+    table.index_put_((a, b), torch.ones(a.numel(), dtype=torch.float64), accumulate=True)
+
+    def pairs(t):
+        return (t * (t - 1) / 2).sum()
+    index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / (a.numel() * (a.numel() - 1) / 2)
+    maximum = (rows + cols) / 2
+    return 1.0 if maximum == expected else float((index - expected) / (maximum - expected))
+
+
+def _kmeans(points: Tensor, k: int, generator: torch.Generator, restarts: int = 4,
+            iterations: int = 100) -> Tensor:
+    """Lloyd's k-means with k-means++ seeding; an emptied cluster is re-seeded with the point
+    farthest from its center. Returns labels of the run with the lowest inertia."""
+    n = points.shape[0]
+    if n <= k:
+        return torch.arange(n)
+    best, best_inertia = None, math.inf
+    for _ in range(restarts):
+        centers = points[torch.randint(n, (1,), generator=generator)]
+        for _ in range(1, k):
+            d2 = torch.cdist(points, centers).min(dim=1).values.pow(2)
+            pick = torch.multinomial((d2 + 1e-30).cpu(), 1, generator=generator)
+            centers = torch.cat([centers, points[pick.to(points.device)]])
+        labels = None
+        for _ in range(iterations):
+            dist = torch.cdist(points, centers)
+            new = dist.argmin(dim=1)
+            for c in range(k):
+                if not (new == c).any():  # re-seed an empty cluster
+                    far = dist.gather(1, new[:, None]).squeeze(1).argmax()
+                    new[far] = c
+            if labels is not None and torch.equal(new, labels):
+                break
+            labels = new
+            centers = torch.stack([points[labels == c].mean(0) for c in range(k)])
+        inertia = float((points - centers[labels]).pow(2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
+
+
+def _spectral_labels(features: Tensor, k: int, generator: torch.Generator,
+                     max_dim: int = 32) -> Tensor:
+    """Spectral clustering of the rows of `features` [n, d] under the squared-cosine affinity.
+    Rows without signal are dealt out round robin."""
+    n = features.shape[0]
+    norms = features.norm(dim=1)
+    live = norms > 1e-9 * norms.max() if n and norms.max() > 0 else torch.zeros(n, dtype=bool)
+    labels = torch.arange(n, device=features.device) % k
+    if int(live.sum()) == 0:
+        return labels
+    u = features[live] / norms[live, None]
+    if u.shape[1] > max_dim:  # keep the directions that carry most of the energy
+        u = u @ torch.linalg.svd(u, full_matrices=False).Vh[:max_dim].T
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    phi = (u[:, :, None] * u[:, None, :]).flatten(1)  # phi_i . phi_j = (u_i . u_j)^2
+    degree = phi @ phi.sum(0)
+    embedding = torch.linalg.svd(phi / degree.sqrt()[:, None], full_matrices=False).U[:, :k]
+    embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    labels[live] = _kmeans(embedding, k, generator).to(labels.device)
+    return labels
+
+
+def _block_energy(row_features: Tensor, col_basis: Tensor, row_labels: Tensor,
+                  col_labels: Tensor, k: int) -> Tensor:
+    """E[a, b] = ||S[R_a, C_b]||_F^2 for S = row_features col_basis^T (col_basis orthonormal)."""
+    def grams(f, labels):
+        return torch.stack([f[labels == c].T @ f[labels == c] for c in range(k)])
+    return torch.einsum("aij,bij->ab", grams(row_features, row_labels),
+                        grams(col_basis, col_labels))
+
+
+def _best_matching(energy: Tensor) -> list[int]:
+    """perm with perm[a] = the column cluster paired with row cluster a, maximizing the
+    diagonal energy (exhaustive for up to 7 clusters, greedy beyond)."""
+    k = energy.shape[0]
+    if k <= 7:
+        return list(max(itertools.permutations(range(k)),
+                        key=lambda p: float(sum(energy[a, p[a]] for a in range(k)))))
+    perm, free_rows, free_cols = [0] * k, set(range(k)), set(range(k))
+    for _ in range(k):
+        a, b = max(((a, b) for a in free_rows for b in free_cols), key=lambda ab: energy[ab])
+        perm[a] = b
+        free_rows.remove(a)
+        free_cols.remove(b)
+    return perm
+
+
+def find_partition(P: Tensor, Q: Tensor, num_clusters: int,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(row_labels [out], col_labels [in]) grouping the rows and columns of S = P Q
+    (P [out, k], Q [k, in]) into paired, coherent and mutually uncorrelated clusters."""
+    col_basis, T = torch.linalg.qr(Q.T)  # S = (P T^T) col_basis^T
+    row_features = P @ T.T
+    row_basis, U = torch.linalg.qr(P)    # S^T = (Q^T U^T) row_basis^T
+    col_features = Q.T @ U.T
+    rows = _spectral_labels(row_features, num_clusters, generator)
+    cols = _spectral_labels(col_features, num_clusters, generator)
+    perm = _best_matching(_block_energy(row_features, col_basis, rows, cols, num_clusters))
+    relabel = torch.empty(num_clusters, dtype=torch.long)
+    relabel[torch.tensor(perm)] = torch.arange(num_clusters)
+    return rows, relabel.to(cols.device)[cols]
+
+
+def _block_factors(P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of the block P Q (P [m, k], Q [k, n]) from two QRs: (U [m, t], sigma, Vh [t, n])."""
+    q1, r1 = torch.linalg.qr(P)
+    q2, r2 = torch.linalg.qr(Q.T)
+    u, sigma, vh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
+    return q1 @ u, sigma, vh @ q2.T
+
+
+def captured_energy(P: Tensor, Q: Tensor, row_labels: Tensor, col_labels: Tensor,
+                    ranks: list[int]) -> float:
+    """Share of ||S||_F^2 (S = P Q) that the blocks' best rank-r_c approximations hold."""
+    total = float(((P.T @ P) * (Q @ Q.T)).sum())
+    if total == 0:
+        return 0.0
+    captured = 0.0
+    for c, r in enumerate(ranks):
+        rows, cols = row_labels == c, col_labels == c
+        if rows.any() and cols.any():
+            sigma = _block_factors(P[rows], Q[:, cols])[1]
+            captured += float(sigma[:r].pow(2).sum())
+    return captured / total
+
+
+def _factored_norm(P: Tensor, Q: Tensor) -> float:
+    """||P Q||_F without forming P Q."""
+    return float(((P.T @ P) * (Q @ Q.T)).sum().clamp_min(0).sqrt())
+
+
+# ---- gradient statistics ---------------------------------------------------------------------
+class GradientSketch:
+    """Sum S of the full weight's gradients dL/dW = g^T x over the steps it sees, kept as
+    Y = S Omega [out, k] and Z = S^T Psi [in, 2k+1] (Gaussian test matrices from `seed`, the
+    same on every rank). ``factors()`` returns P, Q with S ~ P Q, exact when rank(S) <= k."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, seed: int,
+                 device: torch.device):
+        g = torch.Generator().manual_seed(seed)
+        self.omega = torch.randn(in_features, rank, generator=g).to(device)
+        self.psi = torch.randn(out_features, 2 * rank + 1, generator=g).to(device)
+        self.Y = torch.zeros(out_features, rank, device=device)
+        self.Z = torch.zeros(in_features, 2 * rank + 1, device=device)
+        self.updates = 0
+
+    @torch.no_grad()
+    def add(self, x: Tensor, grad_out: Tensor) -> None:
+        x, grad_out = x.float(), grad_out.float()
+        self.Y.addmm_(grad_out.T, x @ self.omega)
+        self.Z.addmm_(x.T, grad_out @ self.psi)
+        self.updates += 1
+
+    @torch.no_grad()
+    def factors(self) -> tuple[Tensor, Tensor]:
+        from .distributed import all_reduce_sum
+        Y, Z = all_reduce_sum(self.Y.double()), all_reduce_sum(self.Z.double())
+        basis = torch.linalg.qr(Y).Q
+        return basis, torch.linalg.lstsq(self.psi.double().T @ basis, Z.T).solution
+
+
+class _RecordGradient(torch.autograd.Function):
+    """Identity on the layer output; its backward adds (x, grad_out) to a GradientSketch."""
+
+    @staticmethod
+    def forward(ctx, out, x, sketch):
+        ctx.save_for_backward(x)
+        ctx.sketch = sketch
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ctx.sketch.add(x, grad)
+        return grad, None, None
+
+
+# ---- the layer -------------------------------------------------------------------------------
+class CPSLinear(AdapterLinear):
+    """y = base(x) + drop(x) dW^T with dW[R_c, C_c] = s_c B_c A_c on G clusters of rows and
+    columns (see the module docstring for the partition criterion and schedule).
+
+    Args:
+        base: the nn.Linear to adapt; wrapped, not copied; its parameters are frozen.
+        num_clusters: G, at most min(in_features, out_features).
+        rank, rank_per_cluster: every cluster's rank, or one rank per cluster.
+        alpha, use_rslora: cluster c's scale is alpha / r_c (alpha / sqrt(r_c) with rsLoRA).
+        dropout: on the input, as PEFT.
+        init_partition: "contiguous" (balanced blocks in index order, e.g. attention heads) or
+            "random".
+        repartition_every, statistics_steps, sketch_rank: the schedule (0: never) and the
+            gradient statistics (default sketch rank min(32, max(8, 2 * sum of ranks))).
+        dtype: the factors' dtype; default float32 for fp16/bf16 bases, else the base's.
+
+    A cluster whose block is smaller than its rank (possible after a repartition) uses only
+    the rank the block allows; a cluster left without rows or columns contributes nothing
+    until a later repartition gives it some.
+    """
+
+    def __init__(self, base: nn.Linear, num_clusters: int = 4, rank: int = 8,
+                 alpha: float = 16.0, rank_per_cluster: list[int] | None = None,
+                 dropout: float = 0.0, use_rslora: bool = False,
+                 init_partition: str = "contiguous", repartition_every: int = 0,
+                 statistics_steps: int | None = None, sketch_rank: int | None = None,
+                 dtype: torch.dtype | None = None):
+        config = CPSConfig(num_clusters=num_clusters, rank=rank, alpha=alpha,
+                           rank_per_cluster=rank_per_cluster, dropout=dropout,
+                           use_rslora=use_rslora, init_partition=init_partition,
+                           repartition_every=repartition_every,
+                           statistics_steps=statistics_steps, sketch_rank=sketch_rank)
+        if isinstance(base, nn.Linear):
+            _check_fits(config, base.out_features, base.in_features)
+        super().__init__(base, dtype)
+        self.config = config
+        device = base.weight.device
+        seed = int(torch.randint(0, 2**62, ()))
+        g = torch.Generator().manual_seed(seed)
+        rows = _initial_labels(self.out_features, num_clusters, init_partition, g)
+        cols = _initial_labels(self.in_features, num_clusters, init_partition, g)
+        row_index, row_offsets = labels_to_index(rows, num_clusters)
+        col_index, col_offsets = labels_to_index(cols, num_clusters)
+        self.register_buffer("row_index", row_index.to(device))
+        self.register_buffer("col_index", col_index.to(device))
+        self.register_buffer("row_offsets", torch.tensor(row_offsets, device=device))
+        self.register_buffer("col_offsets", torch.tensor(col_offsets, device=device))
+        self.register_buffer("cluster_scales", torch.tensor(
+            config.cluster_scales(), dtype=ops.accumulate_dtype(self.adapter_dtype),
+            device=device))
+        # Seeds the statistics' test matrices and re-fit initializations: the same on all ranks.
+        self.register_buffer("partition_seed", torch.tensor(seed, device=device))
+        self.register_buffer("repartition_count", torch.zeros((), dtype=torch.long,
+                                                              device=device))
+        factory = dict(device=device, dtype=self.adapter_dtype)
+        self.lora_A = nn.Parameter(torch.zeros(config.r_max, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r_max, **factory))
+        self._offsets = (row_offsets, col_offsets)  # host copies: the op takes them as ints
+        if device.type != "meta":
+            with torch.no_grad():
+                self.lora_A.copy_(self._random_A(g))
+        self._sketch: GradientSketch | None = None
+        self._collecting = False
+        self.last_repartition: dict | None = None
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_offsets())
+
+    # ---- structure ---------------------------------------------------------------------------
+    @property
+    def num_clusters(self) -> int:
+        return self.config.num_clusters
+
+    @property
+    def ranks(self) -> list[int]:
+        return self.config.ranks
+
+    def _random_A(self, generator: torch.Generator) -> Tensor:
+        """PEFT's LoRA init per cluster block (uniform, bound 1/sqrt(fan_in)); unused slots 0."""
+        A = torch.zeros(self.config.r_max, self.in_features, dtype=torch.float64)
+        _, col_offsets = self._offsets
+        for c, r in enumerate(self.ranks):
+            width = col_offsets[c + 1] - col_offsets[c]
+            if width:
+                bound = 1 / math.sqrt(width)
+                A[:r, col_offsets[c]:col_offsets[c + 1]] = (
+                    torch.rand(r, width, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        return A
+
+    def _sync_offsets(self) -> None:
+        """Refresh the host copies of the offsets (after load_state_dict) and check them."""
+        if self.row_offsets.device.type == "meta":
+            return
+        row_offsets, col_offsets = self.row_offsets.tolist(), self.col_offsets.tolist()
+        check_partition(self.row_index, row_offsets, self.out_features, "rows")
+        check_partition(self.col_index, col_offsets, self.in_features, "columns")
+        self._offsets = (row_offsets, col_offsets)
+
+    def partition(self) -> tuple[Tensor, Tensor]:
+        """(row_labels [out], col_labels [in]): each output row's and input column's cluster."""
+        row_offsets, col_offsets = self._offsets
+        return (index_to_labels(self.row_index.cpu(), row_offsets),
+                index_to_labels(self.col_index.cpu(), col_offsets))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in={self.in_features}, out={self.out_features}, clusters={c.num_clusters}, "
+                f"ranks={c.ranks}, repartition_every={c.repartition_every}, "
+                f"dropout={c.dropout}, merged={self.merged}")
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        dtype = self._compute_dtype(x)
+        p = self.config.dropout if self.training else 0.0
+        seed = ops.new_dropout_seed(x.device) if p > 0 else None
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        base2 = result.reshape(-1, self.out_features)
+        fused = base2.dtype == dtype
+        row_offsets, col_offsets = self._offsets
+        out = ops.cluster_lowrank(x2, self.lora_A.to(dtype), self.lora_B.to(dtype),
+                                  self.cluster_scales, self.row_index, self.col_index,
+                                  row_offsets, col_offsets, self.ranks,
+                                  base2 if fused else None, seed, p)
+        if self._collecting and self.training and torch.is_grad_enabled():
+            out = _RecordGradient.apply(out, x2, self._sketch)
+        out = out.reshape(result.shape)
+        return out if fused else result + out.to(result.dtype)
+
+    # ---- the update as factors ---------------------------------------------------------------
+    def _update_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Each cluster's block placed at its rows and columns: A [R, in], B [out, R] and the
+        per-rank scale [R], R = sum of ranks, in the layer's original row/column order."""
+        row_offsets, col_offsets = self._offsets
+        blocks_A, blocks_B = [], []
+        for c, r in enumerate(self.ranks):
+            A = self.lora_A.new_zeros(r, self.in_features)
+            A[:, self.col_index[col_offsets[c]:col_offsets[c + 1]]] = \
+                self.lora_A[:r, col_offsets[c]:col_offsets[c + 1]]
+            B = self.lora_B.new_zeros(self.out_features, r)
+            B[self.row_index[row_offsets[c]:row_offsets[c + 1]]] = \
+                self.lora_B[row_offsets[c]:row_offsets[c + 1], :r]
+            blocks_A.append(A)
+            blocks_B.append(B)
+        scale = torch.cat([s.expand(r) for s, r in zip(self.cluster_scales, self.ranks)])
+        return torch.cat(blocks_A), torch.cat(blocks_B, dim=1), scale
+
+    def _signal_factors(self) -> tuple[Tensor, Tensor]:
+        """(P, Q) with the current update dW = P Q, in float64."""
+        A, B, scale = (t.detach().double() for t in self._update_factors())
+        return B * scale, A
+
+    # ---- repartition -------------------------------------------------------------------------
+    def collect_statistics(self, on: bool = True) -> None:
+        """Start (or pause) adding the full weight's gradients to the statistics that the next
+        repartition() clusters; they are kept until that repartition."""
+        if on and self._sketch is None:
+            seed = int(self.partition_seed) + int(self.repartition_count)
+            self._sketch = GradientSketch(self.out_features, self.in_features,
+                                          self.config.resolved_sketch_rank(), seed,
+                                          self.lora_A.device)
+        self._collecting = on
+
+    @torch.no_grad()
+    def repartition(self, signal: str = "auto", force: bool = False) -> float:
+        """Regroup rows and columns (criterion in the module docstring), re-fit the factors and
+        return the relative change of the update ||dW_new - dW_old|| / ||dW_old|| (0.0 when
+        the partition is kept or the update was zero).
+
+        signal: "gradient" (the collected statistics), "delta" (the current update) or "auto"
+        (statistics if any were collected, else the update). force: adopt the new partition
+        even if it captures less of the signal. In a distributed run every rank calls it at
+        the same step (the statistics are summed over ranks)."""
+        if self.merged:
+            raise RuntimeError("CPSLinear.repartition: the adapter is merged; unmerge() first")
+        if signal not in ("auto", "gradient", "delta"):
+            raise ValueError(f"CPSLinear.repartition: signal must be 'auto', 'gradient' or "
+                             f"'delta', got {signal!r}")
+        has_statistics = self._sketch is not None and self._sketch.updates > 0
+        if signal == "gradient" and not has_statistics:
+            raise RuntimeError("CPSLinear.repartition: no gradient statistics were collected; "
+                               "call collect_statistics() before some training steps")
+        if signal == "gradient" or (signal == "auto" and has_statistics):
+            P, Q = self._sketch.factors()
+        else:
+            P, Q = self._signal_factors()
+        if _factored_norm(P, Q) == 0:
+            raise RuntimeError("CPSLinear.repartition: the signal is zero (no statistics and a "
+                               "zero update): nothing to cluster yet")
+        g = torch.Generator().manual_seed(int(self.partition_seed) + int(self.repartition_count))
+        rows, cols = find_partition(P.cpu(), Q.cpu(), self.num_clusters, g)
+        old_rows, old_cols = self.partition()
+        before = captured_energy(P.cpu(), Q.cpu(), old_rows, old_cols, self.ranks)
+        after = captured_energy(P.cpu(), Q.cpu(), rows, cols, self.ranks)
+        adopt = force or after > before * ADOPTION_MARGIN
+        change = self._refit(rows, cols, g) if adopt else 0.0
+        self.repartition_count += 1
+        self._sketch, self._collecting = None, False
+        self.last_repartition = dict(adopted=adopt, captured_before=before,
+                                     captured_after=after, delta_change=change)
+        return change
+
+    def _refit(self, row_labels: Tensor, col_labels: Tensor, generator: torch.Generator) -> float:
+        """Move to the given partition, re-fitting each block to the current update."""
+        P_old, Q_old = (t.cpu() for t in self._signal_factors())
+        G, ranks = self.num_clusters, self.ranks
+        row_index, row_offsets = labels_to_index(row_labels.cpu(), G)
+        col_index, col_offsets = labels_to_index(col_labels.cpu(), G)
+        scales = self.cluster_scales.double().cpu()
+        self._offsets = (row_offsets, col_offsets)
+        A = self._random_A(generator)
+        B = torch.zeros(self.out_features, self.config.r_max, dtype=torch.float64)
+        for c, r in enumerate(ranks):
+            rows = row_index[row_offsets[c]:row_offsets[c + 1]]
+            cols = col_index[col_offsets[c]:col_offsets[c + 1]]
+            if not (len(rows) and len(cols)):
+                continue
+            U, sigma, Vh = _block_factors(P_old[rows], Q_old[:, cols])
+            keep = int((sigma[:r] > 1e-12 * max(float(sigma[0]), 1e-300)).sum())
+            root = (sigma[:keep] / scales[c]).sqrt()  # s_c B A = U sigma Vh, A and B balanced
+            A[:keep, col_offsets[c]:col_offsets[c + 1]] = root[:, None] * Vh[:keep]
+            B[row_offsets[c]:row_offsets[c + 1], :keep] = U[:, :keep] * root
+        device = self.lora_A.device
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        self.row_index.copy_(row_index.to(device))
+        self.col_index.copy_(col_index.to(device))
+        self.row_offsets.copy_(torch.tensor(row_offsets))
+        self.col_offsets.copy_(torch.tensor(col_offsets))
+        P_new, Q_new = (t.cpu() for t in self._signal_factors())
+        old_norm = _factored_norm(P_old, Q_old)
+        if old_norm == 0:
+            return 0.0
+        return _factored_norm(torch.cat([P_new, -P_old], 1), torch.cat([Q_new, Q_old])) / old_norm
+
+
+def check_partition(index: Tensor, offsets: list[int], size: int, what: str) -> None:
+    """A partition of `size` items: `index` a permutation, `offsets` non-decreasing 0..size."""
+    if (index.shape != (size,) or offsets[0] != 0 or offsets[-1] != size
+            or any(a > b for a, b in zip(offsets, offsets[1:]))
+            or not torch.equal(torch.sort(index.cpu()).values, torch.arange(size))):
+        raise ValueError(f"CPSLinear: the {what} partition is invalid: index must be a "
+                         f"permutation of {size} items and offsets non-decreasing from 0 to "
+                         f"{size}, got offsets {offsets}")
+
+
+def _check_fits(config: CPSConfig, out_features: int, in_features: int,
+                name: str = "") -> None:
+    where = f"CPSLinear{f' {name!r}' if name else ''}"
+    G = config.num_clusters
+    if G > min(out_features, in_features):
+        raise ValueError(f"{where}: num_clusters={G} is more than the layer's rows "
+                         f"({out_features}) or columns ({in_features})")
+    smallest = min(out_features // G, in_features // G)  # the initial blocks' smallest side
+    if config.r_max > smallest:
+        raise ValueError(f"{where}: rank {config.r_max} is larger than a "
+                         f"{out_features // G} x {in_features // G} block allows "
+                         f"(num_clusters={G} on a {in_features} -> {out_features} layer); "
+                         f"use a rank <= {smallest} or fewer clusters")
+
+
+# ---- schedule --------------------------------------------------------------------------------
+class RepartitionSchedule:
+    """Drives every CPSLinear's statistics window and repartitions from the optimizer step.
+
+        schedule = sl.RepartitionSchedule(model, optimizer)
+        for batch in loader:
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+            changes = schedule.step()   # {layer: relative change of dW} when one repartitioned
+
+    After a layer's factors are re-fitted, its parameters' optimizer state (e.g. Adam moments)
+    is dropped: it described the old factors."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        self.layers = [(name, m) for name, m in model.named_modules()
+                       if isinstance(m, CPSLinear) and m.config.repartition_every > 0]
+        self.optimizer = optimizer
+        self.step_count = 0
+        self._arm()
+
+    def _arm(self) -> None:
+        """Collect statistics during the next step if it falls in a layer's window."""
+        upcoming = self.step_count + 1
+        for _, layer in self.layers:
+            every, window = layer.config.repartition_every, layer.config.window
+            layer.collect_statistics((upcoming - 1) % every < window)
+
+    def step(self) -> dict[str, float]:
+        self.step_count += 1
+        changes = {}
+        for name, layer in self.layers:
+            every, window = layer.config.repartition_every, layer.config.window
+            if self.step_count >= window and (self.step_count - window) % every == 0:
+                changes[name] = layer.repartition()
+                if layer.last_repartition["adopted"] and self.optimizer is not None:
+                    for p in (layer.lora_A, layer.lora_B):
+                        self.optimizer.state.pop(p, None)
+        self._arm()
+        return changes
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self._arm()
