@@ -105,7 +105,7 @@ def test_apply_bad_input_changes_nothing(targets, kwargs, error, match):
 def test_apply_twice_refuses():
     model = tiny_llama()
     sl.apply_sos_lora(model, ["q_proj"], num_experts=2, rank=4)
-    with pytest.raises(ValueError, match="already has an SOS-LoRA adapter"):
+    with pytest.raises(ValueError, match="already has an adapter"):
         sl.apply_sos_lora(model, ["q_proj"], num_experts=2, rank=4)
 
 

@@ -181,7 +181,7 @@ def test_load_refuses_other_architecture_and_adapted_model(tmp_path):
     sl.save_adapter(adapted_llama(), tmp_path)
     with pytest.raises(sl.AdapterError, match="no such module in BertForSequenceClassification"):
         sl.load_adapter(bert(), tmp_path)
-    with pytest.raises(sl.AdapterError, match="already has an SOS-LoRA adapter"):
+    with pytest.raises(sl.AdapterError, match="already has an adapter"):
         sl.load_adapter(adapted_llama(), tmp_path)
 
 

@@ -185,23 +185,17 @@ def cmd_export_peft(args) -> int:
 def cmd_info(args) -> int:
     from safetensors.torch import load_file
 
-    from .serialization import WEIGHTS_NAME, sos_layers_from_directory
+    from .serialization import WEIGHTS_NAME, layers_from_directory
 
-    config, layers = sos_layers_from_directory(args.adapter)
+    config, layers = layers_from_directory(args.adapter)
     print(f"adapter {args.adapter}: method {config['method']}, library "
           f"{config['library_version']}, base {config.get('base_model_class')}")
-    print(f"{'layer':<48} {'in->out':>11} {'K':>2} {'r_tot':>5} {'mode':>7} {'gate':>5}  scales")
+    print(f"{'layer':<48} {'in->out':>11}  structure")
     adapter_params = 0
     for name, layer in layers.items():
-        c = layer.config
         adapter_params += sum(p.numel() for n, p in layer.named_parameters()
                               if not n.startswith("base_layer."))
-        scales = layer.scales()
-        shown = scales if scales.dim() == 1 else scales.mean(dim=1)
-        note = "" if scales.dim() == 1 else " (mean over channels)"
-        print(f"{name:<48} {layer.in_features:>5}->{layer.out_features:<5} {c.num_experts:>2} "
-              f"{c.r_total:>5} {c.scale_mode:>7} {str(c.gate):>5}  "
-              f"{[round(v, 3) for v in shown.tolist()]}{note}")
+        print(f"{name:<48} {layer.in_features:>5}->{layer.out_features:<5}  {layer.describe()}")
     saved = config["modules_to_save"]
     tensors = load_file(str(Path(args.adapter) / WEIGHTS_NAME))
     whole = sum(tensors[f"{m}.{p}"].numel() for m, ps in saved.items() for p in ps)

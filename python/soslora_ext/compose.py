@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import ops
 from .serialization import (CONFIG_NAME, FORMAT, AdapterError, folded_factors, read_peft_lora,
-                            sos_layers_from_directory, write_peft_lora)
+                            layers_from_directory, write_peft_lora)
 
 Tensor = torch.Tensor
 
@@ -100,7 +100,7 @@ def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
     except (OSError, json.JSONDecodeError, AttributeError):
         fmt = None  # read_peft_lora reports the problem precisely
     if fmt == FORMAT:
-        config, layers = sos_layers_from_directory(directory)
+        config, layers = layers_from_directory(directory)
         terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
         return Adapter(terms, name=name)
     config, factors, whole = read_peft_lora(directory)
@@ -110,12 +110,12 @@ def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
 
 
 def from_model(model: nn.Module, name: str = "model") -> Adapter:
-    """The SOS adapters of a model, as an Adapter."""
-    from .model import sos_layers
+    """The adapters (SOS and CPS layers) of a model, as an Adapter."""
+    from .model import adapter_layers
 
-    terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in sos_layers(model)}
+    terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in adapter_layers(model)}
     if not terms:
-        raise AdapterError("from_model: the model has no SOSLinear layers")
+        raise AdapterError("from_model: the model has no adapted (SOSLinear/CPSLinear) layers")
     return Adapter(terms, name=name)
 
 

@@ -372,6 +372,13 @@ class CPSLinear(AdapterLinear):
         return (index_to_labels(self.row_index.cpu(), row_offsets),
                 index_to_labels(self.col_index.cpu(), col_offsets))
 
+    def describe(self) -> str:
+        """One line: clusters, their ranks and block sizes."""
+        row_offsets, col_offsets = self._offsets
+        blocks = [f"{row_offsets[c + 1] - row_offsets[c]}x{col_offsets[c + 1] - col_offsets[c]}"
+                  for c in range(self.num_clusters)]
+        return f"CPS G={self.num_clusters} ranks={self.ranks} blocks={blocks}"
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"in={self.in_features}, out={self.out_features}, clusters={c.num_clusters}, "

@@ -227,6 +227,14 @@ class SOSLinear(AdapterLinear):
         r = self.config.r_expert
         return [slice(k * r, (k + 1) * r) for k in range(self.num_experts)]
 
+    def describe(self) -> str:
+        """One line: experts, ranks, scale mode, gate and effective scales."""
+        c, scales = self.config, self.scales()
+        shown = scales if scales.dim() == 1 else scales.mean(dim=1)
+        note = "" if scales.dim() == 1 else " (mean over channels)"
+        return (f"SOS K={c.num_experts} r_tot={c.r_total} scale_mode={c.scale_mode} "
+                f"gate={c.gate} scales={[round(v, 3) for v in shown.tolist()]}{note}")
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"in={self.in_features}, out={self.out_features}, experts={c.num_experts}, "

@@ -7,9 +7,13 @@ Both files are first written to temporary files and then renamed into place, wei
 interrupted save therefore leaves the previous files whole. If it stops in the moment between
 the two renames, the checksum makes loading refuse the mismatched pair instead of using it.
 
-PEFT format: the whole SOS update of a layer is one LoRA of rank r_tot, with the scales (and the
-gate) folded into B. ``export_peft`` writes it with lora_alpha = r, so PEFT's scaling is 1.
-``import_peft`` goes the other way.
+Each layer entry records its method ("sos" for SOSLinear, "cps" for CPSLinear); a CPS layer's
+partition (row/column index maps and offsets) is stored with its factors.
+
+PEFT format: the whole update of a layer is one LoRA (rank r_tot for SOS, the sum of the
+cluster ranks for CPS, each cluster's block placed at its rows and columns), with the scales
+(and the gate) folded into B. ``export_peft`` writes it with lora_alpha = r, so PEFT's scaling
+is 1. ``import_peft`` turns a PEFT LoRA into SOS layers.
 """
 from __future__ import annotations
 
@@ -27,15 +31,17 @@ import torch
 import torch.nn as nn
 
 from .config import SOSConfig
+from .cps import CPSLinear, check_partition
 from .distributed import full, is_writer
-from .layer import SOSLinear
-from .model import freeze_all_but_adapters, modules_to_save, replace_module, sos_layers
+from .layer import AdapterLinear, SOSLinear
+from .model import adapter_layers, freeze_all_but_adapters, modules_to_save, replace_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "soslora_ext"
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
+METHODS = {"sos": SOSLinear, "cps": CPSLinear}
 
 
 class AdapterError(ValueError):
@@ -119,38 +125,43 @@ def _read_pair(directory: Path, check_sha: bool) -> tuple[dict, dict[str, torch.
 
 
 # ---- our format ------------------------------------------------------------------------------
-def _layer_state(layer: SOSLinear) -> dict[str, torch.Tensor]:
+def _method(layer: AdapterLinear) -> str:
+    return next(name for name, cls in METHODS.items() if isinstance(layer, cls))
+
+
+def _layer_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
     """The adapter's tensors (whole, also when the model is sharded)."""
     return {k: full(v) for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
 
 
-def _unsharded(layer: SOSLinear) -> SOSLinear:
+def _unsharded(layer: AdapterLinear) -> AdapterLinear:
     """`layer` itself, or for a sharded one a copy on a weightless base with gathered tensors."""
     from torch.distributed.tensor import DTensor
 
     if not any(isinstance(t, DTensor) for t in layer.state_dict().values()):
         return layer
-    copy = SOSLinear(nn.Linear(layer.in_features, layer.out_features, device="meta"),
-                     dtype=layer.lora_A.dtype, **layer.config.to_dict())
+    copy = type(layer)(nn.Linear(layer.in_features, layer.out_features, device="meta"),
+                       dtype=layer.lora_A.dtype, **layer.config.to_dict())
     copy.load_state_dict(_layer_state(layer), strict=False, assign=True)
     return copy
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike,
                  metadata: dict | None = None) -> Path:
-    """Write the model's SOS adapters (and its modules_to_save) to `directory`.
+    """Write the model's adapters (SOS and CPS layers, and its modules_to_save) to `directory`.
 
     `metadata` (JSON-serialisable) is stored as is, e.g. how to rebuild the base model.
     In a distributed run every rank calls it: sharded tensors are gathered and rank 0 writes."""
     from . import __version__
 
-    layers = dict(sos_layers(model))
+    layers = dict(adapter_layers(model))
     if not layers:
-        raise AdapterError("save_adapter: the model has no SOSLinear layers")
+        raise AdapterError("save_adapter: the model has no adapted (SOSLinear/CPSLinear) layers")
     tensors, modules = {}, {}
     for name, layer in layers.items():
         tensors.update({f"{name}.{k}": v for k, v in _layer_state(layer).items()})
-        modules[name] = dict(in_features=layer.in_features, out_features=layer.out_features,
+        modules[name] = dict(method=_method(layer), in_features=layer.in_features,
+                             out_features=layer.out_features,
                              bias=layer.bias is not None, config=layer.config.to_dict(),
                              dtype=str(layer.lora_A.dtype).removeprefix("torch."))
     saved = {}
@@ -159,7 +170,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
         tensors.update({f"{name}.{k}": full(v) for k, v in params.items()})
         saved[name] = sorted(params)
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=__version__,
-                  method="sos", base_model_class=type(model).__name__,
+                  method="+".join(sorted({m["method"] for m in modules.values()})),
+                  base_model_class=type(model).__name__,
                   target_modules=sorted(layers), modules=modules, modules_to_save=saved,
                   metadata=metadata or {})
     if not is_writer():
@@ -187,7 +199,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Re-create the saved SOS layers on a fresh `model` and restore them exactly.
+    """Re-create the saved adapted layers on a fresh `model` and restore them exactly.
 
     Every layer's name, shape, hyperparameters and tensors are checked before the model is
     touched; a mismatch raises AdapterError naming the layer and leaves the model unchanged.
@@ -206,21 +218,24 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         base = _module(model, name)
         if base is None:
             _fail(directory, f"layer {name!r}: no such module in {type(model).__name__}")
-        if isinstance(base, SOSLinear):
-            _fail(directory, f"layer {name!r} already has an SOS-LoRA adapter; load into a "
-                             "fresh model")
+        if isinstance(base, AdapterLinear):
+            _fail(directory, f"layer {name!r} already has an adapter; load into a fresh model")
         if not isinstance(base, nn.Linear):
             _fail(directory, f"layer {name!r} is a {type(base).__name__}, not an nn.Linear")
         try:
-            layer_config = SOSConfig(**entry["config"])
+            method = entry.get("method", "sos")  # files written before CPS-LoRA are all SOS
+            if method not in METHODS:
+                _fail(directory, f"layer {name!r}: unknown method {method!r}")
+            cls = METHODS[method]
+            layer_config = dict(entry["config"])
             dtype = getattr(torch, entry["dtype"])
             shape = (entry["in_features"], entry["out_features"])
             if shape != (base.in_features, base.out_features):
                 _fail(directory, f"layer {name!r}: adapter is for in/out features {shape}, the "
                                  f"model's layer is ({base.in_features}, {base.out_features})")
             # The tensors a fresh layer of this configuration holds, built on the meta device.
-            probe = SOSLinear(nn.Linear(*shape, device="meta", dtype=dtype), dtype=dtype,
-                              **layer_config.to_dict())
+            probe = cls(nn.Linear(*shape, device="meta", dtype=dtype), dtype=dtype,
+                        **layer_config)
         except AdapterError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -238,7 +253,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 _fail(directory, f"layer {name!r}: tensor {key!r} has non-finite values")
             state[key] = t
             expected_keys.add(full)
-        plans.append((name, base, layer_config, dtype, state))
+        if cls is CPSLinear:
+            try:
+                check_partition(state["row_index"], state["row_offsets"].tolist(),
+                                base.out_features, "rows")
+                check_partition(state["col_index"], state["col_offsets"].tolist(),
+                                base.in_features, "columns")
+            except ValueError as e:
+                _fail(directory, f"layer {name!r}: {e}")
+        plans.append((name, base, cls, layer_config, dtype, state))
 
     whole = []
     for name, params in (config.get("modules_to_save") or {}).items():
@@ -257,8 +280,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if extra:
         _fail(directory, f"{WEIGHTS_NAME} holds tensors that no layer uses: {extra[:5]}")
 
-    for name, base, layer_config, dtype, state in plans:
-        layer = SOSLinear(base, dtype=dtype, **layer_config.to_dict())
+    for name, base, cls, layer_config, dtype, state in plans:
+        layer = cls(base, dtype=dtype, **layer_config)
         layer.load_state_dict(state, strict=False)  # every non-base key was checked above
         replace_module(model, name, layer)
     with torch.no_grad():
@@ -300,12 +323,12 @@ def write_peft_lora(directory: str | os.PathLike, factors: dict[str, tuple[torch
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the SOS adapters as a standard PEFT LoRA (rank r_tot, scales folded into B) that
-    ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs.
-    In a distributed run every rank calls it; rank 0 writes."""
-    layers = dict(sos_layers(model))
+    """Write the adapters as a standard PEFT LoRA (scales folded into B; a CPS layer's clusters
+    placed at their rows and columns) that ``peft.PeftModel.from_pretrained(base, directory)``
+    loads with the same outputs. In a distributed run every rank calls it; rank 0 writes."""
+    layers = dict(adapter_layers(model))
     if not layers:
-        raise AdapterError("export_peft: the model has no SOSLinear layers")
+        raise AdapterError("export_peft: the model has no adapted (SOSLinear/CPSLinear) layers")
     factors = {}
     for name, layer in layers.items():
         if layer.merged:
@@ -318,23 +341,24 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     return write_peft_lora(directory, factors, whole)
 
 
-def folded_factors(layer: SOSLinear) -> tuple[torch.Tensor, torch.Tensor]:
+def folded_factors(layer: AdapterLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B * scales) in float32 (float64 for float64 factors): the layer's update is B A."""
     with torch.no_grad():
-        acc = torch.promote_types(layer.lora_A.dtype, torch.float32)
-        return (layer.lora_A.detach().to(acc),
-                layer.lora_B.detach().to(acc) * layer._rank_scale().detach().to(acc))
+        A, B, scale = layer._update_factors()
+        acc = torch.promote_types(A.dtype, torch.float32)
+        return A.detach().to(acc), B.detach().to(acc) * scale.detach().to(acc)
 
 
-def sos_layers_from_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, SOSLinear]]:
-    """(config, {name: SOSLinear}) of a saved adapter, each layer on a weightless (meta) base:
+def layers_from_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, AdapterLinear]]:
+    """(config, {name: layer}) of a saved adapter, each layer on a weightless (meta) base:
     enough for scales, factors and parameter counts without the base model."""
     config = read_adapter_config(directory)
     _, tensors = _read_pair(Path(directory), check_sha=False)
     layers = {}
     for name, entry in config["modules"].items():
-        layer = SOSLinear(nn.Linear(entry["in_features"], entry["out_features"], device="meta"),
-                          dtype=getattr(torch, entry["dtype"]), **entry["config"])
+        cls = METHODS[entry.get("method", "sos")]
+        layer = cls(nn.Linear(entry["in_features"], entry["out_features"], device="meta"),
+                    dtype=getattr(torch, entry["dtype"]), **entry["config"])
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         layer.load_state_dict(state, strict=False, assign=True)
         layers[name] = layer
@@ -408,7 +432,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int
         fail("fan_in_fan_out=True adapters (GPT-2 Conv1D layers) are not supported")
     for name, (A, B, _) in factors.items():
         base = _module(model, name)
-        if base is None or not isinstance(base, nn.Linear) or isinstance(base, SOSLinear):
+        if base is None or not isinstance(base, nn.Linear) or isinstance(base, AdapterLinear):
             fail(f"layer {name!r}: the model has no plain nn.Linear of that name")
         if B.shape != (base.out_features, A.shape[0]) or A.shape[1] != base.in_features:
             fail(f"layer {name!r}: LoRA factors of shapes {tuple(A.shape)} and "
