@@ -250,7 +250,7 @@ class GradientSketch:
         from .distributed import all_reduce_sum
         Y, Z = all_reduce_sum(self.Y.double()), all_reduce_sum(self.Z.double())
         basis = torch.linalg.qr(Y).Q
-        return basis, torch.linalg.lstsq(self.psi.double().T @ basis, Z.T).solution
+        return basis, torch.linalg.pinv(self.psi.double().T @ basis) @ Z.T
 
 
 class _RecordGradient(torch.autograd.Function):
@@ -480,6 +480,7 @@ class CPSLinear(AdapterLinear):
                                      captured_after=after, delta_change=change)
         return change
 
+    @torch.no_grad()
     def _refit(self, row_labels: Tensor, col_labels: Tensor, generator: torch.Generator) -> float:
         """Move to the given partition, re-fitting each block to the current update."""
         P_old, Q_old = (t.cpu() for t in self._signal_factors())
