@@ -136,7 +136,10 @@ def test_main_job_small_end_to_end(tmp_path):
     summary = main_job.run(tmp_path, steps=4, batch_size=4, train_per_class=8, test_per_class=4,
                            progress=False)
     assert summary["checks"]["ok"]
-    assert set(summary["results"]) == {"SOS-LoRA", "LoRA"}
+    assert set(summary["results"]) == {"SOS-LoRA", "CPS-LoRA", "LoRA"}
+    cps, lora = summary["results"]["CPS-LoRA"], summary["results"]["LoRA"]
+    assert cps["trainable_parameters"] == lora["trainable_parameters"]
+    assert [r["step"] for r in cps["repartitions"]] == [1, 3]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert json.loads((tmp_path / "adapter_peft" / "adapter_config.json").read_text())["peft_type"] \
         == "LORA"

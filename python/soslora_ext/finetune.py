@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .cps import RepartitionSchedule
 from .model import sos_layers
 from .schedules import GateSchedule, OrthoSchedule
 
@@ -21,6 +22,8 @@ from .schedules import GateSchedule, OrthoSchedule
 class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    # (step, {layer: relative change of dW}) for every CPS-LoRA repartition
+    repartitions: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -35,7 +38,8 @@ def train(model: nn.Module, batches, steps: int, lr: float = 1e-3, seed: int = 0
     linear warm-up over the first tenth of the steps and gradient clipping (as Trainer does).
 
     `batches(step, generator)` returns the batch for a step. When the model has SOS layers
-    the orthogonality and gate-temperature schedules of the reference recipe run alongside.
+    the orthogonality and gate-temperature schedules of the reference recipe run alongside;
+    CPS layers with ``repartition_every`` are repartitioned on their schedule.
     """
     from tqdm.auto import tqdm
 
@@ -48,6 +52,7 @@ def train(model: nn.Module, batches, steps: int, lr: float = 1e-3, seed: int = 0
     ortho = OrthoSchedule(model, lambda_max=lambda_max, total_steps=steps) if has_sos else None
     gate = (GateSchedule(model, total_steps=steps)
             if any(l.config.gate for _, l in sos_layers(model)) else None)
+    repartition = RepartitionSchedule(model, opt)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult()
     model.train()
@@ -64,6 +69,9 @@ def train(model: nn.Module, batches, steps: int, lr: float = 1e-3, seed: int = 0
         for schedule in (ortho, gate):
             if schedule is not None:
                 schedule.step()
+        changes = repartition.step()
+        if changes:
+            result.repartitions.append((step + 1, changes))
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"{desc}: loss became {value} at step {step}")

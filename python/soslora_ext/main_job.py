@@ -1,9 +1,11 @@
-"""Main job: fine-tune the real all-MiniLM-L6-v2 with SOS-LoRA on CPU and compare with LoRA.
+"""Main job: fine-tune the real all-MiniLM-L6-v2 with SOS-LoRA and CPS-LoRA on CPU and compare
+with LoRA.
 
 The task is ``filekinds`` (soslora_ext.data): tell Python source, C headers, license texts and
-man pages apart from a 6-line snippet. SOS-LoRA (K=4 experts, total rank 16) and PEFT's LoRA
-(rank 16, same alpha, same targets, same classifier head) train with the same seed, the same
-batches and the same number of steps. Then the SOS model's adapter is saved, exported to PEFT's
+man pages apart from a 6-line snippet. SOS-LoRA (K=4 experts, total rank 16), CPS-LoRA (4
+clusters of rank 16: the same trainable parameters as a rank-16 LoRA, repartitioned after the
+first twelfth of the steps, from their gradient statistics, and then every third) and PEFT's LoRA (rank 16, same alpha, same targets, same classifier
+head) train with the same seed, the same batches and the same number of steps. Then the SOS model's adapter is saved, exported to PEFT's
 format and loaded back with the real peft package (outputs must agree), and merged (merged
 outputs must agree with unmerged ones). Results go to OUT/results.json.
 """
@@ -19,7 +21,7 @@ import torch
 
 from . import finetune
 from .data import LABELS, build_filekinds
-from .model import apply_sos_lora, merge_and_unload, trainable_parameters
+from .model import apply_cps_lora, apply_sos_lora, merge_and_unload, trainable_parameters
 from .serialization import export_peft, save_adapter
 
 # Every Linear inside the encoder blocks; the pooler and the new classifier train whole.
@@ -48,8 +50,8 @@ def load_classifier(model_dir: Path, seed: int):
 
 
 def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha: float = 32.0,
-        num_experts: int = 4, lr: float = 5e-4, seed: int = 0, max_length: int = 64,
-        train_per_class: int = 256, test_per_class: int = 64, model_dir: Path | None = None,
+        num_experts: int = 4, num_clusters: int = 4, lr: float = 5e-4, seed: int = 0,
+        max_length: int = 64, train_per_class: int = 256, test_per_class: int = 64, model_dir: Path | None = None,
         progress: bool = True) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoTokenizer
@@ -71,6 +73,11 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
         if method == "SOS-LoRA":
             apply_sos_lora(model, TARGETS, modules_to_save=MODULES_TO_SAVE,
                            num_experts=num_experts, rank=rank, alpha=alpha)
+        elif method == "CPS-LoRA":
+            apply_cps_lora(model, TARGETS, modules_to_save=MODULES_TO_SAVE,
+                           num_clusters=num_clusters, rank=rank, alpha=alpha,
+                           repartition_every=max(2, steps // 3),
+                           statistics_steps=max(1, steps // 12))
         else:
             model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha,
                                                      target_modules=TARGETS,
@@ -78,7 +85,7 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
         return model
 
     results, models = {}, {}
-    for method in ("SOS-LoRA", "LoRA"):
+    for method in ("SOS-LoRA", "CPS-LoRA", "LoRA"):
         model = adapt(method)
         trainable, total = trainable_parameters(model)
         fit = finetune.train(model, finetune.sample_batches(train_data, batch_size), steps,
@@ -89,6 +96,10 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
                                final_loss=sum(fit.losses[-10:]) / len(fit.losses[-10:]),
                                train_seconds=fit.seconds, trainable_parameters=trainable,
                                total_parameters=total)
+        if fit.repartitions:
+            results[method]["repartitions"] = [
+                dict(step=step, max_relative_change=max(c.values()),
+                     mean_relative_change=sum(c.values()) / len(c)) for step, c in fit.repartitions]
         models[method] = (model, logits)
         print(f"{method}: test accuracy {results[method]['accuracy']:.4f} "
               f"({trainable} trainable parameters, {fit.seconds:.0f} s)")
@@ -108,7 +119,8 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
     checks = dict(peft_export_relative_error=export_error, merged_minus_unmerged_max_abs=merge_gap)
     checks["ok"] = export_error <= 1e-5 and merge_gap <= 1e-4
     summary = dict(task="filekinds", labels=LABELS, steps=steps, batch_size=batch_size,
-                   rank=rank, alpha=alpha, num_experts=num_experts, lr=lr, seed=seed,
+                   rank=rank, alpha=alpha, num_experts=num_experts,
+                   num_clusters=num_clusters, lr=lr, seed=seed,
                    max_length=max_length, results=results, checks=checks,
                    seconds=time.perf_counter() - t0, torch=torch.__version__)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -130,13 +142,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory (default runs/main-job)")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rank", type=int, default=16, help="total rank (both methods)")
+    parser.add_argument("--rank", type=int, default=16, help="total rank of SOS-LoRA and LoRA; CPS-LoRA rank per cluster")
     parser.add_argument("--experts", type=int, default=4, help="SOS-LoRA experts")
+    parser.add_argument("--clusters", type=int, default=4, help="CPS-LoRA clusters")
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (both methods)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def main(args: argparse.Namespace) -> int:
     summary = run(args.out, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
-                  alpha=2.0 * args.rank, num_experts=args.experts, lr=args.lr, seed=args.seed)
+                  alpha=2.0 * args.rank, num_experts=args.experts,
+                  num_clusters=args.clusters, lr=args.lr, seed=args.seed)
     return 0 if summary["checks"]["ok"] else 1
