@@ -453,6 +453,11 @@ class CPSLinear(AdapterLinear):
         the same step (the statistics are summed over ranks)."""
         if self.merged:
             raise RuntimeError("CPSLinear.repartition: the adapter is merged; unmerge() first")
+        from torch.distributed.tensor import DTensor
+        if isinstance(self.lora_A, DTensor):
+            raise RuntimeError("CPSLinear.repartition: the factors are sharded (FSDP2); "
+                               "repartitioning sharded layers is not supported: use DDP, or "
+                               "keep repartition_every=0 under FSDP2")
         if signal not in ("auto", "gradient", "delta"):
             raise ValueError(f"CPSLinear.repartition: signal must be 'auto', 'gradient' or "
                              f"'delta', got {signal!r}")
