@@ -1,8 +1,10 @@
-"""Training-step cost of one adapted linear layer: SOSLinear against what users run instead.
+"""Training-step cost of one adapted linear layer: SOSLinear and CPSLinear against what users
+run instead.
 
 Times forward + backward (base frozen, input requiring grad, as inside a network) for the
 frozen base nn.Linear, PEFT's LoRA at the same total rank (when peft is installed), the
-reference SOS-LoRA formulation, the best plain-PyTorch form and SOSLinear, all in one process.
+reference SOS-LoRA formulation, the best plain-PyTorch form, SOSLinear, and CPSLinear with
+K clusters of rank r (the same trainable parameters as the rank-r LoRA), all in one process.
 Every figure is a ratio against the frozen base measured in the same run. Prints a table last
 and writes JSON (--json).
 
@@ -87,12 +89,20 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
         layer.ortho_lambda.fill_(0.006)
         return layer
 
+    def cps():  # the same trainable parameters as a LoRA of rank r_tot
+        layer = sl.CPSLinear(frozen_base(), num_clusters=K, rank=r_tot, alpha=alpha,
+                             init_partition="random", dropout=dropout, dtype=dtype)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.01)
+        return layer
+
     candidates = {
         "frozen base": frozen_base,
         "PEFT LoRA": lambda: peft_lora(frozen_base(), r_tot, alpha, dropout),
         "reference SOS": lambda: ReferenceSOS(frozen_base(), K, r_tot, alpha, dropout),
         "plain PyTorch": lambda: PlainTorchSOS(frozen_base(), K, r_tot, alpha, dropout),
         "SOSLinear": sos,
+        "CPSLinear": cps,
     }
     rows = []
     for name, make in candidates.items():
