@@ -66,10 +66,6 @@ std::vector<int64_t> check_partition(const Tensor& x, const Tensor& A, const Ten
   return rank_offsets;
 }
 
-Tensor masked(const Tensor& x, const OptTensor& seed, double p) {
-  return p > 0 ? x * dropout_scale_mask(*seed, x.sizes(), p, x.scalar_type()) : x;
-}
-
 // Cluster c's blocks of A [r_c, |C_c|] and of B * scale[c] [|R_c|, r_c].
 Tensor block_A(const Tensor& A, at::IntArrayRef col_offsets, at::IntArrayRef ranks, size_t c) {
   return A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], col_offsets[c + 1] - col_offsets[c]);
@@ -99,7 +95,7 @@ std::tuple<Tensor, Tensor> cluster_lowrank_forward(
   }
   check_dropout(dropout_seed, dropout_p, x, kForward);
 
-  const Tensor x_perm = masked(x, dropout_seed, dropout_p).index_select(1, col_index);
+  const Tensor x_perm = dropout_apply(x, dropout_seed, dropout_p).index_select(1, col_index);
   const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
   // Per-cluster products go to fresh tensors and are concatenated: matmuls into strided
   // views of one buffer take a slow path in ATen.
@@ -141,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
   }
   check_dropout(dropout_seed, dropout_p, x, kBackward);
 
-  const Tensor x_perm = masked(x, dropout_seed, dropout_p).index_select(1, col_index);
+  const Tensor x_perm = dropout_apply(x, dropout_seed, dropout_p).index_select(1, col_index);
   const Tensor grad_perm = grad_out.index_select(1, row_index);
   const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
   // Rank slots beyond a cluster's rank (and clusters' unused blocks) get zero gradient.
@@ -162,8 +158,8 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
     grad_A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], cols).copy_(at::mm(grad_h.t(), x_c));
     grad_x_parts.push_back(at::mm(grad_h, block_A(A, col_offsets, ranks, c)));
   }
-  Tensor grad_x = masked(at::zeros_like(x).index_add_(1, col_index, at::cat(grad_x_parts, 1)), dropout_seed,
-                         dropout_p);
+  const Tensor grad_x_drop = at::zeros_like(x).index_add_(1, col_index, at::cat(grad_x_parts, 1));
+  Tensor grad_x = dropout_apply(grad_x_drop, dropout_seed, dropout_p);
   if (grad_x_base.has_value()) {
     check_same_float_dtype(*grad_x_base, "grad_x_base", x, "x", kBackward);
     TORCH_CHECK(grad_x_base->sizes() == x.sizes(), kBackward, ": grad_x_base must be [N, in] = ",

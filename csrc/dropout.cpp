@@ -33,7 +33,37 @@ void fill_mask_cpu(scalar_t* out, int64_t numel, uint64_t seed, uint64_t offset,
   });
 }
 
+template <typename scalar_t>
+void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, uint64_t offset,
+               double p) {
+  const uint32_t threshold = dropout_threshold(p);
+  const scalar_t keep_value = static_cast<scalar_t>(1.0 / (1.0 - p));
+  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = dropout_keep(seed, offset, static_cast<uint64_t>(i), threshold)
+                   ? static_cast<scalar_t>(in[i] * keep_value)
+                   : scalar_t(0);
+  });
+}
+
 }  // namespace
+
+Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {
+  if (p == 0) return t;
+#ifdef SOSLORA_WITH_CUDA
+  if (t.is_cuda()) return dropout_apply_cuda(t, *seed, p);
+#endif
+  TORCH_CHECK(t.is_cpu(), "soslora: dropout on ", t.device(), " is not supported by this build");
+  const Tensor in = t.contiguous();
+  Tensor out = at::empty_like(in);
+  const Tensor seed_c = seed->contiguous();
+  const auto* s = seed_c.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "dropout_apply", [&] {
+    apply_cpu<scalar_t>(out.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), in.numel(),
+                        static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]), p);
+  });
+  return out;
+}
 
 Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
                           at::ScalarType dtype) {

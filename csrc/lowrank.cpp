@@ -24,14 +24,6 @@ void check_matrix(const Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
 }
 
-namespace {
-
-Tensor apply_mask(const Tensor& t, const OptTensor& seed, double p) {
-  return t * dropout_scale_mask(*seed, t.sizes(), p, t.scalar_type());
-}
-
-}  // namespace
-
 std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, const Tensor& B,
                                            const Tensor& scale, const OptTensor& base_out,
                                            const OptTensor& dropout_seed, double dropout_p,
@@ -57,9 +49,9 @@ std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, con
   check_dropout(dropout_seed, dropout_p, x, op);
 
   const bool drop = dropout_p > 0;
-  const Tensor x_in = (drop && dropout_on_input) ? apply_mask(x, dropout_seed, dropout_p) : x;
+  const Tensor x_in = (drop && dropout_on_input) ? dropout_apply(x, dropout_seed, dropout_p) : x;
   Tensor hidden = at::mm(x_in, A.t());
-  if (drop && !dropout_on_input) hidden = apply_mask(hidden, dropout_seed, dropout_p);
+  if (drop && !dropout_on_input) hidden = dropout_apply(hidden, dropout_seed, dropout_p);
   const Tensor Bs_t = scaled_B(B, scale).t();
   Tensor out = base_out.has_value() ? at::addmm(*base_out, hidden, Bs_t) : at::mm(hidden, Bs_t);
   return {out, hidden};
@@ -86,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_grad_hidden(const Tensor& grad_out, c
   const Tensor grad_Bs = at::mm(grad_out.t(), hidden);  // [out, r], gradient of B * scale
   Tensor grad_hidden = at::mm(grad_out, scaled_B(B, scale));
   if (dropout_p > 0 && !dropout_on_input)
-    grad_hidden = apply_mask(grad_hidden, dropout_seed, dropout_p);
+    grad_hidden = dropout_apply(grad_hidden, dropout_seed, dropout_p);
 
   const auto acc = accumulate_dtype(B.scalar_type());
   const Tensor grad_Bs_acc = grad_Bs.to(acc);
@@ -107,7 +99,7 @@ Tensor lowrank_grad_A(const Tensor& grad_hidden, const Tensor& x, const OptTenso
               " and ", x.sizes());
   check_dropout(dropout_seed, dropout_p, x, op);
   const Tensor x_in =
-      (dropout_p > 0 && dropout_on_input) ? apply_mask(x, dropout_seed, dropout_p) : x;
+      (dropout_p > 0 && dropout_on_input) ? dropout_apply(x, dropout_seed, dropout_p) : x;
   return at::mm(grad_hidden.t(), x_in);
 }
 
@@ -122,7 +114,7 @@ Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTenso
               " and ", A.sizes());
   check_dropout(dropout_seed, dropout_p, grad_hidden, op);
   Tensor grad_x = at::mm(grad_hidden, A);
-  if (dropout_p > 0 && dropout_on_input) grad_x = apply_mask(grad_x, dropout_seed, dropout_p);
+  if (dropout_p > 0 && dropout_on_input) grad_x = dropout_apply(grad_x, dropout_seed, dropout_p);
   if (grad_x_base.has_value()) {
     check_same_float_dtype(*grad_x_base, "grad_x_base", grad_x, "grad_hidden", op);
     TORCH_CHECK(grad_x_base->sizes() == grad_x.sizes(), op, ": grad_x_base must be [N, in] = ",

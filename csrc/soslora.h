@@ -78,6 +78,9 @@ void check_scale(const Tensor& scale, const Tensor& B, const char* op);
 // element i is decided by philox(seed[0], seed[1], i).
 Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
                           at::ScalarType dtype);
+// t * dropout_scale_mask(seed, t.sizes(), p, t.dtype) in one pass, without the mask tensor
+// (identity when p == 0); the result is contiguous.
+Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p);
 // The op `dropout_mask`: checks its arguments, then dropout_scale_mask.
 Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double dropout_p,
                     at::ScalarType dtype);
@@ -90,6 +93,7 @@ void register_device_generic_kernels(torch::Library& m);
 #ifdef SOSLORA_WITH_CUDA
 Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double p,
                                at::ScalarType dtype);
+Tensor dropout_apply_cuda(const Tensor& t, const Tensor& seed, double p);
 #endif
 
 }  // namespace soslora

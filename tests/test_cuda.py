@@ -154,3 +154,65 @@ def test_dropout_deterministic_under_seed_on_cuda():
     torch.manual_seed(3)
     b = layer(x)
     assert torch.equal(a, b) and not torch.equal(b, layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_dropout_equals_cpu_bitwise(dtype):
+    """The one-pass dropout kernel gives the CPU path's values exactly (same seed, same mask,
+    same rounding), through the ops that use it."""
+    x = torch.randn(37, 19, dtype=dtype)
+    A = torch.randn(5, 19, dtype=dtype)
+    B = torch.randn(11, 5, dtype=dtype)
+    scale = torch.rand(5)
+    seed = torch.tensor([123456789, 42])
+    cpu = _ops.lowrank_forward(x, A, B, scale, None, seed, 0.3, True)[1]
+    gpu = _ops.lowrank_forward(x.cuda(), A.cuda(), B.cuda(), scale.cuda(), None, seed.cuda(),
+                               0.3, True)[1]
+    masked_cpu = reference.dropout(x.double(), seed, 0.3)
+    assert rel_err(cpu, masked_cpu @ A.double().T) < TOL[dtype]
+    assert rel_err(gpu, cpu.float()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_cps_layer_on_cuda_matches_float64_oracle(dtype, dropout):
+    from test_cps import layer_oracle_delta
+
+    base = torch.nn.Linear(40, 36, dtype=dtype, device="cuda")
+    layer = sl.CPSLinear(base, num_clusters=3, rank_per_cluster=[2, 5, 3], init_partition="random",
+                         dropout=dropout, dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    x = torch.randn(2, 17, 40, device="cuda", dtype=dtype, requires_grad=True)
+    state = torch.cuda.get_rng_state()
+    seed = sl.ops.new_dropout_seed(x.device).cpu() if dropout else None
+    torch.cuda.set_rng_state(state)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B], grad)
+
+    cpu = sl.CPSLinear(torch.nn.Linear(40, 36, dtype=torch.float64), num_clusters=3,
+                       rank_per_cluster=[2, 5, 3], dropout=dropout, dtype=torch.float64)
+    cpu.load_state_dict({k: (v.double() if v.is_floating_point() else v).cpu()
+                         for k, v in layer.state_dict().items()})
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    params = [cpu.lora_A, cpu.lora_B]
+    y_ref = reference.cps_forward(x64, cpu.weight, cpu.bias, layer_oracle_delta(cpu), dropout,
+                                  seed)
+    want = torch.autograd.grad(y_ref, [x64, *params], grad.double().cpu())
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for name, g, w in zip(["x", "lora_A", "lora_B"], got, want):
+        assert rel_err(g, w) < TOL[dtype], name
+
+
+def test_cps_training_step_has_no_host_sync():
+    layer = sl.CPSLinear(torch.nn.Linear(64, 48, device="cuda", dtype=torch.bfloat16),
+                         num_clusters=4, rank=4, dropout=0.05)
+    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -50,6 +50,18 @@ Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double
   return mask;
 }
 
+Tensor dropout_apply_cuda(const Tensor& t, const Tensor& seed, double p) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  const Tensor in = t.contiguous();
+  Tensor out = at::empty_like(in);
+  const Tensor seed_c = seed.contiguous();
+  C10_CUDA_CHECK(cuda::launch_dropout_apply(out.data_ptr(), in.data_ptr(),
+                                            kernel_dtype(in.scalar_type()), in.numel(),
+                                            seed_c.data_ptr<int64_t>(), p,
+                                            c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace soslora
 
 TORCH_LIBRARY_IMPL(soslora, CUDA, m) {

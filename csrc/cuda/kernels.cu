@@ -1,8 +1,10 @@
-// CUDA kernels for dropout masks and the in-place merge (see kernels.h).
+// CUDA kernels for dropout (masks, and applied in one pass) and the in-place merge
+// (see kernels.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../philox.h"
 #include "kernels.h"
@@ -38,6 +40,20 @@ __global__ void dropout_mask_kernel(T* out, int64_t numel, const int64_t* seed,
                                                                          : from_double<T>(0.0);
 }
 
+// Same arithmetic as `in * mask` with the mask in T: a float product rounded once to T.
+template <typename T>
+__global__ void dropout_apply_kernel(T* out, const T* in, int64_t numel, const int64_t* seed,
+                                     uint32_t threshold, T keep_value) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const uint64_t s = static_cast<uint64_t>(seed[0]), offset = static_cast<uint64_t>(seed[1]);
+  const Acc scale = to_acc<Acc>(keep_value);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const bool keep = dropout_keep(s, offset, static_cast<uint64_t>(i), threshold);
+    out[i] = from_double<T>(keep ? static_cast<double>(to_acc<Acc>(in[i]) * scale) : 0.0);
+  }
+}
+
 constexpr int kMergeTileCols = 32;
 constexpr int kMergeTileRows = 8;
 
@@ -66,6 +82,18 @@ cudaError_t dropout_mask_typed(void* out, int64_t numel, const int64_t* seed, do
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t dropout_apply_typed(void* out, const void* in, int64_t numel, const int64_t* seed,
+                                double p, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  constexpr int threads = 256;
+  const int64_t blocks = std::min<int64_t>((numel + threads - 1) / threads, 65536);
+  dropout_apply_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      static_cast<T*>(out), static_cast<const T*>(in), numel, seed, dropout_threshold(p),
+      from_double<T>(1.0 / (1.0 - p)));
+  return cudaGetLastError();
+}
+
 template <typename T, typename Acc>
 cudaError_t merge_typed(void* weight, int64_t rows, int64_t cols, int64_t row_stride,
                         int64_t col_stride, const void* Bs, const void* A, int64_t rank,
@@ -91,6 +119,18 @@ cudaError_t launch_dropout_mask(void* out, DType dtype, int64_t numel, const int
     case DType::kFloat64: return dropout_mask_typed<double>(out, numel, seed, p, stream);
     case DType::kFloat16: return dropout_mask_typed<__half>(out, numel, seed, p, stream);
     case DType::kBFloat16: return dropout_mask_typed<__nv_bfloat16>(out, numel, seed, p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_dropout_apply(void* out, const void* in, DType dtype, int64_t numel,
+                                 const int64_t* seed, double p, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return dropout_apply_typed<float>(out, in, numel, seed, p, stream);
+    case DType::kFloat64: return dropout_apply_typed<double>(out, in, numel, seed, p, stream);
+    case DType::kFloat16: return dropout_apply_typed<__half>(out, in, numel, seed, p, stream);
+    case DType::kBFloat16:
+      return dropout_apply_typed<__nv_bfloat16>(out, in, numel, seed, p, stream);
   }
   return cudaErrorInvalidValue;
 }

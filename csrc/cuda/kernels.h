@@ -13,6 +13,11 @@ enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 cudaError_t launch_dropout_mask(void* out, DType dtype, int64_t numel, const int64_t* seed,
                                 double p, cudaStream_t stream);
 
+// out[i] = keep(i) ? in[i] * (1/(1-p) rounded to dtype) : 0 for i < numel (in, out contiguous;
+// may alias): dropout applied in one pass, without a mask tensor.
+cudaError_t launch_dropout_apply(void* out, const void* in, DType dtype, int64_t numel,
+                                 const int64_t* seed, double p, cudaStream_t stream);
+
 // weight[o, c] += alpha * sum_j Bs[o, j] * A[j, c], one rounding into weight's dtype.
 // Bs [rows, rank] and A [rank, cols] are contiguous in the accumulation type (float, or double
 // when acc_double); weight is strided (row_stride, col_stride) in `dtype`.
