@@ -135,7 +135,13 @@ def test_training_step_has_no_host_sync():
                        scale_mode="channel", gate=True, scale_anchor=0.1, uniform_prior=0.1,
                        loraplus_ratio=2.0, dropout=0.05)
     layer.ortho_lambda.fill_(0.006)
-    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert_step_has_no_host_sync(layer)
+
+
+def assert_step_has_no_host_sync(layer):
+    """fwd+bwd of `layer` on a bf16 batch under set_sync_debug_mode("error")."""
+    x = torch.randn(128, layer.in_features, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
     layer(x).float().sum().backward()  # warm-up outside the check (lazy initialisation)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -205,11 +211,4 @@ def test_cps_layer_on_cuda_matches_float64_oracle(dtype, dropout):
 def test_cps_training_step_has_no_host_sync():
     layer = sl.CPSLinear(torch.nn.Linear(64, 48, device="cuda", dtype=torch.bfloat16),
                          num_clusters=4, rank=4, dropout=0.05)
-    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layer(x).float().sum().backward()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layer(x).float().sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_step_has_no_host_sync(layer)
