@@ -168,9 +168,11 @@ def _zero2_worker(rank, init_file, out_file):
             engine.backward(engine(input_ids=share, labels=share).loss)
             engine.step()
             schedule.step()
+        penalty = sl.ortho_penalty(model).item()
+        sl.save_adapter(model, f"{out_file}.adapter-rank{rank}")  # every rank; rank 0 writes
         if rank == 0:
-            torch.save({n: p.detach().clone() for n, p in model.named_parameters()
-                        if p.requires_grad}, out_file)
+            torch.save(dict(params={n: p.detach().clone() for n, p in model.named_parameters()
+                                    if p.requires_grad}, penalty=penalty), out_file)
         dist.barrier()  # tear gloo down together: an early exit can abort the other rank
     finally:
         dist.destroy_process_group()
@@ -182,7 +184,17 @@ def test_deepspeed_zero2_equals_single_process_on_the_global_batch(tmp_path):
     out_file = tmp_path / "zero2.pt"
     spawn(_zero2_worker, tmp_path, str(out_file))
     zero2 = torch.load(out_file)
-    single = train(build(), batches())
-    assert zero2.keys() == single.keys() and len(single) > 0
+    single_model = build()
+    single = train(single_model, batches())
+    assert zero2["params"].keys() == single.keys() and len(single) > 0
     for name in single:
-        torch.testing.assert_close(zero2[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(zero2["params"][name], single[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    assert zero2["penalty"] == pytest.approx(sl.ortho_penalty(single_model).item(), rel=1e-4)
+    # Rank 0 saved what it trained; rank 1 wrote nothing.
+    assert not (tmp_path / "zero2.pt.adapter-rank1").exists()
+    loaded = sl.load_adapter(LlamaForCausalLM(single_model.config),
+                             tmp_path / "zero2.pt.adapter-rank0")
+    for name, p in loaded.named_parameters():
+        if name in single:
+            assert torch.equal(p, zero2["params"][name]), name
