@@ -172,7 +172,9 @@ def test_merge_rounds_once_and_unmerge_restores_within_two_roundings(case):
     i.e. about one unit in the last place at |W1| plus one at |W2|: the update's own rounding
     cancels. And the merged weight is one rounding from the exact W0 + (B s) A:
 
-        |W1 - exact| <= u |W1| + gamma_(r+2) (|W0| + (|B| |s|) |A|),  gamma_n = n u_acc / (1 - n u_acc)
+        |W1 - exact| <= u |W1| + gamma_(r+2) (|W0| + (|B| |s|) |A|)
+
+    with gamma_n = n u_a / (1 - n u_a), u_a the unit roundoff of the accumulation dtype
 
     (one rounding of B * s, r products summed, the add to W0). Values in the subnormal range
     add at most a few units of the smallest subnormal."""
