@@ -190,9 +190,10 @@ def test_each_tensor_with_a_fault_is_refused(saved, fault):
     directory, load, weights, config = saved
     keys = sorted(load_file(str(directory / WEIGHTS_NAME)))
     assert len(keys) == 16  # 7 per adapted layer (factors, scales, gate, buffers) + the head's 2
+    change = TENSOR_FAULTS[fault]
     for key in keys:
-        change = TENSOR_FAULTS[fault]
-        rewrite(directory, lambda t: t.pop(key) if change is None else t.update({key: change(t[key])}))
+        rewrite(directory, lambda t: t.pop(key) if change is None else
+                t.update({key: change(t[key])}))
         assert load(directory) == "refused", key
         overwrite(directory / WEIGHTS_NAME, weights)
         overwrite(directory / CONFIG_NAME, config)
