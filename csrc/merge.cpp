@@ -31,17 +31,21 @@ void merge_into_cpu_(at::Tensor& weight, const Tensor& A, const Tensor& B, const
                                      at::promote_types(A.scalar_type(), B.scalar_type()));
   const Tensor A_acc = A.to(acc);
   const Tensor Bs_acc = B.to(acc) * scale.to(acc);
-  if (weight.scalar_type() == acc) {
-    weight.addmm_(Bs_acc, A_acc, /*beta=*/1, /*alpha=*/alpha);
-    return;
-  }
-  // Lower-precision weight: accumulate a band of rows at a time in `acc`, round once.
+  // A band of rows at a time: the update D = (B * scale) @ A is formed on its own, then added
+  // in `acc` and rounded once into the weight. (addmm with beta = 1 may add the weight in
+  // mid-sum, which rounds more than once.) The same inputs give bit for bit the same D, so
+  // alpha = -1 subtracts exactly what alpha = 1 added.
   const int64_t rows = weight.size(0), cols = std::max<int64_t>(weight.size(1), 1);
   const int64_t band = std::max<int64_t>(1, (int64_t{1} << 20) / cols);
   for (int64_t start = 0; start < rows; start += band) {
     const int64_t n = std::min(band, rows - start);
     Tensor w = weight.narrow(0, start, n);
-    w.copy_(at::addmm(w.to(acc), Bs_acc.narrow(0, start, n), A_acc, /*beta=*/1, /*alpha=*/alpha));
+    const Tensor delta = at::mm(Bs_acc.narrow(0, start, n), A_acc);
+    if (w.scalar_type() == acc) {
+      w.add_(delta, alpha);
+    } else {
+      w.copy_(w.to(acc).add_(delta, alpha));
+    }
   }
 }
 

@@ -4,7 +4,10 @@ Builds a small BERT classifier from a config (nothing is downloaded); the classi
 trains whole (modules_to_save). Runs as is, or under accelerate:
 
     python examples/train_with_trainer.py --out /tmp/sos-trainer
-    accelerate launch --cpu --num_processes 2 examples/train_with_trainer.py
+    accelerate launch --multi_gpu --num_processes 2 examples/train_with_trainer.py   # 2 processes
+
+(--multi_gpu starts the processes with torchrun; use_cpu=True below then makes accelerate
+use gloo on the CPU. `--cpu` alone starts a single process.)
 """
 import argparse
 from pathlib import Path
@@ -46,6 +49,10 @@ def main(steps: int, out: Path) -> None:
     if trainer.is_world_process_zero():
         sl.save_adapter(trainer.model, out / "adapter")
         print(f"trained in {args.world_size} process(es); adapter saved to {out / 'adapter'}")
+    # Every rank waits for the save, then leaves the process group: a rank that exits with the
+    # group still open can be aborted by gloo ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

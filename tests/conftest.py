@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -44,6 +46,14 @@ def oracle_forward(layer: sl.SOSLinear, x: torch.Tensor, seed=None, params=None)
         layer.config.dropout_position, seed)
 
 
+def next_dropout_seed(layer: sl.SOSLinear, x: torch.Tensor):
+    """The dropout seed the layer will draw on its next forward (same generator state)."""
+    state = torch.get_rng_state()
+    seed = sl.ops.new_dropout_seed(x.device) if layer.training and layer.config.dropout else None
+    torch.set_rng_state(state)
+    return seed
+
+
 def oracle_expert_scales(layer: sl.SOSLinear, params=None) -> torch.Tensor:
     """Per-expert scales [K] or [K, out], gate included, computed by the reference formulas."""
     p = params or dict(layer.named_parameters())
@@ -54,6 +64,26 @@ def oracle_expert_scales(layer: sl.SOSLinear, params=None) -> torch.Tensor:
         g = reference.gate(p["gate_logits"].double(), float(layer.gate_temperature))
         scales = scales * (g if scales.dim() == 1 else g[:, None])
     return scales
+
+
+def restamp_adapter(directory, edit=lambda config: None) -> None:
+    """Apply edit(config) to a saved adapter's config and re-record both checksums, as a writer
+    that damaged its own output would: the checks behind the checksums must still refuse it."""
+    from soslora_ext.serialization import CONFIG_NAME, WEIGHTS_NAME, _config_sha256, _sha256
+
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    edit(config)
+    config["weights_sha256"] = _sha256(directory / WEIGHTS_NAME)
+    config["config_sha256"] = _config_sha256(config)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    overwrite(directory / CONFIG_NAME, text.encode())
+
+
+def overwrite(path, data: bytes) -> None:
+    """Replace a file's contents in place: without O_TRUNC, which ext4 makes slow (it flushes)."""
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
 
 
 @pytest.fixture(autouse=True)

@@ -211,3 +211,59 @@ def test_fsdp2_trains_schedules_and_saves_like_unsharded(tmp_path):
         want = load_file(str(tmp_path / plain_dir / "adapter_model.safetensors"))
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in got), sharded_dir
+
+
+def _zero2_worker(rank, init_file, out_file):
+    import os
+
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank))
+    import deepspeed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)  # DeepSpeed uses a process group it finds
+    try:
+        model = build()
+        params = [p for p in model.parameters() if p.requires_grad]
+        # The same SGD as train(); ZeRO-2 partitions its gradients and state across the ranks.
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(params, lr=0.1), model_parameters=params,
+            config={"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                    "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True})
+        assert engine.zero_optimization_stage() == 2
+        schedule = sl.OrthoSchedule(model, lambda_max=0.05, delay=0.0, ramp=0.5,
+                                    total_steps=STEPS)
+        for ids in batches():
+            share = ids.chunk(WORLD)[rank]
+            engine.backward(engine(input_ids=share, labels=share).loss)
+            engine.step()
+            schedule.step()
+        penalty = sl.ortho_penalty(model).item()
+        sl.save_adapter(model, f"{out_file}.adapter-rank{rank}")  # every rank; rank 0 writes
+        if rank == 0:
+            torch.save(dict(params={n: p.detach().clone() for n, p in model.named_parameters()
+                                    if p.requires_grad}, penalty=penalty), out_file)
+        dist.barrier()  # tear gloo down together: an early exit can abort the other rank
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepspeed_zero2_equals_single_process_on_the_global_batch(tmp_path):
+    # DeepSpeed's CPU accelerator with gloo; it compiles a small shared-memory op on first use.
+    pytest.importorskip("deepspeed")
+    out_file = tmp_path / "zero2.pt"
+    spawn(_zero2_worker, tmp_path, str(out_file))
+    zero2 = torch.load(out_file)
+    single_model = build()
+    single = train(single_model, batches())
+    assert zero2["params"].keys() == single.keys() and len(single) > 0
+    for name in single:
+        torch.testing.assert_close(zero2["params"][name], single[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    assert zero2["penalty"] == pytest.approx(sl.ortho_penalty(single_model).item(), rel=1e-4)
+    # Rank 0 saved what it trained; rank 1 wrote nothing.
+    assert not (tmp_path / "zero2.pt.adapter-rank1").exists()
+    loaded = sl.load_adapter(LlamaForCausalLM(single_model.config),
+                             tmp_path / "zero2.pt.adapter-rank0")
+    for name, p in loaded.named_parameters():
+        if name in single:
+            assert torch.equal(p, zero2["params"][name]), name

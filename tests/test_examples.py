@@ -16,6 +16,28 @@ def test_example_runs(tmp_path, script):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+def test_trainer_example_under_accelerate_launch_with_2_cpu_processes(tmp_path):
+    # --multi_gpu makes accelerate start the processes with torchrun; the example's
+    # use_cpu=True then selects MULTI_CPU (gloo). `--cpu` alone would start one process.
+    # HF_HOME: no user accelerate config file; port 0: a free port.
+    import os
+
+    import soslora_ext as sl
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+         "2", "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(ROOT / "examples" / "train_with_trainer.py"),
+         "--steps", "8", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained in 2 process(es)" in result.stdout, result.stdout[-2000:]
+    assert result.stdout.count("trained in") == 1  # rank 0 alone reports and saves
+    config = sl.serialization.read_adapter_config(tmp_path / "adapter")  # checksum verified
+    assert len(config["modules"]) == 13  # 2 layers x (query, key, value, 3 dense) + pooler
+
+
 def test_naive_summation_experiment_small(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "naive_summation" / "run.py"), "--out",

@@ -7,7 +7,7 @@ import torch.nn as nn
 import soslora_ext as sl
 from soslora_ext import reference
 
-from conftest import make_layer, oracle_expert_scales, oracle_forward, rel_err
+from conftest import make_layer, next_dropout_seed, oracle_expert_scales, oracle_forward, rel_err
 
 F64 = torch.float64
 
@@ -26,21 +26,13 @@ CONFIGS = [
 SHAPES = [((1, 13), 13, 7), ((5, 3, 9), 9, 11), ((4, 17), 17, 1)]
 
 
-def _draw_seed(layer, x):
-    """The dropout seed the layer will draw on its next forward (same generator state)."""
-    state = torch.get_rng_state()
-    seed = sl.ops.new_dropout_seed(x.device) if layer.training and layer.config.dropout else None
-    torch.set_rng_state(state)
-    return seed
-
-
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_and_gradients_match_oracle(cfg, shape):
     x_shape, n_in, n_out = shape
     layer = make_layer(n_in, n_out, **cfg)
     x = torch.randn(*x_shape, n_in, dtype=F64, requires_grad=True)
-    seed = _draw_seed(layer, x)
+    seed = next_dropout_seed(layer, x)
     y = layer(x)
     assert y.shape == (*x_shape, n_out)
     params = {n: p for n, p in layer.named_parameters() if p.requires_grad}
@@ -89,7 +81,7 @@ def test_layer_double_backward(cfg):
 def test_base_without_bias():
     layer = make_layer(10, 6, bias=False, num_experts=2, rank=4, dropout=0.1)
     x = torch.randn(3, 10, dtype=F64, requires_grad=True)
-    seed = _draw_seed(layer, x)
+    seed = next_dropout_seed(layer, x)
     assert rel_err(layer(x), oracle_forward(layer, x, seed)) < 1e-12
 
 

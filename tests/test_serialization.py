@@ -8,9 +8,9 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import soslora_ext as sl
-from soslora_ext.serialization import CONFIG_NAME, WEIGHTS_NAME, _sha256
+from soslora_ext.serialization import CONFIG_NAME, WEIGHTS_NAME
 
-from conftest import rel_err
+from conftest import rel_err, restamp_adapter
 
 
 def llama(seed=0):
@@ -112,19 +112,14 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
 
 
 def _rewrite_weights(directory, edit):
-    """Edit the tensors and re-stamp the checksum, as a buggy writer would."""
+    """Edit the tensors and re-stamp the checksums, as a buggy writer would."""
     tensors = load_file(str(directory / WEIGHTS_NAME))
     edit(tensors)
     save_file(tensors, str(directory / WEIGHTS_NAME))
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    config["weights_sha256"] = _sha256(directory / WEIGHTS_NAME)
-    (directory / CONFIG_NAME).write_text(json.dumps(config))
+    restamp_adapter(directory)
 
 
-def _edit_config(directory, edit):
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    edit(config)
-    (directory / CONFIG_NAME).write_text(json.dumps(config))
+_edit_config = restamp_adapter  # (directory, edit): edit the config, re-stamp the checksums
 
 
 Q0 = "model.layers.0.self_attn.q_proj"

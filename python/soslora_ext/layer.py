@@ -113,6 +113,9 @@ class AdapterLinear(nn.Module):
         if x.device != self.lora_A.device:
             raise ValueError(f"{name}: input x is on {x.device} but the layer is on "
                              f"{self.lora_A.device}")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name}: input x is {x.dtype} but the base weight is "
+                            f"{self.weight.dtype} (cast x, or run under autocast)")
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):

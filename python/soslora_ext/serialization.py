@@ -1,11 +1,12 @@
 """Saving, loading and converting adapters.
 
 Our format: a directory with ``adapter_config.json`` (format version, library version, method,
-each adapted layer's hyperparameters and shapes, the modules saved whole, and the SHA-256 of
-the weights) and ``adapter_model.safetensors`` (every adapter tensor under its module path).
-Both files are first written to temporary files and then renamed into place, weights first. An
-interrupted save therefore leaves the previous files whole. If it stops in the moment between
-the two renames, the checksum makes loading refuse the mismatched pair instead of using it.
+each adapted layer's hyperparameters and shapes, the modules saved whole, the SHA-256 of the
+weights and of the config itself) and ``adapter_model.safetensors`` (every adapter tensor under
+its module path). Both files are first written to temporary files and then renamed into place,
+weights first. An interrupted save therefore leaves the previous files whole. Between the two
+renames the old weights stay reachable under PREVIOUS_WEIGHTS_NAME, so a save stopped there
+still loads as the old pair; any other mismatch fails the checksums and is refused.
 
 Each layer entry records its method ("sos" for SOSLinear, "cps" for CPSLinear); a CPS layer's
 partition (row/column index maps and offsets) is stored with its factors.
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -38,6 +40,7 @@ from .model import adapter_layers, freeze_all_but_adapters, modules_to_save, rep
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PREVIOUS_WEIGHTS_NAME = ".adapter_model.safetensors.previous"  # only while a save renames
 FORMAT = "soslora_ext"
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -55,6 +58,13 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _config_sha256(config: dict) -> str:
+    """SHA-256 of the config without its own checksum, as canonical JSON."""
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
@@ -75,7 +85,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
 def _save_pair(directory: Path, config: dict, tensors: dict[str, torch.Tensor],
                checksum: bool) -> Path:
     """Writes adapter_config.json + adapter_model.safetensors, the JSON renamed into place last
-    (carrying the weights' SHA-256 when `checksum`)."""
+    (carrying the weights' SHA-256 and its own when `checksum`)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -83,23 +93,34 @@ def _save_pair(directory: Path, config: dict, tensors: dict[str, torch.Tensor],
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     weights_tmp = _write_atomically(directory / WEIGHTS_NAME,
                                     lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    if checksum:
-        config = {**config, "weights_sha256": _sha256(weights_tmp)}
     try:
+        if checksum:
+            config = {**config, "weights_sha256": _sha256(weights_tmp)}
+            config["config_sha256"] = _config_sha256(config)
         config_tmp = _write_atomically(
             directory / CONFIG_NAME,
             lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     except BaseException:
         weights_tmp.unlink(missing_ok=True)
         raise
-    os.replace(weights_tmp, directory / WEIGHTS_NAME)
+    weights, previous = directory / WEIGHTS_NAME, directory / PREVIOUS_WEIGHTS_NAME
+    if checksum and weights.is_file():
+        # The old config names the old weights until the new config is renamed in: keep them
+        # reachable, so that a save stopped between the two renames leaves the old pair whole.
+        previous.unlink(missing_ok=True)
+        try:
+            os.link(weights, previous)
+        except OSError:  # no hard links on this file system
+            shutil.copyfile(weights, previous)
+    os.replace(weights_tmp, weights)
     os.replace(config_tmp, directory / CONFIG_NAME)
+    previous.unlink(missing_ok=True)
     return directory
 
 
 def _read_pair(directory: Path, check_sha: bool) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -112,13 +133,22 @@ def _read_pair(directory: Path, check_sha: bool) -> tuple[dict, dict[str, torch.
         raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: expected a JSON object")
-    # Only our own format carries a checksum; callers check the format itself.
-    if check_sha and config.get("format") == FORMAT \
-            and config.get("weights_sha256") != _sha256(weights_path):
-        raise AdapterError(f"{weights_path}: contents do not match the checksum in {CONFIG_NAME} "
-                           "(the file is corrupted, edited, or from an interrupted save)")
+    data = weights_path.read_bytes()  # checked and parsed from the same bytes
+    # Only our own format carries checksums; callers check the format itself.
+    if check_sha and config.get("format") == FORMAT:
+        if config.get("config_sha256") != _config_sha256(config):
+            raise AdapterError(f"{config_path}: contents do not match its checksum (the file is "
+                               "corrupted or was edited)")
+        expected, digest = config.get("weights_sha256"), hashlib.sha256(data).hexdigest()
+        previous = directory / PREVIOUS_WEIGHTS_NAME
+        if digest != expected and previous.is_file():
+            data = previous.read_bytes()  # a save stopped between its renames: the old pair
+            digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise AdapterError(f"{weights_path}: contents do not match the checksum in "
+                               f"{CONFIG_NAME} (the file is corrupted or was edited)")
     try:
-        tensors = load_file(str(weights_path))
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterError(f"{weights_path}: unreadable safetensors file ({e})") from None
     return config, tensors
@@ -169,6 +199,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
         params = dict(module.named_parameters(recurse=False))
         tensors.update({f"{name}.{k}": full(v) for k, v in params.items()})
         saved[name] = sorted(params)
+    for key, t in tensors.items():  # e.g. a diverged step must not replace the last good save
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"save_adapter: {key!r} has non-finite values; nothing was written")
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=__version__,
                   method="+".join(sorted({m["method"] for m in modules.values()})),
                   base_model_class=type(model).__name__,
@@ -274,6 +307,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             if p not in own or full not in tensors or tensors[full].shape != own[p].shape:
                 _fail(directory, f"module to save {name!r}: parameter {p!r} is missing or has "
                                  "the wrong shape")
+            if tensors[full].dtype != own[p].dtype or not torch.isfinite(tensors[full]).all():
+                _fail(directory, f"module to save {name!r}: parameter {p!r} is not "
+                                 f"{own[p].dtype} or has non-finite values")
             expected_keys.add(full)
             whole.append((own[p], tensors[full]))
     extra = sorted(set(tensors) - expected_keys)
