@@ -1,7 +1,6 @@
 """CPS-LoRA: the cluster op and CPSLinear against the dense oracle, repartition, schedule,
 merge, save/load/export, bad input, and the planted-structure recovery."""
 import importlib.util
-import json
 import pathlib
 
 import peft
@@ -15,9 +14,9 @@ import soslora_ext as sl
 from soslora_ext import ops, reference
 from safetensors.torch import load_file, save_file
 from soslora_ext.cps import labels_to_index
-from soslora_ext.serialization import CONFIG_NAME, WEIGHTS_NAME, _sha256
+from soslora_ext.serialization import WEIGHTS_NAME
 
-from conftest import rel_err
+from conftest import rel_err, restamp_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -371,9 +370,7 @@ def test_load_refuses_a_damaged_partition(tmp_path):
     key = "model.layers.0.self_attn.q_proj.row_index"
     tensors[key][0] = tensors[key][1]  # no longer a permutation
     save_file(tensors, str(tmp_path / WEIGHTS_NAME))
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    config["weights_sha256"] = _sha256(tmp_path / WEIGHTS_NAME)  # a consistent but wrong pair
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    restamp_adapter(tmp_path)  # a consistent but wrong pair
     fresh = llama()
     with pytest.raises(sl.AdapterError, match="q_proj.*rows partition is invalid"):
         sl.load_adapter(fresh, tmp_path)
