@@ -6,6 +6,8 @@ import pathlib
 import peft
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 from torch.library import opcheck
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,6 +94,29 @@ def test_op_matches_oracle_values_and_gradients(shape, dropout, with_base):
     for c, r in enumerate(ranks):
         assert not got[1][r:, co[c]:co[c + 1]].any()
         assert not got[2][ro[c]:ro[c + 1], r:].any()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(n=st.integers(1, 9), in_features=st.integers(1, 23), out_features=st.integers(1, 23),
+       ranks=st.lists(st.integers(0, 4), min_size=1, max_size=5),
+       dtype=st.sampled_from([torch.float64, torch.float32]), dropout=st.sampled_from([0, 0.4]),
+       seed=st.integers(0, 2**31))
+def test_op_property_against_the_dense_oracle(n, in_features, out_features, ranks, dtype,
+                                              dropout, seed):
+    torch.manual_seed(seed)
+    x, A, B, scale, ri, ci, ro, co, ranks = op_inputs(n, in_features, out_features, ranks, dtype)
+    drop_seed = ops.new_dropout_seed(x.device) if dropout else None
+    out = ops.cluster_lowrank(x, A, B, scale, ri, ci, ro, co, ranks, None, drop_seed, dropout)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    expected = reference.dropout(x64, drop_seed, dropout) @ \
+        oracle_delta(A64, B64, scale, ri, ci, ro, co, ranks).T
+    grad = torch.randn_like(out)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(out, expected) <= tol
+    got = torch.autograd.grad(out, [x, A, B], grad)
+    want = torch.autograd.grad(expected, [x64, A64, B64], grad.double())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= tol
 
 
 def test_op_gradcheck_and_opcheck():
