@@ -52,6 +52,24 @@ def run_cli(*args):
     return main([str(a) for a in args])
 
 
+def test_train_cps_then_info_and_export(tmp_path, capsys):
+    model_dir, tokenizer = tiny_dir(tmp_path)
+    data = classification_data(tmp_path / "data.jsonl")
+    out = tmp_path / "run"
+    assert run_cli("train", model_dir, "--data", data, "--out", out, "--steps", 6, "--rank", 2,
+                   "--method", "cps", "--clusters", 2, "--repartition-every", 3,
+                   "--max-length", 16) == 0
+    capsys.readouterr()
+    assert run_cli("info", out / "adapter") == 0
+    info = capsys.readouterr().out
+    assert "method cps" in info and "CPS G=2 ranks=[2, 2]" in info
+    assert run_cli("export-peft", out / "adapter", "--base", model_dir,
+                   "--out", tmp_path / "peft") == 0
+    adapted = sl.load_adapter(AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2), out / "adapter").eval()
+    assert all(int(layer.repartition_count) == 2 for _, layer in sl.cps_layers(adapted))
+
+
 def test_train_info_merge_export_on_tiny_classifier(tmp_path, capsys):
     model_dir, tokenizer = tiny_dir(tmp_path)
     data = classification_data(tmp_path / "data.jsonl")

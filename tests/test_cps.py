@@ -300,6 +300,26 @@ def test_schedule_windows_and_repartition_steps():
     assert repartitioned == [2, 8, 14]
 
 
+def test_schedule_skips_a_layer_without_signal():
+    """A layer that the loss never reaches keeps its partition; training goes on."""
+    used = sl.CPSLinear(nn.Linear(16, 16), num_clusters=2, rank=2, repartition_every=2,
+                        statistics_steps=1)
+    unused = sl.CPSLinear(nn.Linear(16, 16), num_clusters=2, rank=2, repartition_every=2,
+                          statistics_steps=1)
+    model = nn.ModuleDict(dict(used=used, unused=unused))
+    opt = torch.optim.SGD([used.lora_A, used.lora_B], lr=1e-3)
+    schedule = sl.RepartitionSchedule(model, opt)
+    before = unused.partition()
+    for _ in range(3):
+        used(torch.randn(8, 16)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    assert int(used.repartition_count) == 2 and int(unused.repartition_count) == 0
+    assert unused.last_repartition == dict(adopted=False, no_signal=True)
+    assert all(torch.equal(a, b) for a, b in zip(unused.partition(), before))
+
+
 def test_recovers_a_planted_partition_better_than_global_lora():
     spec = importlib.util.spec_from_file_location("bench_cps", ROOT / "bench" / "bench_cps.py")
     bench = importlib.util.module_from_spec(spec)

@@ -82,15 +82,22 @@ def cmd_train(args) -> int:
                               AutoTokenizer)
 
     from . import finetune
-    from .config import SOSConfig
-    from .model import apply_sos_lora, trainable_parameters
+    from .config import CPSConfig, SOSConfig
+    from .model import apply_cps_lora, apply_sos_lora, trainable_parameters
     from .serialization import save_adapter
 
     model_dir = _model_dir(args.model_dir)
-    layer_kwargs = dict(num_experts=args.experts, rank=args.rank,
-                        alpha=args.alpha if args.alpha else 2.0 * args.rank,
-                        scale_mode=args.scale_mode, gate=args.gate, dropout=args.dropout)
-    SOSConfig(**layer_kwargs)  # bad hyperparameters fail before the model is loaded
+    alpha = args.alpha if args.alpha else 2.0 * args.rank
+    if args.method == "sos":
+        layer_kwargs = dict(num_experts=args.experts, rank=args.rank, alpha=alpha,
+                            scale_mode=args.scale_mode, gate=args.gate, dropout=args.dropout)
+        SOSConfig(**layer_kwargs)  # bad hyperparameters fail before the model is loaded
+        apply = apply_sos_lora
+    else:
+        layer_kwargs = dict(num_clusters=args.clusters, rank=args.rank, alpha=alpha,
+                            dropout=args.dropout, repartition_every=args.repartition_every)
+        CPSConfig(**layer_kwargs)
+        apply = apply_cps_lora
     task, payload = _read_data(args.data, args.task)
     _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -118,7 +125,7 @@ def cmd_train(args) -> int:
                                and not any(h in n.split(".") for h in HEADS)]
     heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in HEADS and n
              and task == "classification"]
-    apply_sos_lora(model, targets, modules_to_save=heads, **layer_kwargs)
+    apply(model, targets, modules_to_save=heads, **layer_kwargs)
     trainable, total = trainable_parameters(model)
     print(f"{task}: {trainable} trainable of {total} parameters", file=sys.stderr)
     fit = finetune.train(model, finetune.sample_batches(data, args.batch_size), args.steps,
@@ -290,11 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["auto", "classification", "text"], default="auto")
     p.add_argument("--targets", nargs="+", default=None,
                    help="module names to adapt (default: every Linear except the heads)")
-    p.add_argument("--rank", type=int, default=16, help="total rank (default 16)")
-    p.add_argument("--experts", type=int, default=4, help="number of experts (default 4)")
+    p.add_argument("--method", choices=["sos", "cps"], default="sos",
+                   help="sos: SOS-LoRA (default); cps: CPS-LoRA")
+    p.add_argument("--rank", type=int, default=16,
+                   help="SOS: total rank; CPS: rank per cluster (default 16)")
+    p.add_argument("--experts", type=int, default=4, help="SOS: number of experts (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="alpha (default 2 * rank)")
-    p.add_argument("--scale-mode", choices=["fixed", "channel"], default="fixed")
-    p.add_argument("--gate", action="store_true", help="add the mean-1 gate")
+    p.add_argument("--scale-mode", choices=["fixed", "channel"], default="fixed",
+                   help="SOS: fixed or trainable channel scales")
+    p.add_argument("--gate", action="store_true", help="SOS: add the mean-1 gate")
+    p.add_argument("--clusters", type=int, default=4, help="CPS: number of clusters (default 4)")
+    p.add_argument("--repartition-every", type=int, default=0,
+                   help="CPS: repartition every this many steps (default 0: never)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--ortho-lambda", type=float, default=0.006,
                    help="orthogonality weight after the ramp (default 0.006)")

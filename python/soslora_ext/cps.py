@@ -269,6 +269,11 @@ class _RecordGradient(torch.autograd.Function):
         return grad, None, None
 
 
+class NoSignalError(RuntimeError):
+    """A repartition found nothing to cluster: no gradient reached the layer and its update is
+    zero (e.g. a layer that the loss does not use)."""
+
+
 # ---- the layer -------------------------------------------------------------------------------
 class CPSLinear(AdapterLinear):
     """y = base(x) + drop(x) dW^T with dW[R_c, C_c] = s_c B_c A_c on G clusters of rows and
@@ -470,8 +475,9 @@ class CPSLinear(AdapterLinear):
         else:
             P, Q = self._signal_factors()
         if _factored_norm(P, Q) == 0:
-            raise RuntimeError("CPSLinear.repartition: the signal is zero (no statistics and a "
-                               "zero update): nothing to cluster yet")
+            self._sketch, self._collecting = None, False
+            raise NoSignalError("CPSLinear.repartition: the signal is zero (no statistics and "
+                                "a zero update): nothing to cluster yet")
         g = torch.Generator().manual_seed(int(self.partition_seed) + int(self.repartition_count))
         rows, cols = find_partition(P.cpu(), Q.cpu(), self.num_clusters, g)
         old_rows, old_cols = self.partition()
@@ -555,7 +561,8 @@ class RepartitionSchedule:
             changes = schedule.step()   # {layer: relative change of dW} when one repartitioned
 
     After a layer's factors are re-fitted, its parameters' optimizer state (e.g. Adam moments)
-    is dropped: it described the old factors."""
+    is dropped: it described the old factors. A layer with nothing to cluster (no gradient
+    reached it and its update is zero) keeps its partition."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         self.layers = [(name, m) for name, m in model.named_modules()
@@ -577,7 +584,11 @@ class RepartitionSchedule:
         for name, layer in self.layers:
             every, window = layer.config.repartition_every, layer.config.window
             if self.step_count >= window and (self.step_count - window) % every == 0:
-                changes[name] = layer.repartition()
+                try:
+                    changes[name] = layer.repartition()
+                except NoSignalError:  # the layer keeps its partition until it has a signal
+                    layer.last_repartition = dict(adopted=False, no_signal=True)
+                    continue
                 if layer.last_repartition["adopted"] and self.optimizer is not None:
                     for p in (layer.lora_A, layer.lora_B):
                         self.optimizer.state.pop(p, None)
