@@ -3,8 +3,9 @@ with LoRA.
 
 The task is ``filekinds`` (soslora_ext.data): tell Python source, C headers, license texts and
 man pages apart from a 6-line snippet. SOS-LoRA (K=4 experts, total rank 16), CPS-LoRA (4
-clusters of rank 16: the same trainable parameters as a rank-16 LoRA, repartitioned after the
-first twelfth of the steps, from their gradient statistics, and then every third) and PEFT's LoRA (rank 16, same alpha, same targets, same classifier
+clusters of rank 16: the same trainable parameters as a rank-16 LoRA; repartitioned after the
+first twelfth of the steps, from their gradient statistics, and then every third; and
+"static", on its initial contiguous partition) and PEFT's LoRA (rank 16, same alpha, same targets, same classifier
 head) train with the same seed, the same batches and the same number of steps. Then the SOS model's adapter is saved, exported to PEFT's
 format and loaded back with the real peft package (outputs must agree), and merged (merged
 outputs must agree with unmerged ones). Results go to OUT/results.json.
@@ -73,11 +74,12 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
         if method == "SOS-LoRA":
             apply_sos_lora(model, TARGETS, modules_to_save=MODULES_TO_SAVE,
                            num_experts=num_experts, rank=rank, alpha=alpha)
-        elif method == "CPS-LoRA":
+        elif method.startswith("CPS-LoRA"):
+            schedule = (dict(repartition_every=0) if method == "CPS-LoRA static" else
+                        dict(repartition_every=max(2, steps // 3),
+                             statistics_steps=max(1, steps // 12)))
             apply_cps_lora(model, TARGETS, modules_to_save=MODULES_TO_SAVE,
-                           num_clusters=num_clusters, rank=rank, alpha=alpha,
-                           repartition_every=max(2, steps // 3),
-                           statistics_steps=max(1, steps // 12))
+                           num_clusters=num_clusters, rank=rank, alpha=alpha, **schedule)
         else:
             model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha,
                                                      target_modules=TARGETS,
@@ -85,7 +87,7 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
         return model
 
     results, models = {}, {}
-    for method in ("SOS-LoRA", "CPS-LoRA", "LoRA"):
+    for method in ("SOS-LoRA", "CPS-LoRA", "CPS-LoRA static", "LoRA"):
         model = adapt(method)
         trainable, total = trainable_parameters(model)
         fit = finetune.train(model, finetune.sample_batches(train_data, batch_size), steps,
@@ -125,9 +127,9 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
                    seconds=time.perf_counter() - t0, torch=torch.__version__)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    print(f"\n{'method':<10} {'accuracy':>9} {'trainable':>10} {'train s':>8}")
+    print(f"\n{'method':<16} {'accuracy':>9} {'trainable':>10} {'train s':>8}")
     for method, r in results.items():
-        print(f"{method:<10} {r['accuracy']:>9.4f} {r['trainable_parameters']:>10} "
+        print(f"{method:<16} {r['accuracy']:>9.4f} {r['trainable_parameters']:>10} "
               f"{r['train_seconds']:>8.1f}")
     print(f"PEFT export reloaded by peft: relative error {export_error:.2e} (<= 1e-5 required)")
     print(f"merged vs unmerged logits: max |diff| {merge_gap:.2e}")
