@@ -268,6 +268,8 @@ def test_repartition_from_gradient_statistics_finds_the_planted_blocks():
     assert layer.last_repartition["captured_after"] == pytest.approx(1.0, abs=1e-6)
     after = layer.delta_weight()
     assert change == pytest.approx(float((after - before).norm() / before.norm()), rel=1e-6)
+    # The discarded share that the adoption rule weighed is the change the re-fit made.
+    assert layer.last_repartition["update_discarded"] == pytest.approx(change ** 2, rel=1e-6)
     assert not layer._collecting and layer._sketch is None  # statistics are used up
 
 

@@ -27,8 +27,10 @@ possible of the signal S that training produces, with blocks mutually uncorrelat
    diagonal blocks.
 4. The new partition is adopted only if its blocks capture clearly more of S (the sum over
    blocks of the energy in the top r_c singular values, at least ADOPTION_MARGIN times the
-   current partition's): a repartition never trades a partition for a worse one, nor for one
-   that is only better by noise.
+   current partition's), and if that gain in the share of S is larger than the share of
+   ||dW||^2 the re-fit would discard. A repartition never trades a partition for a worse
+   one, for one that is only better by noise, or for one that costs more of the learned
+   update than it gains in what the gradient can reach.
 
 Re-fit. Each new block gets the best rank-r_c approximation of the current update restricted
 to it (a truncated SVD computed from the factors), split evenly between A and B; rank slots
@@ -483,12 +485,17 @@ class CPSLinear(AdapterLinear):
         old_rows, old_cols = self.partition()
         before = captured_energy(P.cpu(), Q.cpu(), old_rows, old_cols, self.ranks)
         after = captured_energy(P.cpu(), Q.cpu(), rows, cols, self.ranks)
-        adopt = force or after > before * ADOPTION_MARGIN
+        # The share of ||dW||^2 a re-fit would discard: what the new blocks cannot hold.
+        P_dw, Q_dw = (t.cpu() for t in self._signal_factors())
+        discarded = (0.0 if _factored_norm(P_dw, Q_dw) == 0 else
+                     max(0.0, 1.0 - captured_energy(P_dw, Q_dw, rows, cols, self.ranks)))
+        adopt = force or (after > before * ADOPTION_MARGIN and after - before > discarded)
         change = self._refit(rows, cols, g) if adopt else 0.0
         self.repartition_count += 1
         self._sketch, self._collecting = None, False
         self.last_repartition = dict(adopted=adopt, captured_before=before,
-                                     captured_after=after, delta_change=change)
+                                     captured_after=after, update_discarded=discarded,
+                                     delta_change=change)
         return change
 
     @torch.no_grad()
