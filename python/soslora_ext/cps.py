@@ -208,7 +208,7 @@ def _block_factors(P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def captured_energy(P: Tensor, Q: Tensor, row_labels: Tensor, col_labels: Tensor,
                     ranks: list[int]) -> float:
     """Share of ||S||_F^2 (S = P Q) that the blocks' best rank-r_c approximations hold."""
-    total = float(((P.T @ P) * (Q @ Q.T)).sum())
+    total = _factored_norm(P, Q) ** 2
     if total == 0:
         return 0.0
     captured = 0.0
@@ -433,8 +433,9 @@ class CPSLinear(AdapterLinear):
         return torch.cat(blocks_A), torch.cat(blocks_B, dim=1), scale
 
     def _signal_factors(self) -> tuple[Tensor, Tensor]:
-        """(P, Q) with the current update dW = P Q, in float64."""
-        A, B, scale = (t.detach().double() for t in self._update_factors())
+        """(P, Q) with the current update dW = P Q, float64 on the CPU (where the partition
+        math runs)."""
+        A, B, scale = (t.detach().double().cpu() for t in self._update_factors())
         return B * scale, A
 
     # ---- repartition -------------------------------------------------------------------------
@@ -472,25 +473,25 @@ class CPSLinear(AdapterLinear):
         if signal == "gradient" and not has_statistics:
             raise RuntimeError("CPSLinear.repartition: no gradient statistics were collected; "
                                "call collect_statistics() before some training steps")
+        update = self._signal_factors()
         if signal == "gradient" or (signal == "auto" and has_statistics):
-            P, Q = self._sketch.factors()
+            P, Q = (t.cpu() for t in self._sketch.factors())
         else:
-            P, Q = self._signal_factors()
+            P, Q = update
         if _factored_norm(P, Q) == 0:
             self._sketch, self._collecting = None, False
             raise NoSignalError("CPSLinear.repartition: the signal is zero (no statistics and "
                                 "a zero update): nothing to cluster yet")
         g = torch.Generator().manual_seed(int(self.partition_seed) + int(self.repartition_count))
-        rows, cols = find_partition(P.cpu(), Q.cpu(), self.num_clusters, g)
+        rows, cols = find_partition(P, Q, self.num_clusters, g)
         old_rows, old_cols = self.partition()
-        before = captured_energy(P.cpu(), Q.cpu(), old_rows, old_cols, self.ranks)
-        after = captured_energy(P.cpu(), Q.cpu(), rows, cols, self.ranks)
+        before = captured_energy(P, Q, old_rows, old_cols, self.ranks)
+        after = captured_energy(P, Q, rows, cols, self.ranks)
         # The share of ||dW||^2 a re-fit would discard: what the new blocks cannot hold.
-        P_dw, Q_dw = (t.cpu() for t in self._signal_factors())
-        discarded = (0.0 if _factored_norm(P_dw, Q_dw) == 0 else
-                     max(0.0, 1.0 - captured_energy(P_dw, Q_dw, rows, cols, self.ranks)))
+        discarded = (0.0 if _factored_norm(*update) == 0 else
+                     max(0.0, 1.0 - captured_energy(*update, rows, cols, self.ranks)))
         adopt = force or (after > before * ADOPTION_MARGIN and after - before > discarded)
-        change = self._refit(rows, cols, g) if adopt else 0.0
+        change = self._refit(rows, cols, g, update) if adopt else 0.0
         self.repartition_count += 1
         self._sketch, self._collecting = None, False
         self.last_repartition = dict(adopted=adopt, captured_before=before,
@@ -499,9 +500,11 @@ class CPSLinear(AdapterLinear):
         return change
 
     @torch.no_grad()
-    def _refit(self, row_labels: Tensor, col_labels: Tensor, generator: torch.Generator) -> float:
-        """Move to the given partition, re-fitting each block to the current update."""
-        P_old, Q_old = (t.cpu() for t in self._signal_factors())
+    def _refit(self, row_labels: Tensor, col_labels: Tensor, generator: torch.Generator,
+               update: tuple[Tensor, Tensor] | None = None) -> float:
+        """Move to the given partition, re-fitting each block to the current update (its
+        factors `update`, when the caller has them already)."""
+        P_old, Q_old = update or self._signal_factors()
         G, ranks = self.num_clusters, self.ranks
         row_index, row_offsets = labels_to_index(row_labels.cpu(), G)
         col_index, col_offsets = labels_to_index(col_labels.cpu(), G)
@@ -526,7 +529,7 @@ class CPSLinear(AdapterLinear):
         self.col_index.copy_(col_index.to(device))
         self.row_offsets.copy_(torch.tensor(row_offsets))
         self.col_offsets.copy_(torch.tensor(col_offsets))
-        P_new, Q_new = (t.cpu() for t in self._signal_factors())
+        P_new, Q_new = self._signal_factors()
         old_norm = _factored_norm(P_old, Q_old)
         if old_norm == 0:
             return 0.0

@@ -73,14 +73,17 @@ def apply_cps_lora(model: nn.Module, target_modules: str | Sequence[str],
     dtype = layer_kwargs.pop("dtype", None)
     config = CPSConfig(**layer_kwargs)
 
-    def build(linear):
-        return CPSLinear(linear, dtype=dtype, **layer_kwargs)
-    build.check = lambda name, linear: _check_fits(config, linear.out_features,
-                                                   linear.in_features, name)
-    return _apply_adapters(model, target_modules, modules_to_save, "apply_cps_lora", build)
+    return _apply_adapters(
+        model, target_modules, modules_to_save, "apply_cps_lora",
+        lambda linear: CPSLinear(linear, dtype=dtype, **layer_kwargs),
+        check=lambda name, linear: _check_fits(config, linear.out_features, linear.in_features,
+                                               name))
 
 
-def _apply_adapters(model, target_modules, modules_to_save, owner, build) -> nn.Module:
+def _apply_adapters(model, target_modules, modules_to_save, owner, build,
+                    check=lambda name, linear: None) -> nn.Module:
+    """Replace the targets by build(linear), after `check(name, linear)` passed for each and
+    every argument was validated: on any error the model is unchanged."""
     _check_names(owner, "target_modules", target_modules)
     _check_names(owner, "modules_to_save", modules_to_save, allow_empty=True)
     inside_adapters = {id(m) for _, layer in adapter_layers(model) for m in layer.modules()
@@ -99,8 +102,7 @@ def _apply_adapters(model, target_modules, modules_to_save, owner, build) -> nn.
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{owner}: module {name!r} matched target_modules but is a "
                             f"{type(module).__name__}, not an nn.Linear")
-        if hasattr(build, "check"):
-            build.check(name, module)
+        check(name, module)
 
     saved = [m for name, m in candidates if modules_to_save and _matches(name, modules_to_save)]
     if modules_to_save and not saved:
