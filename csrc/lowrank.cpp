@@ -24,12 +24,9 @@ void check_matrix(const Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
 }
 
-std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, const Tensor& B,
-                                           const Tensor& scale, const OptTensor& base_out,
-                                           const OptTensor& dropout_seed, double dropout_p,
-                                           bool dropout_on_input) {
-  constexpr const char* op = "soslora::lowrank_forward";
-  check_matrix(x, "x", op);
+// A [r, in], B [out, r] and scale for the 2-D input x.
+void check_lowrank_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
+                           const char* op) {
   check_matrix(A, "A", op);
   check_matrix(B, "B", op);
   check_same_float_dtype(x, "x", A, "A", op);
@@ -39,6 +36,15 @@ std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, con
   TORCH_CHECK(B.size(1) == A.size(0), op, ": B must be [out, r] with r = A.size(0) = ", A.size(0),
               ", got B of shape ", B.sizes());
   check_scale(scale, B, op);
+}
+
+std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, const Tensor& B,
+                                           const Tensor& scale, const OptTensor& base_out,
+                                           const OptTensor& dropout_seed, double dropout_p,
+                                           bool dropout_on_input) {
+  constexpr const char* op = "soslora::lowrank_forward";
+  check_matrix(x, "x", op);
+  check_lowrank_factors(x, A, B, scale, op);
   if (base_out.has_value()) {
     check_same_float_dtype(*base_out, "base_out", x, "x", op);
     TORCH_CHECK(base_out->dim() == 2 && base_out->size(0) == x.size(0) &&
@@ -48,13 +54,62 @@ std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, con
   }
   check_dropout(dropout_seed, dropout_p, x, op);
 
-  const bool drop = dropout_p > 0;
-  const Tensor x_in = (drop && dropout_on_input) ? dropout_apply(x, dropout_seed, dropout_p) : x;
-  Tensor hidden = at::mm(x_in, A.t());
-  if (drop && !dropout_on_input) hidden = dropout_apply(hidden, dropout_seed, dropout_p);
+  const Tensor hidden = lowrank_hidden(x, A, dropout_seed, dropout_p, dropout_on_input);
   const Tensor Bs_t = scaled_B(B, scale).t();
   Tensor out = base_out.has_value() ? at::addmm(*base_out, hidden, Bs_t) : at::mm(hidden, Bs_t);
   return {out, hidden};
+}
+
+std::tuple<Tensor, Tensor> linear_lowrank_forward(const Tensor& x, const Tensor& weight,
+                                                  const OptTensor& bias, const Tensor& A,
+                                                  const Tensor& B, const Tensor& scale,
+                                                  const OptTensor& dropout_seed, double dropout_p,
+                                                  bool dropout_on_input) {
+  constexpr const char* op = "soslora::linear_lowrank_forward";
+  check_matrix(x, "x", op);
+  check_matrix(weight, "weight", op);
+  check_same_float_dtype(x, "x", weight, "weight", op);
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight must be [out, in] with in = x.size(1) = ",
+              x.size(1), ", got weight of shape ", weight.sizes());
+  if (bias.has_value()) {
+    check_same_float_dtype(*bias, "bias", x, "x", op);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias must be [out] = [", weight.size(0), "], got ", bias->sizes());
+  }
+  check_lowrank_factors(x, A, B, scale, op);
+  TORCH_CHECK(B.size(0) == weight.size(0), op, ": B must be [out, r] with out = weight.size(0) = ",
+              weight.size(0), ", got B of shape ", B.sizes());
+  check_dropout(dropout_seed, dropout_p, x, op);
+
+  // One [N, out] buffer: the base product, then the adapter added into it in place.
+  Tensor out = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  const Tensor hidden = lowrank_hidden(x, A, dropout_seed, dropout_p, dropout_on_input);
+  add_product_(out, hidden, scaled_B(B, scale).t(), std::nullopt, 0.0);
+  return {out, hidden};
+}
+
+Tensor lowrank_hidden(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
+                      double dropout_p, bool dropout_on_input) {
+  const bool drop = dropout_p > 0;
+#ifdef SOSLORA_WITH_CUDA
+  if (use_cuda_kernels(x, drop && dropout_on_input))
+    return lowrank_hidden_cuda(x, A, dropout_seed, dropout_p, dropout_on_input);
+#endif
+  const Tensor x_in = (drop && dropout_on_input) ? dropout_apply(x, dropout_seed, dropout_p) : x;
+  const Tensor hidden = at::mm(x_in, A.t());
+  return (drop && !dropout_on_input) ? dropout_apply(hidden, dropout_seed, dropout_p) : hidden;
+}
+
+void add_product_(Tensor& out, const Tensor& left, const Tensor& right,
+                  const OptTensor& dropout_seed, double dropout_p) {
+  const bool drop = dropout_p > 0;
+#ifdef SOSLORA_WITH_CUDA
+  if (use_cuda_kernels(out, drop)) return add_product_cuda_(out, left, right, dropout_seed, dropout_p);
+#endif
+  if (drop)
+    out.add_(dropout_apply(at::mm(left, right), dropout_seed, dropout_p));
+  else
+    out.addmm_(left, right);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lowrank_grad_hidden(const Tensor& grad_out, const Tensor& B,
@@ -98,8 +153,12 @@ Tensor lowrank_grad_A(const Tensor& grad_hidden, const Tensor& x, const OptTenso
               ": grad_hidden [N, r] and x [N, in] must share N, got ", grad_hidden.sizes(),
               " and ", x.sizes());
   check_dropout(dropout_seed, dropout_p, x, op);
-  const Tensor x_in =
-      (dropout_p > 0 && dropout_on_input) ? dropout_apply(x, dropout_seed, dropout_p) : x;
+  const bool drop_x = dropout_p > 0 && dropout_on_input;
+#ifdef SOSLORA_WITH_CUDA
+  if (use_cuda_kernels(x, drop_x))
+    return lowrank_grad_A_cuda(grad_hidden, x, dropout_seed, drop_x ? dropout_p : 0.0);
+#endif
+  const Tensor x_in = drop_x ? dropout_apply(x, dropout_seed, dropout_p) : x;
   return at::mm(grad_hidden.t(), x_in);
 }
 
@@ -113,14 +172,41 @@ Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTenso
               ": grad_hidden [N, r] and A [r, in] must share r, got ", grad_hidden.sizes(),
               " and ", A.sizes());
   check_dropout(dropout_seed, dropout_p, grad_hidden, op);
-  Tensor grad_x = at::mm(grad_hidden, A);
-  if (dropout_p > 0 && dropout_on_input) grad_x = dropout_apply(grad_x, dropout_seed, dropout_p);
-  if (grad_x_base.has_value()) {
-    check_same_float_dtype(*grad_x_base, "grad_x_base", grad_x, "grad_hidden", op);
-    TORCH_CHECK(grad_x_base->sizes() == grad_x.sizes(), op, ": grad_x_base must be [N, in] = ",
-                grad_x.sizes(), ", got ", grad_x_base->sizes());
-    grad_x.add_(*grad_x_base);
-  }
+  const double p_in = dropout_on_input ? dropout_p : 0.0;
+  if (!grad_x_base.has_value())
+    return p_in > 0 ? dropout_apply(at::mm(grad_hidden, A), dropout_seed, p_in)
+                    : at::mm(grad_hidden, A);
+  check_same_float_dtype(*grad_x_base, "grad_x_base", grad_hidden, "grad_hidden", op);
+  TORCH_CHECK(grad_x_base->dim() == 2 && grad_x_base->size(0) == grad_hidden.size(0) &&
+                  grad_x_base->size(1) == A.size(1),
+              op, ": grad_x_base must be [N, in] = [", grad_hidden.size(0), ", ", A.size(1),
+              "], got ", grad_x_base->sizes());
+  Tensor grad_x = grad_x_base->clone(at::MemoryFormat::Contiguous);
+  add_product_(grad_x, grad_hidden, A, dropout_seed, p_in);
+  return grad_x;
+}
+
+Tensor linear_lowrank_grad_x(const Tensor& grad_out, const Tensor& weight,
+                             const Tensor& grad_hidden, const Tensor& A,
+                             const OptTensor& dropout_seed, double dropout_p,
+                             bool dropout_on_input) {
+  constexpr const char* op = "soslora::linear_lowrank_grad_x";
+  check_matrix(grad_out, "grad_out", op);
+  check_matrix(weight, "weight", op);
+  check_matrix(grad_hidden, "grad_hidden", op);
+  check_matrix(A, "A", op);
+  check_same_float_dtype(grad_out, "grad_out", weight, "weight", op);
+  check_same_float_dtype(grad_out, "grad_out", grad_hidden, "grad_hidden", op);
+  check_same_float_dtype(grad_out, "grad_out", A, "A", op);
+  TORCH_CHECK(grad_out.size(1) == weight.size(0) && grad_hidden.size(0) == grad_out.size(0) &&
+                  grad_hidden.size(1) == A.size(0) && A.size(1) == weight.size(1),
+              op, ": expected grad_out [N, out], weight [out, in], grad_hidden [N, r], A [r, in]; "
+              "got ", grad_out.sizes(), ", ", weight.sizes(), ", ", grad_hidden.sizes(), ", ",
+              A.sizes());
+  check_dropout(dropout_seed, dropout_p, grad_out, op);
+  // One [N, in] buffer: the base's input gradient, then the adapter's added into it in place.
+  Tensor grad_x = at::mm(grad_out, weight);
+  add_product_(grad_x, grad_hidden, A, dropout_seed, dropout_on_input ? dropout_p : 0.0);
   return grad_x;
 }
 

@@ -47,8 +47,8 @@ Tensor ortho_penalty(const Tensor& A, int64_t num_experts) {
   return g.G.square().sum() / g.denom;
 }
 
-void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
-                         int64_t num_experts) {
+void check_ortho_penalty_grad_args(const Tensor& grad_A, const Tensor& A, const Tensor& weight,
+                                   int64_t num_experts) {
   constexpr const char* op = "soslora::ortho_penalty_grad_";
   check_ortho_args(A, num_experts, op);
   TORCH_CHECK(grad_A.sizes() == A.sizes(), op, ": grad_A must have A's shape ", A.sizes(),
@@ -61,6 +61,11 @@ void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weig
   TORCH_CHECK(weight.numel() == 1 && at::isFloatingType(weight.scalar_type()), op,
               ": weight must be a floating-point tensor with one element, got ",
               weight.scalar_type(), " of shape ", weight.sizes());
+}
+
+void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
+                         int64_t num_experts) {
+  check_ortho_penalty_grad_args(grad_A, A, weight, num_experts);
   if (num_experts == 1 || A.size(0) == 0) return;
   const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
   const Gram g = cross_gram(A, num_experts);

@@ -3,6 +3,9 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include <atomic>
+#include <string>
+
 #include "soslora.h"
 
 TORCH_LIBRARY(soslora, m) {
@@ -10,6 +13,15 @@ TORCH_LIBRARY(soslora, m) {
   m.def(
       "lowrank_forward(Tensor x, Tensor A, Tensor B, Tensor scale, Tensor? base_out, "
       "Tensor? dropout_seed, float dropout_p, bool dropout_on_input) -> (Tensor, Tensor)");
+  // The frozen linear layer plus its adapter, in one [N, out] buffer: returns (out, h).
+  m.def(
+      "linear_lowrank_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
+      "Tensor scale, Tensor? dropout_seed, float dropout_p, bool dropout_on_input) "
+      "-> (Tensor, Tensor)");
+  // grad_x = grad_out weight + D_in(grad_hidden A), in one [N, in] buffer.
+  m.def(
+      "linear_lowrank_grad_x(Tensor grad_out, Tensor weight, Tensor grad_hidden, Tensor A, "
+      "Tensor? dropout_seed, float dropout_p, bool dropout_on_input) -> Tensor");
   // From grad_out: (grad wrt A-side product x A^T or drop(x) A^T, grad_B, grad_scale).
   m.def(
       "lowrank_grad_hidden(Tensor grad_out, Tensor B, Tensor scale, Tensor hidden, "
@@ -41,8 +53,16 @@ TORCH_LIBRARY(soslora, m) {
 }
 
 namespace soslora {
+namespace {
+std::atomic<CudaPath> g_cuda_path{CudaPath::kAuto};
+}  // namespace
+void set_cuda_path(CudaPath path) { g_cuda_path.store(path); }
+CudaPath cuda_path() { return g_cuda_path.load(); }
+
 void register_device_generic_kernels(torch::Library& m) {
   m.impl("lowrank_forward", &lowrank_forward);
+  m.impl("linear_lowrank_forward", &linear_lowrank_forward);
+  m.impl("linear_lowrank_grad_x", &linear_lowrank_grad_x);
   m.impl("lowrank_grad_hidden", &lowrank_grad_hidden);
   m.impl("lowrank_grad_A", &lowrank_grad_A);
   m.impl("lowrank_grad_x", &lowrank_grad_x);
@@ -50,12 +70,12 @@ void register_device_generic_kernels(torch::Library& m) {
   m.impl("cluster_lowrank_backward", &cluster_lowrank_backward);
   m.impl("dropout_mask", &dropout_mask);
   m.impl("ortho_penalty", &ortho_penalty);
-  m.impl("ortho_penalty_grad_", &ortho_penalty_grad_);
 }
 }  // namespace soslora
 
 TORCH_LIBRARY_IMPL(soslora, CPU, m) {
   soslora::register_device_generic_kernels(m);
+  m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_);
   m.impl("merge_into_", &soslora::merge_into_cpu_);
 }
 
@@ -68,6 +88,23 @@ TORCH_LIBRARY_IMPL(soslora, Autograd, m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "soslora_ext native library: registers the torch.ops.soslora operators";
+  m.def(
+      "set_cuda_path",
+      [](const std::string& name) {
+        if (name == "auto") soslora::set_cuda_path(soslora::CudaPath::kAuto);
+        else if (name == "kernels") soslora::set_cuda_path(soslora::CudaPath::kKernels);
+        else if (name == "aten") soslora::set_cuda_path(soslora::CudaPath::kAten);
+        else throw pybind11::value_error("set_cuda_path: path must be 'auto', 'kernels' or "
+                                         "'aten', got '" + name + "'");
+      },
+      "Chooses the CUDA implementation of the low-rank ops (see soslora.h: CudaPath).");
+  m.def("cuda_path", [] {
+    switch (soslora::cuda_path()) {
+      case soslora::CudaPath::kKernels: return std::string("kernels");
+      case soslora::CudaPath::kAten: return std::string("aten");
+      default: return std::string("auto");
+    }
+  });
 #ifdef SOSLORA_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else

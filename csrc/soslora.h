@@ -21,6 +21,18 @@ std::tuple<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& A, con
                                            const Tensor& scale, const OptTensor& base_out,
                                            const OptTensor& dropout_seed, double dropout_p,
                                            bool dropout_on_input);
+// The frozen linear layer and its adapter in one op: out = x Wᵀ + bias + the adapter's output,
+// formed in one [N, out] buffer (the adapter is added into the base product in place).
+std::tuple<Tensor, Tensor> linear_lowrank_forward(const Tensor& x, const Tensor& weight,
+                                                  const OptTensor& bias, const Tensor& A,
+                                                  const Tensor& B, const Tensor& scale,
+                                                  const OptTensor& dropout_seed, double dropout_p,
+                                                  bool dropout_on_input);
+// grad_x = grad_out W + D_in(grad_hidden A), in one [N, in] buffer.
+Tensor linear_lowrank_grad_x(const Tensor& grad_out, const Tensor& weight,
+                             const Tensor& grad_hidden, const Tensor& A,
+                             const OptTensor& dropout_seed, double dropout_p,
+                             bool dropout_on_input);
 std::tuple<Tensor, Tensor, Tensor> lowrank_grad_hidden(const Tensor& grad_out, const Tensor& B,
                                                        const Tensor& scale, const Tensor& hidden,
                                                        const OptTensor& dropout_seed,
@@ -34,6 +46,8 @@ Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTenso
 Tensor ortho_penalty(const Tensor& A, int64_t num_experts);
 void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
                          int64_t num_experts);
+void check_ortho_penalty_grad_args(const Tensor& grad_A, const Tensor& A, const Tensor& weight,
+                                   int64_t num_experts);
 
 // ---- merge: weight += alpha * (B * scale) @ A -------------------------------------------------
 void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale);
@@ -60,8 +74,18 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
     at::IntArrayRef col_offsets, at::IntArrayRef ranks, const OptTensor& grad_x_base,
     const OptTensor& dropout_seed, double dropout_p);
 
+// ---- shared pieces (ATen, or the hand-written CUDA kernels where they are chosen) -------------
+// hidden = D_post(D_in(x) Aᵀ): [N, r] in x's dtype.
+Tensor lowrank_hidden(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
+                      double dropout_p, bool dropout_on_input);
+// out += D(left @ right) in place, D the dropout of out's shape (none when dropout_p == 0).
+void add_product_(Tensor& out, const Tensor& left, const Tensor& right,
+                  const OptTensor& dropout_seed, double dropout_p);
+
 // ---- helpers ----------------------------------------------------------------------------------
 void check_matrix(const Tensor& t, const char* name, const char* op);
+void check_lowrank_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
+                           const char* op);
 void check_same_float_dtype(const Tensor& a, const char* a_name, const Tensor& b,
                             const char* b_name, const char* op);
 // Accumulation dtype: float64 stays float64, everything else accumulates in float32.
@@ -90,7 +114,25 @@ void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor
 // Registers the kernels above that are written with ATen calls (so serve any device) on `m`.
 void register_device_generic_kernels(torch::Library& m);
 
+// Which CUDA implementation the low-rank ops use (set from Python through _C.set_cuda_path):
+//   kAuto    - the hand-written kernels where they avoid a full-size temporary (dropout on the
+//              input, fused into the product's reads), cuBLAS through ATen elsewhere;
+//   kKernels - the hand-written kernels wherever they exist;  kAten - ATen everywhere.
+enum class CudaPath { kAuto, kKernels, kAten };
+void set_cuda_path(CudaPath path);
+CudaPath cuda_path();
+
 #ifdef SOSLORA_WITH_CUDA
+// True when t is on CUDA and the current CudaPath picks the kernels for a piece that does
+// (`saves_temporary`) or does not avoid a full-size temporary.
+bool use_cuda_kernels(const Tensor& t, bool saves_temporary);
+Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
+                           double dropout_p, bool dropout_on_input);
+void add_product_cuda_(Tensor& out, const Tensor& left, const Tensor& right,
+                       const OptTensor& dropout_seed, double dropout_p);
+// grad_A = grad_hiddenᵀ D_in(x), D_in with dropout_p (0: none).
+Tensor lowrank_grad_A_cuda(const Tensor& grad_hidden, const Tensor& x,
+                           const OptTensor& dropout_seed, double dropout_p);
 Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double p,
                                at::ScalarType dtype);
 Tensor dropout_apply_cuda(const Tensor& t, const Tensor& seed, double p);

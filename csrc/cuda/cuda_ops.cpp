@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../soslora.h"
 #include "kernels.h"
 
@@ -19,6 +21,33 @@ cuda::DType kernel_dtype(at::ScalarType t) {
     case at::kBFloat16: return cuda::DType::kBFloat16;
     default: TORCH_CHECK(false, "soslora: unsupported dtype on CUDA: ", t);
   }
+}
+
+// The kernels' view of a tensor (sizes and strides as they are: transposed views need no copy).
+cuda::Matrix matrix(const Tensor& t, const OptTensor& dropout_seed = std::nullopt,
+                    double dropout_p = 0.0) {
+  cuda::Matrix m;
+  m.data = t.data_ptr();
+  m.rows = t.size(0);
+  m.cols = t.size(1);
+  m.stride0 = t.stride(0);
+  m.stride1 = t.stride(1);
+  if (dropout_p > 0) {
+    TORCH_INTERNAL_ASSERT(t.is_contiguous(), "soslora: dropout is indexed on contiguous tensors");
+    m.dropout_seed = dropout_seed->data_ptr<int64_t>();
+    m.dropout_p = dropout_p;
+  }
+  return m;
+}
+
+// left @ right combined into out; the ops have checked shapes and dtypes (all left's dtype,
+// except a kAtomicAdd output, which is in the accumulation type).
+void launch_product(at::ScalarType dtype, const cuda::Matrix& left, const cuda::Matrix& right,
+                    const cuda::Matrix& out, cuda::Combine combine, int64_t splits = 1) {
+  TORCH_INTERNAL_ASSERT(left.cols == right.rows && out.rows == left.rows &&
+                        out.cols == right.cols);
+  C10_CUDA_CHECK(cuda::launch_product(kernel_dtype(dtype), left, right, out, combine, splits,
+                                      c10::cuda::getCurrentCUDAStream()));
 }
 
 void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
@@ -37,7 +66,71 @@ void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, cons
                                     c10::cuda::getCurrentCUDAStream()));
 }
 
+void ortho_penalty_grad_cuda_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
+                              int64_t num_experts) {
+  if (cuda_path() == CudaPath::kAten || grad_A.scalar_type() != A.scalar_type() ||
+      !grad_A.is_contiguous())
+    return ortho_penalty_grad_(grad_A, A, weight, num_experts);
+  check_ortho_penalty_grad_args(grad_A, A, weight, num_experts);
+  if (num_experts == 1 || A.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(A.device());
+  const auto acc = accumulate_dtype(A.scalar_type());
+  const Tensor A_c = A.contiguous();
+  const Tensor weight_acc = weight.reshape({1}).to(acc);  // read on the device: no host sync
+  Tensor gram = at::zeros({A.size(0), A.size(0)}, A.options().dtype(acc));
+  C10_CUDA_CHECK(cuda::launch_ortho_penalty_grad(
+      kernel_dtype(A.scalar_type()), grad_A.data_ptr(), A_c.data_ptr(), A.size(0), A.size(1),
+      num_experts, weight_acc.data_ptr(), gram.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
+
+bool use_cuda_kernels(const Tensor& t, bool saves_temporary) {
+  if (!t.is_cuda()) return false;
+  switch (cuda_path()) {
+    case CudaPath::kKernels: return true;
+    case CudaPath::kAten: return false;
+    case CudaPath::kAuto: return saves_temporary;
+  }
+  return false;
+}
+
+Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
+                           double dropout_p, bool dropout_on_input) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const double p_in = dropout_on_input ? dropout_p : 0.0, p_out = dropout_on_input ? 0.0 : dropout_p;
+  const Tensor x_c = p_in > 0 ? x.contiguous() : x;
+  Tensor hidden = at::empty({x.size(0), A.size(0)}, x.options());
+  const Tensor A_t = A.t();
+  launch_product(x.scalar_type(), matrix(x_c, dropout_seed, p_in), matrix(A_t),
+                 matrix(hidden, dropout_seed, p_out), cuda::Combine::kStore);
+  return hidden;
+}
+
+void add_product_cuda_(Tensor& out, const Tensor& left, const Tensor& right,
+                       const OptTensor& dropout_seed, double dropout_p) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  TORCH_INTERNAL_ASSERT(dropout_p == 0 || out.is_contiguous());
+  launch_product(out.scalar_type(), matrix(left), matrix(right),
+                 matrix(out, dropout_seed, dropout_p), cuda::Combine::kAdd);
+}
+
+Tensor lowrank_grad_A_cuda(const Tensor& grad_hidden, const Tensor& x,
+                           const OptTensor& dropout_seed, double dropout_p) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = accumulate_dtype(x.scalar_type());
+  const Tensor x_c = dropout_p > 0 ? x.contiguous() : x;
+  const Tensor gh_t = grad_hidden.t();
+  // [r, in] is small: split the sum over N until the grid has a few blocks per SM.
+  const int64_t r = grad_hidden.size(1), in = x.size(1), n = x.size(0);
+  const int64_t tiles = ((r + 63) / 64) * ((in + 63) / 64);
+  const int64_t splits = std::clamp<int64_t>(512 / std::max<int64_t>(tiles, 1), 1,
+                                             std::max<int64_t>((n + 255) / 256, 1));
+  Tensor grad_A = at::zeros({r, in}, x.options().dtype(acc));
+  launch_product(x.scalar_type(), matrix(gh_t), matrix(x_c, dropout_seed, dropout_p),
+                 matrix(grad_A), cuda::Combine::kAtomicAdd, splits);
+  return grad_A.to(x.scalar_type());
+}
 
 Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double p,
                                at::ScalarType dtype) {
@@ -67,4 +160,5 @@ Tensor dropout_apply_cuda(const Tensor& t, const Tensor& seed, double p) {
 TORCH_LIBRARY_IMPL(soslora, CUDA, m) {
   soslora::register_device_generic_kernels(m);
   m.impl("merge_into_", &soslora::merge_into_cuda_);
+  m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_cuda_);
 }

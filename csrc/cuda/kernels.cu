@@ -1,34 +1,13 @@
 // CUDA kernels for dropout (masks, and applied in one pass) and the in-place merge
 // (see kernels.h).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
-#include <type_traits>
 
 #include "../philox.h"
 #include "kernels.h"
+#include "numeric.cuh"
 
 namespace soslora::cuda {
 namespace {
-
-template <typename T> __host__ __device__ __forceinline__ T from_double(double v) { return T(v); }
-template <> __host__ __device__ __forceinline__ __half from_double<__half>(double v) {
-  return __double2half(v);
-}
-template <>
-__host__ __device__ __forceinline__ __nv_bfloat16 from_double<__nv_bfloat16>(double v) {
-  return __double2bfloat16(v);
-}
-template <typename Acc, typename T> __device__ __forceinline__ Acc to_acc(T v) {
-  return static_cast<Acc>(v);
-}
-template <> __device__ __forceinline__ float to_acc<float, __half>(__half v) {
-  return __half2float(v);
-}
-template <> __device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
 
 template <typename T>
 __global__ void dropout_mask_kernel(T* out, int64_t numel, const int64_t* seed,
@@ -44,7 +23,7 @@ __global__ void dropout_mask_kernel(T* out, int64_t numel, const int64_t* seed,
 template <typename T>
 __global__ void dropout_apply_kernel(T* out, const T* in, int64_t numel, const int64_t* seed,
                                      uint32_t threshold, T keep_value) {
-  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  using Acc = acc_t<T>;
   const uint64_t s = static_cast<uint64_t>(seed[0]), offset = static_cast<uint64_t>(seed[1]);
   const Acc scale = to_acc<Acc>(keep_value);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;

@@ -26,3 +26,42 @@ cudaError_t launch_merge(void* weight, DType dtype, int64_t rows, int64_t cols,
                          int64_t rank, bool acc_double, double alpha, cudaStream_t stream);
 
 }  // namespace soslora::cuda
+
+namespace soslora::cuda {
+
+// ---- low-rank products (lowrank_kernels.cu) -----------------------------------------------------
+// A physical [rows, cols] matrix in the kernel's dtype, element (i, j) at i*stride0 + j*stride1.
+// col_index (optional) makes logical column j the physical column col_index[j] (CPS index maps).
+// With a dropout seed, element (i, j) (physical) is zeroed or scaled by 1/(1-p) as
+// dropout_keep(seed, i * cols + j) decides: the mask of a [rows, cols] tensor, regenerated.
+struct Matrix {
+  const void* data = nullptr;
+  int64_t rows = 0, cols = 0, stride0 = 0, stride1 = 0;
+  const int64_t* col_index = nullptr;
+  const int64_t* dropout_seed = nullptr;  // device {seed, offset}
+  double dropout_p = 0.0;
+};
+
+enum class Combine {
+  kStore,      // out = D(left @ right)            (out in dtype)
+  kAdd,        // out += D(left @ right) in place  (out in dtype, one rounding)
+  kAtomicAdd,  // out += left @ right, split over K (out in the accumulation type: float/double)
+};
+
+// left [M, K] @ right [K, N] combined into out [M, N]; D is out's dropout, a transposed operand
+// is a Matrix with swapped strides, the result's column n goes to out's column col_index[n].
+// splits > 1 (K divided between blocks) only with kAtomicAdd. Shapes are checked by the caller.
+cudaError_t launch_product(DType dtype, const Matrix& left, const Matrix& right,
+                           const Matrix& out, Combine combine, int64_t splits,
+                           cudaStream_t stream);
+
+// Gradient of the cross-expert orthogonality penalty (see ortho.cpp), added in place:
+//   grad_A += weight[0] * d penalty(A) / dA
+// A and grad_A: contiguous [r_tot, in] in `dtype`; weight: one element in the accumulation type
+// on the device; gram: a zeroed [r_tot, r_tot] workspace in the accumulation type. Two launches:
+// the Gram matrix of A's rows, then the gradient as one product (normalization folded in).
+cudaError_t launch_ortho_penalty_grad(DType dtype, void* grad_A, const void* A, int64_t r_tot,
+                                      int64_t in, int64_t num_experts, const void* weight,
+                                      void* gram, cudaStream_t stream);
+
+}  // namespace soslora::cuda

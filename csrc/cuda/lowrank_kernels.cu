@@ -1,0 +1,209 @@
+// Low-rank products and the orthogonality-penalty gradient on the tile engine (tile_product.cuh):
+// dropout masks, index maps and the penalty's normalization are applied as tiles are read or
+// results written, so no full-size temporary ([N, in] or [N, out]) is ever formed.
+#include <algorithm>
+#include <cmath>
+
+#include "../philox.h"
+#include "kernels.h"
+#include "numeric.cuh"
+#include "tile_product.cuh"
+
+namespace soslora::cuda {
+namespace {
+
+constexpr double kNormEps = 1e-6;  // as ortho.cpp (F.normalize's eps in the reference code)
+
+// The dropout of a physical [*, cols] tensor, regenerated per element.
+template <typename Acc> struct DeviceDropout {
+  const int64_t* seed = nullptr;
+  uint32_t threshold = 0;
+  Acc keep = 1;  // 1/(1-p) rounded to the element type, as the CPU path multiplies
+  int64_t cols = 0;
+
+  __device__ __forceinline__ bool active() const { return seed != nullptr; }
+  __device__ __forceinline__ bool kept(int64_t i, int64_t j) const {
+    return dropout_keep(static_cast<uint64_t>(seed[0]), static_cast<uint64_t>(seed[1]),
+                        static_cast<uint64_t>(i * cols + j), threshold);
+  }
+};
+
+template <typename T, typename Acc>
+DeviceDropout<Acc> device_dropout(const Matrix& m) {
+  DeviceDropout<Acc> d;
+  if (m.dropout_seed == nullptr || m.dropout_p <= 0) return d;
+  d.seed = m.dropout_seed;
+  d.threshold = dropout_threshold(m.dropout_p);
+  d.keep = static_cast<Acc>(static_cast<double>(from_double<T>(1.0 / (1.0 - m.dropout_p))));
+  d.cols = m.cols;
+  return d;
+}
+
+// Loads element (i, j) of a Matrix (a transposed operand is a Matrix with swapped strides).
+template <typename T, typename Acc> struct MatrixLoad {
+  const T* data;
+  int64_t stride0, stride1;
+  const int64_t* col_index;
+  DeviceDropout<Acc> dropout;
+
+  __device__ __forceinline__ bool cols_contiguous() const { return stride1 == 1; }
+  __device__ __forceinline__ Acc operator()(int64_t i, int64_t c) const {
+    const int64_t j = col_index ? col_index[c] : c;
+    if (dropout.active() && !dropout.kept(i, j)) return Acc(0);
+    const Acc v = to_acc<Acc>(data[i * stride0 + j * stride1]);
+    return dropout.active() ? v * dropout.keep : v;
+  }
+};
+
+// out(m, n) = D(v) or out(m, n) += D(v), rounded once to T.
+template <typename T, typename Acc, bool kAccumulate> struct WriteEpilogue {
+  T* data;
+  int64_t stride0, stride1;
+  const int64_t* col_index;
+  DeviceDropout<Acc> dropout;
+
+  __device__ __forceinline__ void operator()(int64_t m, int64_t n, Acc v) const {
+    const int64_t j = col_index ? col_index[n] : n;
+    T* p = data + m * stride0 + j * stride1;
+    if (dropout.active()) v = dropout.kept(m, j) ? v * dropout.keep : Acc(0);
+    if constexpr (kAccumulate) v += to_acc<Acc>(*p);
+    *p = round_to<T>(v);
+  }
+};
+
+template <typename Acc> struct AtomicAddEpilogue {
+  Acc* data;
+  int64_t stride0;
+  __device__ __forceinline__ void operator()(int64_t m, int64_t n, Acc v) const {
+    atomicAdd(data + m * stride0 + n, v);
+  }
+};
+
+template <typename T, typename Acc> MatrixLoad<T, Acc> loader(const Matrix& m) {
+  return {static_cast<const T*>(m.data), m.stride0, m.stride1, m.col_index,
+          device_dropout<T, Acc>(m)};
+}
+
+template <typename T>
+cudaError_t product_typed(const Matrix& left, const Matrix& right, const Matrix& out,
+                          Combine combine, int64_t splits, cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  const int64_t M = left.rows, K = left.cols, N = right.cols;
+  const auto L = loader<T, Acc>(left);
+  const auto R = loader<T, Acc>(right);
+  T* out_data = static_cast<T*>(const_cast<void*>(out.data));
+  switch (combine) {
+    case Combine::kStore:
+      return launch_tile_product<T>(M, N, K, 1, L, R,
+          WriteEpilogue<T, Acc, false>{out_data, out.stride0, out.stride1, out.col_index,
+                                       device_dropout<T, Acc>(out)}, stream);
+    case Combine::kAdd:
+      return launch_tile_product<T>(M, N, K, 1, L, R,
+          WriteEpilogue<T, Acc, true>{out_data, out.stride0, out.stride1, out.col_index,
+                                      device_dropout<T, Acc>(out)}, stream);
+    case Combine::kAtomicAdd:
+      if (out.col_index != nullptr || out.dropout_seed != nullptr || out.stride1 != 1)
+        return cudaErrorInvalidValue;
+      return launch_tile_product<T>(M, N, K, splits, L, R,
+          AtomicAddEpilogue<Acc>{static_cast<Acc*>(const_cast<void*>(out.data)), out.stride0},
+          stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// ---- orthogonality penalty ---------------------------------------------------------------------
+// With g the Gram matrix of A's rows, n'_i = max(sqrt(g_ii), eps), Ĝ_ij = g_ij / (n'_i n'_j),
+// c_ij = 1 across experts, s = 4 weight / (K (K-1) r²) and radial_i = sum_j c_ij Ĝ_ij²:
+//   grad_A_i = sum_j L_ij A_j,  L_ij = s (c_ij Ĝ_ij / n'_j - [i = j, g_ii > eps²] radial_i / n'_i) / n'_i
+// which is d/dA of s/4 * sum(c Ĝ²) through the row normalization (as ortho.cpp computes it).
+template <typename Acc> struct PenaltyGradLoad {
+  const Acc* gram;
+  int64_t r_tot, rows_per_expert;
+  const Acc* weight;
+  Acc inv_denom;  // 1 / (K (K-1) r²)
+
+  __device__ __forceinline__ bool cols_contiguous() const { return true; }
+  __device__ __forceinline__ Acc norm(int64_t i) const {
+    return max(sqrt(gram[i * r_tot + i]), Acc(kNormEps));
+  }
+  __device__ __forceinline__ Acc operator()(int64_t i, int64_t j) const {
+    const Acc n_i = norm(i), s = Acc(4) * weight[0] * inv_denom;
+    if (i / rows_per_expert != j / rows_per_expert) {
+      const Acc n_j = norm(j);
+      return s * (gram[i * r_tot + j] / (n_i * n_j)) / n_j / n_i;
+    }
+    if (i != j || !(sqrt(gram[i * r_tot + i]) > Acc(kNormEps))) return Acc(0);
+    Acc radial = 0;
+    for (int64_t k = 0; k < r_tot; ++k) {
+      if (k / rows_per_expert == i / rows_per_expert) continue;
+      const Acc g_hat = gram[i * r_tot + k] / (n_i * norm(k));
+      radial += g_hat * g_hat;
+    }
+    return -s * radial / n_i / n_i;
+  }
+};
+
+template <typename T>
+cudaError_t ortho_penalty_grad_typed(void* grad_A, const void* A, int64_t r_tot, int64_t in,
+                                     int64_t num_experts, const void* weight, void* gram,
+                                     cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  const Matrix a{A, r_tot, in, in, 1}, a_t{A, in, r_tot, 1, in};
+  Acc* g = static_cast<Acc*>(gram);
+  // Launch 1: g = A Aᵀ, K = in split so that the r_tot² result still fills the GPU.
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(in / 256, 128));
+  cudaError_t err = launch_tile_product<T>(r_tot, r_tot, in, splits, loader<T, Acc>(a),
+                                           loader<T, Acc>(a_t),
+                                           AtomicAddEpilogue<Acc>{g, r_tot}, stream);
+  if (err != cudaSuccess) return err;
+  // Launch 2: grad_A += L A, in the accumulation type (the normalization is not rounded to T).
+  const double k = static_cast<double>(num_experts), r = static_cast<double>(r_tot / num_experts);
+  const PenaltyGradLoad<Acc> L{g, r_tot, r_tot / num_experts, static_cast<const Acc*>(weight),
+                               static_cast<Acc>(1.0 / (k * (k - 1) * r * r))};
+  return launch_tile_product<Acc>(r_tot, in, r_tot, 1, L, loader<T, Acc>(a),
+                                   WriteEpilogue<T, Acc, true>{static_cast<T*>(grad_A), in, 1,
+                                                               nullptr, {}},
+                                   stream);
+}
+
+}  // namespace
+
+cudaError_t launch_product(DType dtype, const Matrix& left, const Matrix& right,
+                           const Matrix& out, Combine combine, int64_t splits,
+                           cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return product_typed<float>(left, right, out, combine, splits, stream);
+    case DType::kFloat64:
+      return product_typed<double>(left, right, out, combine, splits, stream);
+    case DType::kFloat16:
+      return product_typed<__half>(left, right, out, combine, splits, stream);
+    case DType::kBFloat16:
+      return product_typed<__nv_bfloat16>(left, right, out, combine, splits,
+                                          stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_ortho_penalty_grad(DType dtype, void* grad_A, const void* A, int64_t r_tot,
+                                      int64_t in, int64_t num_experts, const void* weight,
+                                      void* gram, cudaStream_t stream) {
+  if (num_experts < 2 || r_tot == 0 || r_tot % num_experts != 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return ortho_penalty_grad_typed<float>(grad_A, A, r_tot, in, num_experts, weight, gram,
+                                             stream);
+    case DType::kFloat64:
+      return ortho_penalty_grad_typed<double>(grad_A, A, r_tot, in, num_experts, weight, gram,
+                                              stream);
+    case DType::kFloat16:
+      return ortho_penalty_grad_typed<__half>(grad_A, A, r_tot, in, num_experts, weight, gram,
+                                              stream);
+    case DType::kBFloat16:
+      return ortho_penalty_grad_typed<__nv_bfloat16>(grad_A, A, r_tot, in, num_experts, weight,
+                                                     gram, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace soslora::cuda
