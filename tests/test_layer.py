@@ -47,6 +47,26 @@ def test_forward_and_gradients_match_oracle(cfg, shape):
         assert rel_err(g, w) < 1e-10, name
 
 
+@pytest.mark.parametrize("cfg", CONFIGS[1:4], ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_base_fused_path_equals_the_separate_base_path(cfg):
+    # A plain frozen nn.Linear is computed inside the adapter's op; a base with a forward hook
+    # runs on its own. Both must give the same values and gradients.
+    layer = make_layer(9, 11, **cfg)
+    x = torch.randn(2, 3, 9, dtype=F64, requires_grad=True)
+    assert layer._base_fusable(F64)
+    outputs = []
+    for hooked in (False, True):
+        handle = layer.base_layer.register_forward_hook(lambda m, i, o: o) if hooked else None
+        assert layer._base_fusable(F64) is not hooked
+        torch.manual_seed(5)  # the same dropout seed for both runs
+        y = layer(x)
+        outputs.append((y, *torch.autograd.grad(y.square().sum(), [x, layer.lora_A, layer.lora_B])))
+        if handle:
+            handle.remove()
+    for fused, separate in zip(*outputs):
+        assert rel_err(fused, separate) < 1e-13
+
+
 def _as_function(layer):
     """(x, *trainable parameters) -> layer(x), with the same dropout mask at every call."""
     names = [n for n, p in layer.named_parameters() if p.requires_grad]

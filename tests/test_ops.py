@@ -113,6 +113,84 @@ def test_opcheck_lowrank_ops(case, dtype):
         opcheck(_ops.dropout_mask, (seed, [N, n_in], p, dtype))
 
 
+def linear_inputs(case, *, dtype=F64, requires_grad=True, bias=True):
+    """(x, weight, bias, A, B, scale, seed) for a linear_lowrank case; weight and bias too
+    require grad, so that their gradients are checked as well."""
+    N, n_in, n_out, r, per_channel, _, p, _ = case
+    x, A, B, scale, _, seed = lowrank_inputs(N, n_in, n_out, r, per_channel=per_channel,
+                                             dtype=dtype, base=False, p=p,
+                                             requires_grad=requires_grad)
+    weight = torch.randn(n_out, n_in, dtype=dtype, requires_grad=requires_grad)
+    b = torch.randn(n_out, dtype=dtype, requires_grad=requires_grad) if bias else None
+    return x, weight, b, A, B, scale, seed
+
+
+def oracle_linear_lowrank(x, weight, bias, A, B, scale, seed, p, on_input):
+    return torch.nn.functional.linear(x, weight, bias) + oracle_lowrank(
+        x, A, B, scale, None, seed, p, on_input)
+
+
+@pytest.mark.parametrize("case", LOWRANK_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_lowrank_matches_oracle_values_and_gradients(case, bias):
+    p, on_input = case[6], case[7]
+    inputs = linear_inputs(case, bias=bias)
+    diff = [t for t in inputs[:6] if t is not None]
+    out = sl.ops.linear_lowrank(*inputs, p, on_input)
+    want = oracle_linear_lowrank(*inputs, p, on_input)
+    assert rel_err(out, want) < 1e-12
+    grad = torch.randn_like(want)
+    got_grads = torch.autograd.grad(out, diff, grad)
+    want_grads = torch.autograd.grad(want, diff, grad)
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("case", LOWRANK_CASES[1::2])
+def test_linear_lowrank_gradcheck_and_double_backward(case):
+    p, on_input = case[6], case[7]
+    x, weight, bias, A, B, scale, seed = linear_inputs(case)
+    fn = lambda *ts: sl.ops.linear_lowrank(*ts, seed, p, on_input)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, A, B, scale))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias, A, B, scale))
+
+
+@pytest.mark.parametrize("case", LOWRANK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_linear_lowrank_ops(case, dtype):
+    N, n_in, n_out, r, _, _, p, on_input = case
+    need_grad = dtype != torch.bfloat16
+    x, weight, bias, A, B, scale, seed = linear_inputs(case, dtype=dtype,
+                                                       requires_grad=need_grad)
+    opcheck(_ops.linear_lowrank_forward, (x, weight, bias, A, B, scale, seed, p, on_input))
+    opcheck(_ops.linear_lowrank_forward, (x, weight, None, A, B, scale, seed, p, on_input))
+    grad_out = torch.randn(N, n_out, dtype=dtype, requires_grad=need_grad)
+    grad_hidden = torch.randn(N, r, dtype=dtype, requires_grad=need_grad)
+    opcheck(_ops.linear_lowrank_grad_x, (grad_out, weight, grad_hidden, A, seed, p, on_input))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: _ops.linear_lowrank_forward(torch.randn(3, 4), torch.randn(6, 5), None,
+                                         torch.randn(2, 4), torch.randn(6, 2), torch.ones(2),
+                                         None, 0.0, False), "weight must be"),
+    (lambda: _ops.linear_lowrank_forward(torch.randn(3, 4), torch.randn(6, 4), torch.randn(5),
+                                         torch.randn(2, 4), torch.randn(6, 2), torch.ones(2),
+                                         None, 0.0, False), "bias must be"),
+    (lambda: _ops.linear_lowrank_forward(torch.randn(3, 4), torch.randn(7, 4), None,
+                                         torch.randn(2, 4), torch.randn(6, 2), torch.ones(2),
+                                         None, 0.0, False), "B must be .* out = weight"),
+    (lambda: _ops.linear_lowrank_forward(torch.randn(3, 4), torch.randn(6, 4, dtype=F64), None,
+                                         torch.randn(2, 4), torch.randn(6, 2), torch.ones(2),
+                                         None, 0.0, False), "x and weight must have the same"),
+    (lambda: _ops.linear_lowrank_grad_x(torch.randn(3, 6), torch.randn(6, 4),
+                                        torch.randn(3, 2), torch.randn(2, 5), None, 0.0, False),
+     "expected grad_out"),
+])
+def test_linear_lowrank_rejects_bad_input(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
 def test_grad_x_accumulates_into_base_gradient():
     grad_hidden, A = torch.randn(5, 3, dtype=F64), torch.randn(3, 8, dtype=F64)
     base = torch.randn(5, 8, dtype=F64)

@@ -117,6 +117,14 @@ class AdapterLinear(nn.Module):
             raise TypeError(f"{name}: input x is {x.dtype} but the base weight is "
                             f"{self.weight.dtype} (cast x, or run under autocast)")
 
+    def _base_fusable(self, dtype: torch.dtype) -> bool:
+        """Whether the base product can be computed inside the adapter's op: a plain nn.Linear
+        (no hooks, plain tensors) in the compute dtype."""
+        base = self.base_layer
+        return (type(base) is nn.Linear and not base._forward_hooks
+                and not base._forward_pre_hooks and base.weight.dtype == dtype
+                and all(type(t.data) is Tensor for t in base.parameters()))
+
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
@@ -281,9 +289,8 @@ class SOSLinear(AdapterLinear):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        result = self.base_layer(x)
         if self.merged:
-            return result
+            return self.base_layer(x)
         c = self.config
         A = self.lora_A
         if self.training and (c.num_experts > 1 or c.loraplus_ratio != 1.0):
@@ -291,11 +298,18 @@ class SOSLinear(AdapterLinear):
         dtype = self._compute_dtype(x)
         p = c.dropout if self.training else 0.0
         seed = ops.new_dropout_seed(x.device) if p > 0 else None
+        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dtype)
+        factors = (A.to(dtype), self.lora_B.to(dtype), self._rank_scale(), seed, p,
+                   c.dropout_position == "pre")
+        if self._base_fusable(dtype):
+            # Base and adapter in one op: one output buffer, one input-gradient buffer.
+            out = ops.linear_lowrank(x2, self.weight, self.bias, *factors)
+            return out.reshape(*lead, self.out_features)
+        result = self.base_layer(x)
         base2 = result.reshape(-1, self.out_features)
         fused = base2.dtype == dtype  # add into the base output inside the op when dtypes agree
-        out = ops.lowrank(x2, A.to(dtype), self.lora_B.to(dtype), self._rank_scale(),
-                          base2 if fused else None, seed, p, c.dropout_position == "pre")
+        out = ops.lowrank(x2, *factors[:3], base2 if fused else None, *factors[3:])
         out = out.reshape(result.shape)
         return out if fused else result + out.to(result.dtype)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that registers torch.ops.soslora)
+from . import _C  # loads the library that registers torch.ops.soslora
 
 Tensor = torch.Tensor
 _ops = torch.ops.soslora
@@ -24,6 +24,16 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("soslora::lowrank_forward")
 def _(x, A, B, scale, base_out, dropout_seed, dropout_p, dropout_on_input):
     return x.new_empty(x.shape[0], B.shape[0]), x.new_empty(x.shape[0], A.shape[0])
+
+
+@torch.library.register_fake("soslora::linear_lowrank_forward")
+def _(x, weight, bias, A, B, scale, dropout_seed, dropout_p, dropout_on_input):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0])
+
+
+@torch.library.register_fake("soslora::linear_lowrank_grad_x")
+def _(grad_out, weight, grad_hidden, A, dropout_seed, dropout_p, dropout_on_input):
+    return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
 
 
 @torch.library.register_fake("soslora::lowrank_grad_hidden")
@@ -114,6 +124,38 @@ torch.library.register_autograd(
     "soslora::lowrank_forward", _lowrank_backward, setup_context=_lowrank_setup_context)
 
 
+def _linear_lowrank_setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, scale, dropout_seed, dropout_p, dropout_on_input = inputs
+    ctx.save_for_backward(x, weight, A, B, scale, output[1], dropout_seed)
+    ctx.dropout = (dropout_p, dropout_on_input)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_lowrank_backward(ctx, grad_out, grad_hidden_output):
+    x, weight, A, B, scale, hidden, seed = ctx.saved_tensors
+    p, on_input = ctx.dropout
+    if grad_out is None and grad_hidden_output is None:
+        return (None,) * 9
+    if grad_out is None:
+        grad_out = hidden.new_zeros(hidden.shape[0], B.shape[0])
+    grad_hidden, grad_B, grad_scale = _ops.lowrank_grad_hidden(
+        grad_out, B, scale, hidden, seed, p, on_input)
+    if grad_hidden_output is not None:
+        grad_hidden = grad_hidden + _drop(grad_hidden_output, seed, p, not on_input)
+    needs = ctx.needs_input_grad
+    grad_x = (_ops.linear_lowrank_grad_x(grad_out, weight, grad_hidden, A, seed, p, on_input)
+              if needs[0] else None)
+    grad_weight = grad_out.T @ x if needs[1] else None  # only when the base is not frozen
+    grad_bias = grad_out.sum(0) if needs[2] else None
+    grad_A = _ops.lowrank_grad_A(grad_hidden, x, seed, p, on_input) if needs[3] else None
+    return (grad_x, grad_weight, grad_bias, grad_A, grad_B,
+            grad_scale if needs[5] else None, None, None, None)
+
+
+torch.library.register_autograd("soslora::linear_lowrank_forward", _linear_lowrank_backward,
+                                setup_context=_linear_lowrank_setup_context)
+
+
 # Gradients of the backward pieces, so that double backward through a layer is exact.
 def _grad_hidden_setup_context(ctx, inputs, output):
     grad_out, B, scale, hidden, seed, p, on_input = inputs
@@ -168,6 +210,20 @@ def _grad_x_backward(ctx, gg):
     return gd @ A.T, grad_hidden.T @ gd, gg if ctx.has_base else None, None, None, None
 
 
+def _linear_grad_x_setup_context(ctx, inputs, output):
+    grad_out, weight, grad_hidden, A, seed, p, on_input = inputs
+    ctx.save_for_backward(grad_out, weight, grad_hidden, A, seed)
+    ctx.dropout = (p, on_input)
+
+
+def _linear_grad_x_backward(ctx, gg):
+    # Output: grad_x = grad_out W + D_in(grad_hidden A).
+    grad_out, weight, grad_hidden, A, seed = ctx.saved_tensors
+    p, on_input = ctx.dropout
+    gd = _drop(gg, seed, p, on_input)
+    return gg @ weight.T, grad_out.T @ gg, gd @ A.T, grad_hidden.T @ gd, None, None, None
+
+
 def _ortho_setup_context(ctx, inputs, output):
     A, num_experts = inputs
     ctx.save_for_backward(A)
@@ -219,6 +275,7 @@ for _name, _backward, _setup in (
         ("lowrank_grad_hidden", _grad_hidden_backward, _grad_hidden_setup_context),
         ("lowrank_grad_A", _grad_A_backward, _grad_A_setup_context),
         ("lowrank_grad_x", _grad_x_backward, _grad_x_setup_context),
+        ("linear_lowrank_grad_x", _linear_grad_x_backward, _linear_grad_x_setup_context),
         ("ortho_penalty", _ortho_backward, _ortho_setup_context)):
     torch.library.register_autograd(f"soslora::{_name}", _backward, setup_context=_setup)
 
@@ -231,6 +288,27 @@ def lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, base_out: Tensor | N
     out, _ = _ops.lowrank_forward(x, A, B, scale, base_out, dropout_seed, float(dropout_p),
                                   bool(dropout_on_input))
     return out
+
+
+def linear_lowrank(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                   scale: Tensor, dropout_seed: Tensor | None = None, dropout_p: float = 0.0,
+                   dropout_on_input: bool = False) -> Tensor:
+    """x weight^T + bias + drop-path(x) A^T (B*scale)^T for 2-D x, formed in one [N, out]
+    buffer (and the input gradient in one [N, in] buffer); differentiable in every tensor."""
+    out, _ = _ops.linear_lowrank_forward(x, weight, bias, A, B, scale, dropout_seed,
+                                         float(dropout_p), bool(dropout_on_input))
+    return out
+
+
+def set_cuda_path(path: str) -> str:
+    """Chooses how the low-rank ops run on CUDA; returns the previous choice.
+
+    "auto" (default): the hand-written kernels where they avoid a full-size temporary (dropout
+    on the input is applied as x is read), cuBLAS through ATen elsewhere; "kernels": the
+    hand-written kernels wherever they exist; "aten": ATen everywhere. CPU is unaffected."""
+    previous = _C.cuda_path()
+    _C.set_cuda_path(path)
+    return previous
 
 
 def cluster_lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, row_index: Tensor,
