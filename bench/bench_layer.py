@@ -1,12 +1,14 @@
 """Training-step cost of one adapted linear layer: SOSLinear and CPSLinear against what users
-run instead.
+run instead; plus the in-place merge and the orthogonality penalty.
 
 Times forward + backward (base frozen, input requiring grad, as inside a network) for the
 frozen base nn.Linear, PEFT's LoRA at the same total rank (when peft is installed), the
-reference SOS-LoRA formulation, the best plain-PyTorch form, SOSLinear, and CPSLinear with
-K clusters of rank r (the same trainable parameters as the rank-r LoRA), all in one process.
-Every figure is a ratio against the frozen base measured in the same run. Prints a table last
-and writes JSON (--json).
+reference SOS-LoRA formulation, the best plain-PyTorch form, SOSLinear (on CUDA once per
+implementation: the default dispatch, the hand-written kernels everywhere, ATen/cuBLAS
+everywhere; and with dropout on the input, as PEFT places it), and CPSLinear with K clusters of
+rank r (the same trainable parameters as the rank-r LoRA), all in one process. Every figure is
+a ratio against the frozen base measured in the same run. Writes JSON (--json) and a PNG
+(--png), and prints a markdown table last.
 
     python bench/bench_layer.py                      # CUDA if present, else a small CPU grid
     python bench/bench_layer.py --n 8192 --shapes 4096x4096 --ranks 64 --dropout 0.05
@@ -81,9 +83,9 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
         lin.weight.requires_grad_(False)
         return lin
 
-    def sos():
+    def sos(dropout_position="post"):
         layer = sl.SOSLinear(frozen_base(), num_experts=K, rank=r_tot, alpha=alpha,
-                             dropout=dropout, dtype=dtype)
+                             dropout=dropout, dropout_position=dropout_position, dtype=dtype)
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.01)
         layer.ortho_lambda.fill_(0.006)
@@ -96,20 +98,28 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
             layer.lora_B.normal_(0, 0.01)
         return layer
 
+    # name: (module factory, CUDA path of the soslora ops)
     candidates = {
-        "frozen base": frozen_base,
-        "PEFT LoRA": lambda: peft_lora(frozen_base(), r_tot, alpha, dropout),
-        "reference SOS": lambda: ReferenceSOS(frozen_base(), K, r_tot, alpha, dropout),
-        "plain PyTorch": lambda: PlainTorchSOS(frozen_base(), K, r_tot, alpha, dropout),
-        "SOSLinear": sos,
-        "CPSLinear": cps,
+        "frozen base": (frozen_base, None),
+        "PEFT LoRA": (lambda: peft_lora(frozen_base(), r_tot, alpha, dropout), None),
+        "reference SOS": (lambda: ReferenceSOS(frozen_base(), K, r_tot, alpha, dropout), None),
+        "plain PyTorch": (lambda: PlainTorchSOS(frozen_base(), K, r_tot, alpha, dropout), None),
+        "SOSLinear": (sos, "auto"),
+        "SOSLinear pre-drop": (lambda: sos("pre"), "auto"),
+        "CPSLinear": (cps, "auto"),
     }
+    if device.type == "cuda":  # each implementation of the ops, for the dispatch choice
+        candidates["SOSLinear kernels"] = (sos, "kernels")
+        candidates["SOSLinear pre-drop kernels"] = (lambda: sos("pre"), "kernels")
+        candidates["SOSLinear ATen"] = (sos, "aten")
+        candidates["SOSLinear pre-drop ATen"] = (lambda: sos("pre"), "aten")
     rows = []
-    for name, make in candidates.items():
+    for name, (make, path) in candidates.items():
         module = make()
         if module is None:
             continue
         module.train()
+        previous = sl.ops.set_cuda_path(path or "auto")
 
         def step(module=module):
             x.grad = None
@@ -117,14 +127,125 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
                 p.grad = None
             module(x).backward(grad)
 
-        ms = time_step(step, device, warmup, iters)
+        try:
+            ms = time_step(step, device, warmup, iters)
+            mem = peak_extra_mib(step, device)
+        finally:
+            sl.ops.set_cuda_path(previous)
         rows.append(dict(N=N, shape=f"{n_in}x{n_out}", r_tot=r_tot, dropout=dropout,
-                         method=name, ms=ms, peak_extra_mib=peak_extra_mib(step, device)))
+                         method=name, ms=ms, peak_extra_mib=mem))
         del module
-    base_ms = rows[0]["ms"]
+    base_ms, base_mib = rows[0]["ms"], rows[0]["peak_extra_mib"]
     for row in rows:
         row["x_frozen"] = row["ms"] / base_ms
+        row["mem_x_frozen"] = row["peak_extra_mib"] / base_mib if base_mib else None
     return rows
+
+
+def bench_merge(n_in, n_out, r_tot, dtype, device, warmup, iters) -> list[dict]:
+    """SOSLinear.merge() + unmerge() against one addmm_ of the folded factors into W (the floor)
+    and the reference code's dense per-expert update; ms per merge and peak extra memory."""
+    layer = sl.SOSLinear(nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype),
+                         num_experts=K, rank=r_tot, dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.01)
+    W, A, B = layer.weight, layer.lora_A, layer.lora_B
+    r = r_tot // K
+    scale = layer._rank_scale().detach()
+
+    @torch.no_grad()
+    def merge_unmerge():
+        layer.merge()
+        layer.unmerge()
+
+    @torch.no_grad()
+    def addmm_twice():
+        Bs = B * scale.to(B.dtype)
+        W.addmm_(Bs, A)
+        W.addmm_(Bs, A, alpha=-1)
+
+    @torch.no_grad()
+    def reference_twice():
+        for sign in (1, -1):
+            for k in range(K):
+                sl_k = slice(k * r, (k + 1) * r)
+                W.add_(sign * (B[:, sl_k] * scale[sl_k].to(B.dtype)) @ A[sl_k])
+
+    rows = []
+    for name, fn in (("addmm_ into W", addmm_twice), ("SOSLinear.merge", merge_unmerge),
+                     ("reference dense update", reference_twice)):
+        rows.append(dict(shape=f"{n_in}x{n_out}", r_tot=r_tot, method=name,
+                         ms=time_step(fn, device, warmup, iters) / 2,
+                         peak_extra_mib=peak_extra_mib(fn, device)))
+    return rows
+
+
+def bench_penalty(N, n_in, n_out, r_tot, dtype, device, warmup, iters) -> list[dict]:
+    """The orthogonality-penalty gradient added into grad_A (what a training step pays), per
+    implementation, as a share of the SOSLinear layer step at the same shape."""
+    A = torch.randn(r_tot, n_in, device=device, dtype=dtype)
+    grad_A = torch.zeros_like(A)
+    lam = torch.tensor(0.006, device=device)
+    paths = ("auto", "kernels", "aten") if device.type == "cuda" else ("auto",)
+    rows = []
+    for path in paths:
+        previous = sl.ops.set_cuda_path(path)
+        try:
+            ms = time_step(lambda: sl.ops.add_ortho_penalty_grad_(grad_A, A, lam, K), device,
+                           warmup, iters)
+        finally:
+            sl.ops.set_cuda_path(previous)
+        rows.append(dict(N=N, shape=f"{n_in}x{n_out}", r_tot=r_tot, method=f"penalty {path}",
+                         ms=ms))
+    return rows
+
+
+def markdown_table(rows: list[dict], methods: list[str]) -> str:
+    lines = ["| N | in→out | r | drop | " + " | ".join(methods) + " |",
+             "|---|---|---|---|" + "---|" * len(methods)]
+    for key in dict.fromkeys((r["N"], r["shape"], r["r_tot"], r["dropout"]) for r in rows):
+        cells = {r["method"]: r for r in rows
+                 if (r["N"], r["shape"], r["r_tot"], r["dropout"]) == key}
+        text = []
+        for m in methods:
+            r = cells.get(m)
+            if r is None:
+                text.append("")
+                continue
+            mem = f", +{r['peak_extra_mib']:.0f} MiB" if r["peak_extra_mib"] is not None else ""
+            text.append(f"{r['ms']:.3f} ms ({r['x_frozen']:.2f}×{mem})")
+        lines.append(f"| {key[0]} | {key[1].replace('x', '→')} | {key[2]} | {key[3]} | "
+                     + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
+    """Grouped bars: step time as a multiple of the frozen base, one group per config."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}")
+        return
+    keys = list(dict.fromkeys((r["N"], r["shape"], r["r_tot"], r["dropout"]) for r in rows))
+    shown = [m for m in methods if m != "frozen base"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(keys) + 3), 5))
+    width = 0.8 / len(shown)
+    for i, m in enumerate(shown):
+        values = [next((r["x_frozen"] for r in rows if r["method"] == m and
+                        (r["N"], r["shape"], r["r_tot"], r["dropout"]) == k), float("nan"))
+                  for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], values, width, label=m)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels([f"N={k[0]}\n{k[1]}\nr={k[2]} p={k[3]}" for k in keys], fontsize=6)
+    ax.set_ylabel("training step, × frozen base")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -138,12 +259,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=25)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--png", type=Path, default=None, help="write the plot here")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    ns = args.n or ([2048, 8192] if gpu else [1024])
+    ns = args.n or ([2048, 8192, 32768] if gpu else [1024])
     shapes = args.shapes or (["4096x4096", "4096x11008", "11008x4096"] if gpu else ["1024x1024"])
     ranks = args.ranks or ([16, 64, 128] if gpu else [16, 64])
     if gpu:
@@ -157,27 +279,39 @@ def main(argv=None) -> int:
                 for p in args.dropout:
                     rows += bench_config(N, n_in, n_out, r_tot, p, dtype, device, args.warmup,
                                          args.iters)
+                    print(f"done N={N} {shape} r={r_tot} p={p}", flush=True)
+    merge_shapes = [(4096, 4096, 64), (4096, 11008, 128)] if gpu else [(1024, 1024, 64)]
+    merges = [row for n_in, n_out, r in merge_shapes
+              for row in bench_merge(n_in, n_out, r, dtype, device, args.warmup, args.iters)]
+    N_pen, shape_pen, r_pen = (8192, "4096x4096", 64) if gpu else (ns[0], shapes[0], ranks[0])
+    n_in, n_out = (int(v) for v in shape_pen.split("x"))
+    penalties = bench_penalty(N_pen, n_in, n_out, r_pen, dtype, device, args.warmup, args.iters)
+    step = next((r for r in rows if r["method"] == "SOSLinear" and r["N"] == N_pen and
+                 r["shape"] == shape_pen and r["r_tot"] == r_pen), None)
+    for row in penalties:
+        row["share_of_layer_step"] = row["ms"] / step["ms"] if step else None
+
     machine = machine_name(device)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    title = f"Training step (fwd+bwd), {dtype}, K={K}, on {machine}"
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(machine=machine, dtype=str(dtype), rows=rows),
-                                        indent=1))
+        args.json.write_text(json.dumps(dict(machine=machine, dtype=str(dtype), rows=rows,
+                                             merge=merges, penalty=penalties), indent=1))
+    if args.png:
+        plot(rows, methods, args.png, title)
 
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    print(f"\nTraining step (fwd+bwd), {dtype}, K={K}, median ms and x frozen base, on {machine}")
-    header = f"{'N':>6} {'in->out':>11} {'r':>4} {'drop':>5} | " + " | ".join(
-        f"{m:>18}" for m in methods)
-    print(header)
-    print("-" * len(header))
-    for key in dict.fromkeys((r["N"], r["shape"], r["r_tot"], r["dropout"]) for r in rows):
-        cells = {r["method"]: r for r in rows if (r["N"], r["shape"], r["r_tot"], r["dropout"]) == key}
-        text = []
-        for m in methods:
-            r = cells.get(m)
-            mem = f" +{r['peak_extra_mib']:.0f}M" if r and r["peak_extra_mib"] is not None else ""
-            text.append(f"{r['ms']:7.3f} {r['x_frozen']:4.2f}x{mem}".rjust(18) if r else " " * 18)
-        print(f"{key[0]:>6} {key[1].replace('x', '->'):>11} {key[2]:>4} {key[3]:>5} | "
-              + " | ".join(text))
+    print("\nIn-place merge (per merge; peak extra memory):")
+    for r in merges:
+        print(f"  {r['shape']:>10} r={r['r_tot']:<4} {r['method']:<24} {r['ms']:8.4f} ms"
+              + (f"  +{r['peak_extra_mib']:.1f} MiB" if r["peak_extra_mib"] is not None else ""))
+    print(f"Orthogonality-penalty gradient at N={N_pen} {shape_pen} r={r_pen}:")
+    for r in penalties:
+        share = f"  ({100 * r['share_of_layer_step']:.1f}% of the SOSLinear step)" \
+            if r["share_of_layer_step"] is not None else ""
+        print(f"  {r['method']:<18} {r['ms']:8.4f} ms{share}")
+    print(f"\n{title}: median ms (× frozen base, peak extra memory)\n")
+    print(markdown_table(rows, methods))
     return 0
 
 

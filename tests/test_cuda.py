@@ -134,16 +134,17 @@ def test_kernels_and_aten_paths_agree(dtype, on_input):
 def test_penalty_gradient_kernel_matches_float64(K, r, n_in, dtype, cuda_path):
     A = torch.randn(K * r, n_in, dtype=torch.float64).to(dtype).double()
     A[1] = 0  # a row below the normalization's eps takes the other branch
-    grad = torch.randn_like(A)
     weight = torch.tensor(0.37, dtype=torch.float64)
-    want = grad.clone()
-    sl.ops.add_ortho_penalty_grad_(want, A, weight, K)
+    delta = torch.zeros_like(A)
+    sl.ops.add_ortho_penalty_grad_(delta, A, weight, K)
+    # A prior gradient of the penalty's size, so that adding in place is checked too.
+    grad = (torch.randn_like(A) * delta.abs().mean()).to(dtype).double()
+    want = grad + delta
     got = grad.to(device="cuda", dtype=dtype)
     poison_cuda_cache()
     sl.ops.add_ortho_penalty_grad_(got, A.to(device="cuda", dtype=dtype), weight.cuda().float(), K)
-    # The gradient is added in place onto grad: compare the added part.
     tol = {torch.float64: 1e-10, **TOL}[dtype]
-    assert rel_err(got.double().cpu() - grad.to(dtype).double(), want - grad) < tol
+    assert rel_err(got, want) < tol
 
 
 def test_training_step_under_cuda_graph_replays():
