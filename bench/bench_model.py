@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soslora_ext as sl  # noqa: E402
 from baselines import PlainTorchSOS, ReferenceSOS  # noqa: E402
-from bench_layer import machine_name  # noqa: E402
+from bench_layer import machine_name, time_step  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 K = 4
@@ -111,29 +109,13 @@ def measure(model, batch, seq, vocab, device, warmup, iters) -> dict:
         for p in model.parameters():
             p.grad = None
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    ms = time_step(step, device, warmup, iters)
     peak = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**30
-    ms = statistics.median(times)
     return dict(ms=ms, tokens_per_s=batch * seq / ms * 1e3, peak_gib=peak)
 
 

@@ -101,17 +101,25 @@ def _lowrank_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # hidden is rarely used: its gradient is usually None
 
 
-def _lowrank_backward(ctx, grad_out, grad_hidden_output):
-    x, A, B, scale, hidden, seed = ctx.saved_tensors
-    p, on_input = ctx.dropout
-    if grad_out is None and grad_hidden_output is None:
-        return (None,) * 8
+def _output_side_gradients(grad_out, grad_hidden_output, B, scale, hidden, seed, p, on_input):
+    """(grad_out, grad wrt the A-side product, grad_B, grad_scale) from the gradients of the
+    ops' two outputs (out, hidden); grad_out is zeros when only hidden has a gradient."""
     if grad_out is None:
         grad_out = hidden.new_zeros(hidden.shape[0], B.shape[0])
     grad_hidden, grad_B, grad_scale = _ops.lowrank_grad_hidden(
         grad_out, B, scale, hidden, seed, p, on_input)
     if grad_hidden_output is not None:  # hidden = D_post(A-side product)
         grad_hidden = grad_hidden + _drop(grad_hidden_output, seed, p, not on_input)
+    return grad_out, grad_hidden, grad_B, grad_scale
+
+
+def _lowrank_backward(ctx, grad_out, grad_hidden_output):
+    x, A, B, scale, hidden, seed = ctx.saved_tensors
+    p, on_input = ctx.dropout
+    if grad_out is None and grad_hidden_output is None:
+        return (None,) * 8
+    grad_out, grad_hidden, grad_B, grad_scale = _output_side_gradients(
+        grad_out, grad_hidden_output, B, scale, hidden, seed, p, on_input)
     grad_A = _ops.lowrank_grad_A(grad_hidden, x, seed, p, on_input)
     grad_x = None
     if ctx.needs_input_grad[0]:
@@ -136,12 +144,8 @@ def _linear_lowrank_backward(ctx, grad_out, grad_hidden_output):
     p, on_input = ctx.dropout
     if grad_out is None and grad_hidden_output is None:
         return (None,) * 9
-    if grad_out is None:
-        grad_out = hidden.new_zeros(hidden.shape[0], B.shape[0])
-    grad_hidden, grad_B, grad_scale = _ops.lowrank_grad_hidden(
-        grad_out, B, scale, hidden, seed, p, on_input)
-    if grad_hidden_output is not None:
-        grad_hidden = grad_hidden + _drop(grad_hidden_output, seed, p, not on_input)
+    grad_out, grad_hidden, grad_B, grad_scale = _output_side_gradients(
+        grad_out, grad_hidden_output, B, scale, hidden, seed, p, on_input)
     needs = ctx.needs_input_grad
     grad_x = (_ops.linear_lowrank_grad_x(grad_out, weight, grad_hidden, A, seed, p, on_input)
               if needs[0] else None)
