@@ -1,5 +1,5 @@
-// CUDA registrations: the device-generic ops (soslora.h) plus the glue that checks tensors and
-// launches the hand-written kernels of kernels.cu.
+// CUDA registrations: the device-generic ops (soslora.h) plus the glue that turns tensors into
+// launches of the hand-written kernels (kernels.cu, lowrank_kernels.cu).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,6 +34,7 @@ cuda::Matrix matrix(const Tensor& t, const OptTensor& dropout_seed = std::nullop
   m.stride1 = t.stride(1);
   if (dropout_p > 0) {
     TORCH_INTERNAL_ASSERT(t.is_contiguous(), "soslora: dropout is indexed on contiguous tensors");
+    TORCH_CHECK(dropout_seed->is_contiguous(), "soslora: dropout_seed must be contiguous");
     m.dropout_seed = dropout_seed->data_ptr<int64_t>();
     m.dropout_p = dropout_p;
   }
