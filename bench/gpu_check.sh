@@ -1,38 +1,96 @@
 #!/usr/bin/env bash
-# On a GPU machine whose python3 already has torch, pytest, transformers and peft (no network):
-# build the extension, run the CUDA tests, then the layer bench (JSON, PNG, markdown) and the
-# model bench. Logs, JSON and the plot go to $OUT (default bench/results). Under 10 minutes on
-# an H100/H200. FULL_TESTS=1 also runs the rest of the suite.
+# The GPU check, in stages that can be run one call at a time (GPU time comes in short slots):
+#
+#   bench/gpu_check.sh                      # every stage: build tests layer model summary
+#   bench/gpu_check.sh build tests          # only these, in this order
+#
+#   build    pip-installs the extension for the detected GPU's architecture only
+#   tests    tests/test_cuda.py (FULL_TESTS=1: the whole suite)
+#   layer    bench/bench_layer.py (LAYER_ARGS adds arguments, e.g. "--n 8192 --iters 10")
+#   model    bench/bench_model.py
+#   summary  bench/gpu_summary.py: one JSON + markdown naming the machine, each stage's time and
+#            status, and each performance target met or not
+#
+# Results accumulate in RESULTS (default bench/results) across calls; each stage prints its time
+# and, when OUT is set, copies what it wrote there. GPU_CHECK_DRY=1 runs the same logic on the CPU
+# with tiny sizes and without a build (CI does this, so a typo cannot waste GPU time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
-export SOSLORA_CUDA_ARCH=${SOSLORA_CUDA_ARCH:-9.0}
+RESULTS=${RESULTS:-bench/results}
+DRY=${GPU_CHECK_DRY:-0}
+PY=${PYTHON:-python3}
+[[ "$PY" == */* ]] && PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # the tests stage runs from /tmp
+mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd)
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-stage() { echo "== $1 ($(date +%T), ${SECONDS}s)"; }
 
-stage build
-python3 -m pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; exit 1; }
-tail -1 "$OUT/build.log"
+stage_build() {
+  if [ "$DRY" = 1 ]; then echo "dry run: no build"; return 0; fi
+  local arch
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)
+  export SOSLORA_CUDA_ARCH=${SOSLORA_CUDA_ARCH:-$arch}
+  echo "building for sm ${SOSLORA_CUDA_ARCH}"
+  MAX_JOBS=$(nproc) CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$PY" -m pip install --no-build-isolation --no-deps . > "$RESULTS/build.log" 2>&1
+  local rc=$?
+  tail -25 "$RESULTS/build.log"
+  "$PY" -c "import soslora_ext as s; assert s.built_with_cuda, 'built without CUDA'" || rc=1
+  return $rc
+}
 
-stage tests
-tests=("$PWD/tests/test_cuda.py")
-[ "${FULL_TESTS:-0}" = 1 ] && tests=("$PWD/tests")
-(cd /tmp && python3 -m pytest -q -p no:cacheprovider --timeout 300 "${tests[@]}") 2>&1 \
-  | tee "$OUT/tests.log" | tail -30
-tests_rc=${PIPESTATUS[0]}
+stage_tests() {
+  local tests=("$PWD/tests/test_cuda.py")
+  [ "${FULL_TESTS:-0}" = 1 ] && tests=("$PWD/tests")
+  (cd /tmp && "$PY" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
+    "${tests[@]}") 2>&1 | tee "$RESULTS/tests.log" | tail -60
+  return "${PIPESTATUS[0]}"
+}
 
-stage "layer bench"
-python3 bench/bench_layer.py --json "$OUT/bench_layer.json" --png "$OUT/bench_layer.png" "$@" \
-  2>&1 | tee "$OUT/bench_layer.log" | grep -v "^done "
-layer_rc=${PIPESTATUS[0]}
+stage_layer() {
+  local args=()
+  [ "$DRY" = 1 ] && args=(--device cpu --n 64 --shapes 48x40 --ranks 8 --dropout 0.1
+                          --warmup 1 --iters 1)
+  # shellcheck disable=SC2206
+  "$PY" bench/bench_layer.py "${args[@]}" ${LAYER_ARGS:-} --json "$RESULTS/bench_layer.json" \
+    --png "$RESULTS/bench_layer.png" 2>&1 | tee "$RESULTS/bench_layer.log" | grep -v "^done "
+  return "${PIPESTATUS[0]}"
+}
 
-stage "model bench"
-python3 bench/bench_model.py --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log" | tail -12
-model_rc=${PIPESTATUS[0]}
+stage_model() {
+  local args=()
+  [ "$DRY" = 1 ] && args=(--device cpu --tiny --warmup 1 --iters 1)
+  "$PY" bench/bench_model.py "${args[@]}" --json "$RESULTS/bench_model.json" 2>&1 \
+    | tee "$RESULTS/bench_model.log" | tail -12
+  return "${PIPESTATUS[0]}"
+}
 
-stage end
-echo "tests rc=$tests_rc layer bench rc=$layer_rc model bench rc=$model_rc"
-exit $(( tests_rc || layer_rc || model_rc ))
+stage_summary() {
+  "$PY" bench/gpu_summary.py "$RESULTS"
+}
+
+stages=("$@")
+[ ${#stages[@]} = 0 ] && stages=(build tests layer model summary)
+for s in "${stages[@]}"; do
+  declare -F "stage_$s" > /dev/null || { echo "unknown stage '$s' (build tests layer model summary)"; exit 2; }
+done
+if [ "$DRY" != 1 ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
+    | tee "$RESULTS/gpu.txt"
+fi
+
+status=0
+for s in "${stages[@]}"; do
+  echo "== $s ($(date +%T))"
+  start=$SECONDS
+  "stage_$s"
+  rc=$?
+  echo "== $s: rc=$rc, $((SECONDS - start)) s"
+  printf '%s\t%s\t%s\n' "$s" "$rc" "$((SECONDS - start))" >> "$RESULTS/stages.tsv"
+  [ "$rc" = 0 ] || status=1
+done
+if [ -n "${OUT:-}" ]; then  # what the caller takes back (at most a few files)
+  for f in stages.tsv tests.log build.log bench_layer.json bench_layer.png bench_model.json \
+           summary.json summary.md; do
+    [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/"
+  done
+fi
+exit $status
