@@ -73,10 +73,9 @@ def peak_extra_mib(step, device) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -> list[dict]:
+def candidates(n_in, n_out, r_tot, dropout, dtype, device) -> dict:
+    """name: (module factory, CUDA path of the soslora ops) for every method the bench times."""
     alpha = 2.0 * r_tot
-    x = torch.randn(N, n_in, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(N, n_out, device=device, dtype=dtype)
 
     def frozen_base():
         lin = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
@@ -98,8 +97,7 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
             layer.lora_B.normal_(0, 0.01)
         return layer
 
-    # name: (module factory, CUDA path of the soslora ops)
-    candidates = {
+    methods = {
         "frozen base": (frozen_base, None),
         "PEFT LoRA": (lambda: peft_lora(frozen_base(), r_tot, alpha, dropout), None),
         "reference SOS": (lambda: ReferenceSOS(frozen_base(), K, r_tot, alpha, dropout), None),
@@ -109,24 +107,35 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
         "CPSLinear": (cps, "auto"),
     }
     if device.type == "cuda":  # each implementation of the ops, for the dispatch choice
-        candidates["SOSLinear kernels"] = (sos, "kernels")
-        candidates["SOSLinear pre-drop kernels"] = (lambda: sos("pre"), "kernels")
-        candidates["SOSLinear ATen"] = (sos, "aten")
-        candidates["SOSLinear pre-drop ATen"] = (lambda: sos("pre"), "aten")
+        methods["SOSLinear kernels"] = (sos, "kernels")
+        methods["SOSLinear pre-drop kernels"] = (lambda: sos("pre"), "kernels")
+        methods["SOSLinear ATen"] = (sos, "aten")
+        methods["SOSLinear pre-drop ATen"] = (lambda: sos("pre"), "aten")
+    return methods
+
+
+def training_step(module, x, grad):
+    """One forward + backward of `module` on x (gradients reset first)."""
+    def step():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        module(x).backward(grad)
+    return step
+
+
+def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -> list[dict]:
+    x = torch.randn(N, n_in, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(N, n_out, device=device, dtype=dtype)
+    methods = candidates(n_in, n_out, r_tot, dropout, dtype, device)
     rows = []
-    for name, (make, path) in candidates.items():
+    for name, (make, path) in methods.items():
         module = make()
         if module is None:
             continue
         module.train()
         previous = sl.ops.set_cuda_path(path or "auto")
-
-        def step(module=module):
-            x.grad = None
-            for p in module.parameters():
-                p.grad = None
-            module(x).backward(grad)
-
+        step = training_step(module, x, grad)
         try:
             ms = time_step(step, device, warmup, iters)
             mem = peak_extra_mib(step, device)

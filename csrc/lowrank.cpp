@@ -92,7 +92,7 @@ Tensor lowrank_hidden(const Tensor& x, const Tensor& A, const OptTensor& dropout
                       double dropout_p, bool dropout_on_input) {
   const bool drop = dropout_p > 0;
 #ifdef SOSLORA_WITH_CUDA
-  if (use_cuda_kernels(x, drop && dropout_on_input))
+  if (use_cuda_kernels(x))
     return lowrank_hidden_cuda(x, A, dropout_seed, dropout_p, dropout_on_input);
 #endif
   const Tensor x_in = (drop && dropout_on_input) ? dropout_apply(x, dropout_seed, dropout_p) : x;
@@ -104,7 +104,7 @@ void add_product_(Tensor& out, const Tensor& left, const Tensor& right,
                   const OptTensor& dropout_seed, double dropout_p) {
   const bool drop = dropout_p > 0;
 #ifdef SOSLORA_WITH_CUDA
-  if (use_cuda_kernels(out, drop)) return add_product_cuda_(out, left, right, dropout_seed, dropout_p);
+  if (use_cuda_kernels(out)) return add_product_cuda_(out, left, right, dropout_seed, dropout_p);
 #endif
   if (drop)
     out.add_(dropout_apply(at::mm(left, right), dropout_seed, dropout_p));
@@ -155,7 +155,7 @@ Tensor lowrank_grad_A(const Tensor& grad_hidden, const Tensor& x, const OptTenso
   check_dropout(dropout_seed, dropout_p, x, op);
   const bool drop_x = dropout_p > 0 && dropout_on_input;
 #ifdef SOSLORA_WITH_CUDA
-  if (use_cuda_kernels(x, drop_x))
+  if (use_cuda_kernels(x))
     return lowrank_grad_A_cuda(grad_hidden, x, dropout_seed, drop_x ? dropout_p : 0.0);
 #endif
   const Tensor x_in = drop_x ? dropout_apply(x, dropout_seed, dropout_p) : x;

@@ -1,5 +1,7 @@
 // In-place merge of a low-rank update into a weight: weight += alpha * (B * scale) @ A,
 // accumulated in float32 (float64 for float64 weights) and rounded once into weight's dtype.
+#include <ATen/MemoryOverlap.h>
+
 #include "soslora.h"
 
 namespace soslora {
@@ -21,6 +23,11 @@ void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B,
               ": weight, A and B must be on one device, got ", weight.device(), ", ", A.device(),
               ", ", B.device());
   check_scale(scale, B, op);
+  // An expanded or self-overlapping weight would receive several updates per memory location
+  // (racing on CUDA): refused on every device.
+  TORCH_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes, op,
+              ": weight has elements that share memory (an expanded or overlapping view, strides ",
+              weight.strides(), "); merge into a tensor that owns its elements");
 }
 
 void merge_into_cpu_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,

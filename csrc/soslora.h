@@ -115,17 +115,16 @@ void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor
 void register_device_generic_kernels(torch::Library& m);
 
 // Which CUDA implementation the low-rank ops use (set from Python through _C.set_cuda_path):
-//   kAuto    - the hand-written kernels where they avoid a full-size temporary (dropout on the
-//              input, fused into the product's reads), cuBLAS through ATen elsewhere;
+//   kAuto    - whichever was faster on an H100 (README, "CUDA kernels"): cuBLAS through ATen
+//              for the low-rank products, the hand-written kernel for the penalty gradient;
 //   kKernels - the hand-written kernels wherever they exist;  kAten - ATen everywhere.
 enum class CudaPath { kAuto, kKernels, kAten };
 void set_cuda_path(CudaPath path);
 CudaPath cuda_path();
 
 #ifdef SOSLORA_WITH_CUDA
-// True when t is on CUDA and the current CudaPath picks the kernels for a piece that does
-// (`saves_temporary`) or does not avoid a full-size temporary.
-bool use_cuda_kernels(const Tensor& t, bool saves_temporary);
+// True when t is on CUDA and the current CudaPath picks the hand-written low-rank products.
+bool use_cuda_kernels(const Tensor& t);
 Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
                            double dropout_p, bool dropout_on_input);
 void add_product_cuda_(Tensor& out, const Tensor& left, const Tensor& right,

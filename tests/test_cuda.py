@@ -134,7 +134,7 @@ def test_kernels_and_aten_paths_agree(dtype, on_input):
 def test_penalty_gradient_kernel_matches_float64(K, r, n_in, dtype, cuda_path):
     A = torch.randn(K * r, n_in, dtype=torch.float64).to(dtype).double()
     A[1] = 0  # a row below the normalization's eps takes the other branch
-    weight = torch.tensor(0.37, dtype=torch.float64)
+    weight = torch.tensor(0.37, dtype=torch.float32).double()  # the same λ on both sides
     delta = torch.zeros_like(A)
     sl.ops.add_ortho_penalty_grad_(delta, A, weight, K)
     # A prior gradient of the penalty's size, so that adding in place is checked too.
@@ -184,11 +184,14 @@ def test_non_contiguous_3d_input_on_cuda():
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_merge_kernel_matches_cpu(w_dtype, transposed):
-    n_out, n_in, r = 77, 45, 9
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float64])
+def test_merge_kernel_matches_cpu(w_dtype, transposed, factor_dtype):
+    # Several 64 x 64 tiles with ragged edges; float64 factors promote the accumulation on both.
+    n_out, n_in, r = 141, 77, 9
     W = torch.randn(n_in, n_out).t() if transposed else torch.randn(n_out, n_in)
     W = W.to(w_dtype)
-    A, B, scale = torch.randn(r, n_in), torch.randn(n_out, r), torch.rand(n_out, r) + 0.5
+    A, B = torch.randn(r, n_in, dtype=factor_dtype), torch.randn(n_out, r, dtype=factor_dtype)
+    scale = torch.rand(n_out, r) + 0.5
     expected = W.clone()
     sl.ops.merge_into_(expected, A, B, scale, 0.75)
     got = W.cuda()
@@ -200,6 +203,11 @@ def test_merge_kernel_matches_cpu(w_dtype, transposed):
         assert ((got.cpu().double() - expected.double()).abs() <= ulp).all()
     else:
         assert rel_err(got, expected) < 1e-6
+    sl.ops.merge_into_(got, A.cuda(), B.cuda(), scale.cuda(), -0.75)  # unmerge
+    assert rel_err(got, W) < (1e-2 if w_dtype in (torch.bfloat16, torch.float16) else 1e-6)
+    expanded = torch.zeros(1, n_in, device="cuda").expand(n_out, n_in)
+    with pytest.raises(RuntimeError, match="share memory"):
+        sl.ops.merge_into_(expanded, A.float().cuda(), B.float().cuda(), scale.cuda(), 1.0)
 
 
 def test_dropout_mask_kernel_equals_reference_everywhere():

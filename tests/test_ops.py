@@ -306,6 +306,8 @@ def test_merge_into_large_weight_in_bands():
                               torch.ones(2), 1.0), "shapes do not chain"),
     (lambda: _ops.merge_into_(torch.randn(6, 4), torch.randn(2, 4), torch.randn(6, 2),
                               torch.ones(6, 3), 1.0), "scale must be"),
+    (lambda: _ops.merge_into_(torch.randn(1, 4).expand(6, 4), torch.randn(2, 4),
+                              torch.randn(6, 2), torch.ones(2), 1.0), "share memory"),
 ])
 def test_ops_reject_bad_input(call, message):
     with pytest.raises(RuntimeError, match=message):

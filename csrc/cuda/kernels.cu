@@ -1,10 +1,11 @@
-// CUDA kernels for dropout (masks, and applied in one pass) and the in-place merge
-// (see kernels.h).
+// CUDA kernels for dropout (masks, and applied in one pass) and the in-place merge on the tile
+// engine (see kernels.h).
 #include <algorithm>
 
 #include "../philox.h"
 #include "kernels.h"
 #include "numeric.cuh"
+#include "tile_product.cuh"
 
 namespace soslora::cuda {
 namespace {
@@ -33,22 +34,26 @@ __global__ void dropout_apply_kernel(T* out, const T* in, int64_t numel, const i
   }
 }
 
-constexpr int kMergeTileCols = 32;
-constexpr int kMergeTileRows = 8;
+// The merge is one product on the tile engine: Bs [rows, rank] @ A [rank, cols] in the
+// accumulation type (FMA tiles: the factors are not rounded to the weight's dtype), each result
+// added to its weight element and rounded once. Every element's sum runs in a fixed order, so
+// merging with alpha = -1 removes exactly what alpha = 1 added.
+template <typename Acc> struct DenseLoad {
+  const Acc* data;
+  int64_t ld;
+  __device__ __forceinline__ bool cols_contiguous() const { return true; }
+  __device__ __forceinline__ Acc operator()(int64_t i, int64_t j) const { return data[i * ld + j]; }
+};
 
-// One thread per weight element; A's rows are read coalesced, Bs broadcast across the warp.
-template <typename T, typename Acc>
-__global__ void merge_kernel(T* weight, int64_t rows, int64_t cols, int64_t row_stride,
-                             int64_t col_stride, const Acc* Bs, const Acc* A, int64_t rank,
-                             Acc alpha) {
-  const int64_t c = blockIdx.x * int64_t(kMergeTileCols) + threadIdx.x;
-  const int64_t o = blockIdx.y * int64_t(kMergeTileRows) + threadIdx.y;
-  if (o >= rows || c >= cols) return;
-  Acc sum = 0;
-  for (int64_t j = 0; j < rank; ++j) sum += Bs[o * rank + j] * A[j * cols + c];
-  T* w = weight + o * row_stride + c * col_stride;
-  *w = from_double<T>(static_cast<double>(to_acc<Acc>(*w) + alpha * sum));
-}
+template <typename T, typename Acc> struct MergeEpilogue {
+  T* weight;
+  int64_t row_stride, col_stride;
+  Acc alpha;
+  __device__ __forceinline__ void operator()(int64_t o, int64_t c, Acc sum) const {
+    T* w = weight + o * row_stride + c * col_stride;
+    *w = from_double<T>(static_cast<double>(to_acc<Acc>(*w) + alpha * sum));
+  }
+};
 
 template <typename T>
 cudaError_t dropout_mask_typed(void* out, int64_t numel, const int64_t* seed, double p,
@@ -77,16 +82,12 @@ template <typename T, typename Acc>
 cudaError_t merge_typed(void* weight, int64_t rows, int64_t cols, int64_t row_stride,
                         int64_t col_stride, const void* Bs, const void* A, int64_t rank,
                         double alpha, cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  const dim3 block(kMergeTileCols, kMergeTileRows);
-  const int64_t grid_y = (rows + kMergeTileRows - 1) / kMergeTileRows;
-  if (grid_y > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>((cols + kMergeTileCols - 1) / kMergeTileCols),
-                  static_cast<unsigned>(grid_y));
-  merge_kernel<T, Acc><<<grid, block, 0, stream>>>(
-      static_cast<T*>(weight), rows, cols, row_stride, col_stride, static_cast<const Acc*>(Bs),
-      static_cast<const Acc*>(A), rank, static_cast<Acc>(alpha));
-  return cudaGetLastError();
+  return launch_tile_product<Acc>(
+      rows, cols, rank, 1, DenseLoad<Acc>{static_cast<const Acc*>(Bs), rank},
+      DenseLoad<Acc>{static_cast<const Acc*>(A), cols},
+      MergeEpilogue<T, Acc>{static_cast<T*>(weight), row_stride, col_stride,
+                            static_cast<Acc>(alpha)},
+      stream);
 }
 
 }  // namespace
@@ -117,11 +118,23 @@ cudaError_t launch_dropout_apply(void* out, const void* in, DType dtype, int64_t
 cudaError_t launch_merge(void* weight, DType dtype, int64_t rows, int64_t cols,
                          int64_t row_stride, int64_t col_stride, const void* Bs, const void* A,
                          int64_t rank, bool acc_double, double alpha, cudaStream_t stream) {
-  if (acc_double)
-    return dtype == DType::kFloat64
-               ? merge_typed<double, double>(weight, rows, cols, row_stride, col_stride, Bs, A,
-                                             rank, alpha, stream)
-               : cudaErrorInvalidValue;
+  if (acc_double) {
+    switch (dtype) {
+      case DType::kFloat32:
+        return merge_typed<float, double>(weight, rows, cols, row_stride, col_stride, Bs, A,
+                                          rank, alpha, stream);
+      case DType::kFloat64:
+        return merge_typed<double, double>(weight, rows, cols, row_stride, col_stride, Bs, A,
+                                           rank, alpha, stream);
+      case DType::kFloat16:
+        return merge_typed<__half, double>(weight, rows, cols, row_stride, col_stride, Bs, A,
+                                           rank, alpha, stream);
+      case DType::kBFloat16:
+        return merge_typed<__nv_bfloat16, double>(weight, rows, cols, row_stride, col_stride,
+                                                  Bs, A, rank, alpha, stream);
+    }
+    return cudaErrorInvalidValue;
+  }
   switch (dtype) {
     case DType::kFloat32:
       return merge_typed<float, float>(weight, rows, cols, row_stride, col_stride, Bs, A, rank,
@@ -132,7 +145,7 @@ cudaError_t launch_merge(void* weight, DType dtype, int64_t rows, int64_t cols,
     case DType::kBFloat16:
       return merge_typed<__nv_bfloat16, float>(weight, rows, cols, row_stride, col_stride, Bs, A,
                                                rank, alpha, stream);
-    case DType::kFloat64: break;
+    case DType::kFloat64: break;  // float64 weights accumulate in double
   }
   return cudaErrorInvalidValue;
 }

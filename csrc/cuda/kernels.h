@@ -20,7 +20,8 @@ cudaError_t launch_dropout_apply(void* out, const void* in, DType dtype, int64_t
 
 // weight[o, c] += alpha * sum_j Bs[o, j] * A[j, c], one rounding into weight's dtype.
 // Bs [rows, rank] and A [rank, cols] are contiguous in the accumulation type (float, or double
-// when acc_double); weight is strided (row_stride, col_stride) in `dtype`.
+// when acc_double: always for float64 weights, and for any weight with float64 factors);
+// weight is strided (row_stride, col_stride) in `dtype`.
 cudaError_t launch_merge(void* weight, DType dtype, int64_t rows, int64_t cols,
                          int64_t row_stride, int64_t col_stride, const void* Bs, const void* A,
                          int64_t rank, bool acc_double, double alpha, cudaStream_t stream);
@@ -58,10 +59,11 @@ cudaError_t launch_product(DType dtype, const Matrix& left, const Matrix& right,
 // Gradient of the cross-expert orthogonality penalty (see ortho.cpp), added in place:
 //   grad_A += weight[0] * d penalty(A) / dA
 // A and grad_A: contiguous [r_tot, in] in `dtype`; weight: one element in the accumulation type
-// on the device; gram: a zeroed [r_tot, r_tot] workspace in the accumulation type. Two launches:
-// the Gram matrix of A's rows, then the gradient as one product (normalization folded in).
+// on the device; workspace: [2, r_tot, r_tot] in the accumulation type, the first half zeroed.
+// Three launches: the Gram matrix of A's rows, the [r_tot, r_tot] coefficients (normalization
+// folded in), then the gradient as one product of the coefficients with A.
 cudaError_t launch_ortho_penalty_grad(DType dtype, void* grad_A, const void* A, int64_t r_tot,
                                       int64_t in, int64_t num_experts, const void* weight,
-                                      void* gram, cudaStream_t stream);
+                                      void* workspace, cudaStream_t stream);
 
 }  // namespace soslora::cuda

@@ -116,51 +116,58 @@ cudaError_t product_typed(const Matrix& left, const Matrix& right, const Matrix&
 // c_ij = 1 across experts, s = 4 weight / (K (K-1) r²) and radial_i = sum_j c_ij Ĝ_ij²:
 //   grad_A_i = sum_j L_ij A_j,  L_ij = s (c_ij Ĝ_ij / n'_j - [i = j, g_ii > eps²] radial_i / n'_i) / n'_i
 // which is d/dA of s/4 * sum(c Ĝ²) through the row normalization (as ortho.cpp computes it).
-template <typename Acc> struct PenaltyGradLoad {
-  const Acc* gram;
-  int64_t r_tot, rows_per_expert;
-  const Acc* weight;
-  Acc inv_denom;  // 1 / (K (K-1) r²)
-
-  __device__ __forceinline__ bool cols_contiguous() const { return true; }
-  __device__ __forceinline__ Acc norm(int64_t i) const {
-    return max(sqrt(gram[i * r_tot + i]), Acc(kNormEps));
-  }
-  __device__ __forceinline__ Acc operator()(int64_t i, int64_t j) const {
-    const Acc n_i = norm(i), s = Acc(4) * weight[0] * inv_denom;
-    if (i / rows_per_expert != j / rows_per_expert) {
-      const Acc n_j = norm(j);
-      return s * (gram[i * r_tot + j] / (n_i * n_j)) / n_j / n_i;
-    }
-    if (i != j || !(sqrt(gram[i * r_tot + i]) > Acc(kNormEps))) return Acc(0);
+// L is small ([r_tot, r_tot]): one thread per element writes it once, so the product that
+// follows reads it as a plain matrix.
+template <typename Acc>
+__global__ void penalty_coefficients_kernel(Acc* L, const Acc* gram, int64_t r_tot,
+                                            int64_t rows_per_expert, const Acc* weight,
+                                            Acc inv_denom) {
+  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (idx >= r_tot * r_tot) return;
+  const int64_t i = idx / r_tot, j = idx % r_tot;
+  const auto norm = [&](int64_t k) { return max(sqrt(gram[k * r_tot + k]), Acc(kNormEps)); };
+  const Acc n_i = norm(i), s = Acc(4) * weight[0] * inv_denom;
+  Acc value = 0;
+  if (i / rows_per_expert != j / rows_per_expert) {
+    const Acc n_j = norm(j);
+    value = s * (gram[i * r_tot + j] / (n_i * n_j)) / n_j / n_i;
+  } else if (i == j && sqrt(gram[i * r_tot + i]) > Acc(kNormEps)) {
     Acc radial = 0;
     for (int64_t k = 0; k < r_tot; ++k) {
       if (k / rows_per_expert == i / rows_per_expert) continue;
       const Acc g_hat = gram[i * r_tot + k] / (n_i * norm(k));
       radial += g_hat * g_hat;
     }
-    return -s * radial / n_i / n_i;
+    value = -s * radial / n_i / n_i;
   }
-};
+  L[idx] = value;
+}
 
 template <typename T>
 cudaError_t ortho_penalty_grad_typed(void* grad_A, const void* A, int64_t r_tot, int64_t in,
-                                     int64_t num_experts, const void* weight, void* gram,
+                                     int64_t num_experts, const void* weight, void* workspace,
                                      cudaStream_t stream) {
   using Acc = acc_t<T>;
   const Matrix a{A, r_tot, in, in, 1}, a_t{A, in, r_tot, 1, in};
-  Acc* g = static_cast<Acc*>(gram);
-  // Launch 1: g = A Aᵀ, K = in split so that the r_tot² result still fills the GPU.
+  Acc* gram = static_cast<Acc*>(workspace);
+  Acc* L = gram + r_tot * r_tot;
+  // Launch 1: gram = A Aᵀ, K = in split so that the r_tot² result still fills the GPU.
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(in / 256, 128));
   cudaError_t err = launch_tile_product<T>(r_tot, r_tot, in, splits, loader<T, Acc>(a),
                                            loader<T, Acc>(a_t),
-                                           AtomicAddEpilogue<Acc>{g, r_tot}, stream);
+                                           AtomicAddEpilogue<Acc>{gram, r_tot}, stream);
   if (err != cudaSuccess) return err;
-  // Launch 2: grad_A += L A, in the accumulation type (the normalization is not rounded to T).
+  // Launch 2: the coefficients L.
   const double k = static_cast<double>(num_experts), r = static_cast<double>(r_tot / num_experts);
-  const PenaltyGradLoad<Acc> L{g, r_tot, r_tot / num_experts, static_cast<const Acc*>(weight),
-                               static_cast<Acc>(1.0 / (k * (k - 1) * r * r))};
-  return launch_tile_product<Acc>(r_tot, in, r_tot, 1, L, loader<T, Acc>(a),
+  constexpr int threads = 256;
+  const int64_t blocks = (r_tot * r_tot + threads - 1) / threads;
+  penalty_coefficients_kernel<Acc><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      L, gram, r_tot, r_tot / num_experts, static_cast<const Acc*>(weight),
+      static_cast<Acc>(1.0 / (k * (k - 1) * r * r)));
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  // Launch 3: grad_A += L A, in the accumulation type (L is not rounded to T).
+  const Matrix l{L, r_tot, r_tot, r_tot, 1};
+  return launch_tile_product<Acc>(r_tot, in, r_tot, 1, loader<Acc, Acc>(l), loader<T, Acc>(a),
                                    WriteEpilogue<T, Acc, true>{static_cast<T*>(grad_A), in, 1,
                                                                nullptr, {}},
                                    stream);
@@ -187,21 +194,21 @@ cudaError_t launch_product(DType dtype, const Matrix& left, const Matrix& right,
 
 cudaError_t launch_ortho_penalty_grad(DType dtype, void* grad_A, const void* A, int64_t r_tot,
                                       int64_t in, int64_t num_experts, const void* weight,
-                                      void* gram, cudaStream_t stream) {
+                                      void* workspace, cudaStream_t stream) {
   if (num_experts < 2 || r_tot == 0 || r_tot % num_experts != 0) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
-      return ortho_penalty_grad_typed<float>(grad_A, A, r_tot, in, num_experts, weight, gram,
+      return ortho_penalty_grad_typed<float>(grad_A, A, r_tot, in, num_experts, weight, workspace,
                                              stream);
     case DType::kFloat64:
-      return ortho_penalty_grad_typed<double>(grad_A, A, r_tot, in, num_experts, weight, gram,
+      return ortho_penalty_grad_typed<double>(grad_A, A, r_tot, in, num_experts, weight, workspace,
                                               stream);
     case DType::kFloat16:
-      return ortho_penalty_grad_typed<__half>(grad_A, A, r_tot, in, num_experts, weight, gram,
+      return ortho_penalty_grad_typed<__half>(grad_A, A, r_tot, in, num_experts, weight, workspace,
                                               stream);
     case DType::kBFloat16:
       return ortho_penalty_grad_typed<__nv_bfloat16>(grad_A, A, r_tot, in, num_experts, weight,
-                                                     gram, stream);
+                                                     workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

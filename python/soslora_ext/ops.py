@@ -307,9 +307,10 @@ def linear_lowrank(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B:
 def set_cuda_path(path: str) -> str:
     """Chooses how the low-rank ops run on CUDA; returns the previous choice.
 
-    "auto" (default): the hand-written kernels where they avoid a full-size temporary (dropout
-    on the input is applied as x is read), cuBLAS through ATen elsewhere; "kernels": the
-    hand-written kernels wherever they exist; "aten": ATen everywhere. CPU is unaffected."""
+    "auto" (default): whichever was measured faster on an H100: cuBLAS through ATen for the
+    low-rank products, the hand-written kernel for the orthogonality-penalty gradient;
+    "kernels": the hand-written kernels wherever they exist (they never form the [N, in]
+    dropped-out input); "aten": ATen everywhere. CPU is unaffected."""
     previous = _C.cuda_path()
     _C.set_cuda_path(path)
     return previous
