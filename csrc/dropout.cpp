@@ -1,5 +1,10 @@
-// Dropout masks recomputed from a (seed, offset) pair: see philox.h.
+// Dropout masks recomputed from a (seed, offset) pair (see philox.h): a CPU loop, the CUDA
+// kernels, and ATen integer ops for any other device, all bit-identical.
 #include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "philox.h"
 #include "soslora.h"
@@ -22,10 +27,33 @@ void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor
 
 namespace {
 
+// v rounded to float toward zero, with the last bit set when inexact ("round to odd"): a second
+// rounding to a type at least two bits narrower then equals one correct rounding of v.
+float to_float_round_odd(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) == v || !std::isfinite(f)) return f;
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if (std::fabs(static_cast<double>(f)) > std::fabs(v)) --bits;  // toward zero
+  bits |= 1u;
+  std::memcpy(&f, &bits, sizeof bits);
+  return f;
+}
+
+// The kept elements' scale 1/(1-p), rounded once to scalar_t, as the CUDA kernels round it
+// (c10::Half and c10::BFloat16 convert from double through float: twice).
+template <typename scalar_t> scalar_t keep_scale(double p) {
+  const double v = 1.0 / (1.0 - p);
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>)
+    return static_cast<scalar_t>(to_float_round_odd(v));
+  else
+    return static_cast<scalar_t>(v);
+}
+
 template <typename scalar_t>
 void fill_mask_cpu(scalar_t* out, int64_t numel, uint64_t seed, uint64_t offset, double p) {
   const uint32_t threshold = dropout_threshold(p);
-  const scalar_t keep_value = static_cast<scalar_t>(1.0 / (1.0 - p));
+  const scalar_t keep_value = keep_scale<scalar_t>(p);
   at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       out[i] = dropout_keep(seed, offset, static_cast<uint64_t>(i), threshold) ? keep_value
@@ -37,7 +65,7 @@ template <typename scalar_t>
 void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, uint64_t offset,
                double p) {
   const uint32_t threshold = dropout_threshold(p);
-  const scalar_t keep_value = static_cast<scalar_t>(1.0 / (1.0 - p));
+  const scalar_t keep_value = keep_scale<scalar_t>(p);
   at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       out[i] = dropout_keep(seed, offset, static_cast<uint64_t>(i), threshold)
@@ -48,12 +76,76 @@ void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, 
 
 }  // namespace
 
+// ---- the same mask in ATen integer ops (any device, no host sync) --------------------------------
+namespace {
+
+constexpr int64_t kU32 = 0xFFFFFFFF;
+
+// (high, low) 32-bit halves of a * b for a 32-bit constant a and int64 values b < 2^32: split b
+// in 16-bit halves so that every product is exact in int64 (as reference.py does).
+std::pair<Tensor, Tensor> mulhilo32(int64_t a, const Tensor& b) {
+  const Tensor p_hi = b.bitwise_right_shift(16).mul(a), p_lo = b.bitwise_and(0xFFFF).mul(a);
+  const Tensor mid = p_hi.bitwise_and(0xFFFF).bitwise_left_shift(16).add(p_lo);
+  return {p_hi.bitwise_right_shift(16).add(mid.bitwise_right_shift(32)), mid.bitwise_and(kU32)};
+}
+
+// Keep-mask (bool, `numel` elements, on seed's device): philox_word(seed, offset, i) >= threshold.
+Tensor keep_mask_aten(const Tensor& seed, int64_t numel, double p) {
+  const Tensor s = seed.contiguous();
+  const Tensor key = s.select(0, 0), offset = s.select(0, 1);
+  const Tensor index = at::arange(numel, s.options());
+  Tensor c0 = index.bitwise_and(kU32), c1 = index.bitwise_right_shift(32);
+  Tensor c2 = offset.bitwise_and(kU32), c3 = offset.bitwise_right_shift(32).bitwise_and(kU32);
+  Tensor k0 = key.bitwise_and(kU32), k1 = key.bitwise_right_shift(32).bitwise_and(kU32);
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 = k0.add(static_cast<int64_t>(kPhiloxW0)).bitwise_and(kU32);
+      k1 = k1.add(static_cast<int64_t>(kPhiloxW1)).bitwise_and(kU32);
+    }
+    auto [hi0, lo0] = mulhilo32(kPhiloxM0, c0);
+    auto [hi1, lo1] = mulhilo32(kPhiloxM1, c2);
+    c0 = hi1.bitwise_xor(c1).bitwise_xor(k0);
+    c1 = lo1;
+    c2 = hi0.bitwise_xor(c3).bitwise_xor(k1);
+    c3 = lo0;
+  }
+  return c0.ge(static_cast<int64_t>(dropout_threshold(p)));
+}
+
+// keep_scale<T>(p) as a 0-d tensor of dtype on `options`' device.
+Tensor keep_scale_tensor(double p, at::ScalarType dtype, const at::TensorOptions& options) {
+  Tensor scale;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "keep_scale", [&] {
+    scale = at::scalar_tensor(static_cast<double>(keep_scale<scalar_t>(p)),
+                              options.dtype(dtype));
+  });
+  return scale;
+}
+
+}  // namespace
+
+Tensor dropout_scale_mask_aten(const Tensor& seed, at::IntArrayRef sizes, double p,
+                               at::ScalarType dtype) {
+  const Tensor keep = keep_mask_aten(seed, c10::multiply_integers(sizes), p).reshape(sizes);
+  return keep.to(dtype).mul(keep_scale_tensor(p, dtype, seed.options()));
+}
+
+Tensor dropout_apply_aten(const Tensor& t, const Tensor& seed, double p) {
+  const Tensor in = t.contiguous();
+  const Tensor keep = keep_mask_aten(seed, in.numel(), p).reshape(in.sizes());
+  // A product of two elements of t's dtype rounded once, as the CPU loop and the kernels do.
+  const Tensor scaled = in.mul(keep_scale_tensor(p, in.scalar_type(), in.options()));
+  return at::where(keep, scaled, at::zeros({}, in.options()));
+}
+
+// ---- dispatch: the CUDA kernels, the CPU loops, or ATen ------------------------------------------
 Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {
   if (p == 0) return t;
 #ifdef SOSLORA_WITH_CUDA
-  if (t.is_cuda()) return dropout_apply_cuda(t, *seed, p);
+  if (have_cuda_kernels(t) && cuda_path() != CudaPath::kAten)
+    return dropout_apply_cuda(t, *seed, p);
 #endif
-  TORCH_CHECK(t.is_cpu(), "soslora: dropout on ", t.device(), " is not supported by this build");
+  if (!t.is_cpu() || cpu_takes_cuda_fallback()) return dropout_apply_aten(t, *seed, p);
   const Tensor in = t.contiguous();
   Tensor out = at::empty_like(in);
   const Tensor seed_c = seed->contiguous();
@@ -68,10 +160,11 @@ Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {
 Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
                           at::ScalarType dtype) {
 #ifdef SOSLORA_WITH_CUDA
-  if (seed.is_cuda()) return dropout_scale_mask_cuda(seed, sizes, p, dtype);
+  if (have_cuda_kernels(seed) && cuda_path() != CudaPath::kAten)
+    return dropout_scale_mask_cuda(seed, sizes, p, dtype);
 #endif
-  TORCH_CHECK(seed.is_cpu(), "soslora: dropout on ", seed.device(),
-              " is not supported by this build");
+  if (!seed.is_cpu() || cpu_takes_cuda_fallback())
+    return dropout_scale_mask_aten(seed, sizes, p, dtype);
   Tensor mask = at::empty(sizes, seed.options().dtype(dtype));
   const Tensor seed_c = seed.contiguous();
   const auto* s = seed_c.data_ptr<int64_t>();

@@ -30,9 +30,12 @@ void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B,
               weight.strides(), "); merge into a tensor that owns its elements");
 }
 
-void merge_into_cpu_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
-                     double alpha) {
+void merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
+                 double alpha) {
   check_merge_args(weight, A, B, scale);
+#ifdef SOSLORA_WITH_CUDA
+  if (have_cuda_kernels(weight)) return merge_into_cuda_(weight, A, B, scale, alpha);
+#endif
   const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
   const auto acc = at::promote_types(accumulate_dtype(weight.scalar_type()),
                                      at::promote_types(A.scalar_type(), B.scalar_type()));

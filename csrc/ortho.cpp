@@ -67,6 +67,14 @@ void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weig
                          int64_t num_experts) {
   check_ortho_penalty_grad_args(grad_A, A, weight, num_experts);
   if (num_experts == 1 || A.size(0) == 0) return;
+#ifdef SOSLORA_WITH_CUDA
+  if (have_cuda_kernels(A) && cuda_path() != CudaPath::kAten &&
+      grad_A.scalar_type() == A.scalar_type() && grad_A.is_contiguous())
+    return ortho_penalty_grad_cuda_(grad_A, A, weight, num_experts);
+#endif
+  // λ = 0 (a schedule's warm-up) adds nothing. Only a CPU weight is read here: reading a CUDA one
+  // would sync the host (the CUDA kernels skip their work on the device instead).
+  if (weight.is_cpu() && weight.item<double>() == 0.0) return;
   const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
   const Gram g = cross_gram(A, num_experts);
   // d/dÂ sum(G²) = 4 G Â (G symmetric); then through Â = A / max(|A|, eps).

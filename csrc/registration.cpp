@@ -55,11 +55,21 @@ TORCH_LIBRARY(soslora, m) {
 namespace soslora {
 namespace {
 std::atomic<CudaPath> g_cuda_path{CudaPath::kAuto};
+std::atomic<bool> g_cpu_takes_cuda_fallback{false};
 }  // namespace
 void set_cuda_path(CudaPath path) { g_cuda_path.store(path); }
 CudaPath cuda_path() { return g_cuda_path.load(); }
+void set_cpu_takes_cuda_fallback(bool on) { g_cpu_takes_cuda_fallback.store(on); }
+bool cpu_takes_cuda_fallback() { return g_cpu_takes_cuda_fallback.load(); }
 
-void register_device_generic_kernels(torch::Library& m) {
+#ifndef SOSLORA_WITH_CUDA
+bool have_cuda_kernels(const Tensor&) { return false; }
+#endif
+
+namespace {
+// Every op has one entry point for every device: it uses the hand-written CUDA kernels where
+// have_cuda_kernels() says so and ATen otherwise, so CUDA tensors work in any build.
+void register_kernels(torch::Library& m) {
   m.impl("lowrank_forward", &lowrank_forward);
   m.impl("linear_lowrank_forward", &linear_lowrank_forward);
   m.impl("linear_lowrank_grad_x", &linear_lowrank_grad_x);
@@ -70,14 +80,14 @@ void register_device_generic_kernels(torch::Library& m) {
   m.impl("cluster_lowrank_backward", &cluster_lowrank_backward);
   m.impl("dropout_mask", &dropout_mask);
   m.impl("ortho_penalty", &ortho_penalty);
+  m.impl("ortho_penalty_grad_", &ortho_penalty_grad_);
+  m.impl("merge_into_", &merge_into_);
 }
+}  // namespace
 }  // namespace soslora
 
-TORCH_LIBRARY_IMPL(soslora, CPU, m) {
-  soslora::register_device_generic_kernels(m);
-  m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_);
-  m.impl("merge_into_", &soslora::merge_into_cpu_);
-}
+TORCH_LIBRARY_IMPL(soslora, CPU, m) { soslora::register_kernels(m); }
+TORCH_LIBRARY_IMPL(soslora, CUDA, m) { soslora::register_kernels(m); }
 
 // The in-place ops update gradients and frozen weights: they are not differentiable, so
 // autograd passes through them instead of recording the ATen calls inside.
@@ -105,6 +115,9 @@ PYBIND11_MODULE(_C, m) {
       default: return std::string("auto");
     }
   });
+  m.def("set_cpu_takes_cuda_fallback", &soslora::set_cpu_takes_cuda_fallback,
+        "Tests only: CPU tensors take the ATen paths that CUDA tensors take without the "
+        "kernels (the dropout mask in ATen integer ops instead of the CPU loop).");
 #ifdef SOSLORA_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else

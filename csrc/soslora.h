@@ -51,8 +51,8 @@ void check_ortho_penalty_grad_args(const Tensor& grad_A, const Tensor& A, const 
 
 // ---- merge: weight += alpha * (B * scale) @ A -------------------------------------------------
 void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale);
-void merge_into_cpu_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
-                     double alpha);
+void merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
+                 double alpha);
 
 // ---- cluster-local low-rank terms (CPS-LoRA) ---------------------------------------------------
 // Cluster c owns the output rows row_index[row_offsets[c]:row_offsets[c+1]] and the input
@@ -105,14 +105,17 @@ Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
 // t * dropout_scale_mask(seed, t.sizes(), p, t.dtype) in one pass, without the mask tensor
 // (identity when p == 0); the result is contiguous.
 Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p);
+// The same two in ATen integer ops on any device (no host sync): the fallback for CUDA tensors
+// without the kernels, bit-identical to the CPU loop and the CUDA kernels.
+Tensor dropout_scale_mask_aten(const Tensor& seed, at::IntArrayRef sizes, double p,
+                               at::ScalarType dtype);
+Tensor dropout_apply_aten(const Tensor& t, const Tensor& seed, double p);
 // The op `dropout_mask`: checks its arguments, then dropout_scale_mask.
 Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double dropout_p,
                     at::ScalarType dtype);
 void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor& like,
                    const char* op);
 
-// Registers the kernels above that are written with ATen calls (so serve any device) on `m`.
-void register_device_generic_kernels(torch::Library& m);
 
 // Which CUDA implementation the low-rank ops use (set from Python through _C.set_cuda_path):
 //   kAuto    - whichever was faster on an H100 (README, "CUDA kernels"): cuBLAS through ATen
@@ -121,10 +124,22 @@ void register_device_generic_kernels(torch::Library& m);
 enum class CudaPath { kAuto, kKernels, kAten };
 void set_cuda_path(CudaPath path);
 CudaPath cuda_path();
+// Tests only: CPU tensors take the fallback paths of CUDA tensors (see registration.cpp).
+void set_cpu_takes_cuda_fallback(bool on);
+bool cpu_takes_cuda_fallback();
+
+// The one dispatch point for CUDA tensors: true when t is on a CUDA device for which this build
+// has the hand-written kernels (compiled with CUDA, and with an image for that device). Every
+// op falls back to its ATen implementation otherwise (warned once per device).
+bool have_cuda_kernels(const Tensor& t);
 
 #ifdef SOSLORA_WITH_CUDA
-// True when t is on CUDA and the current CudaPath picks the hand-written low-rank products.
+// True when the kernels serve t and the current CudaPath picks them for the low-rank products.
 bool use_cuda_kernels(const Tensor& t);
+void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
+                      double alpha);
+void ortho_penalty_grad_cuda_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
+                              int64_t num_experts);
 Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
                            double dropout_p, bool dropout_on_input);
 void add_product_cuda_(Tensor& out, const Tensor& left, const Tensor& right,

@@ -40,3 +40,23 @@ def test_model_bench_runs_every_variant(tmp_path):
     assert rows["frozen_base"]["x_frozen_tokens_per_s"] == 1.0
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
     assert out.rstrip().splitlines()[-1].startswith("| soslinear |")
+
+
+def test_gpu_check_stages_run_dry_on_cpu(tmp_path):
+    """bench/gpu_check.sh's logic (every stage, the summary) on the CPU with tiny sizes, so that a
+    mistake in it cannot waste the rare GPU time."""
+    env = {**ENV, "GPU_CHECK_DRY": "1", "RESULTS": str(tmp_path), "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True,
+                            text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s for s in summary["stages"]] == ["build", "tests", "layer", "model"]
+    assert all(s["rc"] == 0 for s in summary["stages"].values())
+    targets = {t["target"]: t for t in summary["targets"]}
+    assert "SOSLinear step time <= PEFT LoRA" in targets and "merge <= 1.2x one addmm_" in targets
+    assert all(t["met"] in (True, False) for t in targets.values() if t["rows"])
+    assert (tmp_path / "summary.md").read_text().startswith("# GPU check on CPU")
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "tests", "typo"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "unknown stage 'typo'" in bad.stdout

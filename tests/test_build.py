@@ -20,12 +20,16 @@ def test_every_op_has_a_cpu_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"soslora::{op}", "CPU")
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cuda_kernel_in_every_build(op):
+    """Without the CUDA kernels (no nvcc at build time) CUDA tensors get the ATen paths."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"soslora::{op}", "CUDA")
+
+
 @pytest.mark.skipif(not (torch.version.cuda and NVCC.exists()),
                     reason="needs a CUDA build of torch and nvcc")
-@pytest.mark.parametrize("op", OPS)
-def test_cuda_kernels_compiled_and_registered(op):
+def test_cuda_kernels_compiled_when_nvcc_is_present():
     assert sl.built_with_cuda
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"soslora::{op}", "CUDA")
 
 
 def test_import_needs_no_gpu():

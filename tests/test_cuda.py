@@ -346,3 +346,74 @@ def test_cps_training_step_has_no_host_sync():
     layer = sl.CPSLinear(torch.nn.Linear(64, 48, device="cuda", dtype=torch.bfloat16),
                          num_clusters=4, rank=4, dropout=0.05)
     assert_step_has_no_host_sync(layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_dropout_mask_op_on_cuda_equals_cpu_bitwise(dtype, cuda_path):
+    """The mask kernel (auto, kernels) and the ATen integer-op mask (aten) against the CPU loop,
+    past one grid's worth of elements."""
+    seed = torch.tensor([-0x1234_5678_9ABC_DEF0, 0x1_0000_0003])
+    size = [65536 * 256 + 77]
+    cpu = _ops.dropout_mask(seed, size, 0.000488043878, dtype)
+    assert torch.equal(_ops.dropout_mask(seed.cuda(), size, 0.000488043878, dtype).cpu(), cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unfused_base_path_on_cuda_matches_float64_oracle(dtype, cuda_path):
+    """Adapters in float32 over a 16-bit base (PEFT's default): the base runs apart and the
+    adapter op adds into its output."""
+    layer = make_layer(40, 24, dtype=dtype, device="cuda", adapter_dtype=torch.float32,
+                       num_experts=4, rank=8, dropout=0.1, dropout_position="pre")
+    x = torch.randn(3, 33, 40, device="cuda", dtype=dtype, requires_grad=True)
+    state = torch.cuda.get_rng_state()
+    seed = sl.ops.new_dropout_seed(x.device).cpu()
+    torch.cuda.set_rng_state(state)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B], grad)
+    cpu_layer = make_layer(40, 24, num_experts=4, rank=8, dropout=0.1, dropout_position="pre")
+    cpu_layer.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    p64 = {n: p for n, p in cpu_layer.named_parameters() if p.requires_grad}
+    y_ref = oracle_forward(cpu_layer, x64, seed, p64)
+    want = torch.autograd.grad(y_ref, [x64, p64["lora_A"], p64["lora_B"]], grad.double().cpu())
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for name, g, w in zip(["x", "lora_A", "lora_B"], got, want):
+        assert rel_err(g, w) < TOL[dtype], name
+
+
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_mode_gives_bitwise_repeatable_gradients(deterministic):
+    """Split-K atomics are off under torch.use_deterministic_algorithms(True): the kernels'
+    lora_A gradient and the penalty gradient repeat bit for bit."""
+    previous = sl.ops.set_cuda_path("kernels")
+    try:
+        x = torch.randn(4099, 300, device="cuda")
+        grad_h = torch.randn(4099, 24, device="cuda")
+        seed = torch.tensor([5, 9], device="cuda")
+        runs = [_ops.lowrank_grad_A(grad_h, x, seed, 0.1, True) for _ in range(3)]
+        A = torch.randn(24, 4096, device="cuda")
+        penalties = []
+        for _ in range(3):
+            g = torch.zeros_like(A)
+            sl.ops.add_ortho_penalty_grad_(g, A, torch.tensor(0.5, device="cuda"), 4)
+            penalties.append(g)
+    finally:
+        sl.ops.set_cuda_path(previous)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert all(torch.equal(penalties[0], p) for p in penalties[1:])
+
+
+def test_penalty_kernel_with_zero_weight_leaves_grad_untouched():
+    A = torch.randn(16, 300, device="cuda")
+    A[3, 7] = float("inf")
+    grad = torch.randn_like(A)
+    before = grad.clone()
+    sl.ops.add_ortho_penalty_grad_(grad, A, torch.tensor(0.0, device="cuda"), 4)
+    assert torch.equal(grad, before)

@@ -61,3 +61,36 @@ def test_new_dropout_seed_follows_torch_generator():
     torch.manual_seed(3)
     b = sl.ops.new_dropout_seed(torch.device("cpu"))
     assert a.dtype == torch.int64 and a.shape == (2,) and torch.equal(a, b)
+
+
+def _round_once(value: float, mantissa_bits: int) -> float:
+    """value rounded once (to nearest, ties to even) to a float with `mantissa_bits` bits of
+    significand (11 for float16, 8 for bfloat16); value is a normal number >= 1 here."""
+    from fractions import Fraction
+    exponent = math.frexp(value)[1] - 1
+    ulp = Fraction(2) ** (exponent - mantissa_bits + 1)
+    q, rem = divmod(Fraction(value), ulp)
+    if rem * 2 > ulp or (rem * 2 == ulp and q % 2 == 1):
+        q += 1
+    return float(q * ulp)
+
+
+# p where rounding 1/(1-p) through float32 first lands on another value than one rounding does,
+# found by search; plus ordinary ones.
+@pytest.mark.parametrize("dtype,bits,p", [(torch.float16, 11, 0.000488043878),
+                                          (torch.bfloat16, 8, 0.00389105),
+                                          (torch.float16, 11, 0.1), (torch.bfloat16, 8, 0.3)])
+def test_keep_scale_rounds_once_to_the_element_type(dtype, bits, p):
+    """The kept value 1/(1-p) is rounded once to the mask's dtype (the CUDA kernels convert from
+    double directly); the CPU used to round through float32, a different value for these p."""
+    seed = torch.tensor([2024, 11])
+    mask = _ops.dropout_mask(seed, [4096], p, dtype)
+    kept = mask[mask != 0].unique()
+    assert kept.numel() == 1
+    assert kept.item() == _round_once(1.0 / (1.0 - p), bits)
+    # Dropout applied in one pass (on the hidden ones(N, 1)) keeps the same value.
+    ones = torch.ones(4096, 1, dtype=dtype)
+    _, hidden = _ops.lowrank_forward(ones, torch.ones(1, 1, dtype=dtype),
+                                     torch.ones(1, 1, dtype=dtype), torch.ones(1), None, seed, p,
+                                     False)
+    assert set(hidden.unique().tolist()) == {0.0, kept.item()}

@@ -227,6 +227,16 @@ def test_ortho_penalty_grad_adds_in_place_with_device_weight():
     assert rel_err(grad, before + 0.37 * w) < 1e-12
 
 
+def test_ortho_penalty_grad_with_zero_weight_leaves_grad_untouched():
+    """λ = 0 (a schedule's warm-up) skips the work: even a non-finite A cannot reach grad."""
+    A = torch.randn(8, 5, dtype=F64)
+    A[2, 3] = float("inf")
+    grad = torch.randn_like(A)
+    before = grad.clone()
+    sl.ops.add_ortho_penalty_grad_(grad, A, torch.tensor(0.0), 4)
+    assert torch.equal(grad, before)
+
+
 def test_in_place_ops_record_no_graph_and_penalty_refuses_double_backward():
     A = torch.randn(4, 6, dtype=F64, requires_grad=True)
     W = torch.randn(5, 6, dtype=F64)

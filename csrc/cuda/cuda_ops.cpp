@@ -1,11 +1,13 @@
-// CUDA registrations: the device-generic ops (soslora.h) plus the glue that turns tensors into
-// launches of the hand-written kernels (kernels.cu, lowrank_kernels.cu).
+// The glue that turns tensors into launches of the hand-written kernels (kernels.cu,
+// lowrank_kernels.cu), and the check that they serve a device (have_cuda_kernels).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
+#include <unordered_map>
 
 #include "../soslora.h"
 #include "kernels.h"
@@ -23,7 +25,18 @@ cuda::DType kernel_dtype(at::ScalarType t) {
   }
 }
 
+// Split-K adds partial sums with float atomics in a schedule-dependent order: one split (one add
+// per element, a fixed order) when torch.use_deterministic_algorithms(True) is on.
+bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
+
+// The dropout seed as the kernels read it: {seed, offset} contiguous on the device (any layout
+// is accepted, as on the CPU).
+OptTensor contiguous_seed(const OptTensor& seed) {
+  return seed.has_value() ? OptTensor(seed->contiguous()) : std::nullopt;
+}
+
 // The kernels' view of a tensor (sizes and strides as they are: transposed views need no copy).
+// A dropout seed must come from contiguous_seed and outlive the launch.
 cuda::Matrix matrix(const Tensor& t, const OptTensor& dropout_seed = std::nullopt,
                     double dropout_p = 0.0) {
   cuda::Matrix m;
@@ -33,8 +46,8 @@ cuda::Matrix matrix(const Tensor& t, const OptTensor& dropout_seed = std::nullop
   m.stride0 = t.stride(0);
   m.stride1 = t.stride(1);
   if (dropout_p > 0) {
-    TORCH_INTERNAL_ASSERT(t.is_contiguous(), "soslora: dropout is indexed on contiguous tensors");
-    TORCH_CHECK(dropout_seed->is_contiguous(), "soslora: dropout_seed must be contiguous");
+    TORCH_INTERNAL_ASSERT(t.is_contiguous() && dropout_seed->is_contiguous(),
+                          "soslora: dropout is indexed on contiguous tensors");
     m.dropout_seed = dropout_seed->data_ptr<int64_t>();
     m.dropout_p = dropout_p;
   }
@@ -51,9 +64,11 @@ void launch_product(at::ScalarType dtype, const cuda::Matrix& left, const cuda::
                                       c10::cuda::getCurrentCUDAStream()));
 }
 
+}  // namespace
+
+// Arguments checked by merge_into_ (merge.cpp).
 void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
                       double alpha) {
-  check_merge_args(weight, A, B, scale);
   const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
   const c10::cuda::CUDAGuard guard(weight.device());
   // The CPU rule (merge.cpp): accumulate in float32, or float64 for float64 weights or factors.
@@ -69,13 +84,10 @@ void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, cons
                                     c10::cuda::getCurrentCUDAStream()));
 }
 
+// Arguments checked, and the kernels chosen, by ortho_penalty_grad_ (ortho.cpp).
 void ortho_penalty_grad_cuda_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
                               int64_t num_experts) {
-  if (cuda_path() == CudaPath::kAten || grad_A.scalar_type() != A.scalar_type() ||
-      !grad_A.is_contiguous())
-    return ortho_penalty_grad_(grad_A, A, weight, num_experts);
-  check_ortho_penalty_grad_args(grad_A, A, weight, num_experts);
-  if (num_experts == 1 || A.size(0) == 0) return;
+  const c10::NoGradGuard no_grad;  // updates a gradient: not differentiable
   const c10::cuda::CUDAGuard guard(A.device());
   const auto acc = accumulate_dtype(A.scalar_type());
   const Tensor A_c = A.contiguous();
@@ -84,17 +96,39 @@ void ortho_penalty_grad_cuda_(at::Tensor& grad_A, const Tensor& A, const Tensor&
   workspace[0].zero_();  // the Gram matrix is accumulated atomically
   C10_CUDA_CHECK(cuda::launch_ortho_penalty_grad(
       kernel_dtype(A.scalar_type()), grad_A.data_ptr(), A_c.data_ptr(), A.size(0), A.size(1),
-      num_experts, weight_acc.data_ptr(), workspace.data_ptr(),
+      num_experts, weight_acc.data_ptr(), workspace.data_ptr(), deterministic(),
       c10::cuda::getCurrentCUDAStream()));
 }
 
-}  // namespace
+bool have_cuda_kernels(const Tensor& t) {
+  if (!t.is_cuda()) return false;
+  // Asked once per device: does this build hold machine code (or PTX) for it?
+  static std::mutex mutex;
+  static std::unordered_map<int, bool> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const int device = t.device().index();
+  const auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const cudaError_t err = cuda::kernel_image_status();
+  (void)cudaGetLastError();  // a missing image is not an error of the next launch
+  if (err != cudaSuccess) {
+    cudaDeviceProp props{};
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&props, device));
+    TORCH_WARN("soslora_ext: the CUDA kernels were not built for ", props.name, " (sm_",
+               props.major, props.minor, "): ", cudaGetErrorString(err),
+               ". Using the ATen implementations on this device (same results; rebuild with "
+               "SOSLORA_CUDA_ARCH including ", props.major, ".", props.minor,
+               " for the kernels).");
+  }
+  return known[device] = err == cudaSuccess;
+}
 
 bool use_cuda_kernels(const Tensor& t) {
   // Measured on an H100 (bf16, N = 8192, 4096-wide layers): cuBLAS is faster for every product,
   // input dropout included (the kernels save a transient [N, in] buffer but take up to 2x the
   // step), so only an explicit "kernels" choice uses them.
-  return t.is_cuda() && cuda_path() == CudaPath::kKernels;
+  return cuda_path() == CudaPath::kKernels && have_cuda_kernels(t);
 }
 
 Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
@@ -102,10 +136,11 @@ Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dr
   const c10::cuda::CUDAGuard guard(x.device());
   const double p_in = dropout_on_input ? dropout_p : 0.0, p_out = dropout_on_input ? 0.0 : dropout_p;
   const Tensor x_c = p_in > 0 ? x.contiguous() : x;
+  const OptTensor seed = contiguous_seed(dropout_seed);
   Tensor hidden = at::empty({x.size(0), A.size(0)}, x.options());
   const Tensor A_t = A.t();
-  launch_product(x.scalar_type(), matrix(x_c, dropout_seed, p_in), matrix(A_t),
-                 matrix(hidden, dropout_seed, p_out), cuda::Combine::kStore);
+  launch_product(x.scalar_type(), matrix(x_c, seed, p_in), matrix(A_t),
+                 matrix(hidden, seed, p_out), cuda::Combine::kStore);
   return hidden;
 }
 
@@ -113,8 +148,9 @@ void add_product_cuda_(Tensor& out, const Tensor& left, const Tensor& right,
                        const OptTensor& dropout_seed, double dropout_p) {
   const c10::cuda::CUDAGuard guard(out.device());
   TORCH_INTERNAL_ASSERT(dropout_p == 0 || out.is_contiguous());
-  launch_product(out.scalar_type(), matrix(left), matrix(right),
-                 matrix(out, dropout_seed, dropout_p), cuda::Combine::kAdd);
+  const OptTensor seed = contiguous_seed(dropout_seed);
+  launch_product(out.scalar_type(), matrix(left), matrix(right), matrix(out, seed, dropout_p),
+                 cuda::Combine::kAdd);
 }
 
 Tensor lowrank_grad_A_cuda(const Tensor& grad_hidden, const Tensor& x,
@@ -126,11 +162,14 @@ Tensor lowrank_grad_A_cuda(const Tensor& grad_hidden, const Tensor& x,
   // [r, in] is small: split the sum over N until the grid has a few blocks per SM.
   const int64_t r = grad_hidden.size(1), in = x.size(1), n = x.size(0);
   const int64_t tiles = ((r + 63) / 64) * ((in + 63) / 64);
-  const int64_t splits = std::clamp<int64_t>(512 / std::max<int64_t>(tiles, 1), 1,
-                                             std::max<int64_t>((n + 255) / 256, 1));
+  const int64_t splits =
+      deterministic() ? 1
+                      : std::clamp<int64_t>(512 / std::max<int64_t>(tiles, 1), 1,
+                                            std::max<int64_t>((n + 255) / 256, 1));
+  const OptTensor seed = contiguous_seed(dropout_seed);
   Tensor grad_A = at::zeros({r, in}, x.options().dtype(acc));
-  launch_product(x.scalar_type(), matrix(gh_t), matrix(x_c, dropout_seed, dropout_p),
-                 matrix(grad_A), cuda::Combine::kAtomicAdd, splits);
+  launch_product(x.scalar_type(), matrix(gh_t), matrix(x_c, seed, dropout_p), matrix(grad_A),
+                 cuda::Combine::kAtomicAdd, splits);
   return grad_A.to(x.scalar_type());
 }
 
@@ -158,9 +197,3 @@ Tensor dropout_apply_cuda(const Tensor& t, const Tensor& seed, double p) {
 }
 
 }  // namespace soslora
-
-TORCH_LIBRARY_IMPL(soslora, CUDA, m) {
-  soslora::register_device_generic_kernels(m);
-  m.impl("merge_into_", &soslora::merge_into_cuda_);
-  m.impl("ortho_penalty_grad_", &soslora::ortho_penalty_grad_cuda_);
-}

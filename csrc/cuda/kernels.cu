@@ -92,6 +92,11 @@ cudaError_t merge_typed(void* weight, int64_t rows, int64_t cols, int64_t row_st
 
 }  // namespace
 
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attributes;
+  return cudaFuncGetAttributes(&attributes, dropout_mask_kernel<float>);
+}
+
 cudaError_t launch_dropout_mask(void* out, DType dtype, int64_t numel, const int64_t* seed,
                                 double p, cudaStream_t stream) {
   switch (dtype) {

@@ -9,6 +9,9 @@ namespace soslora::cuda {
 
 enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
+// cudaSuccess when this build holds code (machine code or PTX) for the current device.
+cudaError_t kernel_image_status();
+
 // out[i] = keep(i) ? 1/(1-p) : 0 for i < numel; seed points to device memory {seed, offset}.
 cudaError_t launch_dropout_mask(void* out, DType dtype, int64_t numel, const int64_t* seed,
                                 double p, cudaStream_t stream);
@@ -51,7 +54,8 @@ enum class Combine {
 
 // left [M, K] @ right [K, N] combined into out [M, N]; D is out's dropout, a transposed operand
 // is a Matrix with swapped strides, the result's column n goes to out's column col_index[n].
-// splits > 1 (K divided between blocks) only with kAtomicAdd. Shapes are checked by the caller.
+// splits > 1 (K divided between blocks) only with kAtomicAdd; the float atomics then add in a
+// schedule-dependent order (splits = 1 is bitwise reproducible). Shapes are checked by the caller.
 cudaError_t launch_product(DType dtype, const Matrix& left, const Matrix& right,
                            const Matrix& out, Combine combine, int64_t splits,
                            cudaStream_t stream);
@@ -61,9 +65,10 @@ cudaError_t launch_product(DType dtype, const Matrix& left, const Matrix& right,
 // A and grad_A: contiguous [r_tot, in] in `dtype`; weight: one element in the accumulation type
 // on the device; workspace: [2, r_tot, r_tot] in the accumulation type, the first half zeroed.
 // Three launches: the Gram matrix of A's rows, the [r_tot, r_tot] coefficients (normalization
-// folded in), then the gradient as one product of the coefficients with A.
+// folded in), then the gradient as one product of the coefficients with A. Each does nothing
+// while weight[0] is 0. `deterministic` gives every Gram element one atomic add (fixed order).
 cudaError_t launch_ortho_penalty_grad(DType dtype, void* grad_A, const void* A, int64_t r_tot,
                                       int64_t in, int64_t num_experts, const void* weight,
-                                      void* workspace, cudaStream_t stream);
+                                      void* workspace, bool deterministic, cudaStream_t stream);
 
 }  // namespace soslora::cuda

@@ -79,6 +79,14 @@ template <typename Acc> struct AtomicAddEpilogue {
   }
 };
 
+// An epilogue that is switched off while a device scalar is zero (see tile_product.cuh).
+template <typename Acc, class Epilogue> struct UnlessZero {
+  Epilogue inner;
+  const Acc* weight;
+  __device__ __forceinline__ bool active() const { return weight[0] != Acc(0); }
+  __device__ __forceinline__ void operator()(int64_t m, int64_t n, Acc v) const { inner(m, n, v); }
+};
+
 template <typename T, typename Acc> MatrixLoad<T, Acc> loader(const Matrix& m) {
   return {static_cast<const T*>(m.data), m.stride0, m.stride1, m.col_index,
           device_dropout<T, Acc>(m)};
@@ -123,7 +131,7 @@ __global__ void penalty_coefficients_kernel(Acc* L, const Acc* gram, int64_t r_t
                                             int64_t rows_per_expert, const Acc* weight,
                                             Acc inv_denom) {
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= r_tot * r_tot) return;
+  if (idx >= r_tot * r_tot || weight[0] == Acc(0)) return;
   const int64_t i = idx / r_tot, j = idx % r_tot;
   const auto norm = [&](int64_t k) { return max(sqrt(gram[k * r_tot + k]), Acc(kNormEps)); };
   const Acc n_i = norm(i), s = Acc(4) * weight[0] * inv_denom;
@@ -146,31 +154,35 @@ __global__ void penalty_coefficients_kernel(Acc* L, const Acc* gram, int64_t r_t
 template <typename T>
 cudaError_t ortho_penalty_grad_typed(void* grad_A, const void* A, int64_t r_tot, int64_t in,
                                      int64_t num_experts, const void* weight, void* workspace,
-                                     cudaStream_t stream) {
+                                     bool deterministic, cudaStream_t stream) {
   using Acc = acc_t<T>;
   const Matrix a{A, r_tot, in, in, 1}, a_t{A, in, r_tot, 1, in};
   Acc* gram = static_cast<Acc*>(workspace);
   Acc* L = gram + r_tot * r_tot;
-  // Launch 1: gram = A Aᵀ, K = in split so that the r_tot² result still fills the GPU.
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(in / 256, 128));
-  cudaError_t err = launch_tile_product<T>(r_tot, r_tot, in, splits, loader<T, Acc>(a),
-                                           loader<T, Acc>(a_t),
-                                           AtomicAddEpilogue<Acc>{gram, r_tot}, stream);
+  const Acc* w = static_cast<const Acc*>(weight);  // every launch does nothing while it is 0
+  // Launch 1: gram = A Aᵀ, K = in split so that the r_tot² result still fills the GPU (or one
+  // split when `deterministic`: atomics then add in a fixed order).
+  const int64_t splits =
+      deterministic ? 1 : std::max<int64_t>(1, std::min<int64_t>(in / 256, 128));
+  cudaError_t err = launch_tile_product<T>(
+      r_tot, r_tot, in, splits, loader<T, Acc>(a), loader<T, Acc>(a_t),
+      UnlessZero<Acc, AtomicAddEpilogue<Acc>>{{gram, r_tot}, w}, stream);
   if (err != cudaSuccess) return err;
   // Launch 2: the coefficients L.
   const double k = static_cast<double>(num_experts), r = static_cast<double>(r_tot / num_experts);
   constexpr int threads = 256;
   const int64_t blocks = (r_tot * r_tot + threads - 1) / threads;
   penalty_coefficients_kernel<Acc><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      L, gram, r_tot, r_tot / num_experts, static_cast<const Acc*>(weight),
+      L, gram, r_tot, r_tot / num_experts, w,
       static_cast<Acc>(1.0 / (k * (k - 1) * r * r)));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // Launch 3: grad_A += L A, in the accumulation type (L is not rounded to T).
   const Matrix l{L, r_tot, r_tot, r_tot, 1};
-  return launch_tile_product<Acc>(r_tot, in, r_tot, 1, loader<Acc, Acc>(l), loader<T, Acc>(a),
-                                   WriteEpilogue<T, Acc, true>{static_cast<T*>(grad_A), in, 1,
-                                                               nullptr, {}},
-                                   stream);
+  return launch_tile_product<Acc>(
+      r_tot, in, r_tot, 1, loader<Acc, Acc>(l), loader<T, Acc>(a),
+      UnlessZero<Acc, WriteEpilogue<T, Acc, true>>{{static_cast<T*>(grad_A), in, 1, nullptr, {}},
+                                                   w},
+      stream);
 }
 
 }  // namespace
@@ -194,21 +206,21 @@ cudaError_t launch_product(DType dtype, const Matrix& left, const Matrix& right,
 
 cudaError_t launch_ortho_penalty_grad(DType dtype, void* grad_A, const void* A, int64_t r_tot,
                                       int64_t in, int64_t num_experts, const void* weight,
-                                      void* workspace, cudaStream_t stream) {
+                                      void* workspace, bool deterministic, cudaStream_t stream) {
   if (num_experts < 2 || r_tot == 0 || r_tot % num_experts != 0) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
       return ortho_penalty_grad_typed<float>(grad_A, A, r_tot, in, num_experts, weight, workspace,
-                                             stream);
+                                             deterministic, stream);
     case DType::kFloat64:
       return ortho_penalty_grad_typed<double>(grad_A, A, r_tot, in, num_experts, weight, workspace,
-                                              stream);
+                                              deterministic, stream);
     case DType::kFloat16:
       return ortho_penalty_grad_typed<__half>(grad_A, A, r_tot, in, num_experts, weight, workspace,
-                                              stream);
+                                              deterministic, stream);
     case DType::kBFloat16:
       return ortho_penalty_grad_typed<__nv_bfloat16>(grad_A, A, r_tot, in, num_experts, weight,
-                                                     workspace, stream);
+                                                     workspace, deterministic, stream);
   }
   return cudaErrorInvalidValue;
 }

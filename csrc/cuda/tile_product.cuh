@@ -6,12 +6,15 @@
 // tiles are read (nothing is materialized), and `epilogue` decides what happens to each result
 // (store, add in place, atomic add for split-K). Each block computes a kTileM x kTileN tile over
 // its share of K (blockIdx.z splits K). With 16-bit tiles (Tile = __half / __nv_bfloat16) the
-// inner product runs on tensor cores (wmma, float accumulation); with float or double tiles it
-// is a plain FMA loop in that type.
+// inner product runs on tensor cores (wmma, float accumulation) where the architecture has them
+// for that type (fp16 from sm_70, bf16 from sm_80); otherwise it is a plain FMA loop in the
+// accumulation type (float, or double for double tiles) over the same rounded tiles.
 //
 // Loader:   __device__ Acc operator()(int64_t row, int64_t col) const;
 //           __device__ bool cols_contiguous() const;  // chooses the coalesced read order
 // Epilogue: __device__ void operator()(int64_t m, int64_t n, Acc value) const;
+//           optionally __device__ bool active() const: when false, every block returns at once
+//           (a switch read on the device, so the host never waits to decide)
 #pragma once
 #include <mma.h>
 
@@ -24,9 +27,16 @@ namespace soslora::cuda {
 
 constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kTileThreads = 256;
 
+// Evaluated per compilation pass: each device architecture sees its own __CUDA_ARCH__.
 template <typename Tile>
 constexpr bool kTensorCoreTile =
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+    false;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    std::is_same_v<Tile, __half>;
+#else
     std::is_same_v<Tile, __half> || std::is_same_v<Tile, __nv_bfloat16>;
+#endif
 
 // Reads the kRows x kCols tile of `load` at (row0, col0) into smem[r][c] (zeros outside
 // [rows_end, cols_end)), in the order that makes consecutive threads read consecutive addresses.
@@ -48,6 +58,9 @@ template <typename Tile, class Left, class Right, class Epilogue>
 __global__ void __launch_bounds__(kTileThreads)
     tile_product_kernel(int64_t M, int64_t N, int64_t K, int64_t k_chunk, Left left,
                         Right right, Epilogue epilogue) {
+  if constexpr (requires { epilogue.active(); }) {
+    if (!epilogue.active()) return;
+  }
   const int64_t m0 = int64_t(blockIdx.x) * kTileM, n0 = int64_t(blockIdx.y) * kTileN;
   const int64_t k_begin = int64_t(blockIdx.z) * k_chunk;
   const int64_t k_end = k_begin + k_chunk < K ? k_begin + k_chunk : K;
@@ -89,10 +102,10 @@ __global__ void __launch_bounds__(kTileThreads)
       if (m0 + r < M && n0 + c < N) epilogue(m0 + r, n0 + c, result_s[r * kLdC + c]);
     }
   } else {
-    using Acc = Tile;
+    using Acc = acc_t<Tile>;
     constexpr int kPer = 4;  // each thread: a 4 x 4 block of the 64 x 64 tile
-    __shared__ Acc left_s[kTileM * kTileK];   // [m][k]
-    __shared__ Acc right_s[kTileK * kTileN];  // [k][n]
+    __shared__ Tile left_s[kTileM * kTileK];   // [m][k]
+    __shared__ Tile right_s[kTileK * kTileN];  // [k][n]
     const int ty = threadIdx.x / (kTileN / kPer), tx = threadIdx.x % (kTileN / kPer);
     Acc acc[kPer][kPer] = {};
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
@@ -102,8 +115,8 @@ __global__ void __launch_bounds__(kTileThreads)
       for (int kk = 0; kk < kTileK; ++kk) {
         Acc a[kPer], b[kPer];
         // Rows and columns strided by 16 so that a warp reads spread-out banks.
-        for (int i = 0; i < kPer; ++i) a[i] = left_s[(ty + 16 * i) * kTileK + kk];
-        for (int j = 0; j < kPer; ++j) b[j] = right_s[kk * kTileN + tx + 16 * j];
+        for (int i = 0; i < kPer; ++i) a[i] = to_acc<Acc>(left_s[(ty + 16 * i) * kTileK + kk]);
+        for (int j = 0; j < kPer; ++j) b[j] = to_acc<Acc>(right_s[kk * kTileN + tx + 16 * j]);
         for (int i = 0; i < kPer; ++i)
           for (int j = 0; j < kPer; ++j) acc[i][j] += a[i] * b[j];
       }
