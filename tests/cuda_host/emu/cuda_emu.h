@@ -113,6 +113,11 @@ inline double atomicAdd(double* address, double value) {
   return old;
 }
 
+// The C++ overload that cuda_runtime.h declares for nvcc (__CUDACC__) only.
+template <class T> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, T* entry) {
+  return ::cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(entry));
+}
+
 // Device math that CUDA provides unqualified (max/min: fmax semantics, NaN-ignoring).
 inline float max(float a, float b) { return fmaxf(a, b); }
 inline double max(double a, double b) { return fmax(a, b); }

@@ -41,7 +41,7 @@ template <class Use, int M, int N, int K, class T, class Layout = void> struct f
                 "the shim emulates half/bf16 inputs with float accumulators");
   static constexpr int num_elements = 256;  // the whole tile, row-major [16][16]
   T x[num_elements];
-  fragment() { std::memset(x, 0xFF, sizeof(x)); }  // NaN until loaded or filled
+  fragment() { std::memset(static_cast<void*>(x), 0xFF, sizeof(x)); }  // NaN until loaded or filled
 };
 
 namespace detail {
