@@ -417,3 +417,15 @@ def test_penalty_kernel_with_zero_weight_leaves_grad_untouched():
     before = grad.clone()
     sl.ops.add_ortho_penalty_grad_(grad, A, torch.tensor(0.0, device="cuda"), 4)
     assert torch.equal(grad, before)
+
+
+def test_non_contiguous_seed_accepted_on_every_path(cuda_path):
+    """A strided [2] seed is read as {seed, offset} by every implementation, as on the CPU."""
+    strided = torch.tensor([777, -1, 3, -1], device="cuda")[::2]
+    assert not strided.is_contiguous()
+    x, A = torch.randn(70, 33, device="cuda"), torch.randn(8, 33, device="cuda")
+    B, scale = torch.randn(5, 8, device="cuda"), torch.rand(8, device="cuda")
+    for on_input in (False, True):
+        got = _ops.lowrank_forward(x, A, B, scale, None, strided, 0.4, on_input)
+        want = _ops.lowrank_forward(x, A, B, scale, None, strided.contiguous(), 0.4, on_input)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

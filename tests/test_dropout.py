@@ -94,3 +94,10 @@ def test_keep_scale_rounds_once_to_the_element_type(dtype, bits, p):
                                      torch.ones(1, 1, dtype=dtype), torch.ones(1), None, seed, p,
                                      False)
     assert set(hidden.unique().tolist()) == {0.0, kept.item()}
+
+
+def test_non_contiguous_seed_gives_the_same_mask():
+    strided = torch.tensor([777, -1, 3, -1])[::2]
+    assert not strided.is_contiguous()
+    assert torch.equal(_ops.dropout_mask(strided, [9, 7], 0.4, torch.float32),
+                       _ops.dropout_mask(strided.contiguous(), [9, 7], 0.4, torch.float32))
