@@ -83,7 +83,12 @@ void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weig
   const Tensor above = g.norms.gt(kNormEps);
   const Tensor grad = at::where(above, (grad_hat - g.A_hat * radial) / g.norms.clamp_min(kNormEps),
                                 grad_hat / kNormEps);
-  grad_A.add_((grad * weight.reshape({}).to(grad.scalar_type())).to(grad_A.scalar_type()));
+  // Added in the accumulation type and rounded once, as the CUDA kernel does.
+  const Tensor update = grad * weight.reshape({}).to(grad.scalar_type());
+  if (grad_A.scalar_type() == update.scalar_type())
+    grad_A.add_(update);
+  else
+    grad_A.copy_(grad_A.to(update.scalar_type()).add_(update));
 }
 
 }  // namespace soslora

@@ -34,14 +34,12 @@ cudaError_t launch_merge(void* weight, DType dtype, int64_t rows, int64_t cols,
 namespace soslora::cuda {
 
 // ---- low-rank products (lowrank_kernels.cu) -----------------------------------------------------
-// A physical [rows, cols] matrix in the kernel's dtype, element (i, j) at i*stride0 + j*stride1.
-// col_index (optional) makes logical column j the physical column col_index[j] (CPS index maps).
-// With a dropout seed, element (i, j) (physical) is zeroed or scaled by 1/(1-p) as
+// A [rows, cols] matrix in the kernel's dtype, element (i, j) at i*stride0 + j*stride1.
+// With a dropout seed, element (i, j) is zeroed or scaled by 1/(1-p) as
 // dropout_keep(seed, i * cols + j) decides: the mask of a [rows, cols] tensor, regenerated.
 struct Matrix {
   const void* data = nullptr;
   int64_t rows = 0, cols = 0, stride0 = 0, stride1 = 0;
-  const int64_t* col_index = nullptr;
   const int64_t* dropout_seed = nullptr;  // device {seed, offset}
   double dropout_p = 0.0;
 };
@@ -53,7 +51,7 @@ enum class Combine {
 };
 
 // left [M, K] @ right [K, N] combined into out [M, N]; D is out's dropout, a transposed operand
-// is a Matrix with swapped strides, the result's column n goes to out's column col_index[n].
+// is a Matrix with swapped strides.
 // splits > 1 (K divided between blocks) only with kAtomicAdd; the float atomics then add in a
 // schedule-dependent order (splits = 1 is bitwise reproducible). Shapes are checked by the caller.
 cudaError_t launch_product(DType dtype, const Matrix& left, const Matrix& right,

@@ -1,6 +1,6 @@
 // Low-rank products and the orthogonality-penalty gradient on the tile engine (tile_product.cuh):
-// dropout masks, index maps and the penalty's normalization are applied as tiles are read or
-// results written, so no full-size temporary ([N, in] or [N, out]) is ever formed.
+// dropout masks are applied as tiles are read or results written, so no full-size temporary
+// ([N, in] or [N, out]) is ever formed.
 #include <algorithm>
 #include <cmath>
 
@@ -43,12 +43,10 @@ DeviceDropout<Acc> device_dropout(const Matrix& m) {
 template <typename T, typename Acc> struct MatrixLoad {
   const T* data;
   int64_t stride0, stride1;
-  const int64_t* col_index;
   DeviceDropout<Acc> dropout;
 
   __device__ __forceinline__ bool cols_contiguous() const { return stride1 == 1; }
-  __device__ __forceinline__ Acc operator()(int64_t i, int64_t c) const {
-    const int64_t j = col_index ? col_index[c] : c;
+  __device__ __forceinline__ Acc operator()(int64_t i, int64_t j) const {
     if (dropout.active() && !dropout.kept(i, j)) return Acc(0);
     const Acc v = to_acc<Acc>(data[i * stride0 + j * stride1]);
     return dropout.active() ? v * dropout.keep : v;
@@ -59,13 +57,11 @@ template <typename T, typename Acc> struct MatrixLoad {
 template <typename T, typename Acc, bool kAccumulate> struct WriteEpilogue {
   T* data;
   int64_t stride0, stride1;
-  const int64_t* col_index;
   DeviceDropout<Acc> dropout;
 
   __device__ __forceinline__ void operator()(int64_t m, int64_t n, Acc v) const {
-    const int64_t j = col_index ? col_index[n] : n;
-    T* p = data + m * stride0 + j * stride1;
-    if (dropout.active()) v = dropout.kept(m, j) ? v * dropout.keep : Acc(0);
+    T* p = data + m * stride0 + n * stride1;
+    if (dropout.active()) v = dropout.kept(m, n) ? v * dropout.keep : Acc(0);
     if constexpr (kAccumulate) v += to_acc<Acc>(*p);
     *p = round_to<T>(v);
   }
@@ -88,8 +84,7 @@ template <typename Acc, class Epilogue> struct UnlessZero {
 };
 
 template <typename T, typename Acc> MatrixLoad<T, Acc> loader(const Matrix& m) {
-  return {static_cast<const T*>(m.data), m.stride0, m.stride1, m.col_index,
-          device_dropout<T, Acc>(m)};
+  return {static_cast<const T*>(m.data), m.stride0, m.stride1, device_dropout<T, Acc>(m)};
 }
 
 template <typename T>
@@ -103,14 +98,14 @@ cudaError_t product_typed(const Matrix& left, const Matrix& right, const Matrix&
   switch (combine) {
     case Combine::kStore:
       return launch_tile_product<T>(M, N, K, 1, L, R,
-          WriteEpilogue<T, Acc, false>{out_data, out.stride0, out.stride1, out.col_index,
+          WriteEpilogue<T, Acc, false>{out_data, out.stride0, out.stride1,
                                        device_dropout<T, Acc>(out)}, stream);
     case Combine::kAdd:
       return launch_tile_product<T>(M, N, K, 1, L, R,
-          WriteEpilogue<T, Acc, true>{out_data, out.stride0, out.stride1, out.col_index,
+          WriteEpilogue<T, Acc, true>{out_data, out.stride0, out.stride1,
                                       device_dropout<T, Acc>(out)}, stream);
     case Combine::kAtomicAdd:
-      if (out.col_index != nullptr || out.dropout_seed != nullptr || out.stride1 != 1)
+      if (out.dropout_seed != nullptr || out.stride1 != 1)
         return cudaErrorInvalidValue;
       return launch_tile_product<T>(M, N, K, splits, L, R,
           AtomicAddEpilogue<Acc>{static_cast<Acc*>(const_cast<void*>(out.data)), out.stride0},
@@ -172,6 +167,7 @@ cudaError_t ortho_penalty_grad_typed(void* grad_A, const void* A, int64_t r_tot,
   const double k = static_cast<double>(num_experts), r = static_cast<double>(r_tot / num_experts);
   constexpr int threads = 256;
   const int64_t blocks = (r_tot * r_tot + threads - 1) / threads;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   penalty_coefficients_kernel<Acc><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       L, gram, r_tot, r_tot / num_experts, w,
       static_cast<Acc>(1.0 / (k * (k - 1) * r * r)));
@@ -180,7 +176,7 @@ cudaError_t ortho_penalty_grad_typed(void* grad_A, const void* A, int64_t r_tot,
   const Matrix l{L, r_tot, r_tot, r_tot, 1};
   return launch_tile_product<Acc>(
       r_tot, in, r_tot, 1, loader<Acc, Acc>(l), loader<T, Acc>(a),
-      UnlessZero<Acc, WriteEpilogue<T, Acc, true>>{{static_cast<T*>(grad_A), in, 1, nullptr, {}},
+      UnlessZero<Acc, WriteEpilogue<T, Acc, true>>{{static_cast<T*>(grad_A), in, 1, {}},
                                                    w},
       stream);
 }

@@ -86,7 +86,7 @@ void collective_check(const void* first, const void* mine, size_t bytes, const c
 void set_shuffle_seed(uint64_t seed);
 void set_case(const std::string& description);
 struct Stats {
-  uint64_t launches = 0, blocks = 0, threads = 0, barriers = 0, switches = 0;
+  uint64_t launches = 0, blocks = 0, threads = 0, barriers = 0, switches = 0, wmma_ops = 0;
 };
 Stats stats();
 

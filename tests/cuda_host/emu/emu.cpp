@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cuda_emu.h"
+#include "internal.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -43,12 +44,6 @@ struct Fiber {
   void* fake_stack = nullptr;    // ASan's bookkeeping for this fiber
 };
 
-struct Record {  // one warp-collective operation, as the first lane issued it
-  const char* what;
-  std::source_location where;
-  std::vector<unsigned char> key, result;
-};
-
 struct Runtime {
   const LaunchSite* site = nullptr;
   void (*thread_main)(void*) = nullptr;
@@ -63,28 +58,12 @@ struct Runtime {
   size_t scheduler_stack_size = 0;
   std::vector<std::pair<void*, size_t>> shared;
   size_t shared_bytes = 0;
-  std::vector<std::vector<Record>> warp_log;  // per warp
-  std::vector<size_t> lane_ops;               // per thread: collective ops issued
-  size_t last_record = 0;
   uint64_t seed = 0;
   std::mt19937_64 rng;
   cudaError_t last_error = cudaSuccess;
   std::string case_description;
   Stats stats;
 } rt;
-
-std::string describe_thread(int t) {
-  if (t < 0) return "host";
-  const unsigned bx = rt.block.x, by = rt.block.y;
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "thread (%u,%u,%u) [warp %d lane %d]", t % bx, t / bx % by,
-                t / (bx * by), t / 32, t % 32);
-  return buf;
-}
-
-std::string where_str(const std::source_location& w) {
-  return std::string(w.file_name()) + ":" + std::to_string(w.line());
-}
 
 void set_thread(int t) {
   rt.current = t;
@@ -172,23 +151,11 @@ void run_fibers(std::vector<int>& order) {
   }
 }
 
-void check_warps() {
-  for (size_t w = 0; w < rt.warp_log.size(); ++w) {
-    const size_t first = w * 32, last = std::min<size_t>(first + 32, rt.threads);
-    for (size_t t = first; t < last; ++t)
-      if (rt.lane_ops[t] != rt.warp_log[w].size())
-        fatal(describe_thread(int(t)) + " issued " + std::to_string(rt.lane_ops[t]) +
-              " warp-collective operations, other lanes of its warp " +
-              std::to_string(rt.warp_log[w].size()));
-  }
-}
-
 void run_block(const dim3& b) {
   g_builtins.block_idx = {b.x, b.y, b.z};
   rt.shared.clear();
   rt.shared_bytes = 0;
-  for (auto& log : rt.warp_log) log.clear();
-  std::fill(rt.lane_ops.begin(), rt.lane_ops.end(), 0);
+  warps_begin_block(rt.threads);
   std::vector<int> order(rt.threads);
   std::iota(order.begin(), order.end(), 0);
   if (rt.seed != 0) std::shuffle(order.begin(), order.end(), rt.rng);
@@ -205,11 +172,26 @@ void run_block(const dim3& b) {
   } else {
     run_fibers(order);
   }
-  check_warps();
+  warps_end_block();
   ++rt.stats.blocks;
 }
 
 }  // namespace
+
+std::string describe_thread(int t) {
+  if (t < 0) return "host";
+  const unsigned bx = rt.block.x, by = rt.block.y;
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "thread (%u,%u,%u) [warp %d lane %d]", t % bx, t / bx % by,
+                t / (bx * by), t / 32, t % 32);
+  return buf;
+}
+
+std::string where_str(const std::source_location& w) {
+  return std::string(w.file_name()) + ":" + std::to_string(w.line());
+}
+
+int current_thread() { return rt.current; }
 
 void fatal(const std::string& message) {
   std::fprintf(stderr, "\nEMULATOR ERROR: %s\n", message.c_str());
@@ -247,8 +229,6 @@ void run_grid(const LaunchConfig& c, const LaunchSite& site, void (*thread_main)
   g_builtins.block_dim = c.block;
   g_builtins.grid_dim = c.grid;
   if (rt.fibers.size() < threads) rt.fibers.resize(threads);
-  rt.warp_log.assign((threads + 31) / 32, {});
-  rt.lane_ops.assign(threads, 0);
   const uint64_t blocks = uint64_t(c.grid.x) * c.grid.y * c.grid.z;
   std::vector<uint64_t> order;
   if (rt.seed != 0) {
@@ -278,41 +258,6 @@ void shared_array(void* data, size_t bytes, const char* name) {
   std::memset(data, 0xFF, bytes);
 }
 
-const void* collective_begin(const char* what, const std::source_location& where,
-                             const void* key, size_t key_bytes) {
-  if (rt.current < 0) fatal_at(where, std::string(what) + " outside a kernel");
-  auto& log = rt.warp_log[rt.current / 32];
-  const size_t index = rt.lane_ops[rt.current]++;
-  const auto* k = static_cast<const unsigned char*>(key);
-  if (index == log.size()) {  // the first lane to get here
-    log.push_back({what, where, std::vector<unsigned char>(k, k + key_bytes), {}});
-    rt.last_record = index;
-    return nullptr;
-  }
-  if (index > log.size()) fatal_at(where, "warp-collective log out of step");
-  Record& r = log[index];
-  if (std::string_view(r.what) != what || r.key.size() != key_bytes ||
-      std::memcmp(r.key.data(), key, key_bytes) != 0 || r.where.line() != where.line())
-    fatal_at(where, describe_thread(rt.current) + " issued wmma::" + what +
-                        " as its warp-collective operation #" + std::to_string(index) +
-                        " with other arguments than the first lane of its warp (wmma::" +
-                        r.what + " at " + where_str(r.where) + "): divergent warp");
-  return r.result.data();
-}
-
-void collective_publish(const void* result, size_t bytes) {
-  auto& r = rt.warp_log[rt.current / 32][rt.last_record];
-  const auto* p = static_cast<const unsigned char*>(result);
-  r.result.assign(p, p + bytes);
-}
-
-void collective_check(const void* first, const void* mine, size_t bytes, const char* what,
-                      const std::source_location& where) {
-  if (std::memcmp(first, mine, bytes) != 0)
-    fatal_at(where, describe_thread(rt.current) + ": wmma::" + what +
-                        " read other data than the first lane of its warp");
-}
-
 void set_shuffle_seed(uint64_t seed) {
   rt.seed = seed;
   rt.rng.seed(seed);
@@ -320,7 +265,11 @@ void set_shuffle_seed(uint64_t seed) {
 
 void set_case(const std::string& description) { rt.case_description = description; }
 
-Stats stats() { return rt.stats; }
+Stats stats() {
+  Stats s = rt.stats;
+  s.wmma_ops = wmma_ops();
+  return s;
+}
 
 }  // namespace soslora_emu
 
@@ -351,6 +300,19 @@ cudaError_t cudaGetLastError(void) {
   return e;
 }
 cudaError_t cudaPeekAtLastError(void) { return rt.last_error; }
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    default: {
+      static char buf[32];
+      std::snprintf(buf, sizeof buf, "cudaError(%d)", int(error));
+      return buf;
+    }
+  }
+}
+const char* cudaGetErrorString(cudaError_t error) { return cudaGetErrorName(error); }
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
   if (attr == nullptr || func == nullptr) return cudaErrorInvalidValue;
   *attr = cudaFuncAttributes{};

@@ -1,0 +1,246 @@
+// Calls every launcher of csrc/cuda/kernels.h on the host emulator and compares with a long
+// double reference written from the formulas in kernels.h (see README.md for the bounds).
+//   driver [--shuffle SEED] [--only dropout,merge,product,penalty,status] [--dtypes fp32,...]
+#include <cstdlib>
+#include <set>
+#include <sstream>
+
+#include "reference.h"
+
+namespace cu = soslora::cuda;
+
+void product_cases(const std::set<std::string>& dtypes);
+void penalty_cases(const std::set<std::string>& dtypes);
+
+Results& results() {
+  static Results r;
+  return r;
+}
+
+void run_case(const std::string& launcher, const char* dtype, const std::string& description,
+              bool reproducible, const std::function<void()>& reset,
+              const std::function<cudaError_t()>& launch, const std::function<Check()>& check,
+              const std::function<std::vector<unsigned char>()>& outputs) {
+  Results& r = results();
+  Tally& t = r.table[{launcher, dtype}];
+  const std::string name = launcher + " " + dtype + " " + description;
+  soslora_emu::set_case(name);
+  reset();
+  cudaError_t err = launch();
+  Check c = err == cudaSuccess ? check() : Check{};
+  if (err != cudaSuccess) c.fail(std::string("returned ") + cudaGetErrorName(err));
+  if (c.ok && r.shuffle != 0) {
+    const auto first = outputs();
+    soslora_emu::set_shuffle_seed(r.shuffle + uint64_t(r.total));
+    soslora_emu::set_case(name + " (shuffled)");
+    reset();
+    err = launch();
+    soslora_emu::set_shuffle_seed(0);
+    if (err != cudaSuccess) c.fail(std::string("shuffled: returned ") + cudaGetErrorName(err));
+    else if (reproducible && outputs() != first) c.fail("shuffled run: other bits than in order");
+    else if (!reproducible) c = check();
+  }
+  ++r.total;
+  ++t.cases;
+  t.worst = std::max(t.worst, c.worst);
+  if (c.ref_sq > 0) t.frobenius = std::max(t.frobenius, double(std::sqrt(c.err_sq / c.ref_sq)));
+  if (!c.ok) {
+    ++t.failed;
+    r.failures.push_back(name + ": " + c.detail);
+    std::printf("FAIL %s: %s\n", name.c_str(), c.detail.c_str());
+  }
+}
+
+// A case whose launcher must refuse the arguments with `expected`.
+void expect_error(const std::string& launcher, const std::string& description,
+                  cudaError_t expected, const std::function<cudaError_t()>& launch) {
+  Results& r = results();
+  Tally& t = r.table[{launcher, "-"}];
+  soslora_emu::set_case(launcher + " refuses " + description);
+  const cudaError_t got = launch();
+  ++r.total;
+  ++t.cases;
+  if (got == expected) return;
+  ++t.failed;
+  r.failures.push_back(launcher + " " + description + ": returned " + cudaGetErrorName(got) +
+                       ", expected " + cudaGetErrorName(expected));
+  std::printf("FAIL %s\n", r.failures.back().c_str());
+}
+
+// ---- dropout: bitwise equal to the mask / the product `in * mask` in T -----------------------------
+template <class T> Check bits_equal(const Buffer<T>& got, const std::vector<T>& expected) {
+  Check c;
+  if (!got.guards_intact()) c.fail("write outside the buffer");
+  for (size_t i = 0; i < expected.size() && c.ok; ++i)
+    if (!same_bits(&got[i], &expected[i], sizeof(T)))
+      c.element(to_ld(got[i]), to_ld(expected[i]), 0, "element " + std::to_string(i));
+  return c;
+}
+
+template <class T> void dropout_cases(bool big) {
+  struct Spec { int64_t numel; double p; int64_t seed, offset; };
+  std::vector<Spec> specs = {{0, 0.5, 1, 0},          {1, 0.5, 7, 3},
+                             {255, 0.1, 42, 0},       {256, 0.5, -5, int64_t(1) << 33},
+                             {257, 0.9, 1234567890123, 77}, {1000, 0.0, 3, 9},
+                             {70001, 0.3, 99, 12345}};
+  // More than 65536 blocks of 256 threads: the grid-stride loops wrap.
+  if (big) specs.push_back({65536LL * 256 + 1001, 0.5, 5, 6});
+  for (const Spec& s : specs) {
+    const Dropout d{s.seed, s.offset, s.p};
+    Buffer<int64_t> seed(2);
+    seed[0] = s.seed, seed[1] = s.offset;
+    const T keep = round_to<T>(1.0 / (1.0 - s.p)), zero = round_to<T>(0.0);
+    std::vector<T> mask(s.numel), applied(s.numel), input(s.numel);
+    for (int64_t i = 0; i < s.numel; ++i) {
+      input[i] = round_to<T>(uniform(-4, 4));
+      const bool kept = d.kept(uint64_t(i));
+      mask[i] = kept ? keep : zero;
+      applied[i] = kept ? round_to<T>(double(to_ld(input[i])) * double(to_ld(keep))) : zero;
+    }
+    std::ostringstream desc;
+    desc << "numel=" << s.numel << " p=" << s.p;
+    Buffer<T> out(s.numel), in(s.numel);
+    const auto snapshot = [&] { return out.contents(); };
+    run_case("launch_dropout_mask", Type<T>::name, desc.str(), true, [&] { out.fill_nan(); },
+             [&] { return cu::launch_dropout_mask(out.data(), Type<T>::dtype, s.numel,
+                                                  seed.data(), s.p, nullptr); },
+             [&] { return bits_equal(out, mask); }, snapshot);
+    const auto set_input = [&](Buffer<T>& b) {
+      if (s.numel) std::memcpy((void*)b.data(), input.data(), s.numel * sizeof(T));
+    };
+    run_case("launch_dropout_apply", Type<T>::name, desc.str(), true,
+             [&] { out.fill_nan(), set_input(in); },
+             [&] { return cu::launch_dropout_apply(out.data(), in.data(), Type<T>::dtype,
+                                                   s.numel, seed.data(), s.p, nullptr); },
+             [&] { return bits_equal(out, applied); }, snapshot);
+    run_case("launch_dropout_apply", Type<T>::name, desc.str() + " in place", true,
+             [&] { set_input(out); },
+             [&] { return cu::launch_dropout_apply(out.data(), out.data(), Type<T>::dtype,
+                                                   s.numel, seed.data(), s.p, nullptr); },
+             [&] { return bits_equal(out, applied); }, snapshot);
+  }
+}
+
+// ---- merge: weight[o, c] += alpha * sum_j Bs[o, j] A[j, c], one rounding to T ----------------------
+template <class T, class A> void merge_cases() {
+  const bool acc_double = std::is_same_v<A, double>;
+  struct Shape { int64_t rows, cols, rank; };
+  const Shape shapes[] = {{1, 1, 1},     {1, 70, 3},    {70, 1, 5},  {65, 130, 7}, {64, 64, 32},
+                          {100, 37, 33}, {3, 5, 0},     {130, 65, 70}, {17, 200, 16}};
+  const double alphas[] = {1.0, -0.5, 2.25, -1.0, 0.3};
+  int n = 0;
+  for (const Shape& s : shapes)
+    for (int layout = 0; layout < 4; ++layout, ++n) {
+      // 0 contiguous, 1 transposed, 2 padded rows, 3 transposed and padded
+      const bool t = layout & 1;
+      const int64_t pad = layout >= 2 ? 3 + layout : 0;
+      const int64_t rs = t ? 1 : s.cols + pad, cs = t ? s.rows + pad : 1;
+      const int64_t size = (s.rows - 1) * rs + (s.cols - 1) * cs + 1;
+      const double alpha = alphas[n % 5];
+      const ld alpha_acc = ld(A(alpha));
+      Buffer<T> w(size);
+      Buffer<A> Bs(s.rows * s.rank), Af(s.rank * s.cols);
+      const double scale = 1.0 / std::sqrt(double(std::max<int64_t>(s.rank, 1)));
+      for (size_t i = 0; i < Bs.size(); ++i) Bs[i] = A(uniform() * scale);
+      for (size_t i = 0; i < Af.size(); ++i) Af[i] = A(uniform());
+      w.fill_nan();
+      for (int64_t o = 0; o < s.rows; ++o)
+        for (int64_t c = 0; c < s.cols; ++c) w[o * rs + c * cs] = round_to<T>(uniform());
+      const auto initial = w.contents();
+      std::ostringstream desc;
+      desc << "acc=" << (acc_double ? "fp64" : "fp32") << " " << s.rows << "x" << s.cols
+           << " rank=" << s.rank << " strides=(" << rs << "," << cs << ") alpha=" << alpha;
+      const auto check = [&] {
+        Check c;
+        if (!w.guards_intact()) c.fail("write outside the buffer");
+        std::vector<bool> logical(size, false);
+        const ld gamma = (s.rank + 4) * unit_roundoff<A>();
+        for (int64_t o = 0; o < s.rows; ++o)
+          for (int64_t cc = 0; cc < s.cols; ++cc) {
+            const int64_t off = o * rs + cc * cs;
+            logical[off] = true;
+            T w0;
+            std::memcpy((void*)&w0, initial.data() + off * sizeof(T), sizeof(T));
+            ld sum = 0, abs_sum = 0;
+            for (int64_t j = 0; j < s.rank; ++j) {
+              const ld term = ld(Bs[o * s.rank + j]) * ld(Af[j * s.cols + cc]);
+              sum += term, abs_sum += std::fabs(term);
+            }
+            const ld ref = to_ld(w0) + alpha_acc * sum;
+            const ld e = gamma * (std::fabs(to_ld(w0)) + std::fabs(alpha_acc) * abs_sum);
+            c.element(to_ld(w[off]), ref, e + ulp<T>(std::fabs(ref) + e) / 2,
+                      "(" + std::to_string(o) + "," + std::to_string(cc) + ")");
+          }
+        for (int64_t i = 0; i < size && c.ok; ++i)
+          if (!logical[i] && !same_bits(&w[i], initial.data() + i * sizeof(T), sizeof(T)))
+            c.fail("padding element " + std::to_string(i) + " written");
+        return c;
+      };
+      run_case("launch_merge", Type<T>::name, desc.str(), true, [&] { w.restore(initial); },
+               [&] { return cu::launch_merge(w.data(), Type<T>::dtype, s.rows, s.cols, rs, cs,
+                                             Bs.data(), Af.data(), s.rank, acc_double, alpha,
+                                             nullptr); },
+               check, [&] { return w.contents(); });
+    }
+}
+
+int main(int argc, char** argv) {
+  std::set<std::string> only, dtypes = {"fp32", "fp64", "fp16", "bf16"};
+  bool big = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const auto list = [&] {
+      std::set<std::string> s;
+      std::stringstream ss(i + 1 < argc ? argv[++i] : "");
+      for (std::string x; std::getline(ss, x, ',');) s.insert(x);
+      return s;
+    };
+    if (a == "--shuffle" && i + 1 < argc) results().shuffle = std::strtoull(argv[++i], nullptr, 10);
+    else if (a == "--only") only = list();
+    else if (a == "--dtypes") dtypes = list();
+    else if (a == "--big") big = true;
+    else { std::fprintf(stderr, "usage: %s [--shuffle SEED] [--only LIST] [--dtypes LIST] [--big]\n", argv[0]); return 64; }
+  }
+  const auto want = [&](const char* what) { return only.empty() || only.count(what); };
+  if (want("status"))
+    run_case("kernel_image_status", "-", "", true, [] {}, [] { return cu::kernel_image_status(); },
+             [] { return Check{}; }, [] { return std::vector<unsigned char>{}; });
+  if (want("dropout")) {
+    if (dtypes.count("fp32")) dropout_cases<float>(big);
+    if (dtypes.count("fp64")) dropout_cases<double>(false);
+    if (dtypes.count("fp16")) dropout_cases<__half>(false);
+    if (dtypes.count("bf16")) dropout_cases<__nv_bfloat16>(false);
+  }
+  if (want("merge")) {
+    if (dtypes.count("fp32")) merge_cases<float, float>(), merge_cases<float, double>();
+    if (dtypes.count("fp64")) merge_cases<double, double>();
+    if (dtypes.count("fp16")) merge_cases<__half, float>(), merge_cases<__half, double>();
+    if (dtypes.count("bf16"))
+      merge_cases<__nv_bfloat16, float>(), merge_cases<__nv_bfloat16, double>();
+    double w = 0, f = 0;
+    expect_error("launch_merge", "fp64 weight with float accumulation", cudaErrorInvalidValue,
+                 [&] { return cu::launch_merge(&w, DType::kFloat64, 1, 1, 1, 1, &f, &f, 1,
+                                               false, 1.0, nullptr); });
+  }
+  if (want("product")) product_cases(dtypes);
+  if (want("penalty")) penalty_cases(dtypes);
+
+  const Results& r = results();
+  for (const auto& [key, t] : r.table)
+    std::printf("%-26s %-4s %4d cases  max err/bound %-6.3g max rel. Frobenius err %-8.2g %s\n",
+                key.first.c_str(), key.second.c_str(), t.cases, t.worst, t.frobenius,
+                t.failed ? "FAILED" : "ok");
+  const auto s = soslora_emu::stats();
+  std::printf("emulated %llu launches, %llu blocks, %llu threads, %llu barriers, %llu warp-level "
+              "wmma operations%s\n", (unsigned long long)s.launches,
+              (unsigned long long)s.blocks, (unsigned long long)s.threads,
+              (unsigned long long)s.barriers, (unsigned long long)s.wmma_ops,
+              r.shuffle ? " (every case also shuffled)" : "");
+  if (r.failures.empty()) {
+    std::printf("%d cases, all passed\n", r.total);
+    return 0;
+  }
+  std::printf("%d cases, %zu FAILED:\n", r.total, r.failures.size());
+  for (const auto& f : r.failures) std::printf("  %s\n", f.c_str());
+  return 1;
+}

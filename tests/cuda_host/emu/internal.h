@@ -1,0 +1,17 @@
+// Shared between the emulator's scheduler (emu.cpp) and its warp-collective checks (warp.cpp).
+#pragma once
+#include <cstdint>
+#include <source_location>
+#include <string>
+
+namespace soslora_emu {
+
+int current_thread();  // linear index in the block of the running thread, -1 outside a kernel
+std::string describe_thread(int thread);
+std::string where_str(const std::source_location& where);
+
+void warps_begin_block(unsigned threads);  // forgets the previous block's operations
+void warps_end_block();                    // every lane of a warp issued as many as the others
+uint64_t wmma_ops();                       // warp-level operations so far
+
+}  // namespace soslora_emu
