@@ -142,8 +142,8 @@ Tensor dropout_apply_aten(const Tensor& t, const Tensor& seed, double p) {
 Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {
   if (p == 0) return t;
 #ifdef SOSLORA_WITH_CUDA
-  if (have_cuda_kernels(t) && cuda_path() != CudaPath::kAten)
-    return dropout_apply_cuda(t, *seed, p);
+  // The mask kernel serves every CudaPath: the ATen form below is a slow fallback, not a choice.
+  if (have_cuda_kernels(t)) return dropout_apply_cuda(t, *seed, p);
 #endif
   if (!t.is_cpu() || cpu_takes_cuda_fallback()) return dropout_apply_aten(t, *seed, p);
   const Tensor in = t.contiguous();
@@ -160,8 +160,7 @@ Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {
 Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
                           at::ScalarType dtype) {
 #ifdef SOSLORA_WITH_CUDA
-  if (have_cuda_kernels(seed) && cuda_path() != CudaPath::kAten)
-    return dropout_scale_mask_cuda(seed, sizes, p, dtype);
+  if (have_cuda_kernels(seed)) return dropout_scale_mask_cuda(seed, sizes, p, dtype);
 #endif
   if (!seed.is_cpu() || cpu_takes_cuda_fallback())
     return dropout_scale_mask_aten(seed, sizes, p, dtype);

@@ -120,7 +120,8 @@ void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor
 // Which CUDA implementation the low-rank ops use (set from Python through _C.set_cuda_path):
 //   kAuto    - whichever was faster on an H100 (README, "CUDA kernels"): cuBLAS through ATen
 //              for the low-rank products, the hand-written kernel for the penalty gradient;
-//   kKernels - the hand-written kernels wherever they exist;  kAten - ATen everywhere.
+//   kKernels - the hand-written kernels wherever they exist;  kAten - ATen everywhere except
+//              the dropout masks, whose kernel every path uses.
 enum class CudaPath { kAuto, kKernels, kAten };
 void set_cuda_path(CudaPath path);
 CudaPath cuda_path();

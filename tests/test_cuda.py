@@ -349,9 +349,9 @@ def test_cps_training_step_has_no_host_sync():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_dropout_mask_op_on_cuda_equals_cpu_bitwise(dtype, cuda_path):
-    """The mask kernel (auto, kernels) and the ATen integer-op mask (aten) against the CPU loop,
-    past one grid's worth of elements."""
+def test_dropout_mask_op_on_cuda_equals_cpu_bitwise(dtype):
+    """The mask kernel against the CPU loop, past one grid's worth of elements (the ATen
+    integer-op mask, the fallback without kernels, is checked in test_fallback.py)."""
     seed = torch.tensor([-0x1234_5678_9ABC_DEF0, 0x1_0000_0003])
     size = [65536 * 256 + 77]
     cpu = _ops.dropout_mask(seed, size, 0.000488043878, dtype)

@@ -310,7 +310,8 @@ def set_cuda_path(path: str) -> str:
     "auto" (default): whichever was measured faster on an H100: cuBLAS through ATen for the
     low-rank products, the hand-written kernel for the orthogonality-penalty gradient;
     "kernels": the hand-written kernels wherever they exist (they never form the [N, in]
-    dropped-out input); "aten": ATen everywhere. CPU is unaffected."""
+    dropped-out input); "aten": ATen everywhere but the dropout-mask kernel, which every
+    choice uses. CPU is unaffected."""
     previous = _C.cuda_path()
     _C.set_cuda_path(path)
     return previous
