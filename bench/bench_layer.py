@@ -124,17 +124,37 @@ def training_step(module, x, grad):
     return step
 
 
+# Timed again with forward and backward captured as CUDA graphs (on CUDA): without the host's
+# launch and Python time, what is left is each method's device cost.
+GRAPHED = ["frozen base", "PEFT LoRA", "plain PyTorch", "SOSLinear"]
+
+
+def graphed(module: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    try:
+        return torch.cuda.make_graphed_callables(module, (x,))
+    except Exception as error:  # a method that cannot be captured just has no graph row
+        print(f"no CUDA-graph row for {type(module).__name__}: {type(error).__name__}: {error}")
+        return None
+
+
 def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -> list[dict]:
     x = torch.randn(N, n_in, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(N, n_out, device=device, dtype=dtype)
     methods = candidates(n_in, n_out, r_tot, dropout, dtype, device)
+    runs = [(name, make, path, False) for name, (make, path) in methods.items()]
+    if device.type == "cuda":
+        runs += [(f"{name}, CUDA graph", methods[name][0], methods[name][1], True)
+                 for name in GRAPHED]
     rows = []
-    for name, (make, path) in methods.items():
+    for name, make, path, capture in runs:
         module = make()
         if module is None:
             continue
         module.train()
         previous = sl.ops.set_cuda_path(path or "auto")
+        if capture and (module := graphed(module, x)) is None:
+            sl.ops.set_cuda_path(previous)
+            continue
         step = training_step(module, x, grad)
         try:
             ms = time_step(step, device, warmup, iters)
