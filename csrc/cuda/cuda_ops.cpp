@@ -6,8 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <mutex>
-#include <unordered_map>
+#include <array>
+#include <atomic>
 
 #include "../soslora.h"
 #include "kernels.h"
@@ -102,13 +102,14 @@ void ortho_penalty_grad_cuda_(at::Tensor& grad_A, const Tensor& A, const Tensor&
 
 bool have_cuda_kernels(const Tensor& t) {
   if (!t.is_cuda()) return false;
-  // Asked once per device: does this build hold machine code (or PTX) for it?
-  static std::mutex mutex;
-  static std::unordered_map<int, bool> known;
-  const std::lock_guard<std::mutex> lock(mutex);
+  // Asked once per device (every op call reads the answer, lock-free): does this build hold
+  // machine code (or PTX) for it? 0 = not asked yet, 1 = yes, -1 = no.
+  static std::array<std::atomic<int8_t>, 64> known{};
   const int device = t.device().index();
-  const auto found = known.find(device);
-  if (found != known.end()) return found->second;
+  TORCH_CHECK(device >= 0 && device < static_cast<int>(known.size()),
+              "soslora_ext: CUDA device index ", device, " is beyond the ", known.size(),
+              " devices it supports");
+  if (const int8_t answer = known[device].load(std::memory_order_relaxed)) return answer > 0;
   const c10::cuda::CUDAGuard guard(t.device());
   const cudaError_t err = cuda::kernel_image_status();
   (void)cudaGetLastError();  // a missing image is not an error of the next launch
@@ -121,7 +122,8 @@ bool have_cuda_kernels(const Tensor& t) {
                "SOSLORA_CUDA_ARCH including ", props.major, ".", props.minor,
                " for the kernels).");
   }
-  return known[device] = err == cudaSuccess;
+  known[device].store(err == cudaSuccess ? 1 : -1, std::memory_order_relaxed);
+  return err == cudaSuccess;
 }
 
 bool use_cuda_kernels(const Tensor& t) {
