@@ -74,10 +74,7 @@ void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, 
   });
 }
 
-}  // namespace
-
 // ---- the same mask in ATen integer ops (any device, no host sync) --------------------------------
-namespace {
 
 constexpr int64_t kU32 = 0xFFFFFFFF;
 
@@ -122,8 +119,7 @@ Tensor keep_scale_tensor(double p, at::ScalarType dtype, const at::TensorOptions
   return scale;
 }
 
-}  // namespace
-
+// The fallback for CUDA tensors without the kernels, bit-identical to the CPU loop and them.
 Tensor dropout_scale_mask_aten(const Tensor& seed, at::IntArrayRef sizes, double p,
                                at::ScalarType dtype) {
   const Tensor keep = keep_mask_aten(seed, c10::multiply_integers(sizes), p).reshape(sizes);
@@ -137,6 +133,8 @@ Tensor dropout_apply_aten(const Tensor& t, const Tensor& seed, double p) {
   const Tensor scaled = in.mul(keep_scale_tensor(p, in.scalar_type(), in.options()));
   return at::where(keep, scaled, at::zeros({}, in.options()));
 }
+
+}  // namespace
 
 // ---- dispatch: the CUDA kernels, the CPU loops, or ATen ------------------------------------------
 Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {

@@ -1,10 +1,12 @@
 // In-place merge of a low-rank update into a weight: weight += alpha * (B * scale) @ A,
-// accumulated in float32 (float64 for float64 weights) and rounded once into weight's dtype.
+// accumulated in float32 (float64 for float64 weights or factors) and rounded once into
+// weight's dtype; the CUDA kernel where it serves the device, ATen otherwise.
 #include <ATen/MemoryOverlap.h>
 
 #include "soslora.h"
 
 namespace soslora {
+namespace {
 
 void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B,
                       const Tensor& scale) {
@@ -29,6 +31,8 @@ void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B,
               ": weight has elements that share memory (an expanded or overlapping view, strides ",
               weight.strides(), "); merge into a tensor that owns its elements");
 }
+
+}  // namespace
 
 void merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
                  double alpha) {

@@ -37,16 +37,6 @@ Gram cross_gram(const Tensor& A, int64_t num_experts) {
   return {A_hat, norms, G, k * (k - 1) * static_cast<double>(r * r)};
 }
 
-}  // namespace
-
-Tensor ortho_penalty(const Tensor& A, int64_t num_experts) {
-  check_ortho_args(A, num_experts, "soslora::ortho_penalty");
-  const auto acc = accumulate_dtype(A.scalar_type());
-  if (num_experts == 1 || A.size(0) == 0) return at::zeros({}, A.options().dtype(acc));
-  const Gram g = cross_gram(A, num_experts);
-  return g.G.square().sum() / g.denom;
-}
-
 void check_ortho_penalty_grad_args(const Tensor& grad_A, const Tensor& A, const Tensor& weight,
                                    int64_t num_experts) {
   constexpr const char* op = "soslora::ortho_penalty_grad_";
@@ -62,6 +52,17 @@ void check_ortho_penalty_grad_args(const Tensor& grad_A, const Tensor& A, const 
               ": weight must be a floating-point tensor with one element, got ",
               weight.scalar_type(), " of shape ", weight.sizes());
 }
+
+}  // namespace
+
+Tensor ortho_penalty(const Tensor& A, int64_t num_experts) {
+  check_ortho_args(A, num_experts, "soslora::ortho_penalty");
+  const auto acc = accumulate_dtype(A.scalar_type());
+  if (num_experts == 1 || A.size(0) == 0) return at::zeros({}, A.options().dtype(acc));
+  const Gram g = cross_gram(A, num_experts);
+  return g.G.square().sum() / g.denom;
+}
+
 
 void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
                          int64_t num_experts) {

@@ -46,11 +46,7 @@ Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTenso
 Tensor ortho_penalty(const Tensor& A, int64_t num_experts);
 void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
                          int64_t num_experts);
-void check_ortho_penalty_grad_args(const Tensor& grad_A, const Tensor& A, const Tensor& weight,
-                                   int64_t num_experts);
-
 // ---- merge: weight += alpha * (B * scale) @ A -------------------------------------------------
-void check_merge_args(const Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale);
 void merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
                  double alpha);
 
@@ -105,17 +101,11 @@ Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
 // t * dropout_scale_mask(seed, t.sizes(), p, t.dtype) in one pass, without the mask tensor
 // (identity when p == 0); the result is contiguous.
 Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p);
-// The same two in ATen integer ops on any device (no host sync): the fallback for CUDA tensors
-// without the kernels, bit-identical to the CPU loop and the CUDA kernels.
-Tensor dropout_scale_mask_aten(const Tensor& seed, at::IntArrayRef sizes, double p,
-                               at::ScalarType dtype);
-Tensor dropout_apply_aten(const Tensor& t, const Tensor& seed, double p);
 // The op `dropout_mask`: checks its arguments, then dropout_scale_mask.
 Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double dropout_p,
                     at::ScalarType dtype);
 void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor& like,
                    const char* op);
-
 
 // Which CUDA implementation the low-rank ops use (set from Python through _C.set_cuda_path):
 //   kAuto    - whichever was faster on an H100 (README, "CUDA kernels"): cuBLAS through ATen
