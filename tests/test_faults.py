@@ -239,45 +239,43 @@ def test_save_with_unserialisable_metadata_keeps_the_previous_adapter(saved):
 # The child saves version 1 over version 0 and stops itself (SIGSTOP) at one stage of the save;
 # the test then kills it (SIGKILL). No timing is involved: the kill lands exactly there.
 KILL_CHILD = r"""
-import os, pathlib, signal, sys
+import os, signal, sys
 sys.path.insert(0, sys.argv[3])
-import safetensors.torch
 import soslora_ext as sl
 from test_faults import adapted_tiny
 
 directory, stage = sys.argv[1], sys.argv[2]
 stop = lambda: os.kill(os.getpid(), signal.SIGSTOP)
-real = (safetensors.torch.save_file, os.fsync, os.replace, pathlib.Path.write_text)
-calls = {"fsync": 0, "replace": 0}
+real_open, real_write, real_fsync, real_replace = os.open, os.write, os.fsync, os.replace
+paths, calls = {}, {"replace": 0}
 
-def save_file(tensors, path, metadata=None):
-    real[0](tensors, path, metadata=metadata)
-    if stage == "writing weights":  # half of the file has reached the disk
-        os.truncate(path, os.path.getsize(path) // 2)
+def open_(path, flags, *args, **kwargs):
+    fd = real_open(path, flags, *args, **kwargs)
+    paths[fd] = os.path.basename(path)
+    return fd
+
+def write(fd, data):
+    name = paths.get(fd, "")
+    if (stage, name.split(".")[1:2]) in (("writing weights", ["adapter_model"]),
+                                         ("writing config", ["adapter_config"])):
+        real_write(fd, bytes(data[: len(data) // 2]))  # half of it has reached the disk
         stop()
+    return real_write(fd, data)
 
 def fsync(fd):
-    calls["fsync"] += 1
-    if stage == "weights written" and calls["fsync"] == 1:
+    if stage == "weights written" and paths.get(fd, "").startswith(".adapter_model"):
         stop()
-    real[1](fd)
+    real_fsync(fd)
 
 def replace(src, dst):
     calls["replace"] += 1
     if (stage, calls["replace"]) in (("before renames", 1), ("between renames", 2)):
         stop()
-    real[2](src, dst)
+    real_replace(src, dst)
     if stage == "after renames" and calls["replace"] == 2:
         stop()
 
-def write_text(path, text, *args, **kwargs):
-    if stage == "writing config":
-        real[3](path, text[: len(text) // 2])
-        stop()
-    return real[3](path, text, *args, **kwargs)
-
-safetensors.torch.save_file, os.fsync, os.replace, pathlib.Path.write_text = (
-    save_file, fsync, replace, write_text)
+os.open, os.write, os.fsync, os.replace = open_, write, fsync, replace
 sl.save_adapter(adapted_tiny(version=1), directory)
 sys.exit("the save ran to the end without stopping")
 """
@@ -355,6 +353,10 @@ for r in range(rounds):
     want = adapted(version).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items()), version
     loaded_versions.append(version - first if version >= first else -1)
+# Interrupted saves leave temporaries; the next save deletes them.
+sl.save_adapter(adapted(1), directory)
+left = sorted(os.listdir(directory))
+assert left == ["adapter_config.json", "adapter_model.safetensors"], left
 print(json.dumps(loaded_versions))
 """
 

@@ -1,5 +1,6 @@
 """save_adapter / load_adapter, and exact conversion to and from the real PEFT package."""
 import json
+import os
 
 import peft
 import pytest
@@ -98,14 +99,13 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
     good = {p.name: p.read_bytes() for p in target.iterdir()}
     randomize(model)
 
-    import safetensors.torch
+    real_write = os.write
 
-    def interrupted(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"partial")
+    def interrupted(fd, data):  # part of the weights reaches the file, then Ctrl-C
+        real_write(fd, bytes(data[:100]))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    monkeypatch.setattr(os, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sl.save_adapter(model, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == good  # no temporaries left
@@ -127,10 +127,13 @@ Q0 = "model.layers.0.self_attn.q_proj"
 
 @pytest.mark.parametrize("damage,match", [
     (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-100]),
+     r"header declares \d+ \(the file is truncated"),
+    (lambda d: (d / WEIGHTS_NAME).write_bytes(  # a byte of tensor data (past the header)
+        bytes(b ^ 0xFF if i == 5000 else b for i, b in enumerate((d / WEIGHTS_NAME).read_bytes()))),
      "checksum"),
-    (lambda d: (d / WEIGHTS_NAME).write_bytes(
+    (lambda d: (d / WEIGHTS_NAME).write_bytes(  # a byte of the header
         bytes(b ^ 0xFF if i == 500 else b for i, b in enumerate((d / WEIGHTS_NAME).read_bytes()))),
-     "checksum"),
+     "unreadable safetensors file"),
     (lambda d: (d / CONFIG_NAME).write_text("{not json"), "not valid JSON"),
     (lambda d: (d / WEIGHTS_NAME).unlink(), "file not found"),
     (lambda d: _edit_config(d, lambda c: c.update(format="peft")), "is not a soslora_ext"),
