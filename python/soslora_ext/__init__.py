@@ -12,9 +12,9 @@ from ._C import built_with_cuda
 from .config import CPSConfig, SOSConfig
 from .cps import CPSLinear, RepartitionSchedule
 from .layer import AdapterLinear, SOSLinear
-from .model import (adapter_layers, apply_cps_lora, apply_sos_lora, check_finite, cps_layers,
-                    merge_and_unload, modules_to_save, ortho_penalty, sos_layers,
-                    trainable_parameters)
+from .model import (adapter_layers, apply_cps_lora, apply_sos_lora, check_adapters_called,
+                    check_finite, cps_layers, merge_and_unload, modules_to_save, ortho_penalty,
+                    sos_layers, trainable_parameters, uncalled_adapters)
 from .schedules import GateSchedule, OrthoSchedule
 from .serialization import AdapterError, export_peft, import_peft, load_adapter, save_adapter
 
@@ -34,9 +34,10 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "AdapterLinear", "CPSConfig", "CPSLinear", "RepartitionSchedule", "adapter_layers",
-    "apply_cps_lora", "cps_layers", "CPSLoRACallback",
-    "SOSConfig", "SOSLinear", "apply_sos_lora", "check_finite", "merge_and_unload", "modules_to_save",
-    "ortho_penalty", "sos_layers", "trainable_parameters", "OrthoSchedule", "GateSchedule",
-    "SOSLoRACallback", "save_adapter", "load_adapter", "export_peft", "import_peft",
-    "AdapterError", "compose", "ops", "reference", "built_with_cuda", "__version__",
+    "apply_cps_lora", "cps_layers", "CPSLoRACallback", "SOSConfig", "SOSLinear", "apply_sos_lora",
+    "check_adapters_called", "check_finite", "merge_and_unload", "modules_to_save",
+    "ortho_penalty", "sos_layers", "trainable_parameters", "uncalled_adapters", "OrthoSchedule",
+    "GateSchedule", "SOSLoRACallback", "save_adapter", "load_adapter", "export_peft",
+    "import_peft", "AdapterError", "compose", "ops", "reference", "built_with_cuda",
+    "__version__",
 ]

@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from . import ops
 from .config import CPSConfig
-from .layer import AdapterLinear
+from .layer import AdapterLinear, check_base
 
 Tensor = torch.Tensor
 
@@ -309,8 +309,8 @@ class CPSLinear(AdapterLinear):
                            use_rslora=use_rslora, init_partition=init_partition,
                            repartition_every=repartition_every,
                            statistics_steps=statistics_steps, sketch_rank=sketch_rank)
-        if isinstance(base, nn.Linear):
-            _check_fits(config, base.out_features, base.in_features)
+        check_base(base, "CPSLinear")  # before the shape checks, which read its features
+        _check_fits(config, base.out_features, base.in_features)
         super().__init__(base, dtype)
         self.config = config
         device = base.weight.device
@@ -394,7 +394,7 @@ class CPSLinear(AdapterLinear):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        self._begin_forward(x)
         result = self.base_layer(x)
         if self.merged:
             return result
@@ -588,20 +588,27 @@ class RepartitionSchedule:
             every, window = layer.config.repartition_every, layer.config.window
             layer.collect_statistics((upcoming - 1) % every < window)
 
+    def due(self) -> list[tuple[str, CPSLinear]]:
+        """(name, layer) of the layers the next step() repartitions: those whose statistics
+        window ends at that step."""
+        upcoming = self.step_count + 1
+        return [(name, layer) for name, layer in self.layers
+                if upcoming >= layer.config.window
+                and (upcoming - layer.config.window) % layer.config.repartition_every == 0]
+
     def step(self) -> dict[str, float]:
-        self.step_count += 1
         changes = {}
-        for name, layer in self.layers:
-            every, window = layer.config.repartition_every, layer.config.window
-            if self.step_count >= window and (self.step_count - window) % every == 0:
-                try:
-                    changes[name] = layer.repartition()
-                except NoSignalError:  # the layer keeps its partition until it has a signal
-                    layer.last_repartition = dict(adopted=False, no_signal=True)
-                    continue
-                if layer.last_repartition["adopted"] and self.optimizer is not None:
-                    for p in (layer.lora_A, layer.lora_B):
-                        self.optimizer.state.pop(p, None)
+        due = self.due()
+        self.step_count += 1
+        for name, layer in due:
+            try:
+                changes[name] = layer.repartition()
+            except NoSignalError:  # the layer keeps its partition until it has a signal
+                layer.last_repartition = dict(adopted=False, no_signal=True)
+                continue
+            if layer.last_repartition["adopted"] and self.optimizer is not None:
+                for p in (layer.lora_A, layer.lora_B):
+                    self.optimizer.state.pop(p, None)
         self._arm()
         return changes
 

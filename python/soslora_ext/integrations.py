@@ -5,13 +5,17 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from .cps import RepartitionSchedule
-from .model import ortho_penalty, sos_layers
+from .model import check_adapters_called, ortho_penalty, sos_layers
 from .schedules import GateSchedule, OrthoSchedule
 
 
 class SOSLoRACallback(TrainerCallback):
     """Sets each SOS layer's orthogonality weight and gate temperature from the trainer's
     optimizer step (``state.global_step`` of ``state.max_steps``) and logs the penalty.
+
+    After the first optimizer step it checks that every adapted layer took part in the
+    training forward (check_adapters_called): a layer whose parent reads its ``.weight``
+    instead of calling it would otherwise train nothing, silently.
 
     Works with gradient accumulation (lambda is divided by the accumulation steps, so each
     optimizer step sees lambda once) and under ``accelerate`` (the schedules only write device
@@ -24,6 +28,7 @@ class SOSLoRACallback(TrainerCallback):
         self.gate_kwargs = dict(start=gate_start, end=gate_end, anneal=gate_anneal)
         self.ortho: OrthoSchedule | None = None
         self.gate: GateSchedule | None = None
+        self.checked = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         total = max(int(state.max_steps), 1)
@@ -36,6 +41,9 @@ class SOSLoRACallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._set(state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.checked = self.checked or _check_called(model, type(self).__name__)
 
     def _set(self, step: int) -> None:
         self.ortho.set_step(step)
@@ -54,20 +62,31 @@ class SOSLoRACallback(TrainerCallback):
 class CPSLoRACallback(TrainerCallback):
     """Runs every CPSLinear's gradient-statistics windows and repartitions from the trainer's
     optimizer steps (a RepartitionSchedule), dropping the optimizer state of re-fitted layers,
-    and logs each repartition's relative change of the update as ``repartition_change``."""
+    and logs each repartition's relative change of the update as ``repartition_change``.
+    Checks after the first step that every adapted layer was called, as SOSLoRACallback."""
 
     def __init__(self):
         self.schedule: RepartitionSchedule | None = None
         self.changes: dict[str, float] = {}
+        self.checked = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.schedule = RepartitionSchedule(model, optimizer)
         self.schedule.load_state_dict({"step_count": state.global_step})  # resumed runs
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.checked = self.checked or _check_called(model, type(self).__name__)
         self.changes.update(self.schedule.step())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.changes:
             logs["repartition_change"] = max(self.changes.values())
             self.changes = {}
+
+
+def _check_called(model, where: str) -> bool:
+    """check_adapters_called after a training step; True once it ran."""
+    if model is None:
+        return False
+    check_adapters_called(model, where)
+    return True

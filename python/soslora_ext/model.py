@@ -8,9 +8,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from . import merging
 from .config import CPSConfig, SOSConfig
 from .cps import CPSLinear, _check_fits
-from .layer import AdapterLinear, SOSLinear
+from .layer import AdapterLinear, SOSLinear, check_base
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
@@ -40,6 +41,11 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
 
 def _check_names(owner: str, arg: str, value, allow_empty: bool = False) -> None:
     if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{owner}: {arg}={value!r} is not a valid regular expression "
+                             f"({e})") from None
         return
     if (not isinstance(value, Sequence) or (not value and not allow_empty)
             or not all(isinstance(t, str) for t in value)):
@@ -54,8 +60,9 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
     `target_modules` is a list of names (a module matches if its name equals one or ends with
     "." + one, e.g. ["q_proj", "v_proj"]) or a regex matched against the full module name.
     `modules_to_save` (same rules, e.g. ["classifier"]) stay fully trainable and are saved and
-    exported with the adapter, as PEFT's option of that name. Every other parameter of the model
-    is frozen. Returns `model`. On any error nothing in the model is changed.
+    exported with the adapter, as PEFT's option of that name; those of an earlier apply_* call
+    stay trainable. Every other parameter of the model is frozen. Returns `model`. Every
+    target is checked first: on any error nothing in the model is changed.
     """
     layer_kwargs = dict(layer_kwargs)
     dtype = layer_kwargs.pop("dtype", None)
@@ -102,21 +109,33 @@ def _apply_adapters(model, target_modules, modules_to_save, owner, build,
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{owner}: module {name!r} matched target_modules but is a "
                             f"{type(module).__name__}, not an nn.Linear")
+        check_base(module, f"{owner}: module {name!r}")
         check(name, module)
 
     saved = [m for name, m in candidates if modules_to_save and _matches(name, modules_to_save)]
     if modules_to_save and not saved:
         raise ValueError(f"{owner}: modules_to_save={modules_to_save!r} matches no module")
 
+    # Modules saved by an earlier apply_* (or load_adapter) call stay trainable.
+    target_ids = {id(m) for _, m in targets}
+    earlier = ([m for m in _saved_modules(model).values() if id(m) not in target_ids]
+               if inside_adapters else [])
+
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
-    replacements = [(name, build(module)) for name, module in targets]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:  # building freezes each base: undone if a later one fails
+        replacements = [(name, build(module)) for name, module in targets]
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     for name, layer in replacements:
         # A weight tied to another module (e.g. lm_head and the embeddings) must not be merged.
         layer.weight_shared_with = sorted(set(owners[id(layer.weight)]) - {name})
         replace_module(model, name, layer)
-    freeze_all_but_adapters(model, keep_trainable=saved)
+    freeze_all_but_adapters(model, keep_trainable=saved + earlier)
     return model
 
 
@@ -137,6 +156,11 @@ def freeze_all_but_adapters(model: nn.Module, keep_trainable: Sequence[nn.Module
 def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
     """Modules outside the adapted layers that own trainable parameters (e.g. a new classifier
     head): what save_adapter and export_peft store besides the adapters."""
+    return _saved_modules(model)
+
+
+def _saved_modules(model: nn.Module) -> dict[str, nn.Module]:
+    # modules_to_save(), under a name that apply_*'s argument of that name does not hide.
     inside = {id(m) for _, layer in adapter_layers(model) for m in layer.modules()}
     return {name: m for name, m in model.named_modules() if id(m) not in inside
             and any(p.requires_grad for p in m.parameters(recurse=False))}
@@ -167,15 +191,44 @@ def check_finite(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapted layer into its base weight and put the base nn.Linear back."""
+    """Merge every adapted layer into its base weight and put the base nn.Linear back.
+    Every layer is checked (shared weights, non-finite factors, overflow of the weight's
+    dtype) before the first weight changes: on any error the model is unchanged."""
     layers = list(adapter_layers(model))
-    for name, layer in layers:  # refuse before anything is merged
-        if layer.weight_shared_with and not layer.merged:
+    pending = [(name, layer) for name, layer in layers if not layer.merged]
+    for name, layer in pending:
+        if layer.weight_shared_with:
             raise RuntimeError(f"merge_and_unload: layer {name!r} shares its base weight with "
                                f"{layer.weight_shared_with}; merging would change those too")
+    targets = [layer._merge_target(name) for name, layer in pending]
+    merging.merge_(targets, "merge_and_unload")
+    for (_, layer), target in zip(pending, targets):
+        layer._record_merged(target)
     for name, layer in layers:
         replace_module(model, name, layer.merge_and_unload())
     return model
+
+
+def uncalled_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapted layers with trainable factors that no forward in training mode
+    has called (see check_adapters_called)."""
+    return [name for name, layer in adapter_layers(model) if not layer.used_in_training
+            and any(p.requires_grad for p in layer._adapter_parameters())]
+
+
+def check_adapters_called(model: nn.Module, where: str = "check_adapters_called") -> None:
+    """Raise RuntimeError naming the adapted layers that no training forward called.
+
+    Such a layer's parent reads its ``.weight`` (e.g. ``F.linear(x, self.proj.weight)``)
+    instead of calling it: the adapter then has no effect and gets no gradient. Run it after
+    the first training step (finetune.train and the Trainer callbacks do)."""
+    names = uncalled_adapters(model)
+    if names:
+        raise RuntimeError(
+            f"{where}: adapted layers {names[:8]}{' ...' if len(names) > 8 else ''} were not "
+            "called in the training forward: their parent must call the module (layer(x)), "
+            "not read its .weight (e.g. F.linear(x, layer.weight)), or the adapter has no "
+            "effect. Adapt other modules (target_modules), or leave these out")
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

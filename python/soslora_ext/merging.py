@@ -1,0 +1,141 @@
+"""The merge guard: every in-place write of a low-rank update into a weight goes through here.
+
+A merge writes W <- fl(W + alpha (B*s) A) in place (ops.merge_into_). A non-finite factor or
+scale, or a sum beyond the weight dtype's range (float16: 65504), would turn weight entries
+into Inf/NaN for good: subtracting the update again cannot bring them back. So every weight
+and every term is checked before anything is written, and on any refusal every weight is
+left bit-identical.
+
+The check costs one host sync per weight and no [out, in] temporary: a bound
+|W + sum_t alpha_t D_t| <= max|W| + sum_t max_i |(B s)_i| max_j |A_:,j| (Cauchy-Schwarz on
+each entry of D = (B s) A) settles the common case. Only where the bound cannot exclude an
+overflow is the merge replayed band by band in the accumulation dtype, as the op computes it
+(small temporaries), before anything is written.
+
+A weight that already holds NaN or Inf is refused as well: the merge could not be checked,
+the merged model would be as broken as the base, and nothing is gained by writing into it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+
+Tensor = torch.Tensor
+
+# Rows per band of the exact check: about 2^20 elements per temporary, as the CPU op.
+_BAND_ELEMENTS = 1 << 20
+# Slack on the bound for the rounding of the float32 (float64) accumulation.
+_BOUND_SLACK = 1.0 + 1e-3
+
+
+@dataclass
+class Term:
+    """alpha * (B * scale) @ A: A [r, in], B [out, r], scale [r] or [out, r]."""
+
+    A: Tensor
+    B: Tensor
+    scale: Tensor
+    alpha: float = 1.0
+
+
+@dataclass
+class Target:
+    """The terms to add, in order, into one weight; `name` is used in error messages."""
+
+    name: str
+    weight: Tensor
+    terms: list[Term] = field(default_factory=list)
+
+
+def _label(where: str, target: Target) -> str:
+    return f"{where}: layer {target.name!r}" if target.name else where
+
+
+def _acc_dtype(weight: Tensor, term: Term) -> torch.dtype:
+    # The op's rule: float32 accumulation (float64 for float64 weights or factors).
+    return torch.promote_types(ops.accumulate_dtype(weight.dtype),
+                               torch.promote_types(term.A.dtype, term.B.dtype))
+
+
+def _folded_B(term: Term, dtype: torch.dtype) -> Tensor:
+    return term.B.to(dtype) * term.scale.to(dtype)
+
+
+@torch.no_grad()
+def check(targets: list[Target], where: str) -> None:
+    """Raise FloatingPointError naming the weight (and `where`) if adding any target's terms
+    would write a non-finite value, or if a factor, scale or the weight itself is not finite.
+    Writes nothing."""
+    for target in targets:
+        weight = target.weight
+        if weight.device.type == "meta" or weight.numel() == 0 or not target.terms:
+            continue
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"{_label(where, target)}: the weight is {weight.dtype}, "
+                            "not floating point")
+        # One host sync: finiteness of every factor and scale, max|W|, and the bound.
+        lo, hi = torch.aminmax(weight.detach())
+        values = [torch.maximum(lo.abs(), hi.abs()).double()]
+        for t in target.terms:
+            values += [torch.isfinite(x).all().double() for x in (t.A, t.B, t.scale)]
+            Bs = _folded_B(t, torch.float64)
+            values.append(abs(float(t.alpha)) * torch.linalg.vector_norm(Bs, dim=1).max()
+                          * torch.linalg.vector_norm(t.A.double(), dim=0).max())
+        values = torch.stack([v.to(weight.device) for v in values]).tolist()
+        weight_max, rest = values[0], values[1:]
+        for i, t in enumerate(target.terms):
+            finite = rest[4 * i: 4 * i + 3]
+            for what, ok in zip(("lora_A", "lora_B", "scale"), finite):
+                if not ok:
+                    raise FloatingPointError(
+                        f"{_label(where, target)}: the update's {what} has non-finite "
+                        "values; nothing was merged (fix or reload the adapter)")
+        if not math.isfinite(weight_max):
+            raise FloatingPointError(
+                f"{_label(where, target)}: the base weight already holds non-finite "
+                "values; nothing was merged")
+        limit = torch.finfo(weight.dtype).max
+        bound = weight_max + sum(rest[4 * i + 3] for i in range(len(target.terms)))
+        if bound * _BOUND_SLACK < limit:
+            continue
+        _exact_check(target, where, limit)
+
+
+def _exact_check(target: Target, where: str, limit: float) -> None:
+    """Replay the merge band by band as the op computes it (accumulate, round into the weight's
+    dtype, term after term) and refuse if any value would leave the dtype's finite range.
+    A sum just above the dtype's max is refused even where rounding would bring it back: the
+    CUDA kernel may round the last bit differently from this replay."""
+    weight = target.weight
+    rows, cols = weight.shape
+    band = max(1, _BAND_ELEMENTS // max(cols, 1))
+    folded = [(_acc_dtype(weight, t), t) for t in target.terms]
+    folded = [(acc, t.A.to(acc), _folded_B(t, acc), float(t.alpha)) for acc, t in folded]
+    for start in range(0, rows, band):
+        w = weight.detach()[start:start + band]
+        for acc, A, Bs, alpha in folded:
+            s = w.to(acc).add_(Bs[start:start + band] @ A, alpha=alpha)
+            if not bool((s.abs() <= limit).all()):
+                raise FloatingPointError(
+                    f"{_label(where, target)}: the merged weight would exceed the "
+                    f"range of {weight.dtype} (|value| > {limit:.6g}); nothing was merged "
+                    "(merge into a wider dtype, e.g. model.float(), or scale the adapter down)")
+            w = s.to(weight.dtype)
+
+
+@torch.no_grad()
+def write(targets: list[Target]) -> None:
+    """Add every target's terms into its weight (after check())."""
+    for target in targets:
+        for t in target.terms:
+            ops.merge_into_(target.weight, t.A, t.B, t.scale, t.alpha)
+
+
+def merge_(targets: list[Target], where: str) -> None:
+    """check() every target, then write() them all: all or nothing."""
+    check(targets, where)
+    write(targets)

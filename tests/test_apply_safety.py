@@ -1,0 +1,183 @@
+"""apply_sos_lora / apply_cps_lora check every target before changing the model, keep earlier
+modules_to_save trainable, refuse bases that cannot work; an adapter its parent never calls
+(the parent reads .weight) is reported after the first training step."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig,
+                          LlamaForCausalLM, Trainer, TrainingArguments)
+
+import soslora_ext as sl
+from soslora_ext import finetune
+
+
+def llama(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model, before):
+    modules, params = snapshot(model)
+    assert modules == before[0]
+    assert params.keys() == before[1].keys()
+    for n, (flag, value) in params.items():
+        assert flag == before[1][n][0] and torch.equal(value, before[1][n][1]), n
+
+
+# ---- modules_to_save across calls ------------------------------------------------------------
+def test_second_apply_keeps_earlier_modules_to_save_trainable():
+    model = llama()
+    sl.apply_sos_lora(model, ["q_proj"], modules_to_save=["lm_head"], num_experts=2, rank=4)
+    sl.apply_cps_lora(model, ["v_proj"], num_clusters=2, rank=2)
+    sl.apply_sos_lora(model, ["o_proj"], num_experts=2, rank=4)
+    assert model.lm_head.weight.requires_grad
+    assert list(sl.modules_to_save(model)) == ["lm_head"]
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert not model.model.layers[0].self_attn.v_proj.base_layer.weight.requires_grad
+
+
+# ---- every target checked first --------------------------------------------------------------
+class TwoLayers(nn.Module):
+    def __init__(self, dtype=torch.int32):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = nn.Parameter(torch.zeros(8, 8, dtype=dtype), requires_grad=False)
+
+
+@pytest.mark.parametrize("apply, kwargs", [
+    (sl.apply_sos_lora, dict(num_experts=2, rank=4)),
+    (sl.apply_cps_lora, dict(num_clusters=2, rank=2))])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.complex64])
+def test_unusable_base_dtype_names_the_module_and_changes_nothing(apply, kwargs, dtype):
+    model = TwoLayers(dtype)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"module 'b': the base weight is {dtype}; expected "
+                                        r"one of \['torch.float16'"):
+        apply(model, ["a", "b"], **kwargs)
+    assert_unchanged(model, before)  # 'a' neither replaced nor frozen
+
+
+def test_a_failing_build_restores_the_model(monkeypatch):
+    model = TwoLayers(torch.float32)
+    before = snapshot(model)
+    built = []
+    real = sl.model.SOSLinear
+
+    def build(linear, **kwargs):
+        if built:
+            raise RuntimeError("out of memory")
+        built.append(linear)
+        return real(linear, **kwargs)
+    monkeypatch.setattr(sl.model, "SOSLinear", build)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sl.apply_sos_lora(model, ["a", "b"], num_experts=2, rank=4)
+    assert_unchanged(model, before)  # 'a' was built (its base frozen) and is thawed again
+
+
+@pytest.mark.parametrize("arg", ["target_modules", "modules_to_save"])
+def test_invalid_regex_names_the_argument(arg):
+    model = llama()
+    before = snapshot(model)
+    kwargs = dict(target_modules=["q_proj"], modules_to_save=())
+    kwargs[arg] = r".*(q_proj"
+    with pytest.raises(ValueError, match=rf"apply_sos_lora: {arg}='\.\*\(q_proj' is not a "
+                                         "valid regular expression"):
+        sl.apply_sos_lora(model, num_experts=2, rank=4, **kwargs)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("make", [
+    lambda base: sl.SOSLinear(base, num_experts=2, rank=4),
+    lambda base: sl.CPSLinear(base, num_clusters=1, rank=1)])
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0)])
+def test_empty_base_is_refused_at_construction(make, shape):
+    with pytest.raises(ValueError, match="in_features and out_features must be positive"):
+        make(nn.Linear(*shape))
+
+
+@pytest.mark.parametrize("cls, kwargs", [(sl.SOSLinear, dict(num_experts=2, rank=4)),
+                                         (sl.CPSLinear, dict(num_clusters=2, rank=2))])
+def test_integer_base_is_refused_at_construction(cls, kwargs):
+    base = nn.Linear(8, 8)
+    base.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=f"{cls.__name__}: the base weight is torch.int8"):
+        cls(base, **kwargs)
+    assert base.bias.requires_grad  # nothing frozen
+
+
+# ---- a parent that reads .weight instead of calling the module -------------------------------
+class WeightReadingHead(nn.Module):
+    """A head that uses its projection's weight directly (the adapter cannot act here)."""
+
+    def __init__(self, hidden, labels):
+        super().__init__()
+        self.proj = nn.Linear(hidden, labels)
+
+    def forward(self, x):
+        return F.linear(x, self.proj.weight, self.proj.bias)
+
+
+def bert_with_weight_reading_head():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=40, max_position_embeddings=32, num_labels=2))
+    model.classifier = WeightReadingHead(24, 2)
+    return model
+
+
+def batches(step, generator):
+    ids = torch.randint(5, 60, (4, 12), generator=generator)
+    return dict(input_ids=ids, labels=(ids[:, 0] > 30).long())
+
+
+def test_train_names_an_adapter_its_parent_never_calls():
+    model = bert_with_weight_reading_head()
+    sl.apply_sos_lora(model, ["query", "classifier.proj"], num_experts=2, rank=4)
+    assert sl.model.uncalled_adapters(model) == [  # nothing ran yet
+        "bert.encoder.layer.0.attention.self.query", "classifier.proj"]
+    with pytest.raises(RuntimeError, match=r"adapted layers \['classifier.proj'\] were not "
+                                           r"called in the training forward.*not read its "
+                                           r"\.weight"):
+        finetune.train(model, batches, steps=3, progress=False, log_every=0)
+    # Legitimate .weight reads (dtype checks) are untouched, and a model whose adapters are all
+    # called trains as before.
+    assert model.classifier.proj.weight.dtype == torch.float32
+    ok = bert_with_weight_reading_head()
+    sl.apply_sos_lora(ok, ["query"], num_experts=2, rank=4)
+    assert len(finetune.train(ok, batches, steps=2, progress=False, log_every=0).losses) == 2
+
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        ids = torch.randint(5, 60, (12,), generator=torch.Generator().manual_seed(i))
+        return dict(input_ids=ids, labels=int(ids[0] > 30))
+
+
+@pytest.mark.parametrize("callback, apply", [
+    (lambda: sl.SOSLoRACallback(), lambda m: sl.apply_sos_lora(
+        m, ["query", "classifier.proj"], num_experts=2, rank=4)),
+    (lambda: sl.CPSLoRACallback(), lambda m: sl.apply_cps_lora(
+        m, ["query", "classifier.proj"], num_clusters=2, rank=1))])
+def test_trainer_callbacks_name_an_adapter_its_parent_never_calls(tmp_path, callback, apply):
+    model = bert_with_weight_reading_head()
+    apply(model)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[callback()])
+    with pytest.raises(RuntimeError, match=r"\['classifier.proj'\] were not called"):
+        trainer.train()
+    assert trainer.state.global_step == 1  # stopped after the first step
