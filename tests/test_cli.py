@@ -127,7 +127,8 @@ def test_train_text_task_on_tiny_llama(tmp_path):
     (["train", "MODEL", "--data", "BADJSONL", "--out", "x"], "expected a JSON object"),
     (["train", "MODEL", "--data", "filekinds", "--out", "x", "--rank", "6", "--experts", "4"],
      "divisible by num_experts"),
-    (["train", "MODEL", "--data", "filekinds", "--out", "x", "--steps", "0"], "must be positive"),
+    (["train", "MODEL", "--data", "filekinds", "--out", "x", "--steps", "0"],
+     "must be a positive integer"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     model_dir, _ = tiny_dir(tmp_path)

@@ -18,12 +18,12 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_args import (CliError, Parser, check_outputs, document_defaults, finite_float,
+                       name_adapters, non_negative_float, non_negative_int, positive_float,
+                       positive_int, probability, write_text)
+
 # Module names that hold a task head: trained whole (modules_to_save), never adapted.
 HEADS = ("classifier", "score", "lm_head", "pooler")
-
-
-class CliError(Exception):
-    pass
 
 
 def _quiet_transformers() -> None:
@@ -42,52 +42,20 @@ def _model_dir(path: str) -> Path:
 
 
 # ---- train -----------------------------------------------------------------------------------
-def _read_data(spec: str, task: str):
-    """(task, payload): ("classification", (rows, label_names)) or ("text", text)."""
-    from .data import LABELS, build_filekinds
-
-    if spec == "filekinds":
-        train, test = build_filekinds()
-        return "classification", (train + test, LABELS)
-    path = Path(spec)
-    if not path.exists():
-        raise CliError(f"--data {spec}: no such file or directory")
-    if path.suffix == ".jsonl" and task in ("auto", "classification"):
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append((str(obj["text"]), str(obj["label"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CliError(f"--data {spec}:{n}: expected a JSON object with 'text' and "
-                               "'label'") from None
-        names = sorted({label for _, label in rows})
-        if len(names) < 2:
-            raise CliError(f"--data {spec}: needs at least two distinct labels")
-        return "classification", ([(t, names.index(l)) for t, l in rows], names)
-    if task == "classification":
-        raise CliError(f"--data {spec}: classification data must be a .jsonl file or 'filekinds'")
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    text = "\n\n".join(f.read_text(errors="replace") for f in files)
-    if not text.strip():
-        raise CliError(f"--data {spec}: no text found")
-    return "text", text
-
-
 def cmd_train(args) -> int:
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
     from . import finetune
+    from .base_models import causal_lm_architectures
     from .config import CPSConfig, SOSConfig
+    from .data import read_training_data
     from .model import apply_cps_lora, apply_sos_lora, trainable_parameters
     from .serialization import save_adapter
 
     model_dir = _model_dir(args.model_dir)
-    alpha = args.alpha if args.alpha else 2.0 * args.rank
+    alpha = 2.0 * args.rank if args.alpha is None else args.alpha
     if args.method == "sos":
         layer_kwargs = dict(num_experts=args.experts, rank=args.rank, alpha=alpha,
                             scale_mode=args.scale_mode, gate=args.gate, dropout=args.dropout)
@@ -98,26 +66,31 @@ def cmd_train(args) -> int:
                             dropout=args.dropout, repartition_every=args.repartition_every)
         CPSConfig(**layer_kwargs)
         apply = apply_cps_lora
-    task, payload = _read_data(args.data, args.task)
+    try:
+        task, payload = read_training_data(args.data, args.task, args.seed)
+    except ValueError as e:
+        raise CliError(f"--data {e}") from None
+    if task == "text":
+        causal_lm_architectures(model_dir)  # any other model would get an untrained LM head
     _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(args.seed)
     if task == "classification":
-        rows, names = payload
+        train_rows, test_rows, names = payload
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=len(names), ignore_mismatched_sizes=True)  # a new head
+        _set_labels(model, names)
         model_kwargs = dict(num_labels=len(names))
-        cut = max(1, len(rows) // 5)  # the last fifth is held out for accuracy
-        train_rows, test_rows = rows[cut:], rows[:cut]
         data = finetune.encode(tokenizer, [t for t, _ in train_rows], args.max_length)
         data["labels"] = torch.tensor([l for _, l in train_rows])
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        model_kwargs = {}
         ids = tokenizer(payload, return_tensors="pt")["input_ids"][0]
         n = ids.numel() // args.max_length
         if n < 1:
-            raise CliError(f"--data {args.data}: fewer than --max-length={args.max_length} tokens")
+            raise CliError(f"--data {args.data}: {ids.numel()} tokens, fewer than --max-length="
+                           f"{args.max_length}: give more text or a smaller --max-length")
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model_kwargs = {}
         chunks = ids[: n * args.max_length].view(n, args.max_length)
         data = dict(input_ids=chunks, labels=chunks)
     targets = args.targets or [n for n, m in model.named_modules()
@@ -133,36 +106,75 @@ def cmd_train(args) -> int:
                          lambda_max=args.ortho_lambda)
     metrics = dict(task=task, steps=args.steps, losses=fit.losses, seconds=fit.seconds,
                    trainable_parameters=trainable)
+    if args.method == "cps":
+        metrics["repartitions"] = fit.repartition_log
     if task == "classification":
         test = finetune.encode(tokenizer, [t for t, _ in test_rows], args.max_length)
         logits = finetune.predict_logits(model, test)
         metrics["accuracy"] = finetune.accuracy(logits, torch.tensor([l for _, l in test_rows]))
         metrics["labels"] = names
+        metrics["split"] = dict(train=len(train_rows), test=len(test_rows), test_per_label={
+            name: sum(l == i for _, l in test_rows) for i, name in enumerate(names)})
     out = Path(args.out)
     save_adapter(model, out / "adapter", metadata=dict(
         base_model_class=type(model).__name__, model_kwargs=model_kwargs,
         base_model_dir=str(model_dir.resolve()), labels=metrics.get("labels")))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = f"accuracy {metrics['accuracy']:.4f}, " if "accuracy" in metrics else ""
+    if args.method == "cps":
+        adopted = sum(v["adopted"] for r in fit.repartition_log for v in r["layers"].values())
+        summary += (f"{len(fit.repartition_log)} repartitions ({adopted} new layer partitions "
+                    "adopted), " if args.repartition_every else "fixed partitions, ")
     print(f"{summary}final loss {sum(fit.losses[-10:]) / len(fit.losses[-10:]):.4f}; "
           f"adapter written to {out / 'adapter'}")
     return 0
 
 
 # ---- merge / export / info --------------------------------------------------------------------
+def _own_adapter(path: str) -> str:
+    """An adapter directory in this package's format: a PEFT one gets pointed to the commands
+    and functions that read PEFT adapters."""
+    from .adapter_files import read_config
+    from .serialization import AdapterError
+
+    try:
+        _, config = read_config(Path(path))
+    except AdapterError:
+        return path  # the loader reports a missing or unreadable config precisely
+    if "peft_type" in config:
+        raise CliError(f"{path}: a PEFT adapter, not a soslora_ext one: load it into a model "
+                       "with soslora_ext.import_peft, or use `compose report/merge/concat/eval`, "
+                       "which read PEFT adapters")
+    return path
+
+
+def _set_labels(model, names) -> None:
+    """The label names in the model's config, so a saved (merged) classifier keeps them."""
+    if names and getattr(model.config, "num_labels", None) == len(names):
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
 def _load_adapted(adapter: str, base: str):
     import transformers
 
     from .serialization import load_adapter, read_adapter_config
 
-    config = read_adapter_config(adapter)
+    config = read_adapter_config(_own_adapter(adapter))
     meta = config.get("metadata") or {}
-    class_name = meta.get("base_model_class") or config.get("base_model_class")
-    model_class = getattr(transformers, class_name, None)
+    class_name = config.get("base_model_class") or meta.get("base_model_class")
+    model_class = getattr(transformers, str(class_name), None)
     if model_class is None or not hasattr(model_class, "from_pretrained"):
         raise CliError(f"{adapter}: base model class {class_name!r} is not a transformers class")
+    base_dir = _model_dir(base)
+    base_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
+    trained_type = getattr(getattr(model_class, "config_class", None), "model_type", None)
+    if trained_type and base_type != trained_type:
+        raise CliError(f"--base {base}: a {base_type!r} model, but {adapter} was trained on a "
+                       f"{class_name} ({trained_type!r})")
     _quiet_transformers()
-    model = model_class.from_pretrained(_model_dir(base), **meta.get("model_kwargs", {}))
+    model = model_class.from_pretrained(base_dir, **meta.get("model_kwargs", {}))
+    _set_labels(model, meta.get("labels"))
     return load_adapter(model, adapter)
 
 
@@ -194,7 +206,7 @@ def cmd_info(args) -> int:
 
     from .serialization import WEIGHTS_NAME, layers_from_directory
 
-    config, layers = layers_from_directory(args.adapter)
+    config, layers = layers_from_directory(_own_adapter(args.adapter))
     print(f"adapter {args.adapter}: method {config['method']}, library "
           f"{config['library_version']}, base {config.get('base_model_class')}")
     print(f"{'layer':<48} {'in->out':>11}  structure")
@@ -212,20 +224,37 @@ def cmd_info(args) -> int:
 
 
 # ---- compose ---------------------------------------------------------------------------------
-def _adapters(paths):
+def _adapters(specs, model_dir: str | None = None, combined: bool = True, weights=None):
+    """Load `path` / `name=path` adapters under distinct names. Adapters that are combined
+    must record the same base model, and that of `model_dir` (a causal LM) when given."""
     from . import compose
+    from .base_models import causal_lm_architectures, check_bases
 
-    return [compose.load(p) for p in paths]
+    named = name_adapters(specs)
+    if weights is not None and len(weights) != len(named):
+        raise CliError(f"--weights: {len(weights)} given for {len(named)} adapters; give one "
+                       "per adapter")
+    if model_dir is not None:
+        check_bases([p for _, p in named], causal_lm_architectures(_model_dir(model_dir)))
+    elif combined:
+        check_bases([p for _, p in named])
+    return [compose.load(p, name=name) for name, p in named]
 
 
 def cmd_compose_report(args) -> int:
     from . import compose
 
-    rep = compose.report(_adapters(args.adapters))
+    if args.plot:
+        try:
+            compose.require_matplotlib()
+        except ImportError as e:
+            raise CliError(f"--plot: {e}") from None
+    rep = compose.report(_adapters(args.adapters, combined=False))
     print(compose.format_report(rep))
     if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+        write_text(args.json, json.dumps(rep, indent=2) + "\n")
     if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         compose.plot_report(rep, args.plot)
     return 0
 
@@ -235,7 +264,7 @@ def cmd_compose_merge(args) -> int:
 
     from . import compose
 
-    adapters = _adapters(args.adapters)
+    adapters = _adapters(args.adapters, model_dir=args.into, weights=args.weights)
     _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(_model_dir(args.into))
     compose.sum_into(model, adapters, args.weights)
@@ -248,7 +277,7 @@ def cmd_compose_merge(args) -> int:
 def cmd_compose_concat(args) -> int:
     from . import compose
 
-    total = compose.concat(_adapters(args.adapters), args.weights)
+    total = compose.concat(_adapters(args.adapters, weights=args.weights), args.weights)
     total.save_peft(args.out)
     print(f"exact sum (one PEFT LoRA, ranks {sorted({total.rank(n) for n in total})}) written "
           f"to {args.out}")
@@ -258,14 +287,14 @@ def cmd_compose_concat(args) -> int:
 def cmd_compose_eval(args) -> int:
     from . import compose
 
-    _model_dir(args.model)
+    adapters = _adapters(args.adapters, model_dir=args.model)
     _quiet_transformers()
-    result = compose.evaluate(args.model, _adapters(args.adapters), compose.read_texts(args.text),
+    result = compose.evaluate(args.model, adapters, compose.read_texts(args.text),
                               max_length=args.max_length, max_chunks=args.max_chunks)
     for name, ppl in result["perplexity"].items():
         print(f"{name:<40} perplexity {ppl:10.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -273,51 +302,62 @@ def cmd_compose_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import main_job
 
-    parser = argparse.ArgumentParser(prog="python -m soslora_ext", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m soslora_ext", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="synthetic end-to-end run on CPU (seconds)")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=positive_int, default=600, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
 
     p = sub.add_parser("main-job", help=main_job.__doc__.splitlines()[0],
                        description=main_job.__doc__)
     main_job.add_arguments(p)
+    for action in p._actions:  # the same checks as the other commands' counts
+        if action.type is int and action.dest != "seed":
+            action.type = positive_int
+        elif action.type is float:
+            action.type = positive_float
 
-    p = sub.add_parser("train", help="fine-tune a model directory with SOS-LoRA",
-                       description="Fine-tune a Hugging Face model directory with SOS-LoRA on "
-                       "a classification (.jsonl with text/label, or 'filekinds') or text "
-                       "(.txt file or directory: causal LM) dataset; writes OUT/adapter and "
-                       "OUT/metrics.json.")
+    p = sub.add_parser("train", help="fine-tune a model directory with SOS-LoRA or CPS-LoRA",
+                       description="Fine-tune a Hugging Face model directory with SOS-LoRA or "
+                       "CPS-LoRA on a classification (.jsonl with text/label, or 'filekinds') "
+                       "or text (.txt file or directory: causal LM) dataset; writes OUT/adapter "
+                       "and OUT/metrics.json. Accuracy is measured on held-out rows: for a "
+                       ".jsonl, each label's rows are shuffled with --seed and the last fifth "
+                       "of them is held out; 'filekinds' uses its own split, by file.")
     p.add_argument("model_dir", help="a model directory (config.json, weights, tokenizer)")
     p.add_argument("--data", required=True,
                    help="'filekinds', a .jsonl file of {\"text\", \"label\"}, or text files")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--task", choices=["auto", "classification", "text"], default="auto")
+    p.add_argument("--task", choices=["auto", "classification", "text"], default="auto",
+                   help="auto: classification for 'filekinds' and .jsonl, text otherwise")
     p.add_argument("--targets", nargs="+", default=None,
                    help="module names to adapt (default: every Linear except the heads)")
     p.add_argument("--method", choices=["sos", "cps"], default="sos",
-                   help="sos: SOS-LoRA (default); cps: CPS-LoRA")
-    p.add_argument("--rank", type=int, default=16,
-                   help="SOS: total rank; CPS: rank per cluster (default 16)")
-    p.add_argument("--experts", type=int, default=4, help="SOS: number of experts (default 4)")
-    p.add_argument("--alpha", type=float, default=None, help="alpha (default 2 * rank)")
+                   help="sos: SOS-LoRA; cps: CPS-LoRA")
+    p.add_argument("--rank", type=positive_int, default=16,
+                   help="SOS: total rank; CPS: rank per cluster")
+    p.add_argument("--experts", type=positive_int, default=4, help="SOS: number of experts")
+    p.add_argument("--alpha", type=positive_float, default=None,
+                   help="scaling numerator, > 0 (default 2 * rank)")
     p.add_argument("--scale-mode", choices=["fixed", "channel"], default="fixed",
                    help="SOS: fixed or trainable channel scales")
-    p.add_argument("--gate", action="store_true", help="SOS: add the mean-1 gate")
-    p.add_argument("--clusters", type=int, default=4, help="CPS: number of clusters (default 4)")
-    p.add_argument("--repartition-every", type=int, default=0,
-                   help="CPS: repartition every this many steps (default 0: never)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--ortho-lambda", type=float, default=0.006,
-                   help="orthogonality weight after the ramp (default 0.006)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    p.add_argument("--gate", action="store_true", help="SOS: add the mean-1 gate (default off)")
+    p.add_argument("--clusters", type=positive_int, default=4, help="CPS: number of clusters")
+    p.add_argument("--repartition-every", type=non_negative_int, default=0,
+                   help="CPS: repartition every this many steps (0: never)")
+    p.add_argument("--dropout", type=probability, default=0.0, help="adapter dropout rate")
+    p.add_argument("--ortho-lambda", type=non_negative_float, default=0.006,
+                   help="orthogonality weight after the ramp")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--max-length", type=positive_int, default=128,
+                   help="tokens per example (classification) or per chunk (text)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=20, help="print the mean loss this often")
+    p.add_argument("--log-every", type=non_negative_int, default=20,
+                   help="print the mean loss this often (0: never)")
 
     for name, text in (("merge", "write the merged model to OUT (from_pretrained loads it)"),
                        ("export-peft", "write the adapter in PEFT's LoRA format to OUT")):
@@ -327,53 +367,58 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output directory")
 
     p = sub.add_parser("info", help="layers, ranks, scales and trainable parameters")
-    p.add_argument("adapter", help="an adapter directory")
+    p.add_argument("adapter", help="an adapter directory written by train or save_adapter")
 
     compose = sub.add_parser("compose", help="sum adapters and measure their interference",
                              description="Naive summation of LoRA adapters (PEFT directories "
-                             "or our own) and their interference, computed on the factors.")
+                             "or our own) and their interference, computed on the factors. "
+                             "Adapters are named by the shortest end of their path that tells "
+                             "them apart, or NAME=PATH.")
     csub = compose.add_subparsers(dest="compose_command", required=True, metavar="ACTION")
+    adapters_help = "adapter directories (PATH or NAME=PATH)"
     p = csub.add_parser("report", help="pairwise cosines, RMS cosine, norms, effective ranks")
-    p.add_argument("adapters", nargs="+", help="adapter directories")
+    p.add_argument("adapters", nargs="+", help=adapters_help)
     p.add_argument("--json", help="write the report as JSON here")
-    p.add_argument("--plot", help="write a PNG heatmap of the pairwise RMS cosine here")
+    p.add_argument("--plot", help="write a PNG heatmap of the pairwise RMS cosine here "
+                   "(needs matplotlib: pip install matplotlib)")
     p = csub.add_parser("merge", help="write MODEL_DIR + sum of the adapters as a model")
-    p.add_argument("adapters", nargs="+", help="adapter directories")
+    p.add_argument("adapters", nargs="+", help=adapters_help)
     p.add_argument("--into", required=True, help="the base causal-LM model directory")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter")
+    p.add_argument("--weights", type=finite_float, nargs="+",
+                   help="one weight per adapter (default 1 each)")
     p = csub.add_parser("concat", help="write the exact sum as one PEFT LoRA adapter")
-    p.add_argument("adapters", nargs="+", help="adapter directories")
+    p.add_argument("adapters", nargs="+", help=adapters_help)
     p.add_argument("--out", required=True, help="output adapter directory")
-    p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter")
+    p.add_argument("--weights", type=finite_float, nargs="+",
+                   help="one weight per adapter (default 1 each)")
     p = csub.add_parser("eval", help="perplexity of the base, each adapter and each sum")
-    p.add_argument("adapters", nargs="+", help="adapter directories")
+    p.add_argument("adapters", nargs="+", help=adapters_help)
     p.add_argument("--model", required=True, help="the base causal-LM model directory")
     p.add_argument("--text", required=True, help="a text file or a folder of .txt files")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per chunk")
-    p.add_argument("--max-chunks", type=int, default=None, help="evaluate at most this many")
+    p.add_argument("--max-length", type=positive_int, default=128, help="tokens per chunk")
+    p.add_argument("--max-chunks", type=positive_int, default=None,
+                   help="evaluate at most this many chunks (default: all)")
     p.add_argument("--json", help="write the perplexities as JSON here")
+    document_defaults(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from . import demo, main_job
 
-    args = build_parser().parse_args(argv)
     commands = {"demo": lambda a: demo.main(["--steps", str(a.steps), "--seed", str(a.seed)]),
                 "main-job": main_job.main, "train": cmd_train, "merge": cmd_merge,
                 "export-peft": cmd_export_peft, "info": cmd_info,
                 "compose": lambda a: {"report": cmd_compose_report, "merge": cmd_compose_merge,
                                       "concat": cmd_compose_concat,
                                       "eval": cmd_compose_eval}[a.compose_command](a)}
-    for name in ("steps", "batch_size", "rank", "experts", "max_length"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
-            print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
     try:
+        args = build_parser().parse_args(argv)
+        check_outputs(args)  # before any work: a bad --out would otherwise fail at the end
         return commands[args.command](args)
     except Exception as e:  # one line for the user; the traceback on request
-        if os.environ.get("SOSLORA_DEBUG"):
+        if os.environ.get("SOSLORA_DEBUG") and not isinstance(e, CliError):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {message}", file=sys.stderr)

@@ -91,18 +91,16 @@ class Adapter(Mapping):
 # ---- loading ---------------------------------------------------------------------------------
 def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
     """An adapter directory: PEFT LoRA (lora_alpha, rank_pattern/alpha_pattern, rsLoRA) or
-    soslora_ext's own format."""
+    soslora_ext's own format (its modules saved whole included), checked as load_adapter and
+    import_peft check them."""
+    from .serialization import is_own_format, read_adapter
+
     directory = Path(directory)
     name = name or directory.name
-    config_path = directory / CONFIG_NAME
-    try:
-        fmt = json.loads(config_path.read_text()).get("format")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        fmt = None  # read_peft_lora reports the problem precisely
-    if fmt == FORMAT:
-        config, layers = layers_from_directory(directory)
+    if is_own_format(directory):
+        config, layers, whole = read_adapter(directory)
         terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
-        return Adapter(terms, name=name)
+        return Adapter(terms, name=name, whole=whole)
     config, factors, whole = read_peft_lora(directory)
     terms = {n: [LowRankTerm(A, B, scaling)] for n, (A, B, scaling) in factors.items()}
     return Adapter(terms, name=name, fan_in_fan_out=bool(config.get("fan_in_fan_out")),
@@ -217,8 +215,19 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def require_matplotlib() -> None:
+    """matplotlib is optional (only plot_report needs it): say how to get it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("plotting needs matplotlib, which is not installed: pip install "
+                          "matplotlib (the package's 'plot' extra, soslora_ext[plot], "
+                          "includes it)") from None
+
+
 def plot_report(rep: dict, path: str | os.PathLike) -> Path:
     """A PNG heatmap of the pairwise RMS cosine."""
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +291,8 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
              weights: Sequence[float] | None = None) -> nn.Module:
     """W += sum_i w_i delta_W_i in place, for every adapted module of `model`, through the merge
     op (float32 accumulation, one rounding per term, no [out, in] temporary). Everything is
-    checked before the first weight changes."""
+    checked before the first weight changes, including non-finite factors and a sum beyond the
+    weight dtype's range: on any error every weight is bit-identical."""
     weights = _weights(adapters, weights)
     _check_compatible(adapters)
     plans = []
@@ -301,7 +311,7 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
                 raise AdapterError(f"layer {layer!r}: adapter {adapter.name!r} is for a "
                                    f"{adapter.shape(layer)} weight, the model's is "
                                    f"{tuple(target.shape)}")
-            plans.append((target, terms, w))
+            plans.append(((layer, weight, target), terms, w))
     for adapter in adapters:
         for path, tensor in adapter.whole.items():
             module_name, _, param = path.rpartition(".")
@@ -312,13 +322,19 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
             if not isinstance(current, Tensor) or current.shape != tensor.shape:
                 raise AdapterError(f"module {module_name!r} saved whole by {adapter.name!r} "
                                    "does not fit the model")
-    with torch.no_grad():
-        for target, terms, w in plans:
-            for t in terms:
-                A, B = t.A.to(target.device), t.B.to(target.device)
-                scale = torch.full((A.shape[0],), t.scale * w, device=target.device,
-                                   dtype=torch.float32)
-                ops.merge_into_(target, A, B, scale, 1.0)
+    # One merge target per weight (several adapters may add into it): the guard checks the
+    # whole sum for non-finite factors and overflow before the first weight is written.
+    from .merging import Target, Term, merge_
+
+    targets: dict[int, Target] = {}
+    for (layer, weight, target), terms, w in plans:
+        entry = targets.setdefault(id(weight), Target(layer, target))
+        for t in terms:
+            A, B = t.A.to(target.device), t.B.to(target.device)
+            scale = torch.full((A.shape[0],), t.scale * w, device=target.device,
+                               dtype=torch.float32)
+            entry.terms.append(Term(A, B, scale))
+    merge_(list(targets.values()), "sum_into")
     for adapter in adapters:
         for path, tensor in adapter.whole.items():
             module_name, _, param = path.rpartition(".")
@@ -340,20 +356,43 @@ def read_texts(path: str | os.PathLike) -> str:
     return text
 
 
-@torch.no_grad()
+def _check_counts(max_chunks: int | None = None, **values) -> None:
+    """Chunk lengths and counts are positive ints (a negative count would silently slice);
+    max_chunks may also be None (all chunks)."""
+    if max_chunks is not None:
+        values["max_chunks"] = max_chunks
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _chunks(tokenizer, text: str, max_length: int, max_chunks: int | None, desc: str) -> Tensor:
+    """The text's tokens as [n, max_length] consecutive chunks (at most max_chunks)."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // max_length
+    if n < 1:
+        raise AdapterError(f"{desc}: the text has {ids.numel()} tokens, fewer than "
+                           f"max_length={max_length}: give more text or a smaller max_length "
+                           "(--max-length on the command line)")
+    return ids[: n * max_length].view(n, max_length)[:max_chunks]
+
+
 def perplexity(model: nn.Module, tokenizer, text: str, max_length: int = 128,
                batch_size: int = 8, max_chunks: int | None = None, desc: str = "eval",
                progress: bool = True) -> float:
     """exp(mean next-token negative log-likelihood) over consecutive `max_length` chunks."""
+    _check_counts(max_length=max_length, batch_size=batch_size, max_chunks=max_chunks)
+    return _chunks_perplexity(model, _chunks(tokenizer, text, max_length, max_chunks, desc),
+                              batch_size, desc, progress)
+
+
+@torch.no_grad()
+def _chunks_perplexity(model: nn.Module, chunks: Tensor, batch_size: int, desc: str,
+                       progress: bool) -> float:
     import sys
 
     from tqdm.auto import tqdm
 
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    n = ids.numel() // max_length
-    if n < 1:
-        raise AdapterError(f"{desc}: fewer than max_length={max_length} tokens of text")
-    chunks = ids[: n * max_length].view(n, max_length)[:max_chunks]
     model.eval()
     total, count = 0.0, 0
     for i in tqdm(range(0, len(chunks), batch_size), desc=desc, disable=not progress,
@@ -371,10 +410,20 @@ def evaluate(model_dir: str | os.PathLike, adapters: Sequence[Adapter], text: st
              max_length: int = 128, max_chunks: int | None = None, progress: bool = True
              ) -> dict:
     """Perplexity of the causal LM at `model_dir` on `text`: the base, each adapter summed into
-    it alone, every pair summed, and all of them summed (when more than two)."""
+    it alone, every pair summed, and all of them summed (when more than two). Everything is
+    checked before the first model is loaded: the arguments, that `model_dir` is a causal LM
+    (any other model would get an untrained LM head) and that the text is long enough."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .base_models import causal_lm_architectures
+
+    _check_counts(max_length=max_length, max_chunks=max_chunks)
+    names = [a.name for a in adapters]
+    if len(set(names) | {"base"}) != len(names) + 1:
+        raise AdapterError(f"evaluate: adapter names must be distinct and not 'base', got {names}")
+    causal_lm_architectures(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chunks = _chunks(tokenizer, text, max_length, max_chunks, "evaluate")
     variants = [("base", [])] + [(a.name, [a]) for a in adapters]
     variants += [("+".join(x.name for x in pair), list(pair))
                  for pair in itertools.combinations(adapters, 2)]
@@ -384,6 +433,5 @@ def evaluate(model_dir: str | os.PathLike, adapters: Sequence[Adapter], text: st
     for name, members in variants:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         sum_into(model, members)
-        results[name] = perplexity(model, tokenizer, text, max_length, max_chunks=max_chunks,
-                                   desc=name, progress=progress)
+        results[name] = _chunks_perplexity(model, chunks, 8, name, progress)
     return dict(model=str(model_dir), max_length=max_length, perplexity=results)

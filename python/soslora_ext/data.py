@@ -12,11 +12,15 @@ Deterministic: files are listed in sorted order and shuffled with a seeded gener
 file is assigned to train or test by a hash of its path, so no file feeds both splits; a
 snippet is `snippet_lines` consecutive non-blank lines from a fixed place in the file (at most
 `max_chars` characters). Up to two snippets are taken per file, until each class has its quota.
+
+Also what ``train --data`` reads (read_training_data) and how labelled rows are split into
+training and held-out rows (split_rows).
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import random
 import sysconfig
 from pathlib import Path
@@ -87,6 +91,67 @@ def build_filekinds(train_per_class: int = 256, test_per_class: int = 64, seed: 
         test += got[True]
     random.Random(seed).shuffle(train)
     return train, test
+
+
+def split_rows(rows: list[tuple[str, int]], seed: int = 0, test_fraction: float = 0.2
+               ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, held out) of labelled rows, stratified: each label's rows are shuffled with
+    `seed` and the last `test_fraction` of them (rounded, at least one of a label with two or
+    more rows) is held out, so the held-out set has the labels in the data's proportions
+    whatever order the file lists them in."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    by_label: dict[int, list[tuple[str, int]]] = {}
+    for row in rows:
+        by_label.setdefault(row[1], []).append(row)
+    train, test = [], []
+    for label in sorted(by_label):
+        group = list(by_label[label])
+        random.Random(f"{seed}:{label}").shuffle(group)
+        n_test = max(1, round(len(group) * test_fraction)) if len(group) >= 2 else 0
+        train += group[:len(group) - n_test]
+        test += group[len(group) - n_test:]
+    random.Random(seed).shuffle(train)
+    return train, test
+
+
+def read_training_data(spec: str, task: str, seed: int):
+    """What `train --data SPEC` reads: ("classification", (train_rows, held_out_rows,
+    label_names)) for 'filekinds' (its own split) or a .jsonl of {"text", "label"} (split by
+    split_rows), else ("text", text) of a file or of a folder's .txt files. ValueError names
+    SPEC."""
+    if spec == "filekinds":
+        train, test = build_filekinds(seed=seed)  # its own split, by file
+        return "classification", (train, test, LABELS)
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"{spec}: no such file or directory")
+    if path.suffix == ".jsonl" and task in ("auto", "classification"):
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((str(obj["text"]), str(obj["label"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{spec}:{n}: expected a JSON object with 'text' and "
+                                 "'label'") from None
+        names = sorted({label for _, label in rows})
+        if len(names) < 2:
+            raise ValueError(f"{spec}: needs at least two distinct labels")
+        train, test = split_rows([(t, names.index(l)) for t, l in rows], seed=seed)
+        if not test:
+            raise ValueError(f"{spec}: too few rows to hold any out (a label needs two)")
+        return "classification", (train, test, names)
+    if task == "classification":
+        raise ValueError(f"{spec}: classification data must be a .jsonl file or "
+                         "'filekinds'")
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    text = "\n\n".join(f.read_text(errors="replace") for f in files)
+    if not text.strip():
+        raise ValueError(f"{spec}: no text found")
+    return "text", text
 
 
 def domain_text(kind: str, train_chars: int, test_chars: int, seed: int = 0) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .cps import RepartitionSchedule
-from .model import sos_layers
+from .model import check_adapters_called, sos_layers
 from .schedules import GateSchedule, OrthoSchedule
 
 
@@ -24,6 +24,35 @@ class TrainResult:
     seconds: float = 0.0
     # (step, {layer: relative change of dW}) for every CPS-LoRA repartition
     repartitions: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    # one record per repartition step: step, seconds, {layer: adopted, relative_change, no_signal}
+    repartition_log: list[dict] = field(default_factory=list)
+
+
+def _repartition_record(step: int, layers: list, seconds: float) -> dict:
+    result = {}
+    for name, layer in layers:
+        info = layer.last_repartition or {}
+        result[name] = dict(adopted=bool(info.get("adopted")),
+                            relative_change=float(info.get("delta_change", 0.0)),
+                            no_signal=bool(info.get("no_signal")))
+    return dict(step=step, seconds=seconds, layers=result)
+
+
+def describe_repartition(record: dict) -> str:
+    """One line: how many layers adopted a new partition, how much their updates changed."""
+    layers = record["layers"].values()
+    adopted = [v["relative_change"] for v in layers if v["adopted"]]
+    no_signal = sum(v["no_signal"] for v in layers)
+    kept = len(layers) - len(adopted) - no_signal
+    text = (f"repartition took {record['seconds']:.1f} s: {len(adopted)} of {len(layers)} "
+            "layers adopted a new partition")
+    if adopted:
+        text += (f" (relative change of dW: mean {sum(adopted) / len(adopted):.3g}, "
+                 f"max {max(adopted):.3g})")
+    text += f", {kept} kept theirs"
+    if no_signal:
+        text += f", {no_signal} had no signal yet (kept)"
+    return text
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -66,12 +95,23 @@ def train(model: nn.Module, batches, steps: int, lr: float = 1e-3, seed: int = 0
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         sched.step()
+        if step == 0:  # an adapter its parent never calls (reads .weight) would do nothing
+            check_adapters_called(model, desc)
         for schedule in (ortho, gate):
             if schedule is not None:
                 schedule.step()
+        due = repartition.due()
+        if due:  # it can take minutes on a large model: say so before the bar stops
+            tqdm.write(f"{desc} step {step + 1}: repartitioning {len(due)} CPS-LoRA layers...",
+                       file=sys.stderr)
+            began = time.perf_counter()
         changes = repartition.step()
         if changes:
             result.repartitions.append((step + 1, changes))
+        if due:
+            record = _repartition_record(step + 1, due, time.perf_counter() - began)
+            result.repartition_log.append(record)
+            tqdm.write(f"{desc} step {step + 1}: {describe_repartition(record)}", file=sys.stderr)
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"{desc}: loss became {value} at step {step}")
