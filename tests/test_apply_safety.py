@@ -181,3 +181,77 @@ def test_trainer_callbacks_name_an_adapter_its_parent_never_calls(tmp_path, call
     with pytest.raises(RuntimeError, match=r"\['classifier.proj'\] were not called"):
         trainer.train()
     assert trainer.state.global_step == 1  # stopped after the first step
+
+
+# ---- odd arguments and odd bases -------------------------------------------------------------
+def test_modules_to_save_none_means_none():
+    # PEFT's LoraConfig default; it used to be refused as "not a list".
+    model = llama()
+    sl.apply_sos_lora(model, ["q_proj"], modules_to_save=None, num_experts=2, rank=4)
+    assert sl.modules_to_save(model) == {}
+
+
+@pytest.mark.parametrize("saved", [["q_proj"], ["self_attn"],
+                                   ["model.layers.0.self_attn.q_proj"]])
+def test_a_module_both_adapted_and_saved_whole_is_refused(saved):
+    # The saved module's parameters, the adapter's frozen base among them, used to be thawed.
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"which is or holds the adapted layer "
+                                         r"'model.layers.0.self_attn.q_proj'"):
+        sl.apply_sos_lora(model, ["q_proj"], modules_to_save=saved, num_experts=2, rank=4)
+    assert_unchanged(model, before)
+    sl.apply_sos_lora(model, ["q_proj"], num_experts=2, rank=4)  # an earlier adapter, too
+    with pytest.raises(ValueError, match="holds the adapted layer"):
+        sl.apply_sos_lora(model, ["v_proj"], modules_to_save=["self_attn"], num_experts=2,
+                          rank=4)
+    assert not model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad
+
+
+def test_a_module_under_two_names_is_adapted_under_both():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    model.add_module("alias", model[0])  # one module, two paths to it
+    sl.apply_sos_lora(model, ["alias"], num_experts=2, rank=2)  # used to match nothing
+    assert isinstance(model[0], sl.SOSLinear) and model.alias is model[0]
+    assert model[0].weight_shared_with == []  # its own other name is not another module
+    model[0].lora_B.data.normal_()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        y = model.alias(x)
+    sl.merge_and_unload(model)
+    assert type(model[0]) is nn.Linear and model.alias is model[0]
+    with torch.no_grad():
+        assert torch.allclose(model[0](x), y, atol=1e-4)
+
+
+def test_a_base_whose_weight_is_a_plain_tensor():
+    # Its weight has no owner among the parameters: a KeyError once the second target was
+    # built, with the first already frozen.
+    model = TwoLayers(torch.float32)
+    weight = model.b.weight.detach().clone().normal_()
+    del model.b.weight
+    model.b.weight = weight
+    sl.apply_sos_lora(model, ["a", "b"], num_experts=2, rank=2)
+    assert isinstance(model.b, sl.SOSLinear) and model.b.weight_shared_with == []
+    model.b.lora_B.data.normal_()
+    expected = weight + model.b.delta_weight()
+    model.b.merge()
+    assert torch.allclose(model.b.weight, expected)
+
+
+def test_an_adapter_in_a_submodule_kept_in_eval_mode_counts_as_called():
+    # A backbone kept in eval() (dropout off) while its adapters train: they get gradients,
+    # and check_adapters_called used to report them as never called.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    sl.apply_sos_lora(model, ["0", "2"], num_experts=2, rank=2)
+    model.train()
+    model[0].eval()
+    model(torch.randn(3, 8)).sum().backward()
+    assert model[0].lora_A.grad is not None
+    sl.check_adapters_called(model)
+    with torch.no_grad():  # an inference call alone does not count
+        fresh = sl.apply_sos_lora(nn.Sequential(nn.Linear(8, 6)), ["0"], num_experts=2, rank=2)
+        fresh.eval()(torch.randn(3, 8))
+    assert sl.model.uncalled_adapters(fresh) == ["0"]

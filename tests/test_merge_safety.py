@@ -251,3 +251,114 @@ def test_forward_on_meta_gives_shape_and_dtype(make, dtype):
         out = layer.train(mode)(x)
         assert out.device.type == "meta"
         assert out.shape == expected.shape and out.dtype == expected.dtype
+
+
+# ---- the guard writes nothing, and checks everything it is given -----------------------------
+def test_exact_check_never_writes_a_float32_weight():
+    # Near float32's limit the bound cannot settle the merge, so it is replayed band by band;
+    # in float32 that replay once added the update into the weight itself.
+    layer = repro_layer()
+    with torch.no_grad():
+        layer.lora_B.zero_()
+        layer.lora_B[1] = 1.0  # the update lives on row 1 only
+        layer.weight[0, 0] = 3.4e38
+    w0, delta = layer.weight.detach().clone(), layer.delta_weight()
+    layer.merge()
+    assert torch.equal(layer.weight[1], w0[1] + delta[1])  # added once (was twice)
+    assert torch.equal(layer.weight[0], w0[0])
+    layer = repro_layer()
+    with torch.no_grad():
+        layer.weight[0, 0] = 3e38
+        layer.lora_B[0] *= 1e37
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(FloatingPointError, match="range of torch.float32"):
+        layer.merge()
+    assert torch.equal(layer.weight, w0) and not layer.merged  # was NaN in row 0
+
+
+def two_layer_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+@pytest.mark.parametrize("A, error, match", [
+    (torch.ones(2, 8, dtype=torch.int64), TypeError, "lora_A must be a real floating-point"),
+    (torch.ones(2, 8, dtype=torch.complex64), TypeError, "lora_A must be a real floating-point"),
+    (torch.ones(3, 8), ValueError, r"lora_A \[3, 8\] \(expected \[r, 8\]\)")])
+def test_a_term_the_op_cannot_take_is_refused_before_any_write(A, error, match):
+    # The good layer '2' comes first: the op used to write it, then fail on layer '0'.
+    model = two_layer_model()
+    adapter = compose.Adapter({"2": [compose.LowRankTerm(torch.randn(2, 6), torch.randn(4, 2))],
+                               "0": [compose.LowRankTerm(A, torch.ones(6, 2))]}, name="bad")
+    before = weights(model)
+    with pytest.raises(error, match=rf"sum_into: layer '0'.*{match}"):
+        compose.sum_into(model, [adapter])
+    assert_bit_identical(model, before)
+
+
+def adapter(**whole):
+    torch.manual_seed(1)
+    return compose.Adapter({"0": [compose.LowRankTerm(torch.randn(2, 8), torch.randn(6, 2))],
+                            "2": [compose.LowRankTerm(torch.randn(2, 6), torch.randn(4, 2))]},
+                           name="a", whole=whole)
+
+
+@pytest.mark.parametrize("ws, error, match", [
+    ([1e300], compose.AdapterError, "times its weight 1e\\+300 is not a finite float32"),
+    ([-1e300], compose.AdapterError, "times its weight -1e\\+300"),
+    ([1e38], FloatingPointError, "range of torch.float32")])
+def test_sum_into_weights_beyond_range_change_nothing(ws, error, match):
+    model = two_layer_model()
+    before = weights(model)
+    with pytest.raises(error, match=match):
+        compose.sum_into(model, [adapter()], ws)
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("whole, match", [
+    ({"2.bias": torch.full((4,), float("nan"))}, "'2.bias' saved whole by 'a' has non-finite"),
+    ({"2.bias": torch.zeros(4, dtype=torch.complex64)}, "expected torch.float32 \\(4,\\), got "
+                                                        "torch.complex64"),
+    ({"2.weight": torch.zeros(4, 6)}, "'2.weight' .* is a weight that the adapters add into")])
+def test_sum_into_checks_tensors_saved_whole_before_the_first_write(whole, match):
+    model = two_layer_model()
+    before = weights(model)
+    with pytest.raises(compose.AdapterError, match=match):
+        compose.sum_into(model, [adapter(**whole)])
+    assert_bit_identical(model, before)
+
+
+def test_delta_weight_refuses_a_non_finite_update():
+    layer = repro_layer()
+    layer.lora_B.data[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="SOSLinear.delta_weight: .*lora_B"):
+        layer.delta_weight()
+
+
+def test_two_adapters_on_one_weight_are_checked_as_their_sum():
+    base = nn.Linear(16, 12, dtype=torch.float16)
+    with torch.no_grad():
+        base.weight[0, 0] = 65000.0
+    torch.manual_seed(0)
+    pair = nn.ModuleDict({k: sl.SOSLinear(base, num_experts=4, rank=8) for k in "ab"})
+    for layer in pair.values():
+        with torch.no_grad():
+            layer.lora_B.zero_()
+            layer.lora_B[0] = 1.0
+            layer.lora_B[0] *= 300.0 / float(layer.delta_weight()[0, 0])  # +300 at [0, 0]
+    before = weights(pair)
+    with pytest.raises(FloatingPointError, match="merge_and_unload: layer 'a'.*float16"):
+        sl.merge_and_unload(pair)  # each alone fits; 65000 + 600 does not
+    assert_bit_identical(pair, before)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("merged_A", torch.randn(5, 16), r"lora_A \[5, 16\] \(expected \[r, 16\]\)"),
+    ("merged_B", torch.full((12, 8), float("nan")), "has non-finite values")])
+def test_a_malformed_merged_update_is_refused_at_load(key, value, match):
+    layer = repro_layer()
+    layer.merge()
+    state = layer.state_dict()
+    state[f"base_layer.{key}"] = value  # unmerge() could never subtract it
+    with pytest.raises(RuntimeError, match=f"base_layer: merged update: .*{match}"):
+        repro_layer().load_state_dict(state)

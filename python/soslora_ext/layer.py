@@ -112,8 +112,8 @@ class AdapterLinear(nn.Module):
             self.register_buffer("_" + key, None, persistent=False)
         # Modules that share the base weight (set by apply_*); merging would change them.
         self.weight_shared_with: list[str] = []
-        # Set by every forward in training mode; check_adapters_called() reads it to find
-        # layers whose parent reads .weight instead of calling them.
+        # Set by every forward in training mode or with grad enabled; check_adapters_called()
+        # reads it to find layers whose parent reads .weight instead of calling them.
         self.used_in_training = False
 
     def _update_factors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,6 +145,10 @@ class AdapterLinear(nn.Module):
     def _begin_forward(self, x: Tensor) -> None:
         """Checks shared by every forward, and the record of a training forward."""
         self._check_input(x)
+        # A forward that can train the adapter: also one in eval mode with grad enabled
+        # (e.g. a backbone kept in eval() while its adapters train).
+        if (self.training or torch.is_grad_enabled()) and not self.used_in_training:
+            self.used_in_training = True
         if self.training:
             if self.merged and torch.is_grad_enabled() and any(
                     p.requires_grad for p in self._adapter_parameters()):
@@ -152,8 +156,6 @@ class AdapterLinear(nn.Module):
                     f"{type(self).__name__}: training forward on a merged adapter: its factors "
                     "would get no gradient. unmerge() before training; for inference use "
                     "eval() or torch.no_grad()")
-            if not self.used_in_training:
-                self.used_in_training = True
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -184,11 +186,13 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
-        """The update as an [out, in] tensor in the accumulation dtype."""
+        """The update as an [out, in] tensor in the accumulation dtype. Refused, as merge(),
+        if a factor or scale is not finite or the update overflows that dtype."""
         A, B, scale = self._update_factors()
         delta = torch.zeros(self.out_features, self.in_features, device=A.device,
                             dtype=ops.accumulate_dtype(A.dtype))
-        ops.merge_into_(delta, A, B, scale, 1.0)
+        target = merging.Target("", delta, [merging.Term(A, B, scale)])
+        merging.merge_([target], f"{type(self).__name__}.delta_weight")
         return delta
 
     def _check_mergeable(self, where: str) -> None:
@@ -248,6 +252,9 @@ class AdapterLinear(nn.Module):
         if update and len(update) != len(keys):
             error_msgs.append(f"{prefix}base_layer: a merged state needs all of "
                               f"{list(_MERGED_KEYS)}")
+        elif update and (problem := merging.update_problem(
+                merging.Term(*update), self.out_features, self.in_features, self.weight.dtype)):
+            error_msgs.append(f"{prefix}base_layer: {problem}")
         elif f"{prefix}base_layer.weight" in state_dict:
             # The loaded base weight decides: merged (it holds `update`) or not.
             device = self.lora_A.device

@@ -12,6 +12,9 @@ each entry of D = (B s) A) settles the common case. Only where the bound cannot 
 overflow is the merge replayed band by band in the accumulation dtype, as the op computes it
 (small temporaries), before anything is written.
 
+Terms of a dtype or shape the op cannot take are refused here too, and the terms of all
+targets that write one weight are checked as their sum.
+
 A weight that already holds NaN or Inf is refused as well: the merge could not be checked,
 the merged model would be as broken as the base, and nothing is gained by writing into it.
 """
@@ -65,18 +68,48 @@ def _folded_B(term: Term, dtype: torch.dtype) -> Tensor:
     return term.B.to(dtype) * term.scale.to(dtype)
 
 
+def _check_term(target: Target, term: Term, where: str) -> None:
+    """Dtypes and shapes the op accepts: found here, before any weight is written, rather than
+    by the op halfway through a multi-weight merge."""
+    A, B, scale = term.A, term.B, term.scale
+    for what, t in (("lora_A", A), ("lora_B", B), ("scale", scale)):
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{_label(where, target)}: the update's {what} must be a real "
+                            f"floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    out, in_ = target.weight.shape
+    if (A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_ or B.shape[0] != out
+            or A.shape[0] != B.shape[1] or scale.shape not in ((A.shape[0],), tuple(B.shape))):
+        raise ValueError(f"{_label(where, target)}: the update's shapes do not fit the "
+                         f"[{out}, {in_}] weight: lora_A {list(A.shape)} (expected [r, {in_}]), "
+                         f"lora_B {list(B.shape)} (expected [{out}, r]), scale "
+                         f"{list(scale.shape)} (expected [r] or [{out}, r])")
+
+
+def _by_weight(targets: list[Target]) -> list[Target]:
+    """One target per distinct weight: the terms of targets that write the same weight are
+    checked as the one sum they add up to."""
+    combined: dict[int, Target] = {}
+    for t in targets:
+        combined.setdefault(id(t.weight), Target(t.name, t.weight)).terms.extend(t.terms)
+    return list(combined.values())
+
+
 @torch.no_grad()
 def check(targets: list[Target], where: str) -> None:
     """Raise FloatingPointError naming the weight (and `where`) if adding any target's terms
-    would write a non-finite value, or if a factor, scale or the weight itself is not finite.
-    Writes nothing."""
-    for target in targets:
+    would write a non-finite value, or if a factor, scale or the weight itself is not finite;
+    TypeError/ValueError if a term's dtype or shape cannot be merged. Writes nothing."""
+    for target in _by_weight(targets):
         weight = target.weight
-        if weight.device.type == "meta" or weight.numel() == 0 or not target.terms:
+        if not target.terms:
             continue
-        if not weight.dtype.is_floating_point:
-            raise TypeError(f"{_label(where, target)}: the weight is {weight.dtype}, "
-                            "not floating point")
+        if not weight.dtype.is_floating_point or weight.dim() != 2:
+            raise TypeError(f"{_label(where, target)}: the weight is {weight.dtype} "
+                            f"{list(weight.shape)}, not a floating-point matrix")
+        for t in target.terms:
+            _check_term(target, t, where)
+        if weight.device.type == "meta" or weight.numel() == 0:
+            continue
         # One host sync: finiteness of every factor and scale, max|W|, and the bound.
         lo, hi = torch.aminmax(weight.detach())
         values = [torch.maximum(lo.abs(), hi.abs()).double()]
@@ -118,13 +151,29 @@ def _exact_check(target: Target, where: str, limit: float) -> None:
     for start in range(0, rows, band):
         w = weight.detach()[start:start + band]
         for acc, A, Bs, alpha in folded:
-            s = w.to(acc).add_(Bs[start:start + band] @ A, alpha=alpha)
+            # A copy even where w is already `acc`: the check must never write the weight.
+            s = w.to(acc, copy=True).add_(Bs[start:start + band] @ A, alpha=alpha)
             if not bool((s.abs() <= limit).all()):
                 raise FloatingPointError(
                     f"{_label(where, target)}: the merged weight would exceed the "
                     f"range of {weight.dtype} (|value| > {limit:.6g}); nothing was merged "
                     "(merge into a wider dtype, e.g. model.float(), or scale the adapter down)")
             w = s.to(weight.dtype)
+
+
+def update_problem(term: Term, out: int, in_: int, dtype: torch.dtype) -> str | None:
+    """What keeps `term` from being merged into (or unmerged from) an [out, in] weight of
+    `dtype` (wrong dtype or shape, non-finite values), or None. For a merged update loaded
+    from a state dict, before the layer records it."""
+    shape_only = Target("", torch.empty(out, in_, device="meta", dtype=dtype), [term])
+    try:
+        check([shape_only], "merged update")
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if not all(t.device.type == "meta" or bool(torch.isfinite(t).all())
+               for t in (term.A, term.B, term.scale)):
+        return "merged update: has non-finite values"
+    return None
 
 
 @torch.no_grad()

@@ -59,10 +59,12 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
 
     `target_modules` is a list of names (a module matches if its name equals one or ends with
     "." + one, e.g. ["q_proj", "v_proj"]) or a regex matched against the full module name.
-    `modules_to_save` (same rules, e.g. ["classifier"]) stay fully trainable and are saved and
-    exported with the adapter, as PEFT's option of that name; those of an earlier apply_* call
-    stay trainable. Every other parameter of the model is frozen. Returns `model`. Every
-    target is checked first: on any error nothing in the model is changed.
+    `modules_to_save` (same rules, e.g. ["classifier"]; None for none) stay fully trainable and
+    are saved and exported with the adapter, as PEFT's option of that name; those of an
+    earlier apply_* call stay trainable. A saved module may not be or hold an adapted layer.
+    Every other parameter of the model is frozen. A module registered under several names is
+    adapted under all of them. Returns `model`. Every target is checked first: on any error
+    nothing in the model is changed.
     """
     layer_kwargs = dict(layer_kwargs)
     dtype = layer_kwargs.pop("dtype", None)
@@ -91,13 +93,18 @@ def _apply_adapters(model, target_modules, modules_to_save, owner, build,
                     check=lambda name, linear: None) -> nn.Module:
     """Replace the targets by build(linear), after `check(name, linear)` passed for each and
     every argument was validated: on any error the model is unchanged."""
+    modules_to_save = () if modules_to_save is None else modules_to_save  # PEFT's default
     _check_names(owner, "target_modules", target_modules)
     _check_names(owner, "modules_to_save", modules_to_save, allow_empty=True)
     inside_adapters = {id(m) for _, layer in adapter_layers(model) for m in layer.modules()
                        if m is not layer}
-    candidates = [(name, module) for name, module in model.named_modules()
+    # Every name of every module: one registered under two names is matched by either, and
+    # replaced under both (else one path would bypass its adapter).
+    candidates = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
                   if name and id(module) not in inside_adapters]
-    targets = [(name, module) for name, module in candidates if _matches(name, target_modules)]
+    names = _names_by_module(candidates)
+    matched = {id(m): m for name, m in candidates if _matches(name, target_modules)}
+    targets = [(names[i][0], module) for i, module in matched.items()]
     if not targets:
         linear_names = [n for n, m in candidates if isinstance(m, nn.Linear)]
         raise ValueError(f"{owner}: target_modules={target_modules!r} matches no module; "
@@ -112,9 +119,19 @@ def _apply_adapters(model, target_modules, modules_to_save, owner, build,
         check_base(module, f"{owner}: module {name!r}")
         check(name, module)
 
-    saved = [m for name, m in candidates if modules_to_save and _matches(name, modules_to_save)]
+    saved = list({id(m): m for name, m in candidates
+                  if modules_to_save and _matches(name, modules_to_save)}.values())
     if modules_to_save and not saved:
         raise ValueError(f"{owner}: modules_to_save={modules_to_save!r} matches no module")
+    # A saved module that is or holds an adapted layer would make its frozen base trainable.
+    adapted = {id(m) for _, m in targets} | {id(m) for _, m in adapter_layers(model)}
+    for module in saved:
+        clash = [name for name, m in module.named_modules() if id(m) in adapted]
+        if clash:
+            where = names[id(module)][0] + (f".{clash[0]}" if clash[0] else "")
+            raise ValueError(f"{owner}: modules_to_save={modules_to_save!r} names module "
+                             f"{names[id(module)][0]!r}, which is or holds the adapted layer "
+                             f"{where!r}; a module is either adapted or saved whole, not both")
 
     # Modules saved by an earlier apply_* (or load_adapter) call stay trainable.
     target_ids = {id(m) for _, m in targets}
@@ -124,19 +141,30 @@ def _apply_adapters(model, target_modules, modules_to_save, owner, build,
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
+    # A weight tied to another module (e.g. lm_head and the embeddings) must not be merged.
+    # (A weight that is a plain tensor, not a Parameter, has no owners to find.)
+    shared = [sorted(set(owners.get(id(module.weight), [])) - set(names[id(module)]))
+              for _, module in targets]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:  # building freezes each base: undone if a later one fails
-        replacements = [(name, build(module)) for name, module in targets]
+        replacements = [build(module) for _, module in targets]
     except BaseException:
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    for name, layer in replacements:
-        # A weight tied to another module (e.g. lm_head and the embeddings) must not be merged.
-        layer.weight_shared_with = sorted(set(owners[id(layer.weight)]) - {name})
-        replace_module(model, name, layer)
+    for (_, module), layer, others in zip(targets, replacements, shared):
+        layer.weight_shared_with = others
+        for name in names[id(module)]:
+            replace_module(model, name, layer)
     freeze_all_but_adapters(model, keep_trainable=saved + earlier)
     return model
+
+
+def _names_by_module(named: list[tuple[str, nn.Module]]) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, module in named:
+        names.setdefault(id(module), []).append(name)
+    return names
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -204,14 +232,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merging.merge_(targets, "merge_and_unload")
     for (_, layer), target in zip(pending, targets):
         layer._record_merged(target)
-    for name, layer in layers:
-        replace_module(model, name, layer.merge_and_unload())
+    names = _names_by_module(list(model.named_modules(remove_duplicate=False)))
+    for _, layer in layers:
+        for name in names[id(layer)]:  # every name, where one layer is registered under several
+            replace_module(model, name, layer.merge_and_unload())
     return model
 
 
 def uncalled_adapters(model: nn.Module) -> list[str]:
     """Names of the adapted layers with trainable factors that no forward in training mode
-    has called (see check_adapters_called)."""
+    (or with grad enabled) has called (see check_adapters_called)."""
     return [name for name, layer in adapter_layers(model) if not layer.used_in_training
             and any(p.requires_grad for p in layer._adapter_parameters())]
 
