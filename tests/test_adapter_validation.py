@@ -359,3 +359,112 @@ def test_peft_loads_our_exports_without_warnings(tmp_path, recwarn):
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
     assert not [w for w in recwarn if "nexpected" in str(w.message)]
+
+
+# ---- new members of the same classes --------------------------------------------------------
+def test_a_config_with_a_duplicated_key_is_refused(saved):
+    # Before: json kept the last "format", so the file said two things and one was read.
+    text = (saved / CONFIG_NAME).read_text().replace("{", '{\n  "format": "x",', 1)
+    (saved / CONFIG_NAME).write_text(text)
+    with pytest.raises(sl.AdapterError, match=r"duplicate keys \['format'\]"):
+        read_adapter_config(saved)
+
+
+@pytest.mark.parametrize("metadata,error,match", [
+    ([1, 2], TypeError, "expected a dict, got list"),
+    ({"x": float("nan")}, sl.AdapterError, "Out of range float"),
+    ({"x": object()}, TypeError, "not JSON serializable")])
+def test_save_adapter_refuses_bad_metadata_and_writes_nothing(tmp_path, metadata, error, match):
+    # Before: a list was stored (and broke `merge`), NaN written as non-standard JSON.
+    with pytest.raises(error, match=f"metadata must be .*{match}"):
+        sl.save_adapter(adapted(0), tmp_path / "a", metadata=metadata)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(metadata=[1]), "metadata must be an object"),
+    (lambda c: c.update(base_model_class=[1]), "base_model_class must be a string")])
+def test_edited_metadata_is_refused_by_every_reader(saved, edit, match):
+    restamp_adapter(saved, edit)
+    for reader in READERS.values():
+        with pytest.raises(sl.AdapterError, match=match):
+            reader(saved)
+
+
+def peft_files(directory, tensors, **config):
+    directory.mkdir()
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                     "lora_alpha": 4, **config}))
+    return directory
+
+
+def lora(dtype=torch.float32):
+    torch.manual_seed(0)
+    return {"base_model.model.up.lora_A.weight": torch.randn(4, 6).to(dtype),
+            "base_model.model.up.lora_B.weight": torch.randn(5, 4).to(dtype)}
+
+
+def test_float8_factors_are_checked_and_imported(tmp_path):
+    # Before: NotImplementedError ("isfinite" not implemented for Float8_e4m3fn).
+    t = lora(torch.float8_e4m3fn)
+    model = sl.import_peft(fresh_tiny(), peft_files(tmp_path / "p", t), num_experts=2)
+    assert isinstance(model.up, sl.SOSLinear)
+    a = compose.load(tmp_path / "p")
+    expected = t["base_model.model.up.lora_B.weight"].double() @ \
+        t["base_model.model.up.lora_A.weight"].double()
+    assert torch.allclose(a.delta("up"), expected)
+
+
+@pytest.mark.parametrize("how", ["import_peft", "compose.load"])
+def test_a_lora_alpha_that_overflows_the_update_is_refused(tmp_path, how):
+    # Before: lora_alpha 1e300 imported lora_B as inf, and compose summed infinities.
+    directory = peft_files(tmp_path / "p", lora(), lora_alpha=1e300)
+    model = fresh_tiny()
+    with pytest.raises(sl.AdapterError, match=r"layer 'up': lora_B times the scaling 2.5e\+299"):
+        sl.import_peft(model, directory, num_experts=2) if how == "import_peft" else \
+            compose.load(directory)
+    assert not list(sl.adapter_layers(model))
+
+
+def test_import_into_float16_that_overflows_is_refused_and_changes_nothing(tmp_path):
+    directory = peft_files(tmp_path / "p", lora(), lora_alpha=1e7)
+    model = fresh_tiny()
+    with pytest.raises(sl.AdapterError, match="layer 'up': .*overflow torch.float16"):
+        sl.import_peft(model, directory, num_experts=2, dtype=torch.float16)
+    assert not list(sl.adapter_layers(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_module_saved_whole_must_be_floating_point(tmp_path, dtype):
+    # Before: an int64 or bool "lm_head.weight" was cast into the model's float parameter.
+    t = {**lora(), "base_model.model.head.weight": torch.ones(2, 3, dtype=dtype)}
+    with pytest.raises(sl.AdapterError, match=f"head.weight' is {dtype}, expected a floating"):
+        sl.import_peft(fresh_tiny(), peft_files(tmp_path / "p", t), num_experts=2)
+    with pytest.raises(sl.AdapterError, match=f"head.weight' is {dtype}, expected a floating"):
+        write_peft_lora(tmp_path / "w", {"up": (torch.ones(2, 6), torch.ones(5, 2))},
+                        {"head.weight": torch.ones(2, 3, dtype=dtype)})
+    assert not (tmp_path / "w").exists()
+
+
+def test_write_peft_lora_refuses_what_is_not_a_tensor(tmp_path):
+    # Before: AttributeError: 'numpy.ndarray' object has no attribute 'dim'.
+    with pytest.raises(sl.AdapterError, match=r"factors\['up'\] must be an \(A, B\) pair"):
+        write_peft_lora(tmp_path / "w", {"up": (torch.ones(2, 6).numpy(), torch.ones(5, 2))})
+    with pytest.raises(sl.AdapterError, match=r"whole\['head.weight'\] must be a torch.Tensor"):
+        write_peft_lora(tmp_path / "w", {"up": (torch.ones(2, 6), torch.ones(5, 2))},
+                        {"head.weight": [[1.0]]})
+    assert not (tmp_path / "w").exists()
+
+
+def test_info_reads_the_committed_pair_and_tolerates_missing_fields(saved, capsys):
+    # Before: `info` re-read adapter_model.safetensors itself (a newer save's weights while
+    # that save is between its renames: KeyError) and a config without library_version
+    # failed with "error: 'library_version'".
+    restamp_adapter(saved, lambda c: c.pop("library_version"))
+    (saved / WEIGHTS_NAME).rename(saved / ".adapter_model.safetensors.previous")
+    sl.save_adapter(adapted(1), saved.parent / "other")
+    (saved.parent / "other" / WEIGHTS_NAME).rename(saved / WEIGHTS_NAME)
+    assert cli_main(["info", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "library None" in out and "8 in modules saved whole: ['head']" in out

@@ -391,3 +391,58 @@ def test_peft_folder_points_to_import_peft_and_compose(trained, lms, tmp_path, c
     assert run(command, lms["a"], *extra) == 2
     err = one_line_error(capsys)
     assert "PEFT adapter" in err and "import_peft" in err and "compose" in err
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"text": null, "label": "a"}\n{"text": "x", "label": "b"}\n' * 3,
+     "data.jsonl:1: expected a JSON object with a string 'text'"),
+    ('{"text": "x", "label": null}\n{"text": "x", "label": "b"}\n' * 3,
+     "data.jsonl:1: expected a JSON object with a string 'text' and a string or integer"),
+    (b'\xff\xfe{"text": "x"}\n', "data.jsonl: cannot read it as UTF-8 text"),
+    (None, r"data.jsonl: cannot read it as UTF-8 text \(.*Is a directory"),
+])
+def test_bad_training_data_is_refused_naming_data(trained, tmp_path, capsys, content, message):
+    # Before: null text or label trained on the text "None"; bad UTF-8 or a folder named
+    # .jsonl gave an error that did not name the file or option.
+    import re
+
+    data = tmp_path / "data.jsonl"
+    if content is None:
+        data.mkdir()
+    elif isinstance(content, bytes):
+        data.write_bytes(content)
+    else:
+        data.write_text(content)
+    assert run("train", trained[0], "--data", data, "--out", tmp_path / "o", "--steps", 1) == 2
+    assert re.search("--data .*" + message, one_line_error(capsys))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", str(2**70)], "argument --seed: must be an integer in [-2**63, 2**64)"),
+    (["--experts", "3"], "--experts/--rank: rank=4 must be divisible by num_experts=3"),
+])
+def test_train_options_are_named_in_their_errors(trained, tmp_path, capsys, args, message):
+    # Before: "Overflow when unpacking long long"; a hyperparameter error without the option.
+    assert run("train", trained[0], "--data", "filekinds", "--out", tmp_path / "o",
+               "--rank", 4, *args) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_train_out_may_not_be_its_data_folder(trained, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("x " * 100)
+    assert run("train", trained[0], "--data", tmp_path, "--out", tmp_path) == 2
+    assert f"--out {tmp_path}: is one of the command's inputs" in one_line_error(capsys)
+
+
+def test_merge_refuses_metadata_of_the_wrong_type(trained, tmp_path, capsys):
+    # Before: "error: 'list' object has no attribute 'items'"-style messages.
+    import shutil
+
+    from conftest import restamp_adapter
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained[1] / "adapter", adapter)
+    restamp_adapter(adapter, lambda c: c["metadata"].update(model_kwargs=[2]))
+    assert run("merge", adapter, "--base", trained[0], "--out", tmp_path / "m") == 2
+    assert "model_kwargs must be an object" in one_line_error(capsys)

@@ -181,3 +181,30 @@ def test_saving_into_a_file_is_refused(tmp_path):
     with pytest.raises(sl.AdapterError, match="is a file, not a directory"):
         sl.save_adapter(tiny(0), tmp_path / "a")
     assert (tmp_path / "a").read_text() == "a file"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saving_through_a_dangling_link_is_refused(tmp_path, kind):
+    # Before: FileExistsError from mkdir.
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(sl.AdapterError, match="a link to .*nowhere.*which does not exist"):
+        save_kills.save(kind, 0, tmp_path / "link")
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_full_disk_is_an_adapter_error_and_the_last_save_stays(tmp_path, kind, monkeypatch):
+    # Before: a raw OSError (e.g. PermissionError on a read-only folder) reached the caller.
+    import errno
+
+    save_kills.save(kind, 0, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(sl.AdapterError, match="cannot save the adapter .*No space left.*still "
+                                              "holds its last committed save"):
+        save_kills.save(kind, 1, tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before

@@ -84,7 +84,9 @@ def check_model_layer(model: nn.Module, name: str, shape: tuple, where: str) -> 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        # isfinite has no float8 kernels: widen 1-byte floats first.
+        if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1
+                                                        else t).all():
             fail(where, f"tensor {key!r} has non-finite values")
 
 
@@ -94,8 +96,11 @@ def header_of(tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def _compare(where: str, what: str, got, expected) -> None:
+    """`got` (dtype, shape) is `expected`; with no expectation, any floating-point tensor."""
     if got is None:
         fail(where, f"{what} is missing")
+    if expected is None and not got[0].is_floating_point:
+        fail(where, f"{what} is {got[0]}, expected a floating-point tensor")
     if expected is not None and tuple(got) != tuple(expected):
         fail(where, f"{what} is {got[0]} {tuple(got[1])}, expected {expected[0]} "
                     f"{tuple(expected[1])}")
@@ -155,6 +160,11 @@ def check_own_config(config: dict, where: str, model: nn.Module | None = None) -
         fail(where, f"{CONFIG_NAME}: modules_to_save must map module names to lists of distinct "
                     f"parameter names, got {str(saved)[:200]}")
     check_names(where, modules, saved)
+    metadata, base = config.get("metadata", {}), config.get("base_model_class")
+    if not isinstance(metadata, dict):
+        fail(where, f"{CONFIG_NAME}: metadata must be an object, got {str(metadata)[:100]}")
+    if not (base is None or isinstance(base, str)):
+        fail(where, f"{CONFIG_NAME}: base_model_class must be a string, got {str(base)[:100]}")
     plan = OwnPlan()
     for name, entry in modules.items():
         if not isinstance(entry, dict):
@@ -288,6 +298,8 @@ def check_peft_header(config: dict, header: dict, where: str) -> PeftPlan:
         elif not path.endswith(".lora_B.weight"):
             if "lora_" in path:
                 fail(where, f"unsupported LoRA tensor {key!r}")
+            if not dtype.is_floating_point:  # modules_to_save hold trained (float) parameters
+                fail(where, f"tensor {key!r} is {dtype}, expected a floating-point tensor")
             whole.append(path)
     if not names:
         fail(where, "the adapter holds no lora_A/lora_B tensors")

@@ -83,7 +83,7 @@ def _require_file(path: Path) -> None:
 def _loads(data: bytes, what: str, **kwargs):
     try:
         return json.loads(data, **kwargs)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a duplicate key
         raise AdapterError(f"{what}: not valid JSON ({e})") from None
     except RecursionError:
         raise AdapterError(f"{what}: JSON nested too deeply") from None
@@ -97,7 +97,7 @@ def read_config(directory: Path) -> tuple[bytes, dict]:
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not an adapter config")
-    config = _loads(data, str(path))
+    config = _loads(data, str(path), object_pairs_hook=_no_duplicates)
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     return data, config
@@ -133,7 +133,7 @@ def _read_header(f, path: Path) -> Header:
         bad(f"header length {n} is more than the file's {size - 8} bytes after it")
     try:
         raw = _loads(f.read(n), "header", object_pairs_hook=_no_duplicates)
-    except ValueError as e:  # AdapterError included
+    except AdapterError as e:
         bad(str(e))
     if not isinstance(raw, dict):
         bad("the header is not a JSON object")
@@ -347,10 +347,24 @@ def _keep_previous(weights: Path, previous: Path, created: list[Path]) -> None:
 
 def save_pair(directory: str | os.PathLike, config_bytes: bytes, weights_bytes: bytes) -> Path:
     """Writes adapter_config.json and adapter_model.safetensors as described above. On any
-    error before the commit the previous files stay and no temporaries are left."""
+    error before the commit the previous files stay and no temporaries are left; a file
+    system error (permissions, a full disk, a dangling link) is an AdapterError."""
     directory = Path(directory)
+    try:
+        return _save_pair(directory, config_bytes, weights_bytes)
+    except OSError as e:
+        # Whatever step failed, the protocol leaves the last committed save loadable.
+        raise AdapterError(f"{directory}: cannot save the adapter ({e.strerror or e}: "
+                           f"{e.filename or directory}); the directory still holds its last "
+                           "committed save, if any") from None
+
+
+def _save_pair(directory: Path, config_bytes: bytes, weights_bytes: bytes) -> Path:
     if directory.exists() and not directory.is_dir():
         raise AdapterError(f"{directory}: is a file, not a directory; nothing was written")
+    if directory.is_symlink() and not directory.exists():
+        raise AdapterError(f"{directory}: a link to {os.readlink(directory)!r}, which does not "
+                           "exist; nothing was written")
     directory.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, PREVIOUS_WEIGHTS_NAME):
         path = directory / name

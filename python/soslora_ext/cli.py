@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .cli_args import (CliError, Parser, check_outputs, document_defaults, finite_float,
                        name_adapters, non_negative_float, non_negative_int, positive_float,
-                       positive_int, probability, write_text)
+                       positive_int, probability, seed, write_text)
 
 # Module names that hold a task head: trained whole (modules_to_save), never adapted.
 HEADS = ("classifier", "score", "lm_head", "pooler")
@@ -59,13 +59,17 @@ def cmd_train(args) -> int:
     if args.method == "sos":
         layer_kwargs = dict(num_experts=args.experts, rank=args.rank, alpha=alpha,
                             scale_mode=args.scale_mode, gate=args.gate, dropout=args.dropout)
-        SOSConfig(**layer_kwargs)  # bad hyperparameters fail before the model is loaded
-        apply = apply_sos_lora
+        config_class, apply = SOSConfig, apply_sos_lora
     else:
         layer_kwargs = dict(num_clusters=args.clusters, rank=args.rank, alpha=alpha,
                             dropout=args.dropout, repartition_every=args.repartition_every)
-        CPSConfig(**layer_kwargs)
-        apply = apply_cps_lora
+        config_class, apply = CPSConfig, apply_cps_lora
+    try:  # bad hyperparameters fail before the model is loaded, naming the options
+        config_class(**layer_kwargs)
+    except ValueError as e:
+        options = {"num_experts": "--experts", "num_clusters": "--clusters"}
+        named = [options.get(k, "--" + k.replace("_", "-")) for k in layer_kwargs if k in str(e)]
+        raise CliError(f"{'/'.join(named) or '--method ' + args.method}: {e}") from None
     try:
         task, payload = read_training_data(args.data, args.task, args.seed)
     except ValueError as e:
@@ -162,6 +166,10 @@ def _load_adapted(adapter: str, base: str):
 
     config = read_adapter_config(_own_adapter(adapter))
     meta = config.get("metadata") or {}
+    if not (isinstance(meta.get("model_kwargs", {}), dict)
+            and isinstance(meta.get("labels") or [], list)):
+        raise CliError(f"{adapter}: its metadata's model_kwargs must be an object and labels a "
+                       "list")
     class_name = config.get("base_model_class") or meta.get("base_model_class")
     model_class = getattr(transformers, str(class_name), None)
     if model_class is None or not hasattr(model_class, "from_pretrained"):
@@ -202,22 +210,21 @@ def cmd_export_peft(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from safetensors.torch import load_file
+    from .serialization import read_adapter
 
-    from .serialization import WEIGHTS_NAME, layers_from_directory
-
-    config, layers = layers_from_directory(_own_adapter(args.adapter))
-    print(f"adapter {args.adapter}: method {config['method']}, library "
-          f"{config['library_version']}, base {config.get('base_model_class')}")
+    # The tensors saved whole come from the same checked read as the layers (the weights
+    # file alone may be a newer save's while that save is between its renames).
+    config, layers, whole_tensors = read_adapter(_own_adapter(args.adapter))
+    print(f"adapter {args.adapter}: method {config.get('method')}, library "
+          f"{config.get('library_version')}, base {config.get('base_model_class')}")
     print(f"{'layer':<48} {'in->out':>11}  structure")
     adapter_params = 0
     for name, layer in layers.items():
         adapter_params += sum(p.numel() for n, p in layer.named_parameters()
                               if not n.startswith("base_layer."))
         print(f"{name:<48} {layer.in_features:>5}->{layer.out_features:<5}  {layer.describe()}")
-    saved = config["modules_to_save"]
-    tensors = load_file(str(Path(args.adapter) / WEIGHTS_NAME))
-    whole = sum(tensors[f"{m}.{p}"].numel() for m, ps in saved.items() for p in ps)
+    saved = config.get("modules_to_save") or {}
+    whole = sum(t.numel() for t in whole_tensors.values())
     print(f"trainable parameters: {adapter_params + whole} ({adapter_params} in adapters, "
           f"{whole} in modules saved whole: {sorted(saved) or 'none'})")
     return 0
@@ -308,13 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic end-to-end run on CPU (seconds)")
     p.add_argument("--steps", type=positive_int, default=600, help="optimizer steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed, default=0, help="random seed")
 
     p = sub.add_parser("main-job", help=main_job.__doc__.splitlines()[0],
                        description=main_job.__doc__)
     main_job.add_arguments(p)
     for action in p._actions:  # the same checks as the other commands' counts
-        if action.type is int and action.dest != "seed":
+        if action.dest == "seed":
+            action.type = seed
+        elif action.type is int:
             action.type = positive_int
         elif action.type is float:
             action.type = positive_float
@@ -355,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument("--max-length", type=positive_int, default=128,
                    help="tokens per example (classification) or per chunk (text)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--log-every", type=non_negative_int, default=20,
                    help="print the mean loss this often (0: never)")
 

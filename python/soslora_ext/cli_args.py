@@ -53,6 +53,11 @@ def probability(text: str) -> float:
     return _number(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def seed(text: str) -> int:
+    # The range torch.manual_seed takes.
+    return _number(int, text, lambda v: -2**63 <= v < 2**64, "an integer in [-2**63, 2**64)")
+
+
 def finite_float(text: str) -> float:
     return _number(float, text, lambda v: True, "a finite number")
 
@@ -91,7 +96,7 @@ def document_defaults(parser: argparse.ArgumentParser) -> None:
 # (option, attribute, a directory?) of every output a command writes.
 OUTPUTS = (("--out", "out", True), ("--json", "json", False), ("--plot", "plot", False))
 # Attributes naming what a command reads: an output may not overwrite them.
-INPUTS = ("model_dir", "base", "into", "model", "adapter", "adapters", "text")
+INPUTS = ("model_dir", "base", "into", "model", "adapter", "adapters", "text", "data")
 
 
 def _check_target(option: str, path: Path, directory: bool) -> None:

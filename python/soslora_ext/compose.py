@@ -311,7 +311,14 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
                 raise AdapterError(f"layer {layer!r}: adapter {adapter.name!r} is for a "
                                    f"{adapter.shape(layer)} weight, the model's is "
                                    f"{tuple(target.shape)}")
+            for t in terms:  # the op takes the scale in float32 (the guard refuses NaN/Inf)
+                if (math.isfinite(t.scale)
+                        and not abs(t.scale * w) <= torch.finfo(torch.float32).max):
+                    raise AdapterError(f"layer {layer!r}: adapter {adapter.name!r}'s scale "
+                                       f"{t.scale} times its weight {w} is not a finite float32 "
+                                       "number; give smaller weights")
             plans.append(((layer, weight, target), terms, w))
+    merged_weights = {id(weight) for (_, weight, _), _, _ in plans}
     for adapter in adapters:
         for path, tensor in adapter.whole.items():
             module_name, _, param = path.rpartition(".")
@@ -319,9 +326,21 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
                 current = getattr(model.get_submodule(module_name), param)
             except AttributeError:
                 current = None
-            if not isinstance(current, Tensor) or current.shape != tensor.shape:
-                raise AdapterError(f"module {module_name!r} saved whole by {adapter.name!r} "
-                                   "does not fit the model")
+            if (not isinstance(current, Tensor) or not isinstance(tensor, Tensor)
+                    or current.shape != tensor.shape
+                    or not torch.can_cast(tensor.dtype, current.dtype)):
+                expected = (f"{current.dtype} {tuple(current.shape)}"
+                            if isinstance(current, Tensor) else "no such tensor")
+                got = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, Tensor)
+                       else type(tensor).__name__)
+                raise AdapterError(f"{path!r} saved whole by {adapter.name!r} does not fit the "
+                                   f"model: expected {expected}, got {got}")
+            if id(current) in merged_weights:
+                raise AdapterError(f"{path!r} saved whole by {adapter.name!r} is a weight that "
+                                   "the adapters add into: copying it would undo that sum")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"{path!r} saved whole by {adapter.name!r} has non-finite "
+                                   "values; nothing was changed")
     # One merge target per weight (several adapters may add into it): the guard checks the
     # whole sum for non-finite factors and overflow before the first weight is written.
     from .merging import Target, Term, merge_

@@ -128,15 +128,23 @@ def read_training_data(spec: str, task: str, seed: int):
         raise ValueError(f"{spec}: no such file or directory")
     if path.suffix == ".jsonl" and task in ("auto", "classification"):
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{spec}: cannot read it as UTF-8 text ({e})") from None
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-                rows.append((str(obj["text"]), str(obj["label"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{spec}:{n}: expected a JSON object with 'text' and "
-                                 "'label'") from None
+                text, label = obj["text"], obj["label"]
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                text = label = None
+            # A null or nested value would otherwise become the text "None" or "[...]".
+            if not (isinstance(text, str) and type(label) in (str, int)):
+                raise ValueError(f"{spec}:{n}: expected a JSON object with a string 'text' and "
+                                 "a string or integer 'label'")
+            rows.append((text, str(label)))
         names = sorted({label for _, label in rows})
         if len(names) < 2:
             raise ValueError(f"{spec}: needs at least two distinct labels")
@@ -148,7 +156,10 @@ def read_training_data(spec: str, task: str, seed: int):
         raise ValueError(f"{spec}: classification data must be a .jsonl file or "
                          "'filekinds'")
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    text = "\n\n".join(f.read_text(errors="replace") for f in files)
+    try:
+        text = "\n\n".join(f.read_text(errors="replace") for f in files)
+    except OSError as e:
+        raise ValueError(f"{spec}: cannot read it ({e})") from None
     if not text.strip():
         raise ValueError(f"{spec}: no text found")
     return "text", text

@@ -69,6 +69,17 @@ def write_peft_lora(directory: str | os.PathLike,
     if not factors:
         raise AdapterError(f"{where}: no layers to write")
     whole = whole or {}
+
+    def tensors_or_fail(what, value, n):
+        if not (isinstance(value, (tuple, list)) and len(value) == n
+                and all(isinstance(t, torch.Tensor) for t in value)):
+            expected = "an (A, B) pair of tensors" if n == 2 else "a torch.Tensor"
+            raise AdapterError(f"{where}: {what} must be {expected}, got {str(value)[:100]}")
+
+    for name, value in factors.items():
+        tensors_or_fail(f"factors[{name!r}]", value, 2)
+    for name, value in whole.items():
+        tensors_or_fail(f"whole[{name!r}]", (value,), 1)
     tensors, ranks = {}, {}
     for name, (A, B) in factors.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
@@ -128,6 +139,12 @@ def read_peft_lora(directory: str | os.PathLike
     factors = {name: (tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"],
                       tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"], scaling)
                for name, (_, scaling) in plan.layers.items()}
+    for name, (_, B, scaling) in factors.items():
+        # A huge lora_alpha (or alpha_pattern entry) overflows delta = scaling * B A.
+        acc = torch.float64 if B.dtype == torch.float64 else torch.float32
+        if not torch.isfinite(B.to(acc) * scaling).all():
+            check.fail(where, f"layer {name!r}: lora_B times the scaling {scaling:g} (lora_alpha "
+                              f"/ r) overflows {acc}")
     return config, factors, {p: tensors[PEFT_PREFIX + p] for p in plan.whole}
 
 
@@ -178,12 +195,20 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int
         if param not in own or own[param].shape != t.shape:
             fail(f"module to save {module_name!r}: parameter {param!r} does not fit the model")
 
+    layers = {}  # every layer built and checked before the model changes
     for name, (A, B, scaling) in factors.items():
         layer = SOSLinear(model.get_submodule(name), num_experts=num_experts, rank=A.shape[0],
                           rank_mode="total", **layer_kwargs)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B.double() * scaling / layer._rank_scale().double())
+        try:
+            check.check_finite({"lora_A": layer.lora_A, "lora_B": layer.lora_B}, "")
+        except AdapterError:
+            fail(f"layer {name!r}: the LoRA factors times the scaling overflow "
+                 f"{layer.lora_B.dtype}")
+        layers[name] = layer
+    for name, layer in layers.items():
         replace_module(model, name, layer)
     kept = []
     with torch.no_grad():

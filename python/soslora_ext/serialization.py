@@ -65,6 +65,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     from . import __version__
 
     where = f"save_adapter({str(directory)!r})"
+    metadata = {} if metadata is None else metadata
+    try:  # strict JSON (no NaN), as every reader parses it
+        if not isinstance(metadata, dict):
+            raise TypeError(f"expected a dict, got {type(metadata).__name__}")
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        error = TypeError if isinstance(e, TypeError) else AdapterError  # a wrong type or value
+        raise error(f"{where}: metadata must be a JSON-serialisable dict without NaN or "
+                    f"infinity ({e}); nothing was written") from None
     layers = dict(adapter_layers(model))
     if not layers:
         raise AdapterError(f"{where}: the model has no adapted (SOSLinear/CPSLinear) layers")
@@ -85,7 +94,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
                   method="+".join(sorted({m["method"] for m in modules.values()})),
                   base_model_class=type(model).__name__,
                   target_modules=sorted(layers), modules=modules, modules_to_save=saved,
-                  metadata=metadata or {})
+                  metadata=metadata)
     plan = check.check_own_config(config, where)
     check.check_own_header(plan, check.header_of(tensors), where)
     check.check_own_values(plan, tensors, where)
@@ -93,8 +102,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
         return Path(directory)
     weights = save(tensors, metadata={"format": "pt"})
     config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-    config["config_sha256"] = _config_sha256(config)  # TypeError for bad metadata: no file yet
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    config["config_sha256"] = _config_sha256(config)
+    text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     return save_pair(Path(directory), text.encode(), weights)
 
 
