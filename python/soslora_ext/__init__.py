@@ -11,7 +11,8 @@ from . import compose, ops, reference
 from ._C import built_with_cuda
 from .config import CPSConfig, SOSConfig
 from .cps import CPSLinear, RepartitionSchedule
-from .layer import AdapterLinear, SOSLinear
+from .adapter import AdapterLinear
+from .layer import SOSLinear
 from .model import (adapter_layers, apply_cps_lora, apply_sos_lora, check_adapters_called,
                     check_finite, cps_layers, merge_and_unload, modules_to_save, ortho_penalty,
                     sos_layers, trainable_parameters, uncalled_adapters)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .adapter import AdapterLinear
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from .config import CPSConfig, SOSConfig
 from .cps import CPSLinear, _check_fits, check_partition
-from .layer import AdapterLinear, SOSLinear
+from .layer import SOSLinear
 from .ops import accumulate_dtype
 
 METHODS = {"sos": SOSLinear, "cps": CPSLinear}

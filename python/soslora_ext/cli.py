@@ -1,7 +1,7 @@
 """Command line: ``python -m soslora_ext COMMAND`` (also installed as ``soslora``).
 
     demo         synthetic end-to-end run (seconds)
-    main-job     fine-tune the real all-MiniLM-L6-v2 with SOS-LoRA and LoRA, export, merge
+    main-job     fine-tune the real all-MiniLM-L6-v2 four ways (SOS, CPS x2, LoRA), export, merge
     train        fine-tune a model directory on a text or classification dataset
     merge        write a merged model directory (loadable with from_pretrained)
     export-peft  write an adapter in PEFT's LoRA format
@@ -19,26 +19,13 @@ import sys
 from pathlib import Path
 
 from .cli_args import (CliError, Parser, check_outputs, document_defaults, finite_float,
-                       name_adapters, non_negative_float, non_negative_int, positive_float,
-                       positive_int, probability, seed, write_text)
+                       model_directory, non_negative_float, non_negative_int, positive_float,
+                       positive_int, probability, quiet_transformers, seed)
+from .cli_compose import (cmd_compose_concat, cmd_compose_eval, cmd_compose_merge,
+                          cmd_compose_report)
 
 # Module names that hold a task head: trained whole (modules_to_save), never adapted.
 HEADS = ("classifier", "score", "lm_head", "pooler")
-
-
-def _quiet_transformers() -> None:
-    """Our own progress bars and one-line errors only."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
-def _model_dir(path: str) -> Path:
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise CliError(f"{path}: not a model directory (no config.json)")
-    return p
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -54,7 +41,7 @@ def cmd_train(args) -> int:
     from .model import apply_cps_lora, apply_sos_lora, trainable_parameters
     from .serialization import save_adapter
 
-    model_dir = _model_dir(args.model_dir)
+    model_dir = model_directory(args.model_dir)
     alpha = 2.0 * args.rank if args.alpha is None else args.alpha
     if args.method == "sos":
         layer_kwargs = dict(num_experts=args.experts, rank=args.rank, alpha=alpha,
@@ -76,7 +63,7 @@ def cmd_train(args) -> int:
         raise CliError(f"--data {e}") from None
     if task == "text":
         causal_lm_architectures(model_dir)  # any other model would get an untrained LM head
-    _quiet_transformers()
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(args.seed)
     if task == "classification":
@@ -174,13 +161,13 @@ def _load_adapted(adapter: str, base: str):
     model_class = getattr(transformers, str(class_name), None)
     if model_class is None or not hasattr(model_class, "from_pretrained"):
         raise CliError(f"{adapter}: base model class {class_name!r} is not a transformers class")
-    base_dir = _model_dir(base)
+    base_dir = model_directory(base)
     base_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
     trained_type = getattr(getattr(model_class, "config_class", None), "model_type", None)
     if trained_type and base_type != trained_type:
         raise CliError(f"--base {base}: a {base_type!r} model, but {adapter} was trained on a "
                        f"{class_name} ({trained_type!r})")
-    _quiet_transformers()
+    quiet_transformers()
     model = model_class.from_pretrained(base_dir, **meta.get("model_kwargs", {}))
     _set_labels(model, meta.get("labels"))
     return load_adapter(model, adapter)
@@ -227,81 +214,6 @@ def cmd_info(args) -> int:
     whole = sum(t.numel() for t in whole_tensors.values())
     print(f"trainable parameters: {adapter_params + whole} ({adapter_params} in adapters, "
           f"{whole} in modules saved whole: {sorted(saved) or 'none'})")
-    return 0
-
-
-# ---- compose ---------------------------------------------------------------------------------
-def _adapters(specs, model_dir: str | None = None, combined: bool = True, weights=None):
-    """Load `path` / `name=path` adapters under distinct names. Adapters that are combined
-    must record the same base model, and that of `model_dir` (a causal LM) when given."""
-    from . import compose
-    from .base_models import causal_lm_architectures, check_bases
-
-    named = name_adapters(specs)
-    if weights is not None and len(weights) != len(named):
-        raise CliError(f"--weights: {len(weights)} given for {len(named)} adapters; give one "
-                       "per adapter")
-    if model_dir is not None:
-        check_bases([p for _, p in named], causal_lm_architectures(_model_dir(model_dir)))
-    elif combined:
-        check_bases([p for _, p in named])
-    return [compose.load(p, name=name) for name, p in named]
-
-
-def cmd_compose_report(args) -> int:
-    from . import compose
-
-    if args.plot:
-        try:
-            compose.require_matplotlib()
-        except ImportError as e:
-            raise CliError(f"--plot: {e}") from None
-    rep = compose.report(_adapters(args.adapters, combined=False))
-    print(compose.format_report(rep))
-    if args.json:
-        write_text(args.json, json.dumps(rep, indent=2) + "\n")
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        compose.plot_report(rep, args.plot)
-    return 0
-
-
-def cmd_compose_merge(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import compose
-
-    adapters = _adapters(args.adapters, model_dir=args.into, weights=args.weights)
-    _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(_model_dir(args.into))
-    compose.sum_into(model, adapters, args.weights)
-    model.save_pretrained(args.out)
-    AutoTokenizer.from_pretrained(args.into).save_pretrained(args.out)
-    print(f"base + sum of {len(adapters)} adapters written to {args.out}")
-    return 0
-
-
-def cmd_compose_concat(args) -> int:
-    from . import compose
-
-    total = compose.concat(_adapters(args.adapters, weights=args.weights), args.weights)
-    total.save_peft(args.out)
-    print(f"exact sum (one PEFT LoRA, ranks {sorted({total.rank(n) for n in total})}) written "
-          f"to {args.out}")
-    return 0
-
-
-def cmd_compose_eval(args) -> int:
-    from . import compose
-
-    adapters = _adapters(args.adapters, model_dir=args.model)
-    _quiet_transformers()
-    result = compose.evaluate(args.model, adapters, compose.read_texts(args.text),
-                              max_length=args.max_length, max_chunks=args.max_chunks)
-    for name, ppl in result["perplexity"].items():
-        print(f"{name:<40} perplexity {ppl:10.3f}")
-    if args.json:
-        write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -174,3 +174,19 @@ def name_adapters(specs: list[str]) -> list[tuple[str, str]]:
         raise CliError(f"adapter name(s) {twice} given twice (the same adapter twice?); name "
                        "them with NAME=PATH")
     return named
+
+
+def model_directory(path: str) -> Path:
+    """A Hugging Face model directory (one with a config.json)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise CliError(f"{path}: not a model directory (no config.json)")
+    return p
+
+
+def quiet_transformers() -> None:
+    """Our own progress bars and one-line errors only."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()

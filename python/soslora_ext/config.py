@@ -87,7 +87,8 @@ class SOSConfig:
 
     def fixed_scales(self) -> list[float]:
         """Expert k's fixed scale: gamma_k * base scaling, gamma = linspace(1, gamma_max, K)
-        (divided by its mean in total rank mode), base scaling alpha / r_expert or alpha / r_total."""
+        (divided by its mean in total rank mode), base scaling alpha / r_expert or
+        alpha / r_total."""
         K = self.num_experts
         gammas = [1.0 + (self.gamma_max - 1.0) * k / max(K - 1, 1) for k in range(K)]
         if self.rank_mode == "total":

@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from . import ops
 from .config import CPSConfig
-from .layer import AdapterLinear, check_base
+from .adapter import AdapterLinear, check_base
 
 Tensor = torch.Tensor
 

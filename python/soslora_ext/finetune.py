@@ -76,7 +76,8 @@ def train(model: nn.Module, batches, steps: int, lr: float = 1e-3, seed: int = 0
     if not params:
         raise ValueError("train: the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     has_sos = any(True for _ in sos_layers(model))
     ortho = OrthoSchedule(model, lambda_max=lambda_max, total_steps=steps) if has_sos else None
     gate = (GateSchedule(model, total_steps=steps)

@@ -11,7 +11,8 @@ import torch.nn as nn
 from . import merging
 from .config import CPSConfig, SOSConfig
 from .cps import CPSLinear, _check_fits
-from .layer import AdapterLinear, SOSLinear, check_base
+from .adapter import AdapterLinear, check_base
+from .layer import SOSLinear
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:

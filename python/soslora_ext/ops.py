@@ -58,8 +58,8 @@ def _(x, A, B, scale, row_index, col_index, row_offsets, col_offsets, ranks, bas
 
 
 @torch.library.register_fake("soslora::cluster_lowrank_backward")
-def _(grad_out, x, A, B, scale, hidden, grad_hidden, row_index, col_index, row_offsets, col_offsets, ranks,
-      grad_x_base, dropout_seed, dropout_p):
+def _(grad_out, x, A, B, scale, hidden, grad_hidden, row_index, col_index, row_offsets,
+      col_offsets, ranks, grad_x_base, dropout_seed, dropout_p):
     return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape)
 
 

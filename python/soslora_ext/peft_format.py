@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 
 from . import adapter_check as check
+from .adapter import AdapterLinear
 from .adapter_check import PEFT_PREFIX
 from .adapter_files import CONFIG_SHA256_KEY, AdapterError, read_pair, save_pair
 from .config import SOSConfig
 from .distributed import full, is_writer
-from .layer import AdapterLinear, SOSLinear
+from .layer import SOSLinear
 from .model import adapter_layers, freeze_all_but_adapters, modules_to_save, replace_module
 
 

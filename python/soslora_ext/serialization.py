@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 from . import adapter_check as check
+from .adapter import AdapterLinear
 from .adapter_check import METHODS, PEFT_PREFIX
 from .adapter_files import (CONFIG_NAME, FORMAT, PREVIOUS_WEIGHTS_NAME, WEIGHTS_NAME,
                             AdapterError, _sha256, read_config, read_pair, save_pair)
 from .distributed import full, is_writer
-from .layer import AdapterLinear
 from .model import adapter_layers, freeze_all_but_adapters, modules_to_save, replace_module
 from .peft_format import (_layer_state, _unsharded, export_peft, folded_factors, import_peft,
                           read_peft_lora, write_peft_lora)

@@ -1,0 +1,229 @@
+"""AdapterLinear: a frozen nn.Linear plus an update that is a sum of low-rank terms. What every
+adapted layer (SOSLinear, CPSLinear) shares: the base checks, input checks, merge and unmerge
+through the merge guard, and the merged state in state dicts."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import merging, ops
+
+Tensor = torch.Tensor
+
+
+# The dtypes the ops compute in: a base weight or adapter of any other dtype cannot work.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Keys under base_layer. that a merged layer's state_dict adds: the update its weight holds.
+_MERGED_KEYS = ("merged_A", "merged_B", "merged_scale")
+
+
+def check_base(base, owner: str) -> None:
+    """Raise a clear error if `base` cannot carry an adapter: an nn.Linear with a weight of a
+    supported floating dtype and positive in/out features."""
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{owner}: base must be an nn.Linear, got {type(base).__name__}")
+    weight = base.weight
+    if not isinstance(weight, Tensor) or weight.dtype not in SUPPORTED_DTYPES:
+        dtype = getattr(weight, "dtype", type(weight).__name__)
+        raise TypeError(f"{owner}: the base weight is {dtype}; expected one of "
+                        f"{[str(d) for d in SUPPORTED_DTYPES]} (a quantized or integer Linear "
+                        "cannot be adapted)")
+    if base.in_features <= 0 or base.out_features <= 0 or weight.dim() != 2:
+        raise ValueError(f"{owner}: in_features and out_features must be positive, got "
+                         f"{base.in_features} -> {base.out_features}")
+
+
+def _autocast_on(device_type: str) -> bool:
+    # torch has no autocast state for the meta device (the query raises there).
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
+def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # As PEFT: half-precision bases get float32 adapters; others keep the base dtype.
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+class AdapterLinear(nn.Module):
+    """A frozen nn.Linear plus an update that is a sum of low-rank terms.
+
+    Subclasses give the update as factors, ``_update_factors() -> (A [R, in], B [out, R],
+    scale [R] or [out, R])`` with delta = (B * scale) A, which is what merging, ``delta_weight``
+    and the PEFT export use.
+
+    While merged, the base weight holds the update: a training forward is refused (its
+    gradient would not reach the factors), and ``state_dict()`` carries the merged update
+    (``base_layer.merged_A/_B/_scale``) so that loading it gives a merged layer again."""
+
+    def __init__(self, base: nn.Linear, dtype: torch.dtype | None):
+        name = type(self).__name__
+        check_base(base, name)
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: dtype must be a floating-point torch.dtype, one of "
+                             f"{[str(d) for d in SUPPORTED_DTYPES]}, got {dtype!r}")
+        super().__init__()
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.adapter_dtype = dtype or _default_adapter_dtype(base.weight.dtype)
+        # Exactly the factors and scale merge() added, so unmerge() subtracts the same update
+        # whatever happened to the parameters since.
+        for key in _MERGED_KEYS:
+            self.register_buffer("_" + key, None, persistent=False)
+        # Modules that share the base weight (set by apply_*); merging would change them.
+        self.weight_shared_with: list[str] = []
+        # Set by every forward in training mode or with grad enabled; check_adapters_called()
+        # reads it to find layers whose parent reads .weight instead of calling them.
+        self.used_in_training = False
+
+    def _update_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_scale is not None
+
+    def _adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+    def _begin_forward(self, x: Tensor) -> None:
+        """Checks shared by every forward, and the record of a training forward."""
+        self._check_input(x)
+        # A forward that can train the adapter: also one in eval mode with grad enabled
+        # (e.g. a backbone kept in eval() while its adapters train).
+        if (self.training or torch.is_grad_enabled()) and not self.used_in_training:
+            self.used_in_training = True
+        if self.training:
+            if self.merged and torch.is_grad_enabled() and any(
+                    p.requires_grad for p in self._adapter_parameters()):
+                raise RuntimeError(
+                    f"{type(self).__name__}: training forward on a merged adapter: its factors "
+                    "would get no gradient. unmerge() before training; for inference use "
+                    "eval() or torch.no_grad()")
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: input x must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{name}: input x must have last dimension in_features="
+                             f"{self.in_features}, got shape {tuple(x.shape)}")
+        if x.device != self.lora_A.device:
+            raise ValueError(f"{name}: input x is on {x.device} but the layer is on "
+                             f"{self.lora_A.device}")
+        if x.dtype != self.weight.dtype and not _autocast_on(x.device.type):
+            raise TypeError(f"{name}: input x is {x.dtype} but the base weight is "
+                            f"{self.weight.dtype} (cast x, or run under autocast)")
+
+    def _base_fusable(self, dtype: torch.dtype) -> bool:
+        """Whether the base product can be computed inside the adapter's op: a plain nn.Linear
+        (no hooks, plain tensors) in the compute dtype."""
+        base = self.base_layer
+        return (type(base) is nn.Linear and not base._forward_hooks
+                and not base._forward_pre_hooks and base.weight.dtype == dtype
+                and all(type(t.data) is Tensor for t in base.parameters()))
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if _autocast_on(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.lora_A.dtype
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """The update as an [out, in] tensor in the accumulation dtype. Refused, as merge(),
+        if a factor or scale is not finite or the update overflows that dtype."""
+        A, B, scale = self._update_factors()
+        delta = torch.zeros(self.out_features, self.in_features, device=A.device,
+                            dtype=ops.accumulate_dtype(A.dtype))
+        target = merging.Target("", delta, [merging.Term(A, B, scale)])
+        merging.merge_([target], f"{type(self).__name__}.delta_weight")
+        return delta
+
+    def _check_mergeable(self, where: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"{where}: the adapter is already merged; unmerge() first")
+        if self.weight_shared_with:
+            raise RuntimeError(f"{where}: the base weight is shared with "
+                               f"{self.weight_shared_with}; merging would change those modules "
+                               "too. Keep the adapter unmerged (or untie the weights first)")
+
+    @torch.no_grad()
+    def _merge_target(self, name: str) -> merging.Target:
+        """What merge() adds: detached copies of the factors (small), recorded once merged."""
+        A, B, scale = (t.detach().clone() for t in self._update_factors())
+        return merging.Target(name, self.base_layer.weight, [merging.Term(A, B, scale)])
+
+    def _record_merged(self, target: merging.Target) -> None:
+        term = target.terms[0]
+        self._merged_A, self._merged_B, self._merged_scale = term.A, term.B, term.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the base weight in place (float32 accumulation, one rounding).
+        Refused, with the weight unchanged, if a factor is not finite or the sum would overflow
+        the weight's dtype."""
+        name = type(self).__name__
+        self._check_mergeable(f"{name}.merge")
+        target = self._merge_target("")
+        merging.merge_([target], f"{name}.merge")
+        self._record_merged(target)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract exactly the update merge() added (exact up to one rounding of the weight's
+        dtype), even if the factors or scales changed since."""
+        name = type(self).__name__
+        if not self.merged:
+            raise RuntimeError(f"{name}.unmerge: the adapter is not merged")
+        term = merging.Term(self._merged_A, self._merged_B, self._merged_scale, -1.0)
+        merging.merge_([merging.Target("", self.base_layer.weight, [term])], f"{name}.unmerge")
+        self._merged_A = self._merged_B = self._merged_scale = None
+
+    # ---- state dict: a merged layer's weight comes with the update it holds -----------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            for key in _MERGED_KEYS:
+                t = getattr(self, "_" + key)
+                destination[f"{prefix}base_layer.{key}"] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = [f"{prefix}base_layer.{key}" for key in _MERGED_KEYS]
+        update = [state_dict.pop(k) for k in keys if k in state_dict]  # not the base's keys
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if update and len(update) != len(keys):
+            error_msgs.append(f"{prefix}base_layer: a merged state needs all of "
+                              f"{list(_MERGED_KEYS)}")
+        elif update and (problem := merging.update_problem(
+                merging.Term(*update), self.out_features, self.in_features, self.weight.dtype)):
+            error_msgs.append(f"{prefix}base_layer: {problem}")
+        elif f"{prefix}base_layer.weight" in state_dict:
+            # The loaded base weight decides: merged (it holds `update`) or not.
+            device = self.lora_A.device
+            merged = [t.detach().clone().to(device) for t in update] or [None] * len(keys)
+            self._merged_A, self._merged_B, self._merged_scale = merged
+        elif update:
+            error_msgs.append(f"{prefix}base_layer: merged update without base_layer.weight")
+
+    def merge_and_unload(self) -> nn.Linear:
+        """Merge (if not yet merged) and return the base nn.Linear carrying the update."""
+        if not self.merged:
+            self.merge()
+        return self.base_layer
