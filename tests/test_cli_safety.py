@@ -6,7 +6,6 @@ import math
 import sys
 from types import SimpleNamespace
 
-import peft
 import pytest
 import torch
 from transformers import (AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast,
@@ -19,6 +18,7 @@ from soslora_ext.cli_args import CliError, name_adapters
 from soslora_ext.data import build_filekinds, read_training_data, split_rows
 
 from test_cli import tiny_dir
+from test_compose import peft_adapter as compose_peft_adapter
 
 WORDS = ["def", "return", "x", "y", "(", ")", ":", "the", "of", "and", "int", ";"]
 
@@ -62,15 +62,8 @@ def causal_dir(path, cls=LlamaForCausalLM, config_cls=LlamaConfig):
 
 
 def peft_adapter(path, model_dir, cls, seed, **cfg):
-    model = peft.get_peft_model(cls.from_pretrained(model_dir),
-                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **cfg))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(str(path))
-    return path
+    return compose_peft_adapter(path, lambda: cls.from_pretrained(model_dir), seed, r=4,
+                                target_modules=["q_proj", "v_proj"], **cfg)
 
 
 @pytest.fixture(scope="module")
