@@ -168,9 +168,9 @@ class Rows(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("callback, apply", [
-    (lambda: sl.SOSLoRACallback(), lambda m: sl.apply_sos_lora(
+    (sl.SOSLoRACallback, lambda m: sl.apply_sos_lora(
         m, ["query", "classifier.proj"], num_experts=2, rank=4)),
-    (lambda: sl.CPSLoRACallback(), lambda m: sl.apply_cps_lora(
+    (sl.CPSLoRACallback, lambda m: sl.apply_cps_lora(
         m, ["query", "classifier.proj"], num_clusters=2, rank=1))])
 def test_trainer_callbacks_name_an_adapter_its_parent_never_calls(tmp_path, callback, apply):
     model = bert_with_weight_reading_head()
@@ -181,6 +181,14 @@ def test_trainer_callbacks_name_an_adapter_its_parent_never_calls(tmp_path, call
     with pytest.raises(RuntimeError, match=r"\['classifier.proj'\] were not called"):
         trainer.train()
     assert trainer.state.global_step == 1  # stopped after the first step
+
+    # Opted out (a layer that may sit out a step), the same run trains to the end.
+    model = bert_with_weight_reading_head()
+    apply(model)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(),
+                      callbacks=[callback(check_called=False)])
+    trainer.train()
+    assert trainer.state.global_step == 3
 
 
 # ---- odd arguments and odd bases -------------------------------------------------------------

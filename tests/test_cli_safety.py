@@ -439,3 +439,19 @@ def test_merge_refuses_metadata_of_the_wrong_type(trained, tmp_path, capsys):
     restamp_adapter(adapter, lambda c: c["metadata"].update(model_kwargs=[2]))
     assert run("merge", adapter, "--base", trained[0], "--out", tmp_path / "m") == 2
     assert "model_kwargs must be an object" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--rank", 2**40], "--rank 1099511627776: the adapters do not fit in memory"),
+    (["--rank", 4, "--batch-size", 2**40],
+     "--batch-size/--max-length 1099511627776/16: a training step does not fit in memory")])
+def test_sizes_beyond_memory_name_the_option(trained, tmp_path, capsys, args, option):
+    # Before: a one-line allocator error that named no option.
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": l})
+                              for t, l in [("def x", "a"), ("int y", "b")] * 5) + "\n")
+    assert run("train", trained[0], "--data", data, "--out", tmp_path / "o", "--steps", 2,
+               "--max-length", 16, "--experts", 2, *args) == 2
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("error: ") and option in last, last  # after the progress output
+    assert not (tmp_path / "o").exists()

@@ -13,6 +13,7 @@ Errors are reported in one line (set SOSLORA_DEBUG=1 for the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -89,12 +90,15 @@ def cmd_train(args) -> int:
                                and not any(h in n.split(".") for h in HEADS)]
     heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in HEADS and n
              and task == "classification"]
-    apply(model, targets, modules_to_save=heads, **layer_kwargs)
+    with _memory_for("--rank", args.rank, "the adapters do not fit"):
+        apply(model, targets, modules_to_save=heads, **layer_kwargs)
     trainable, total = trainable_parameters(model)
     print(f"{task}: {trainable} trainable of {total} parameters", file=sys.stderr)
-    fit = finetune.train(model, finetune.sample_batches(data, args.batch_size), args.steps,
-                         lr=args.lr, seed=args.seed, log_every=args.log_every,
-                         lambda_max=args.ortho_lambda)
+    with _memory_for("--batch-size/--max-length", f"{args.batch_size}/{args.max_length}",
+                     "a training step does not fit"):
+        fit = finetune.train(model, finetune.sample_batches(data, args.batch_size), args.steps,
+                             lr=args.lr, seed=args.seed, log_every=args.log_every,
+                             lambda_max=args.ortho_lambda)
     metrics = dict(task=task, steps=args.steps, losses=fit.losses, seconds=fit.seconds,
                    trainable_parameters=trainable)
     if args.method == "cps":
@@ -119,6 +123,22 @@ def cmd_train(args) -> int:
     print(f"{summary}final loss {sum(fit.losses[-10:]) / len(fit.losses[-10:]):.4f}; "
           f"adapter written to {out / 'adapter'}")
     return 0
+
+
+@contextlib.contextmanager
+def _memory_for(option: str, value, what: str):
+    """An allocation that fails inside the block is reported naming the option that sized it
+    (`what` says what did not fit)."""
+    import torch
+
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        raise CliError(f"{option} {value}: {what} in memory; use a smaller value "
+                       f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+                       ) from None
 
 
 # ---- merge / export / info --------------------------------------------------------------------

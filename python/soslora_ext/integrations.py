@@ -15,7 +15,9 @@ class SOSLoRACallback(TrainerCallback):
 
     After the first optimizer step it checks that every adapted layer took part in the
     training forward (check_adapters_called): a layer whose parent reads its ``.weight``
-    instead of calling it would otherwise train nothing, silently.
+    instead of calling it would otherwise train nothing, silently. Pass
+    ``check_called=False`` where a layer may legitimately sit out the first step (e.g. a
+    mixture-of-experts expert that no token reached).
 
     Works with gradient accumulation (lambda is divided by the accumulation steps, so each
     optimizer step sees lambda once) and under ``accelerate`` (the schedules only write device
@@ -23,12 +25,13 @@ class SOSLoRACallback(TrainerCallback):
     """
 
     def __init__(self, lambda_max: float = 0.006, delay: float = 0.15, ramp: float = 0.20,
-                 gate_start: float = 2.0, gate_end: float = 1.0, gate_anneal: float = 0.30):
+                 gate_start: float = 2.0, gate_end: float = 1.0, gate_anneal: float = 0.30,
+                 check_called: bool = True):
         self.ortho_kwargs = dict(lambda_max=lambda_max, delay=delay, ramp=ramp)
         self.gate_kwargs = dict(start=gate_start, end=gate_end, anneal=gate_anneal)
         self.ortho: OrthoSchedule | None = None
         self.gate: GateSchedule | None = None
-        self.checked = False
+        self.checked = not check_called
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         total = max(int(state.max_steps), 1)
@@ -63,12 +66,13 @@ class CPSLoRACallback(TrainerCallback):
     """Runs every CPSLinear's gradient-statistics windows and repartitions from the trainer's
     optimizer steps (a RepartitionSchedule), dropping the optimizer state of re-fitted layers,
     and logs each repartition's relative change of the update as ``repartition_change``.
-    Checks after the first step that every adapted layer was called, as SOSLoRACallback."""
+    Checks after the first step that every adapted layer was called, as SOSLoRACallback
+    (``check_called=False`` to skip it)."""
 
-    def __init__(self):
+    def __init__(self, check_called: bool = True):
         self.schedule: RepartitionSchedule | None = None
         self.changes: dict[str, float] = {}
-        self.checked = False
+        self.checked = not check_called
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.schedule = RepartitionSchedule(model, optimizer)
