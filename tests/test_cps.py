@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import soslora_ext as sl
 from soslora_ext import ops, reference
 from safetensors.torch import load_file, save_file
-from soslora_ext.cps import labels_to_index
+from soslora_ext.partition import adjusted_rand_index, labels_to_index
 from soslora_ext.serialization import WEIGHTS_NAME
 
 from conftest import rel_err, restamp_adapter
@@ -263,8 +263,8 @@ def test_repartition_from_gradient_statistics_finds_the_planted_blocks():
     layer._sketch.add(torch.eye(30, dtype=torch.float64), S.T)
     change = layer.repartition(signal="gradient")
     found_rows, found_cols = layer.partition()
-    assert sl.cps.adjusted_rand_index(found_rows, rows) == 1.0
-    assert sl.cps.adjusted_rand_index(found_cols, cols) == 1.0
+    assert adjusted_rand_index(found_rows, rows) == 1.0
+    assert adjusted_rand_index(found_cols, cols) == 1.0
     assert layer.last_repartition["adopted"]
     assert layer.last_repartition["captured_after"] == pytest.approx(1.0, abs=1e-6)
     after = layer.delta_weight()

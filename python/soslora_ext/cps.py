@@ -9,28 +9,7 @@ for all clusters a CPS adapter has exactly the parameters of a LoRA of rank r, r
 while its update can have rank G r: that is the method's parameter efficiency when the update
 really is block-structured.
 
-Partition criterion. Rows (and columns) are grouped so that each block captures as much as
-possible of the signal S that training produces, with blocks mutually uncorrelated:
-
-1. S is the sum of the full weight's gradients dL/dW over a window of steps before the
-   repartition (what full fine-tuning would move), kept as a two-sided random sketch
-   (Y = S Omega, Z = S^T Psi, Tropp et al. 2017) that the backward pass updates at the cost of
-   a rank-3k LoRA, only inside the window. Without statistics, S is the current update dW.
-   The gradient is the informative signal: the update alone only reproduces the partition that
-   shaped it.
-2. Rows are clustered by spectral clustering on the squared cosine between their rows of S,
-   (s_i . s_j)^2 / (|s_i|^2 |s_j|^2), which is high within a shared subspace and zero between
-   rows whose updates live on disjoint columns. The affinity is never formed: it is the Gram
-   matrix of the features s_i (x) s_i, so the spectral embedding is one thin SVD. K-means on
-   the embedding gives the labels; columns the same way, on S^T.
-3. Row clusters are paired with column clusters to maximize the energy of S on the G
-   diagonal blocks.
-4. The new partition is adopted only if its blocks capture clearly more of S (the sum over
-   blocks of the energy in the top r_c singular values, at least ADOPTION_MARGIN times the
-   current partition's), and if that gain in the share of S is larger than the share of
-   ||dW||^2 the re-fit would discard. A repartition never trades a partition for a worse
-   one, for one that is only better by noise, or for one that costs more of the learned
-   update than it gains in what the gradient can reach.
+The partition criterion (what the rows and columns are clustered on) is in partition.py.
 
 Re-fit. Each new block gets the best rank-r_c approximation of the current update restricted
 to it (a truncated SVD computed from the factors), split evenly between A and B; rank slots
@@ -48,15 +27,16 @@ state of the layers whose factors were re-fitted.
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 import torch.nn as nn
 
 from . import ops
-from .config import CPSConfig
 from .adapter import AdapterLinear, check_base
+from .config import CPSConfig
+from .partition import (GradientSketch, block_factors, captured_energy, factored_norm,
+                        find_partition, index_to_labels, initial_labels, labels_to_index)
 
 Tensor = torch.Tensor
 
@@ -64,195 +44,6 @@ Tensor = torch.Tensor
 # training the statistics are mostly minibatch noise, which any partition captures about as
 # well, and a reshuffle then costs the update more than it gains.
 ADOPTION_MARGIN = 1.25
-
-
-# ---- partitions ------------------------------------------------------------------------------
-def labels_to_index(labels: Tensor, num_clusters: int) -> tuple[Tensor, list[int]]:
-    """(index, offsets): positions sorted by cluster (stable), and each cluster's range."""
-    index = torch.sort(labels, stable=True).indices
-    counts = torch.bincount(labels, minlength=num_clusters).tolist()
-    return index, [0] + list(itertools.accumulate(counts))
-
-
-def index_to_labels(index: Tensor, offsets: list[int]) -> Tensor:
-    labels = torch.empty_like(index)
-    for c in range(len(offsets) - 1):
-        labels[index[offsets[c]:offsets[c + 1]]] = c
-    return labels
-
-
-def _initial_labels(n: int, num_clusters: int, how: str, generator: torch.Generator) -> Tensor:
-    labels = torch.arange(n) * num_clusters // n  # balanced contiguous blocks
-    if how == "random":
-        labels = labels[torch.randperm(n, generator=generator)]
-    return labels
-
-
-def adjusted_rand_index(a: Tensor, b: Tensor) -> float:
-    """Adjusted Rand index of two labelings (1: the same partition, about 0: unrelated)."""
-    a, b = torch.as_tensor(a).long().flatten(), torch.as_tensor(b).long().flatten()
-    table = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64)
-    table.index_put_((a, b), torch.ones(a.numel(), dtype=torch.float64), accumulate=True)
-
-    def pairs(t):
-        return (t * (t - 1) / 2).sum()
-    index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
-    expected = rows * cols / (a.numel() * (a.numel() - 1) / 2)
-    maximum = (rows + cols) / 2
-    return 1.0 if maximum == expected else float((index - expected) / (maximum - expected))
-
-
-def _kmeans(points: Tensor, k: int, generator: torch.Generator, restarts: int = 4,
-            iterations: int = 100) -> Tensor:
-    """Lloyd's k-means with k-means++ seeding; an emptied cluster is re-seeded with the point
-    farthest from its center. Returns labels of the run with the lowest inertia."""
-    n = points.shape[0]
-    if n <= k:
-        return torch.arange(n)
-    best, best_inertia = None, math.inf
-    for _ in range(restarts):
-        centers = points[torch.randint(n, (1,), generator=generator)]
-        for _ in range(1, k):
-            d2 = torch.cdist(points, centers).min(dim=1).values.pow(2)
-            pick = torch.multinomial((d2 + 1e-30).cpu(), 1, generator=generator)
-            centers = torch.cat([centers, points[pick.to(points.device)]])
-        labels = None
-        for _ in range(iterations):
-            dist = torch.cdist(points, centers)
-            new = dist.argmin(dim=1)
-            for c in range(k):
-                if not (new == c).any():  # re-seed an empty cluster
-                    far = dist.gather(1, new[:, None]).squeeze(1).argmax()
-                    new[far] = c
-            if labels is not None and torch.equal(new, labels):
-                break
-            labels = new
-            centers = torch.stack([points[labels == c].mean(0) for c in range(k)])
-        inertia = float((points - centers[labels]).pow(2).sum())
-        if inertia < best_inertia:
-            best, best_inertia = labels, inertia
-    return best
-
-
-def _spectral_labels(features: Tensor, k: int, generator: torch.Generator,
-                     max_dim: int = 32) -> Tensor:
-    """Spectral clustering of the rows of `features` [n, d] under the squared-cosine affinity.
-    Rows without signal are dealt out round robin."""
-    n = features.shape[0]
-    norms = features.norm(dim=1)
-    live = norms > 1e-9 * norms.max() if n and norms.max() > 0 else torch.zeros(n, dtype=bool)
-    labels = torch.arange(n, device=features.device) % k
-    if int(live.sum()) == 0:
-        return labels
-    u = features[live] / norms[live, None]
-    if u.shape[1] > max_dim:  # keep the directions that carry most of the energy
-        u = u @ torch.linalg.svd(u, full_matrices=False).Vh[:max_dim].T
-        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    phi = (u[:, :, None] * u[:, None, :]).flatten(1)  # phi_i . phi_j = (u_i . u_j)^2
-    degree = phi @ phi.sum(0)
-    embedding = torch.linalg.svd(phi / degree.sqrt()[:, None], full_matrices=False).U[:, :k]
-    embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    labels[live] = _kmeans(embedding, k, generator).to(labels.device)
-    return labels
-
-
-def _block_energy(row_features: Tensor, col_basis: Tensor, row_labels: Tensor,
-                  col_labels: Tensor, k: int) -> Tensor:
-    """E[a, b] = ||S[R_a, C_b]||_F^2 for S = row_features col_basis^T (col_basis orthonormal)."""
-    def grams(f, labels):
-        return torch.stack([f[labels == c].T @ f[labels == c] for c in range(k)])
-    return torch.einsum("aij,bij->ab", grams(row_features, row_labels),
-                        grams(col_basis, col_labels))
-
-
-def _best_matching(energy: Tensor) -> list[int]:
-    """perm with perm[a] = the column cluster paired with row cluster a, maximizing the
-    diagonal energy (exhaustive for up to 7 clusters, greedy beyond)."""
-    k = energy.shape[0]
-    if k <= 7:
-        return list(max(itertools.permutations(range(k)),
-                        key=lambda p: float(sum(energy[a, p[a]] for a in range(k)))))
-    perm, free_rows, free_cols = [0] * k, set(range(k)), set(range(k))
-    for _ in range(k):
-        a, b = max(((a, b) for a in free_rows for b in free_cols), key=lambda ab: energy[ab])
-        perm[a] = b
-        free_rows.remove(a)
-        free_cols.remove(b)
-    return perm
-
-
-def find_partition(P: Tensor, Q: Tensor, num_clusters: int,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """(row_labels [out], col_labels [in]) grouping the rows and columns of S = P Q
-    (P [out, k], Q [k, in]) into paired, coherent and mutually uncorrelated clusters."""
-    col_basis, T = torch.linalg.qr(Q.T)  # S = (P T^T) col_basis^T
-    row_features = P @ T.T
-    row_basis, U = torch.linalg.qr(P)    # S^T = (Q^T U^T) row_basis^T
-    col_features = Q.T @ U.T
-    rows = _spectral_labels(row_features, num_clusters, generator)
-    cols = _spectral_labels(col_features, num_clusters, generator)
-    perm = _best_matching(_block_energy(row_features, col_basis, rows, cols, num_clusters))
-    relabel = torch.empty(num_clusters, dtype=torch.long)
-    relabel[torch.tensor(perm)] = torch.arange(num_clusters)
-    return rows, relabel.to(cols.device)[cols]
-
-
-def _block_factors(P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of the block P Q (P [m, k], Q [k, n]) from two QRs: (U [m, t], sigma, Vh [t, n])."""
-    q1, r1 = torch.linalg.qr(P)
-    q2, r2 = torch.linalg.qr(Q.T)
-    u, sigma, vh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
-    return q1 @ u, sigma, vh @ q2.T
-
-
-def captured_energy(P: Tensor, Q: Tensor, row_labels: Tensor, col_labels: Tensor,
-                    ranks: list[int]) -> float:
-    """Share of ||S||_F^2 (S = P Q) that the blocks' best rank-r_c approximations hold."""
-    total = _factored_norm(P, Q) ** 2
-    if total == 0:
-        return 0.0
-    captured = 0.0
-    for c, r in enumerate(ranks):
-        rows, cols = row_labels == c, col_labels == c
-        if rows.any() and cols.any():
-            sigma = _block_factors(P[rows], Q[:, cols])[1]
-            captured += float(sigma[:r].pow(2).sum())
-    return captured / total
-
-
-def _factored_norm(P: Tensor, Q: Tensor) -> float:
-    """||P Q||_F without forming P Q."""
-    return float(((P.T @ P) * (Q @ Q.T)).sum().clamp_min(0).sqrt())
-
-
-# ---- gradient statistics ---------------------------------------------------------------------
-class GradientSketch:
-    """Sum S of the full weight's gradients dL/dW = g^T x over the steps it sees, kept as
-    Y = S Omega [out, k] and Z = S^T Psi [in, 2k+1] (Gaussian test matrices from `seed`, the
-    same on every rank). ``factors()`` returns P, Q with S ~ P Q, exact when rank(S) <= k."""
-
-    def __init__(self, out_features: int, in_features: int, rank: int, seed: int,
-                 device: torch.device):
-        g = torch.Generator().manual_seed(seed)
-        self.omega = torch.randn(in_features, rank, generator=g).to(device)
-        self.psi = torch.randn(out_features, 2 * rank + 1, generator=g).to(device)
-        self.Y = torch.zeros(out_features, rank, device=device)
-        self.Z = torch.zeros(in_features, 2 * rank + 1, device=device)
-        self.updates = 0
-
-    @torch.no_grad()
-    def add(self, x: Tensor, grad_out: Tensor) -> None:
-        x, grad_out = x.float(), grad_out.float()
-        self.Y.addmm_(grad_out.T, x @ self.omega)
-        self.Z.addmm_(x.T, grad_out @ self.psi)
-        self.updates += 1
-
-    @torch.no_grad()
-    def factors(self) -> tuple[Tensor, Tensor]:
-        from .distributed import all_reduce_sum
-        Y, Z = all_reduce_sum(self.Y.double()), all_reduce_sum(self.Z.double())
-        basis = torch.linalg.qr(Y).Q
-        return basis, torch.linalg.pinv(self.psi.double().T @ basis) @ Z.T
 
 
 class _RecordGradient(torch.autograd.Function):
@@ -279,7 +70,7 @@ class NoSignalError(RuntimeError):
 # ---- the layer -------------------------------------------------------------------------------
 class CPSLinear(AdapterLinear):
     """y = base(x) + drop(x) dW^T with dW[R_c, C_c] = s_c B_c A_c on G clusters of rows and
-    columns (see the module docstring for the partition criterion and schedule).
+    columns (the module docstring gives the schedule, partition.py the partition criterion).
 
     Args:
         base: the nn.Linear to adapt; wrapped, not copied; its parameters are frozen.
@@ -316,8 +107,8 @@ class CPSLinear(AdapterLinear):
         device = base.weight.device
         seed = int(torch.randint(0, 2**62, ()))
         g = torch.Generator().manual_seed(seed)
-        rows = _initial_labels(self.out_features, num_clusters, init_partition, g)
-        cols = _initial_labels(self.in_features, num_clusters, init_partition, g)
+        rows = initial_labels(self.out_features, num_clusters, init_partition, g)
+        cols = initial_labels(self.in_features, num_clusters, init_partition, g)
         row_index, row_offsets = labels_to_index(rows, num_clusters)
         col_index, col_offsets = labels_to_index(cols, num_clusters)
         self.register_buffer("row_index", row_index.to(device))
@@ -478,7 +269,7 @@ class CPSLinear(AdapterLinear):
             P, Q = (t.cpu() for t in self._sketch.factors())
         else:
             P, Q = update
-        if _factored_norm(P, Q) == 0:
+        if factored_norm(P, Q) == 0:
             self._sketch, self._collecting = None, False
             raise NoSignalError("CPSLinear.repartition: the signal is zero (no statistics and "
                                 "a zero update): nothing to cluster yet")
@@ -488,7 +279,7 @@ class CPSLinear(AdapterLinear):
         before = captured_energy(P, Q, old_rows, old_cols, self.ranks)
         after = captured_energy(P, Q, rows, cols, self.ranks)
         # The share of ||dW||^2 a re-fit would discard: what the new blocks cannot hold.
-        discarded = (0.0 if _factored_norm(*update) == 0 else
+        discarded = (0.0 if factored_norm(*update) == 0 else
                      max(0.0, 1.0 - captured_energy(*update, rows, cols, self.ranks)))
         adopt = force or (after > before * ADOPTION_MARGIN and after - before > discarded)
         change = self._refit(rows, cols, g, update) if adopt else 0.0
@@ -517,7 +308,7 @@ class CPSLinear(AdapterLinear):
             cols = col_index[col_offsets[c]:col_offsets[c + 1]]
             if not (len(rows) and len(cols)):
                 continue
-            U, sigma, Vh = _block_factors(P_old[rows], Q_old[:, cols])
+            U, sigma, Vh = block_factors(P_old[rows], Q_old[:, cols])
             keep = int((sigma[:r] > 1e-12 * max(float(sigma[0]), 1e-300)).sum())
             root = (sigma[:keep] / scales[c]).sqrt()  # s_c B A = U sigma Vh, A and B balanced
             A[:keep, col_offsets[c]:col_offsets[c + 1]] = root[:, None] * Vh[:keep]
@@ -530,10 +321,10 @@ class CPSLinear(AdapterLinear):
         self.row_offsets.copy_(torch.tensor(row_offsets))
         self.col_offsets.copy_(torch.tensor(col_offsets))
         P_new, Q_new = self._signal_factors()
-        old_norm = _factored_norm(P_old, Q_old)
+        old_norm = factored_norm(P_old, Q_old)
         if old_norm == 0:
             return 0.0
-        return _factored_norm(torch.cat([P_new, -P_old], 1), torch.cat([Q_new, Q_old])) / old_norm
+        return factored_norm(torch.cat([P_new, -P_old], 1), torch.cat([Q_new, Q_old])) / old_norm
 
 
 def check_partition(index: Tensor, offsets: list[int], size: int, what: str) -> None:
