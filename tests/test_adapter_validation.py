@@ -3,6 +3,7 @@ re-stamped, sizes checked before anything is allocated, non-finite values on eve
 configs that disagree with their tensors, and bad import arguments."""
 import json
 import os
+import shutil
 import time
 
 import peft
@@ -304,6 +305,66 @@ def test_import_peft_refuses_bad_adapters_and_changes_nothing(peft_dir, fault):
     assert unchanged(model, before) and not list(sl.sos_layers(model))
     with pytest.raises(sl.AdapterError, match=match):
         compose.load(peft_dir)
+
+
+def trained_peft(path, init):
+    """A PEFT LoRA made by the real peft with `init`, its factors then moved as training would."""
+    model = peft.get_peft_model(llama(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(path))
+    return path
+
+
+def peft_logits(directory, ids):
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(llama(), str(directory)).eval()(ids).logits
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_inits_that_change_the_base_are_refused(tmp_path, init):
+    # Before: imported without complaint, while PEFT re-applies the init to the base weights on
+    # load: the imported model's logits were off by 0.65 (olora) and 0.40 (pissa).
+    directory = trained_peft(tmp_path / init, init)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    as_plain = shutil.copytree(directory, tmp_path / "as_plain")
+    edit_peft(as_plain, config=lambda c: c.update(init_lora_weights=True))
+    # The same factors over the original base (what importing B A would give) are not what
+    # PEFT's own load of the adapter gives.
+    assert (peft_logits(directory, ids) - peft_logits(as_plain, ids)).abs().max() > 1e-2
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sl.AdapterError, match=rf"init_lora_weights='{init}': PEFT applies this "
+                                              "initialisation to the base weights"):
+        sl.import_peft(model, directory, num_experts=2)
+    assert unchanged(model, before) and not list(sl.sos_layers(model))
+    with pytest.raises(sl.AdapterError, match="init_lora_weights"):
+        compose.load(directory)
+
+
+@pytest.mark.parametrize("init, match", [
+    ("pissa_niter_4", "PEFT applies this initialisation"), ("corda", "PEFT applies this"),
+    ("loftq", "PEFT applies this"), ("lora_ga", "PEFT applies this"),
+    ("something_new", "not an initialisation this package knows"),
+    (3, "not an initialisation this package knows")])
+def test_every_base_changing_or_unknown_init_is_refused(peft_dir, init, match):
+    edit_peft(peft_dir, config=lambda c: c.update(init_lora_weights=init))
+    with pytest.raises(sl.AdapterError, match=match):
+        sl.import_peft(llama(), peft_dir, num_experts=4)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal", False])
+def test_inits_that_only_set_the_factors_import_exactly(tmp_path, init):
+    directory = trained_peft(tmp_path / str(init), init)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    model = sl.import_peft(llama(), directory, num_experts=2).eval()
+    with torch.no_grad():
+        ours = model(ids).logits
+    expected = peft_logits(directory, ids)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-5), (ours - expected).abs().max()
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -251,6 +251,31 @@ def pattern_value(pattern: dict, name: str, default):
     return default
 
 
+# PEFT re-applies these initialisations to the base weights whenever it loads the adapter
+# (W <- W - scaling B0 A0, or a quantized W): the saved factors are an update of that changed
+# base, not of the original model, so B A alone would give other outputs.
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# The other initialisations only set the factors before training: B A is the whole update.
+FACTOR_ONLY_INITS = ("gaussian", "eva", "orthogonal", "mica")
+
+
+def check_peft_init(init, where: str) -> None:
+    """Refuse an init_lora_weights that changes the base weights, or that we do not know."""
+    if isinstance(init, bool):
+        return
+    name = init.lower() if isinstance(init, str) else None
+    if name is not None and name.startswith(BASE_CHANGING_INITS):
+        fail(where, f"{CONFIG_NAME}: init_lora_weights={init!r}: PEFT applies this "
+                    "initialisation to the base weights when it loads the adapter, so its "
+                    "factors are not an update of the original model. Convert it to a plain "
+                    "LoRA with PEFT first (save_pretrained(..., path_initial_model_for_weight_"
+                    "conversion=...) for PiSSA, OLoRA and CorDA), or merge it with PEFT and "
+                    "adapt the merged model")
+    if name not in FACTOR_ONLY_INITS:
+        fail(where, f"{CONFIG_NAME}: init_lora_weights={init!r} is not an initialisation this "
+                    f"package knows (expected true, false or one of {list(FACTOR_ONLY_INITS)})")
+
+
 def check_peft_config(config: dict, where: str) -> None:
     """The LoRA hyperparameters this package reads: their types and values."""
     if config.get("peft_type") != "LORA":
@@ -258,6 +283,7 @@ def check_peft_config(config: dict, where: str) -> None:
     for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
             fail(where, f"{flag}=True adapters are not supported")
+    check_peft_init(config.get("init_lora_weights", True), where)
     for flag in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(flag, False), bool):
             fail(where, f"{CONFIG_NAME}: {flag} must be a bool, got {config.get(flag)!r}")
