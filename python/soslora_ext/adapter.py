@@ -98,8 +98,9 @@ class AdapterLinear(nn.Module):
     def merged(self) -> bool:
         return self._merged_scale is not None
 
-    def _adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+    def named_adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the adapter's own parameters: all but the frozen base's."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
 
     def _begin_forward(self, x: Tensor) -> None:
         """Checks shared by every forward, and the record of a training forward."""
@@ -110,7 +111,7 @@ class AdapterLinear(nn.Module):
             self.used_in_training = True
         if self.training:
             if self.merged and torch.is_grad_enabled() and any(
-                    p.requires_grad for p in self._adapter_parameters()):
+                    p.requires_grad for _, p in self.named_adapter_parameters()):
                 raise RuntimeError(
                     f"{type(self).__name__}: training forward on a merged adapter: its factors "
                     "would get no gradient. unmerge() before training; for inference use "

@@ -227,8 +227,7 @@ def cmd_info(args) -> int:
     print(f"{'layer':<48} {'in->out':>11}  structure")
     adapter_params = 0
     for name, layer in layers.items():
-        adapter_params += sum(p.numel() for n, p in layer.named_parameters()
-                              if not n.startswith("base_layer."))
+        adapter_params += sum(p.numel() for _, p in layer.named_adapter_parameters())
         print(f"{name:<48} {layer.in_features:>5}->{layer.out_features:<5}  {layer.describe()}")
     saved = config.get("modules_to_save") or {}
     whole = sum(t.numel() for t in whole_tensors.values())

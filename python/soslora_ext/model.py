@@ -90,13 +90,13 @@ def apply_cps_lora(model: nn.Module, target_modules: str | Sequence[str],
                                                name))
 
 
-def _apply_adapters(model, target_modules, modules_to_save, owner, build,
+def _apply_adapters(model, target_modules, save_names, owner, build,
                     check=lambda name, linear: None) -> nn.Module:
     """Replace the targets by build(linear), after `check(name, linear)` passed for each and
     every argument was validated: on any error the model is unchanged."""
-    modules_to_save = () if modules_to_save is None else modules_to_save  # PEFT's default
+    save_names = () if save_names is None else save_names  # PEFT's default
     _check_names(owner, "target_modules", target_modules)
-    _check_names(owner, "modules_to_save", modules_to_save, allow_empty=True)
+    _check_names(owner, "modules_to_save", save_names, allow_empty=True)
     inside_adapters = {id(m) for _, layer in adapter_layers(model) for m in layer.modules()
                        if m is not layer}
     # Every name of every module: one registered under two names is matched by either, and
@@ -121,22 +121,22 @@ def _apply_adapters(model, target_modules, modules_to_save, owner, build,
         check(name, module)
 
     saved = list({id(m): m for name, m in candidates
-                  if modules_to_save and _matches(name, modules_to_save)}.values())
-    if modules_to_save and not saved:
-        raise ValueError(f"{owner}: modules_to_save={modules_to_save!r} matches no module")
+                  if save_names and _matches(name, save_names)}.values())
+    if save_names and not saved:
+        raise ValueError(f"{owner}: modules_to_save={save_names!r} matches no module")
     # A saved module that is or holds an adapted layer would make its frozen base trainable.
     adapted = {id(m) for _, m in targets} | {id(m) for _, m in adapter_layers(model)}
     for module in saved:
         clash = [name for name, m in module.named_modules() if id(m) in adapted]
         if clash:
             where = names[id(module)][0] + (f".{clash[0]}" if clash[0] else "")
-            raise ValueError(f"{owner}: modules_to_save={modules_to_save!r} names module "
+            raise ValueError(f"{owner}: modules_to_save={save_names!r} names module "
                              f"{names[id(module)][0]!r}, which is or holds the adapted layer "
                              f"{where!r}; a module is either adapted or saved whole, not both")
 
     # Modules saved by an earlier apply_* (or load_adapter) call stay trainable.
     target_ids = {id(m) for _, m in targets}
-    earlier = ([m for m in _saved_modules(model).values() if id(m) not in target_ids]
+    earlier = ([m for m in modules_to_save(model).values() if id(m) not in target_ids]
                if inside_adapters else [])
 
     owners: dict[int, list[str]] = {}
@@ -175,8 +175,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def freeze_all_but_adapters(model: nn.Module, keep_trainable: Sequence[nn.Module] = ()) -> None:
     """Only adapter parameters (and those of `keep_trainable` modules) require grad."""
-    trainable = {id(p) for _, layer in adapter_layers(model) for name, p in layer.named_parameters()
-                 if not name.startswith("base_layer.")}
+    trainable = {id(p) for _, layer in adapter_layers(model)
+                 for _, p in layer.named_adapter_parameters()}
     trainable |= {id(p) for m in keep_trainable for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -185,11 +185,6 @@ def freeze_all_but_adapters(model: nn.Module, keep_trainable: Sequence[nn.Module
 def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
     """Modules outside the adapted layers that own trainable parameters (e.g. a new classifier
     head): what save_adapter and export_peft store besides the adapters."""
-    return _saved_modules(model)
-
-
-def _saved_modules(model: nn.Module) -> dict[str, nn.Module]:
-    # modules_to_save(), under a name that apply_*'s argument of that name does not hide.
     inside = {id(m) for _, layer in adapter_layers(model) for m in layer.modules()}
     return {name: m for name, m in model.named_modules() if id(m) not in inside
             and any(p.requires_grad for p in m.parameters(recurse=False))}
@@ -209,9 +204,7 @@ def check_finite(model: nn.Module) -> None:
     """Raise FloatingPointError naming the first adapted layer whose adapter parameters or
     their gradients hold NaN or Inf (one host sync per call: call it where you can afford one)."""
     for name, layer in adapter_layers(model):
-        for pname, p in layer.named_parameters():
-            if pname.startswith("base_layer."):
-                continue
+        for pname, p in layer.named_adapter_parameters():
             if not torch.isfinite(p).all():
                 raise FloatingPointError(f"layer {name!r}: {pname} has non-finite values")
             if p.grad is not None and not torch.isfinite(p.grad).all():
@@ -244,7 +237,7 @@ def uncalled_adapters(model: nn.Module) -> list[str]:
     """Names of the adapted layers with trainable factors that no forward in training mode
     (or with grad enabled) has called (see check_adapters_called)."""
     return [name for name, layer in adapter_layers(model) if not layer.used_in_training
-            and any(p.requires_grad for p in layer._adapter_parameters())]
+            and any(p.requires_grad for _, p in layer.named_adapter_parameters())]
 
 
 def check_adapters_called(model: nn.Module, where: str = "check_adapters_called") -> None:
