@@ -1,6 +1,7 @@
 """The checks every reader and writer of adapters shares (adapter_check): configs edited and
 re-stamped, sizes checked before anything is allocated, non-finite values on every path, PEFT
 configs that disagree with their tensors, and bad import arguments."""
+import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import soslora_ext as sl
-from soslora_ext import compose
+from soslora_ext import compose, peft_check
 from soslora_ext.adapter_check import layer_tensors
 from soslora_ext.cli import main as cli_main
 from soslora_ext.config import CPSConfig, SOSConfig
@@ -309,8 +310,9 @@ def test_import_peft_refuses_bad_adapters_and_changes_nothing(peft_dir, fault):
 
 def trained_peft(path, init):
     """A PEFT LoRA made by the real peft with `init`, its factors then moved as training would."""
+    extra = dict(eva_config=peft.EvaConfig()) if init == "eva" else {}
     model = peft.get_peft_model(llama(), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init, **extra))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -356,7 +358,8 @@ def test_every_base_changing_or_unknown_init_is_refused(peft_dir, init, match):
         sl.import_peft(llama(), peft_dir, num_experts=4)
 
 
-@pytest.mark.parametrize("init", ["gaussian", "orthogonal", False])
+# EVA sets lora_A from activation statistics; PEFT leaves the base weights alone on load.
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal", "eva", False])
 def test_inits_that_only_set_the_factors_import_exactly(tmp_path, init):
     directory = trained_peft(tmp_path / str(init), init)
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -365,6 +368,55 @@ def test_inits_that_only_set_the_factors_import_exactly(tmp_path, init):
         ours = model(ids).logits
     expected = peft_logits(directory, ids)
     assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-5), (ours - expected).abs().max()
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_bias_adapters_are_refused_saying_what_is_unsupported(tmp_path, bias):
+    # Before: refused with "module to save '....base_layer': parameter 'bias' does not fit".
+    model = peft.get_peft_model(llama(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias=bias))
+    model.save_pretrained(str(tmp_path))
+    target = llama()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    match = rf"bias='{bias}': the adapter trained the base layers' biases"
+    with pytest.raises(sl.AdapterError, match=match):
+        sl.import_peft(target, tmp_path, num_experts=2)
+    assert unchanged(target, before) and not list(sl.sos_layers(target))
+    with pytest.raises(sl.AdapterError, match=match):
+        compose.load(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]),
+    ("use_qalora", True), ("alora_invocation_tokens", [5, 6]), ("target_parameters", ["w"]),
+    ("trainable_token_indices", [3]), ("ensure_weight_tying", True), ("kasa_config", {"k": 1}),
+    ("megatron_config", {"tp": 2}), ("arrow_config", {"top_k": 2}), ("use_bdlora", True)])
+def test_peft_variants_that_change_the_model_are_refused_by_name(peft_dir, field, value):
+    edit_peft(peft_dir, config=lambda c: c.update({field: value}))
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sl.AdapterError, match=rf"{field}=.* is not supported"):
+        sl.import_peft(model, peft_dir, num_experts=4)
+    assert unchanged(model, before)
+    with pytest.raises(sl.AdapterError, match=field):
+        compose.load(peft_dir)
+
+
+def test_an_unknown_peft_field_is_refused_by_name_unless_it_is_off(peft_dir):
+    edit_peft(peft_dir, config=lambda c: c.update(shiny_new_mode="fast"))
+    with pytest.raises(sl.AdapterError, match="unknown field shiny_new_mode=fast"):
+        sl.import_peft(llama(), peft_dir, num_experts=4)
+    # A feature left off cannot change the model: accepted.
+    edit_peft(peft_dir, config=lambda c: c.update(shiny_new_mode=None, other_new_flag=False))
+    assert len(list(sl.sos_layers(sl.import_peft(llama(), peft_dir, num_experts=4)))) == 2
+
+
+def test_every_field_of_peft_lora_config_is_classified():
+    # A field a new PEFT adds must be classified here before its adapters import silently.
+    known = (set(peft_check.PEFT_READ_FIELDS) | set(peft_check.PEFT_INERT_FIELDS)
+             | set(peft_check.PEFT_UNSUPPORTED_FIELDS))
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields <= known, sorted(fields - known)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                           BertConfig, BertForSequenceClassification, BertTokenizerFast,
+                          GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM)
 
 import soslora_ext as sl
@@ -29,6 +30,10 @@ def tiny_dir(tmp_path, kind="bert"):
         model = BertForSequenceClassification(BertConfig(
             vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
             num_attention_heads=2, intermediate_size=48, max_position_embeddings=64))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS) + 5, n_embd=32, n_layer=2,
+                                           n_head=4, n_positions=64, bos_token_id=2,
+                                           eos_token_id=3))
     else:
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -118,6 +123,21 @@ def test_train_text_task_on_tiny_llama(tmp_path):
     assert metrics["task"] == "text" and metrics["losses"][-1] < metrics["losses"][0]
     model = sl.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
     assert all(layer.config.gate for _, layer in sl.sos_layers(model))
+
+
+def test_train_text_task_on_tiny_gpt2_adapts_its_conv1d_layers(tmp_path):
+    model_dir, _ = tiny_dir(tmp_path, kind="gpt2")
+    text = tmp_path / "corpus"
+    text.mkdir()
+    (text / "a.txt").write_text("def x ( ) : return y\n" * 40)
+    out = tmp_path / "run"
+    assert run_cli("train", model_dir, "--data", text, "--out", out, "--steps", 15, "--rank", 4,
+                   "--experts", 2, "--max-length", 16, "--lr", 3e-3) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["losses"][-1] < metrics["losses"][0]
+    model = sl.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    names = {name.rpartition(".")[2] for name, _ in sl.sos_layers(model)}
+    assert names == {"c_attn", "c_proj", "c_fc"}  # every Conv1D; lm_head stays a head
 
 
 @pytest.mark.parametrize("args,message", [

@@ -141,7 +141,8 @@ def test_layer_bad_hyperparameters(kwargs, match):
 
 
 def test_layer_bad_base():
-    with pytest.raises(TypeError, match="base must be an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError,
+                       match=r"base must be an nn.Linear \(or a transformers Conv1D\), got Conv1d"):
         sl.SOSLinear(nn.Conv1d(4, 4, 1))
 
 

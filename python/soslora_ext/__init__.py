@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import compose, ops, reference
 from ._C import built_with_cuda
-from .config import CPSConfig, SOSConfig
+from .config import PRESETS, CPSConfig, SOSConfig
 from .cps import CPSLinear, RepartitionSchedule
 from .adapter import AdapterLinear
 from .layer import SOSLinear
@@ -35,7 +35,8 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "AdapterLinear", "CPSConfig", "CPSLinear", "RepartitionSchedule", "adapter_layers",
-    "apply_cps_lora", "cps_layers", "CPSLoRACallback", "SOSConfig", "SOSLinear", "apply_sos_lora",
+    "apply_cps_lora", "cps_layers", "CPSLoRACallback", "PRESETS", "SOSConfig", "SOSLinear",
+    "apply_sos_lora",
     "check_adapters_called", "check_finite", "merge_and_unload", "modules_to_save",
     "ortho_penalty", "sos_layers", "trainable_parameters", "uncalled_adapters", "OrthoSchedule",
     "GateSchedule", "SOSLoRACallback", "save_adapter", "load_adapter", "export_peft",

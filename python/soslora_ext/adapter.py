@@ -1,7 +1,10 @@
-"""AdapterLinear: a frozen nn.Linear plus an update that is a sum of low-rank terms. What every
-adapted layer (SOSLinear, CPSLinear) shares: the base checks, input checks, merge and unmerge
-through the merge guard, and the merged state in state dicts."""
+"""AdapterLinear: a frozen linear layer (an nn.Linear, or the Conv1D of GPT-2-style models)
+plus an update that is a sum of low-rank terms. What every adapted layer (SOSLinear, CPSLinear)
+shares: the base checks, input checks, merge and unmerge through the merge guard, and the merged
+state in state dicts."""
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn as nn
@@ -17,20 +20,48 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MERGED_KEYS = ("merged_A", "merged_B", "merged_scale")
 
 
+def is_conv1d(module) -> bool:
+    """Whether `module` is transformers' Conv1D (GPT-2, GPT, ...): a linear layer whose weight is
+    stored [in, out] (PEFT's fan_in_fan_out). transformers is only looked up if already
+    imported: a model made of Conv1D layers has imported it."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def is_linear(module) -> bool:
+    """An nn.Linear or a Conv1D: the layers an adapter can wrap."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D (weight [in, out])."""
+    if is_conv1d(base):
+        return tuple(base.weight.shape)
+    return base.in_features, base.out_features
+
+
+def weight_matrix(base: nn.Module) -> Tensor:
+    """The base weight as an [out, in] matrix: a transposed view for a Conv1D, so writes into
+    it (merging) change the weight itself."""
+    return base.weight.t() if is_conv1d(base) else base.weight
+
+
 def check_base(base, owner: str) -> None:
-    """Raise a clear error if `base` cannot carry an adapter: an nn.Linear with a weight of a
-    supported floating dtype and positive in/out features."""
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"{owner}: base must be an nn.Linear, got {type(base).__name__}")
+    """Raise a clear error if `base` cannot carry an adapter: an nn.Linear (or a transformers
+    Conv1D) with a weight of a supported floating dtype and positive in/out features."""
+    if not is_linear(base):
+        raise TypeError(f"{owner}: base must be an nn.Linear (or a transformers Conv1D), got "
+                        f"{type(base).__name__}")
     weight = base.weight
     if not isinstance(weight, Tensor) or weight.dtype not in SUPPORTED_DTYPES:
         dtype = getattr(weight, "dtype", type(weight).__name__)
         raise TypeError(f"{owner}: the base weight is {dtype}; expected one of "
                         f"{[str(d) for d in SUPPORTED_DTYPES]} (a quantized or integer Linear "
                         "cannot be adapted)")
-    if base.in_features <= 0 or base.out_features <= 0 or weight.dim() != 2:
+    in_features, out_features = base_features(base)
+    if in_features <= 0 or out_features <= 0 or weight.dim() != 2:
         raise ValueError(f"{owner}: in_features and out_features must be positive, got "
-                         f"{base.in_features} -> {base.out_features}")
+                         f"{in_features} -> {out_features}")
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -44,7 +75,7 @@ def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 class AdapterLinear(nn.Module):
-    """A frozen nn.Linear plus an update that is a sum of low-rank terms.
+    """A frozen nn.Linear (or Conv1D) plus an update that is a sum of low-rank terms.
 
     Subclasses give the update as factors, ``_update_factors() -> (A [R, in], B [out, R],
     scale [R] or [out, R])`` with delta = (B * scale) A, which is what merging, ``delta_weight``
@@ -52,9 +83,13 @@ class AdapterLinear(nn.Module):
 
     While merged, the base weight holds the update: a training forward is refused (its
     gradient would not reach the factors), and ``state_dict()`` carries the merged update
-    (``base_layer.merged_A/_B/_scale``) so that loading it gives a merged layer again."""
+    (``base_layer.merged_A/_B/_scale``) so that loading it gives a merged layer again.
 
-    def __init__(self, base: nn.Linear, dtype: torch.dtype | None):
+    A Conv1D base (weight [in, out], GPT-2) is adapted as the linear map it is: the factors
+    have the same shapes as for an nn.Linear of the same features, and merging writes the
+    transposed update into its weight (``fan_in_fan_out`` is True)."""
+
+    def __init__(self, base: nn.Module, dtype: torch.dtype | None):
         name = type(self).__name__
         check_base(base, name)
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
@@ -62,6 +97,8 @@ class AdapterLinear(nn.Module):
                              f"{[str(d) for d in SUPPORTED_DTYPES]}, got {dtype!r}")
         super().__init__()
         self.base_layer = base
+        self.fan_in_fan_out = is_conv1d(base)
+        self._features = base_features(base)
         for p in base.parameters():
             p.requires_grad_(False)
         self.adapter_dtype = dtype or _default_adapter_dtype(base.weight.dtype)
@@ -80,11 +117,11 @@ class AdapterLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self._features[0]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self._features[1]
 
     @property
     def weight(self) -> Tensor:
@@ -146,14 +183,15 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
-        """The update as an [out, in] tensor in the accumulation dtype. Refused, as merge(),
-        if a factor or scale is not finite or the update overflows that dtype."""
+        """The update in the accumulation dtype, laid out as the base weight ([out, in]; [in,
+        out] for a Conv1D), so that weight + delta_weight() is the merged weight. Refused, as
+        merge(), if a factor or scale is not finite or the update overflows that dtype."""
         A, B, scale = self._update_factors()
         delta = torch.zeros(self.out_features, self.in_features, device=A.device,
                             dtype=ops.accumulate_dtype(A.dtype))
         target = merging.Target("", delta, [merging.Term(A, B, scale)])
         merging.merge_([target], f"{type(self).__name__}.delta_weight")
-        return delta
+        return delta.t().contiguous() if self.fan_in_fan_out else delta
 
     def _check_mergeable(self, where: str) -> None:
         if self.merged:
@@ -167,7 +205,7 @@ class AdapterLinear(nn.Module):
     def _merge_target(self, name: str) -> merging.Target:
         """What merge() adds: detached copies of the factors (small), recorded once merged."""
         A, B, scale = (t.detach().clone() for t in self._update_factors())
-        return merging.Target(name, self.base_layer.weight, [merging.Term(A, B, scale)])
+        return merging.Target(name, weight_matrix(self.base_layer), [merging.Term(A, B, scale)])
 
     def _record_merged(self, target: merging.Target) -> None:
         term = target.terms[0]
@@ -192,7 +230,8 @@ class AdapterLinear(nn.Module):
         if not self.merged:
             raise RuntimeError(f"{name}.unmerge: the adapter is not merged")
         term = merging.Term(self._merged_A, self._merged_B, self._merged_scale, -1.0)
-        merging.merge_([merging.Target("", self.base_layer.weight, [term])], f"{name}.unmerge")
+        merging.merge_([merging.Target("", weight_matrix(self.base_layer), [term])],
+                       f"{name}.unmerge")
         self._merged_A = self._merged_B = self._merged_scale = None
 
     # ---- state dict: a merged layer's weight comes with the update it holds -----------------
@@ -223,8 +262,9 @@ class AdapterLinear(nn.Module):
         elif update:
             error_msgs.append(f"{prefix}base_layer: merged update without base_layer.weight")
 
-    def merge_and_unload(self) -> nn.Linear:
-        """Merge (if not yet merged) and return the base nn.Linear carrying the update."""
+    def merge_and_unload(self) -> nn.Module:
+        """Merge (if not yet merged) and return the base layer (nn.Linear or Conv1D) carrying
+        the update."""
         if not self.merged:
             self.merge()
         return self.base_layer

@@ -1,4 +1,5 @@
-"""What an adapter's config and tensors must satisfy, for our format and PEFT's LoRA format.
+"""What an adapter's config and tensors must satisfy: the checks both formats share, and our
+format's (PEFT's LoRA format: peft_check).
 
 One set of checks, run by every reader and by every writer (so nothing is written that would
 be refused when read). They run in three phases, each before anything costlier happens:
@@ -9,13 +10,12 @@ tensor or key."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .adapter import AdapterLinear
+from .adapter import AdapterLinear, base_features, is_linear
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from .config import CPSConfig, SOSConfig
 from .cps import CPSLinear, _check_fits, check_partition
@@ -25,18 +25,17 @@ from .ops import accumulate_dtype
 METHODS = {"sos": SOSLinear, "cps": CPSLinear}
 FACTOR_DTYPES = {str(d).removeprefix("torch."): d
                  for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
-PEFT_PREFIX = "base_model.model."
 
 
 def fail(where: str, message: str):
     raise AdapterError(f"{where}: {message}")
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return type(v) is int
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
 
@@ -70,16 +69,17 @@ def model_module(model: nn.Module, name: str, where: str, what: str) -> nn.Modul
     return module
 
 
-def check_model_layer(model: nn.Module, name: str, shape: tuple, where: str) -> nn.Linear:
-    """The plain nn.Linear `name` of `model`, of (in_features, out_features) `shape`."""
+def check_model_layer(model: nn.Module, name: str, shape: tuple, where: str) -> nn.Module:
+    """The plain nn.Linear (or Conv1D) `name` of `model`, of (in_features, out_features)
+    `shape`."""
     base = model_module(model, name, where, "layer")
     if isinstance(base, AdapterLinear):
         fail(where, f"layer {name!r} already has an adapter; load into a fresh model")
-    if not isinstance(base, nn.Linear):
-        fail(where, f"layer {name!r} is a {type(base).__name__}, not an nn.Linear")
-    if tuple(shape) != (base.in_features, base.out_features):
+    if not is_linear(base):
+        fail(where, f"layer {name!r} is a {type(base).__name__}, not an nn.Linear or Conv1D")
+    if tuple(shape) != base_features(base):
         fail(where, f"layer {name!r}: adapter is for in/out features {tuple(shape)}, the model's "
-                    f"layer is ({base.in_features}, {base.out_features})")
+                    f"layer is {base_features(base)}")
     return base
 
 
@@ -177,7 +177,7 @@ def check_own_config(config: dict, where: str, model: nn.Module | None = None) -
             method = entry.get("method", "sos")  # files written before CPS-LoRA are all SOS
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}")
-            if not all(_is_int(n) and n > 0 for n in shape):
+            if not all(is_int(n) and n > 0 for n in shape):
                 raise ValueError(f"in_features and out_features must be positive ints, got "
                                  f"{shape}")
             if not isinstance(entry.get("bias"), bool):
@@ -240,109 +240,3 @@ def check_own_values(plan: OwnPlan, tensors: dict[str, torch.Tensor], where: str
                                 "columns")
             except ValueError as e:
                 fail(where, f"layer {name!r}: {e}")
-
-
-# ---- PEFT's LoRA format ----------------------------------------------------------------------
-def pattern_value(pattern: dict, name: str, default):
-    # PEFT matches pattern keys as regexes against the end of the module name.
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-# PEFT re-applies these initialisations to the base weights whenever it loads the adapter
-# (W <- W - scaling B0 A0, or a quantized W): the saved factors are an update of that changed
-# base, not of the original model, so B A alone would give other outputs.
-BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-# The other initialisations only set the factors before training: B A is the whole update.
-FACTOR_ONLY_INITS = ("gaussian", "eva", "orthogonal", "mica")
-
-
-def check_peft_init(init, where: str) -> None:
-    """Refuse an init_lora_weights that changes the base weights, or that we do not know."""
-    if isinstance(init, bool):
-        return
-    name = init.lower() if isinstance(init, str) else None
-    if name is not None and name.startswith(BASE_CHANGING_INITS):
-        fail(where, f"{CONFIG_NAME}: init_lora_weights={init!r}: PEFT applies this "
-                    "initialisation to the base weights when it loads the adapter, so its "
-                    "factors are not an update of the original model. Convert it to a plain "
-                    "LoRA with PEFT first (save_pretrained(..., path_initial_model_for_weight_"
-                    "conversion=...) for PiSSA, OLoRA and CorDA), or merge it with PEFT and "
-                    "adapt the merged model")
-    if name not in FACTOR_ONLY_INITS:
-        fail(where, f"{CONFIG_NAME}: init_lora_weights={init!r} is not an initialisation this "
-                    f"package knows (expected true, false or one of {list(FACTOR_ONLY_INITS)})")
-
-
-def check_peft_config(config: dict, where: str) -> None:
-    """The LoRA hyperparameters this package reads: their types and values."""
-    if config.get("peft_type") != "LORA":
-        fail(where, f"not a PEFT LoRA adapter (peft_type={config.get('peft_type')!r})")
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            fail(where, f"{flag}=True adapters are not supported")
-    check_peft_init(config.get("init_lora_weights", True), where)
-    for flag in ("use_rslora", "fan_in_fan_out"):
-        if not isinstance(config.get(flag, False), bool):
-            fail(where, f"{CONFIG_NAME}: {flag} must be a bool, got {config.get(flag)!r}")
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    if not (_is_int(r) and r > 0):
-        fail(where, f"{CONFIG_NAME}: r must be a positive int, got {r!r}")
-    if not _is_number(alpha):
-        fail(where, f"{CONFIG_NAME}: lora_alpha must be a finite number, got {alpha!r}")
-    for key, ok, expected in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive ints"),
-                              ("alpha_pattern", _is_number, "finite numbers")):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
-            fail(where, f"{CONFIG_NAME}: {key} must map module names to {expected}, got "
-                        f"{str(pattern)[:200]}")
-        for regex in pattern:
-            try:
-                re.compile(regex)
-            except re.error as e:
-                fail(where, f"{CONFIG_NAME}: {key} key {regex!r} is not a regex ({e})")
-
-
-@dataclass
-class PeftPlan:
-    layers: dict[str, tuple[int, float]]  # module -> (rank, scaling): delta = scaling * B A
-    whole: list[str]                     # "module.param" of the tensors saved whole
-
-
-def check_peft_header(config: dict, header: dict, where: str) -> PeftPlan:
-    """Every tensor is a lora_A/lora_B of one layer or one saved whole; each pair's rank is
-    the one r / rank_pattern gives that layer (a config and weights from different saves, or
-    an edited r, are refused, not read with the wrong scaling)."""
-    names, whole = [], []
-    for key, (dtype, shape) in header.items():
-        if not key.startswith(PEFT_PREFIX):
-            fail(where, f"unexpected tensor {key!r}")
-        path = key[len(PEFT_PREFIX):]
-        if path.endswith(".lora_A.weight"):
-            names.append(path[: -len(".lora_A.weight")])
-        elif not path.endswith(".lora_B.weight"):
-            if "lora_" in path:
-                fail(where, f"unsupported LoRA tensor {key!r}")
-            if not dtype.is_floating_point:  # modules_to_save hold trained (float) parameters
-                fail(where, f"tensor {key!r} is {dtype}, expected a floating-point tensor")
-            whole.append(path)
-    if not names:
-        fail(where, "the adapter holds no lora_A/lora_B tensors")
-    check_names(where, names, [p.rpartition(".")[0] for p in whole])
-    layers = {}
-    for name in sorted(names):
-        A = header[f"{PEFT_PREFIX}{name}.lora_A.weight"]
-        B = header.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
-        if (B is None or len(A[1]) != 2 or len(B[1]) != 2 or B[1][1] != A[1][0]
-                or not (A[0].is_floating_point and B[0].is_floating_point)):
-            fail(where, f"layer {name!r}: lora_A {A[0]} {A[1]} and lora_B "
-                        f"{None if B is None else (B[0], B[1])} are not a LoRA pair")
-        rank = pattern_value(config.get("rank_pattern"), name, config.get("r", 8))
-        if A[1][0] != rank:
-            fail(where, f"layer {name!r}: the factors have rank {A[1][0]}, but {CONFIG_NAME} "
-                        f"gives this layer r={rank} (r, rank_pattern)")
-        alpha = pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
-        layers[name] = (rank, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
-    return PeftPlan(layers, whole)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .cli_args import (CliError, Parser, check_outputs, document_defaults, finite_float,
                        model_directory, non_negative_float, non_negative_int, positive_float,
-                       positive_int, probability, quiet_transformers, seed)
+                       positive_int, probability, quiet_transformers, seed, train_layer_kwargs)
 from .cli_compose import (cmd_compose_concat, cmd_compose_eval, cmd_compose_merge,
                           cmd_compose_report)
 
@@ -36,28 +36,15 @@ def cmd_train(args) -> int:
                               AutoTokenizer)
 
     from . import finetune
+    from .adapter import is_linear
     from .base_models import causal_lm_architectures
-    from .config import CPSConfig, SOSConfig
     from .data import read_training_data
     from .model import apply_cps_lora, apply_sos_lora, trainable_parameters
     from .serialization import save_adapter
 
     model_dir = model_directory(args.model_dir)
-    alpha = 2.0 * args.rank if args.alpha is None else args.alpha
-    if args.method == "sos":
-        layer_kwargs = dict(num_experts=args.experts, rank=args.rank, alpha=alpha,
-                            scale_mode=args.scale_mode, gate=args.gate, dropout=args.dropout)
-        config_class, apply = SOSConfig, apply_sos_lora
-    else:
-        layer_kwargs = dict(num_clusters=args.clusters, rank=args.rank, alpha=alpha,
-                            dropout=args.dropout, repartition_every=args.repartition_every)
-        config_class, apply = CPSConfig, apply_cps_lora
-    try:  # bad hyperparameters fail before the model is loaded, naming the options
-        config_class(**layer_kwargs)
-    except ValueError as e:
-        options = {"num_experts": "--experts", "num_clusters": "--clusters"}
-        named = [options.get(k, "--" + k.replace("_", "-")) for k in layer_kwargs if k in str(e)]
-        raise CliError(f"{'/'.join(named) or '--method ' + args.method}: {e}") from None
+    layer_kwargs = train_layer_kwargs(args)  # bad values fail before the model loads
+    apply = apply_sos_lora if args.method == "sos" else apply_cps_lora
     try:
         task, payload = read_training_data(args.data, args.task, args.seed)
     except ValueError as e:
@@ -86,11 +73,11 @@ def cmd_train(args) -> int:
         chunks = ids[: n * args.max_length].view(n, args.max_length)
         data = dict(input_ids=chunks, labels=chunks)
     targets = args.targets or [n for n, m in model.named_modules()
-                               if isinstance(m, torch.nn.Linear)
+                               if is_linear(m)  # nn.Linear, or GPT-2's Conv1D
                                and not any(h in n.split(".") for h in HEADS)]
     heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in HEADS and n
              and task == "classification"]
-    with _memory_for("--rank", args.rank, "the adapters do not fit"):
+    with _memory_for("--rank", layer_kwargs["rank"], "the adapters do not fit"):
         apply(model, targets, modules_to_save=heads, **layer_kwargs)
     trainable, total = trainable_parameters(model)
     print(f"{task}: {trainable} trainable of {total} parameters", file=sys.stderr)
@@ -98,9 +85,11 @@ def cmd_train(args) -> int:
                      "a training step does not fit"):
         fit = finetune.train(model, finetune.sample_batches(data, args.batch_size), args.steps,
                              lr=args.lr, seed=args.seed, log_every=args.log_every,
-                             lambda_max=args.ortho_lambda)
+                             lambda_max=args.ortho_lambda, preset=args.preset)
     metrics = dict(task=task, steps=args.steps, losses=fit.losses, seconds=fit.seconds,
                    trainable_parameters=trainable)
+    if args.method == "sos":
+        metrics["preset"] = args.preset
     if args.method == "cps":
         metrics["repartitions"] = fit.repartition_log
     if task == "classification":
@@ -113,7 +102,8 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     save_adapter(model, out / "adapter", metadata=dict(
         base_model_class=type(model).__name__, model_kwargs=model_kwargs,
-        base_model_dir=str(model_dir.resolve()), labels=metrics.get("labels")))
+        base_model_dir=str(model_dir.resolve()), labels=metrics.get("labels"),
+        **({"preset": args.preset} if args.method == "sos" else {})))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = f"accuracy {metrics['accuracy']:.4f}, " if "accuracy" in metrics else ""
     if args.method == "cps":
@@ -239,6 +229,7 @@ def cmd_info(args) -> int:
 # ---- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import main_job
+    from .config import PRESETS
 
     parser = Parser(prog="python -m soslora_ext", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,20 +267,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module names to adapt (default: every Linear except the heads)")
     p.add_argument("--method", choices=["sos", "cps"], default="sos",
                    help="sos: SOS-LoRA; cps: CPS-LoRA")
-    p.add_argument("--rank", type=positive_int, default=16,
-                   help="SOS: total rank; CPS: rank per cluster")
-    p.add_argument("--experts", type=positive_int, default=4, help="SOS: number of experts")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="SOS: a named recipe of layer hyperparameters and schedules: "
+                   "default (the defaults below) or official, the SOS-LoRA authors' recipe "
+                   "(rank 128, alpha 128, 4 experts, channel scales with "
+                   "anchor 1e-4, gate starting at temperature 2 with uniform prior 2e-4, LoRA+ "
+                   "ratio 2, dropout 0.05, factors in the base dtype, lambda per micro-batch); "
+                   "--rank/--alpha/--experts/--scale-mode/--gate/--dropout override it when "
+                   "given. --lr/--steps/--batch-size are not part of it")
+    p.add_argument("--rank", type=positive_int, default=None,
+                   help="SOS: total rank; CPS: rank per cluster (default 16; 128 with "
+                   "--preset official)")
+    p.add_argument("--experts", type=positive_int, default=None,
+                   help="SOS: number of experts (default 4)")
     p.add_argument("--alpha", type=positive_float, default=None,
-                   help="scaling numerator, > 0 (default 2 * rank)")
-    p.add_argument("--scale-mode", choices=["fixed", "channel"], default="fixed",
-                   help="SOS: fixed or trainable channel scales")
-    p.add_argument("--gate", action="store_true", help="SOS: add the mean-1 gate (default off)")
+                   help="scaling numerator, > 0 (default 2 * rank; 128 with --preset official)")
+    p.add_argument("--scale-mode", choices=["fixed", "channel"], default=None,
+                   help="SOS: fixed or trainable channel scales (default fixed; channel with "
+                   "--preset official)")
+    p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="SOS: the mean-1 gate (default off; on with --preset official)")
     p.add_argument("--clusters", type=positive_int, default=4, help="CPS: number of clusters")
     p.add_argument("--repartition-every", type=non_negative_int, default=0,
                    help="CPS: repartition every this many steps (0: never)")
-    p.add_argument("--dropout", type=probability, default=0.0, help="adapter dropout rate")
-    p.add_argument("--ortho-lambda", type=non_negative_float, default=0.006,
-                   help="orthogonality weight after the ramp")
+    p.add_argument("--dropout", type=probability, default=None,
+                   help="adapter dropout rate (default 0.0; 0.05 with --preset official)")
+    p.add_argument("--ortho-lambda", type=non_negative_float, default=None,
+                   help="orthogonality weight after the ramp (default 0.006, as both presets)")
     p.add_argument("--steps", type=positive_int, default=200)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--lr", type=positive_float, default=5e-4)

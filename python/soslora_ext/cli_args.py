@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 
@@ -90,6 +91,49 @@ def document_defaults(parser: argparse.ArgumentParser) -> None:
                      or action.default == argparse.SUPPRESS)  # 0 is a default
         if shown and "default" not in action.help:
             action.help += f" (default {action.default})"
+
+
+# ---- train's layer options ------------------------------------------------------------------
+# The command line's own SOS-LoRA defaults (the "default" preset; smaller than SOSConfig's):
+# alpha defaults to 2 * rank. With --preset official, the preset's values stand instead.
+CLI_SOS_DEFAULTS = dict(num_experts=4, rank=16, scale_mode="fixed", gate=False, dropout=0.0)
+# The config field each layer option sets, in the order errors name them.
+LAYER_OPTIONS = {"num_experts": "--experts", "num_clusters": "--clusters", "rank": "--rank",
+                 "alpha": "--alpha", "scale_mode": "--scale-mode", "gate": "--gate",
+                 "dropout": "--dropout", "repartition_every": "--repartition-every"}
+
+
+def train_layer_kwargs(args) -> dict:
+    """The layer keywords of `train`'s options: for SOS-LoRA the preset's fields, overridden
+    by the options given; a bad value is a CliError naming its options."""
+    from .config import CPSConfig, SOSConfig
+
+    if args.method == "sos":
+        given = dict(num_experts=args.experts, rank=args.rank, alpha=args.alpha,
+                     scale_mode=args.scale_mode, gate=args.gate, dropout=args.dropout)
+        given = {k: v for k, v in given.items() if v is not None}
+        if args.preset == "default":
+            given = dict(CLI_SOS_DEFAULTS, **given)
+            given.setdefault("alpha", 2.0 * given["rank"])
+    else:
+        if args.preset != "default":
+            raise CliError(f"--preset {args.preset}: presets are SOS-LoRA recipes; it needs "
+                           "--method sos")
+        rank = 16 if args.rank is None else args.rank
+        given = dict(num_clusters=args.clusters, rank=rank,
+                     alpha=2.0 * rank if args.alpha is None else args.alpha,
+                     dropout=0.0 if args.dropout is None else args.dropout,
+                     repartition_every=args.repartition_every)
+    try:
+        if args.method == "sos":
+            return SOSConfig.preset(args.preset, **given).to_dict()
+        CPSConfig(**given)
+        return given
+    except ValueError as e:
+        named = [option for key, option in LAYER_OPTIONS.items()
+                 if key in given and re.search(rf"\b{key}\b", str(e))]
+        fallback = f"--preset {args.preset}" if args.method == "sos" else "--method cps"
+        raise CliError(f"{'/'.join(named) or fallback}: {e}") from None
 
 
 # ---- output targets --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch.nn as nn
 from .interference import (check_same_base, cosine, effective_rank, format_report,  # noqa: F401
                            plot_report, report, require_matplotlib, rms_cosine,
                            singular_values)
+from .adapter import is_conv1d, weight_matrix
 from .merging import Target, Term, merge_
 from .serialization import (AdapterError, folded_factors, is_own_format, read_adapter,
                             read_peft_lora, write_peft_lora)
@@ -109,10 +110,12 @@ def from_model(model: nn.Module, name: str = "model") -> Adapter:
     """The adapters (SOS and CPS layers) of a model, as an Adapter."""
     from .model import adapter_layers
 
-    terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in adapter_layers(model)}
+    layers = dict(adapter_layers(model))
+    terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
     if not terms:
         raise AdapterError("from_model: the model has no adapted (SOSLinear/CPSLinear) layers")
-    return Adapter(terms, name=name)
+    return Adapter(terms, name=name,
+                   fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()))
 
 
 # ---- sums ------------------------------------------------------------------------------------
@@ -168,7 +171,9 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
             weight = getattr(module, "weight", None)
             if not isinstance(weight, Tensor) or weight.dim() != 2:
                 raise AdapterError(f"layer {layer!r}: {type(module).__name__} has no 2-D weight")
-            target = weight.T if adapter.fan_in_fan_out else weight  # Conv1D stores [in, out]
+            # As in PEFT, the layer's type decides the layout (a Conv1D stores [in, out]), not
+            # the adapter's fan_in_fan_out flag, which a model of both kinds cannot honour.
+            target = weight_matrix(module) if is_conv1d(module) else weight
             if tuple(target.shape) != adapter.shape(layer):
                 raise AdapterError(f"layer {layer!r}: adapter {adapter.name!r} is for a "
                                    f"{adapter.shape(layer)} weight, the model's is "

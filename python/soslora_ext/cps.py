@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .adapter import AdapterLinear, check_base
+from .adapter import AdapterLinear, base_features, check_base
 from .config import CPSConfig
 from .partition import (GradientSketch, block_factors, captured_energy, factored_norm,
                         find_partition, index_to_labels, initial_labels, labels_to_index)
@@ -73,7 +73,8 @@ class CPSLinear(AdapterLinear):
     columns (the module docstring gives the schedule, partition.py the partition criterion).
 
     Args:
-        base: the nn.Linear to adapt; wrapped, not copied; its parameters are frozen.
+        base: the nn.Linear (or Conv1D) to adapt; wrapped, not copied; its parameters are
+            frozen.
         num_clusters: G, at most min(in_features, out_features).
         rank, rank_per_cluster: every cluster's rank, or one rank per cluster.
         alpha, use_rslora: cluster c's scale is alpha / r_c (alpha / sqrt(r_c) with rsLoRA).
@@ -89,7 +90,7 @@ class CPSLinear(AdapterLinear):
     until a later repartition gives it some.
     """
 
-    def __init__(self, base: nn.Linear, num_clusters: int = 4, rank: int = 8,
+    def __init__(self, base: nn.Module, num_clusters: int = 4, rank: int = 8,
                  alpha: float = 16.0, rank_per_cluster: list[int] | None = None,
                  dropout: float = 0.0, use_rslora: bool = False,
                  init_partition: str = "contiguous", repartition_every: int = 0,
@@ -101,7 +102,7 @@ class CPSLinear(AdapterLinear):
                            repartition_every=repartition_every,
                            statistics_steps=statistics_steps, sketch_rank=sketch_rank)
         check_base(base, "CPSLinear")  # before the shape checks, which read its features
-        _check_fits(config, base.out_features, base.in_features)
+        _check_fits(config, *base_features(base)[::-1])
         super().__init__(base, dtype)
         self.config = config
         device = base.weight.device

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .cps import RepartitionSchedule
 from .model import check_adapters_called, sos_layers
-from .schedules import GateSchedule, OrthoSchedule
+from .schedules import GateSchedule, OrthoSchedule, preset_schedules
 
 
 @dataclass
@@ -61,14 +61,16 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tens
 
 
 def train(model: nn.Module, batches, steps: int, lr: float = 1e-3, seed: int = 0,
-          lambda_max: float = 0.006, max_grad_norm: float = 1.0, log_every: int = 20,
-          desc: str = "train", progress: bool = True) -> TrainResult:
+          lambda_max: float | None = None, max_grad_norm: float = 1.0, log_every: int = 20,
+          desc: str = "train", progress: bool = True, preset: str = "default") -> TrainResult:
     """AdamW over the trainable parameters for `steps` steps of ``model(**batch).loss``, with
     linear warm-up over the first tenth of the steps and gradient clipping (as Trainer does).
 
     `batches(step, generator)` returns the batch for a step. When the model has SOS layers
-    the orthogonality and gate-temperature schedules of the reference recipe run alongside;
-    CPS layers with ``repartition_every`` are repartitioned on their schedule.
+    the orthogonality and gate-temperature schedules of `preset` (config.PRESET_SCHEDULES,
+    as SOSLoRACallback) run alongside, `lambda_max` overriding the preset's (0.006); one
+    backward per optimizer step, so the preset's lambda_per makes no difference here. CPS
+    layers with ``repartition_every`` are repartitioned on their schedule.
     """
     from tqdm.auto import tqdm
 
@@ -78,9 +80,10 @@ def train(model: nn.Module, batches, steps: int, lr: float = 1e-3, seed: int = 0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ortho_kwargs, gate_kwargs = preset_schedules("train", preset, lambda_max=lambda_max)
     has_sos = any(True for _ in sos_layers(model))
-    ortho = OrthoSchedule(model, lambda_max=lambda_max, total_steps=steps) if has_sos else None
-    gate = (GateSchedule(model, total_steps=steps)
+    ortho = OrthoSchedule(model, total_steps=steps, **ortho_kwargs) if has_sos else None
+    gate = (GateSchedule(model, total_steps=steps, **gate_kwargs)
             if any(l.config.gate for _, l in sos_layers(model)) else None)
     repartition = RepartitionSchedule(model, opt)
     generator = torch.Generator().manual_seed(seed)

@@ -6,12 +6,23 @@ from transformers import TrainerCallback
 
 from .cps import RepartitionSchedule
 from .model import check_adapters_called, ortho_penalty, sos_layers
-from .schedules import GateSchedule, OrthoSchedule
+from .schedules import GateSchedule, OrthoSchedule, preset_schedules
 
 
 class SOSLoRACallback(TrainerCallback):
     """Sets each SOS layer's orthogonality weight and gate temperature from the trainer's
     optimizer step (``state.global_step`` of ``state.max_steps``) and logs the penalty.
+
+    The schedules come from `preset` (config.PRESET_SCHEDULES: "default" or "official", the
+    SOS-LoRA authors' recipe); any of lambda_max, delay, ramp (OrthoSchedule), gate_start,
+    gate_end, gate_anneal (GateSchedule) and lambda_per given explicitly overrides it. Both
+    presets use lambda 0.006 (delay 0.15, ramp 0.20) and a gate temperature 2 -> 1 over the
+    first 30% of steps; they differ in `lambda_per`:
+
+    * "optimizer_step" (the default preset): with gradient accumulation lambda is divided by
+      the trainer's accumulation steps, so each optimizer step sees lambda once;
+    * "micro_batch" (the official preset): lambda is added at every micro-batch backward, as
+      the authors' code does (an effective lambda * gradient_accumulation_steps).
 
     After the first optimizer step it checks that every adapted layer took part in the
     training forward (check_adapters_called): a layer whose parent reads its ``.weight``
@@ -19,16 +30,20 @@ class SOSLoRACallback(TrainerCallback):
     ``check_called=False`` where a layer may legitimately sit out the first step (e.g. a
     mixture-of-experts expert that no token reached).
 
-    Works with gradient accumulation (lambda is divided by the accumulation steps, so each
-    optimizer step sees lambda once) and under ``accelerate`` (the schedules only write device
-    buffers of whatever model the trainer hands over, wrapped or not).
+    Works under ``accelerate`` (the schedules only write device buffers of whatever model the
+    trainer hands over, wrapped or not).
     """
 
-    def __init__(self, lambda_max: float = 0.006, delay: float = 0.15, ramp: float = 0.20,
-                 gate_start: float = 2.0, gate_end: float = 1.0, gate_anneal: float = 0.30,
-                 check_called: bool = True):
-        self.ortho_kwargs = dict(lambda_max=lambda_max, delay=delay, ramp=ramp)
-        self.gate_kwargs = dict(start=gate_start, end=gate_end, anneal=gate_anneal)
+    def __init__(self, lambda_max: float | None = None, delay: float | None = None,
+                 ramp: float | None = None, gate_start: float | None = None,
+                 gate_end: float | None = None, gate_anneal: float | None = None,
+                 check_called: bool = True, preset: str = "default",
+                 lambda_per: str | None = None):
+        self.preset = preset
+        self.ortho_kwargs, self.gate_kwargs = preset_schedules(
+            "SOSLoRACallback", preset, lambda_max=lambda_max, delay=delay, ramp=ramp,
+            lambda_per=lambda_per, gate_start=gate_start, gate_end=gate_end,
+            gate_anneal=gate_anneal)
         self.ortho: OrthoSchedule | None = None
         self.gate: GateSchedule | None = None
         self.checked = not check_called

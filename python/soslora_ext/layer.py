@@ -30,26 +30,27 @@ class _AddToGrad(torch.autograd.Function):
 
 
 class _AFactorGradient(torch.autograd.Function):
-    """Identity on lora_A; backward returns (grad + lam * d ortho_penalty / dA) / loraplus_ratio.
+    """Identity on lora_A; backward returns (grad + lam * d ortho_penalty / dA) / loraplus_ratio
+    (the orthogonality term only when `ortho`, i.e. in training mode).
 
     lam is a device tensor, so a schedule can change it without a host sync; the ratio divides
     the sum, as in the reference code."""
 
     @staticmethod
-    def forward(ctx, A, lam, num_experts, grad_multiplier):
+    def forward(ctx, A, lam, num_experts, ortho, grad_multiplier):
         ctx.save_for_backward(A, lam)
-        ctx.num_experts, ctx.grad_multiplier = num_experts, grad_multiplier
+        ctx.num_experts, ctx.ortho, ctx.grad_multiplier = num_experts, ortho, grad_multiplier
         return A.view_as(A)
 
     @staticmethod
     def backward(ctx, grad):
         A, lam = ctx.saved_tensors
         grad = grad.clone()
-        if ctx.num_experts > 1:
+        if ctx.ortho:
             ops.add_ortho_penalty_grad_(grad, A, lam, ctx.num_experts)
         if ctx.grad_multiplier != 1.0:
             grad = grad * ctx.grad_multiplier
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class SOSLinear(AdapterLinear):
@@ -61,53 +62,81 @@ class SOSLinear(AdapterLinear):
     (``"channel"``, [K, out]), optionally times a mean-1 gate K*softmax(logits / T).
 
     Args:
-        base: the nn.Linear to adapt; wrapped, not copied; its parameters are frozen.
+        base: the nn.Linear (or transformers Conv1D, weight [in, out]) to adapt; wrapped, not
+            copied; its parameters are frozen.
         num_experts, rank, alpha, gamma_max, rank_mode, scale_base, scale_mode, gate,
-        scale_anchor, uniform_prior, loraplus_ratio, dropout, dropout_position, init_gain:
+        scale_anchor, uniform_prior, loraplus_ratio, dropout, dropout_position, init_gain,
+        normalize_scales, gate_temperature, factor_dtype:
             see SOSConfig and METHODS.md. ``dropout_position="post"`` drops A x (the reference
-            default), ``"pre"`` drops x (as PEFT).
-        dtype: dtype of the adapter factors; default float32 for fp16/bf16 bases (as PEFT),
-            else the base weight's dtype. Scales and gate are float32 (float64 with float64
-            factors).
+            default), ``"pre"`` drops x (as PEFT). A named preset:
+            ``SOSLinear(base, **SOSConfig.preset("official").to_dict())``.
+        dtype: dtype of the adapter factors; by default (factor_dtype="peft") float32 for
+            fp16/bf16 bases (as PEFT), else the base weight's dtype; factor_dtype="base"
+            (the official preset): always the base weight's dtype. Scales and gate are float32
+            (float64 with float64 factors), also on a bf16 base where the authors' code casts
+            them to bf16: a deliberate difference (a bf16 scale near 16 moves in steps of
+            1/8, far coarser than an optimizer update at lr 2e-5 without float32 master
+            weights).
 
     Inputs ``x: [..., in]`` of float32/bf16/fp16 (float64 on CPU). The adapter computes in the
     autocast dtype when autocast is on, else in the adapter dtype; the output has the base
-    layer's output dtype. In training mode the backward adds ``ortho_lambda`` times the
-    gradient of ``ortho_penalty()`` to lora_A's gradient (``ortho_lambda`` is a device buffer,
-    0 until an OrthoSchedule sets it).
+    layer's output dtype.
+
+    Gradient terms without a loss of their own, as in the authors' recipe:
+      * orthogonality: in training mode the backward adds ``ortho_lambda`` times the gradient
+        of ``ortho_penalty()`` to lora_A's gradient (``ortho_lambda`` is a device buffer, 0
+        until an OrthoSchedule sets it); not in eval() mode.
+      * LoRA+: lora_A's gradient (orthogonality term included) is divided by
+        ``loraplus_ratio`` whenever grad is enabled, in training and in eval() mode (a
+        backbone kept in eval() while its adapters train). Any positive ratio applies, also
+        one <= 1, which the authors' code ignores.
+      * uniform prior: ``uniform_prior * (p - 1/K) / T`` is added to the gate logits'
+        gradient at every call of the layer, as the authors' gate function does.
+      * scale anchor: ``scale_anchor * (s - s_fixed)`` is added to the channel scales'
+        gradient in the graph, also once per call: for a layer called once per forward
+        (every transformers model) that equals the authors' once-per-backward parameter
+        hook; a layer called twice in one forward gets the pull twice. The in-graph form is
+        kept because it survives FSDP2's parameter replacement, torch.compile and activation
+        checkpointing, where a parameter hook is lost or breaks the graph.
     """
 
-    def __init__(self, base: nn.Linear, num_experts: int = 4, rank: int = 64,
+    def __init__(self, base: nn.Module, num_experts: int = 4, rank: int = 64,
                  alpha: float = 128.0, gamma_max: float = 2.5, rank_mode: str = "total",
                  scale_base: str = "expert", scale_mode: str = "fixed", gate: bool = False,
                  scale_anchor: float = 0.0, uniform_prior: float = 0.0,
                  loraplus_ratio: float = 1.0, dropout: float = 0.0,
                  dropout_position: str = "post", init_gain: float = 2**0.5,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, normalize_scales: bool | None = None,
+                 gate_temperature: float = 1.0, factor_dtype: str = "peft"):
         config = SOSConfig(num_experts=num_experts, rank=rank, alpha=alpha, gamma_max=gamma_max,
                            rank_mode=rank_mode, scale_base=scale_base, scale_mode=scale_mode,
                            gate=gate, scale_anchor=scale_anchor, uniform_prior=uniform_prior,
                            loraplus_ratio=loraplus_ratio, dropout=dropout,
-                           dropout_position=dropout_position, init_gain=init_gain)
+                           dropout_position=dropout_position, init_gain=init_gain,
+                           normalize_scales=normalize_scales, gate_temperature=gate_temperature,
+                           factor_dtype=factor_dtype)
         super().__init__(base, dtype)
+        if dtype is None and config.factor_dtype == "base":
+            self.adapter_dtype = base.weight.dtype  # as the authors' layer.bfloat16()
         self.config = config
         weight, dtype = base.weight, self.adapter_dtype
 
         K, r = config.num_experts, config.r_expert
         factory = dict(device=weight.device, dtype=dtype)
         scale_factory = dict(device=weight.device, dtype=ops.accumulate_dtype(dtype))
-        A = torch.cat(reference.orthogonal_init(K, r, base.in_features, config.init_gain), dim=0)
+        A = torch.cat(reference.orthogonal_init(K, r, self.in_features, config.init_gain), dim=0)
         self.lora_A = nn.Parameter(A.to(**factory))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.r_total, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r_total, **factory))
         self.register_buffer("fixed_scales", torch.tensor(config.fixed_scales(), **scale_factory))
         self.register_buffer("ortho_lambda", torch.zeros((), **scale_factory))
         if config.scale_mode == "channel":
             self.expert_scales = nn.Parameter(
-                self.fixed_scales[:, None].repeat(1, base.out_features))
+                self.fixed_scales[:, None].repeat(1, self.out_features))
         if config.gate:
             logits = torch.randn(K, dtype=torch.float32) * 0.05
             self.gate_logits = nn.Parameter((logits - logits.mean()).to(**scale_factory))
-            self.register_buffer("gate_temperature", torch.ones((), **scale_factory))
+            self.register_buffer("gate_temperature",
+                                 torch.full((), config.gate_temperature, **scale_factory))
 
     # ---- structure ---------------------------------------------------------------------------
     @property
@@ -175,8 +204,11 @@ class SOSLinear(AdapterLinear):
             return self.base_layer(x)
         c = self.config
         A = self.lora_A
-        if self.training and (c.num_experts > 1 or c.loraplus_ratio != 1.0):
-            A = _AFactorGradient.apply(A, self.ortho_lambda, c.num_experts, 1.0 / c.loraplus_ratio)
+        ortho = self.training and c.num_experts > 1
+        loraplus = c.loraplus_ratio != 1.0 and torch.is_grad_enabled()  # eval() mode too
+        if ortho or loraplus:
+            A = _AFactorGradient.apply(A, self.ortho_lambda, c.num_experts, ortho,
+                                       1.0 / c.loraplus_ratio)
         dtype = self._compute_dtype(x)
         p = c.dropout if self.training else 0.0
         seed = ops.new_dropout_seed(x.device) if p > 0 else None

@@ -47,7 +47,8 @@ class Term:
 
 @dataclass
 class Target:
-    """The terms to add, in order, into one weight; `name` is used in error messages."""
+    """The terms to add, in order, into one [out, in] weight (a transposed view of a weight
+    stored [in, out] is written through); `name` is used in error messages."""
 
     name: str
     weight: Tensor
@@ -88,10 +89,17 @@ def _check_term(target: Target, term: Term, where: str) -> None:
 def _by_weight(targets: list[Target]) -> list[Target]:
     """One target per distinct weight: the terms of targets that write the same weight are
     checked as the one sum they add up to."""
-    combined: dict[int, Target] = {}
+    combined: dict[tuple, Target] = {}
     for t in targets:
-        combined.setdefault(id(t.weight), Target(t.name, t.weight)).terms.extend(t.terms)
+        combined.setdefault(_weight_key(t.weight), Target(t.name, t.weight)).terms.extend(t.terms)
     return list(combined.values())
+
+
+def _weight_key(weight: Tensor) -> tuple:
+    # A Conv1D weight is written through a fresh transposed view each time: views of one
+    # tensor with one layout are the same target.
+    base = weight._base if weight._base is not None else weight
+    return id(base), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride())
 
 
 @torch.no_grad()

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from . import merging
-from .config import CPSConfig, SOSConfig
+from .config import CPSConfig, SOSConfig, check_preset
 from .cps import CPSLinear, _check_fits
-from .adapter import AdapterLinear, check_base
+from .adapter import AdapterLinear, base_features, check_base, is_linear
 from .layer import SOSLinear
 
 
@@ -55,8 +55,15 @@ def _check_names(owner: str, arg: str, value, allow_empty: bool = False) -> None
 
 
 def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
-                   modules_to_save: str | Sequence[str] = (), **layer_kwargs) -> nn.Module:
-    """Replace the nn.Linear modules named by `target_modules` with SOSLinear, in place.
+                   modules_to_save: str | Sequence[str] = (), preset: str | None = None,
+                   **layer_kwargs) -> nn.Module:
+    """Replace the nn.Linear (or transformers Conv1D, as in GPT-2) modules named by
+    `target_modules` with SOSLinear, in place.
+
+    `layer_kwargs` are SOSLinear's; with `preset` ("default" or "official", the SOS-LoRA
+    authors' recipe: config.PRESETS) they override the preset's fields
+    (SOSConfig.preset(preset, **layer_kwargs)). The official preset keeps the factors in the
+    base weight's dtype unless `dtype` is given.
 
     `target_modules` is a list of names (a module matches if its name equals one or ends with
     "." + one, e.g. ["q_proj", "v_proj"]) or a regex matched against the full module name.
@@ -69,6 +76,9 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
     """
     layer_kwargs = dict(layer_kwargs)
     dtype = layer_kwargs.pop("dtype", None)
+    if preset is not None:
+        check_preset("apply_sos_lora", preset)
+        layer_kwargs = SOSConfig.preset(preset, **layer_kwargs).to_dict()
     SOSConfig(**layer_kwargs)  # validate before touching the model
     return _apply_adapters(model, target_modules, modules_to_save, "apply_sos_lora",
                            lambda linear: SOSLinear(linear, dtype=dtype, **layer_kwargs))
@@ -76,7 +86,7 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
 
 def apply_cps_lora(model: nn.Module, target_modules: str | Sequence[str],
                    modules_to_save: str | Sequence[str] = (), **layer_kwargs) -> nn.Module:
-    """Replace the nn.Linear modules named by `target_modules` with CPSLinear, in place.
+    """Replace the nn.Linear (or Conv1D) modules named by `target_modules` with CPSLinear, in place.
     Same rules as apply_sos_lora; `layer_kwargs` are CPSLinear's. Every layer's shape is
     checked against the clusters and ranks before the model is changed."""
     layer_kwargs = dict(layer_kwargs)
@@ -86,8 +96,7 @@ def apply_cps_lora(model: nn.Module, target_modules: str | Sequence[str],
     return _apply_adapters(
         model, target_modules, modules_to_save, "apply_cps_lora",
         lambda linear: CPSLinear(linear, dtype=dtype, **layer_kwargs),
-        check=lambda name, linear: _check_fits(config, linear.out_features, linear.in_features,
-                                               name))
+        check=lambda name, linear: _check_fits(config, *base_features(linear)[::-1], name))
 
 
 def _apply_adapters(model, target_modules, save_names, owner, build,
@@ -107,16 +116,16 @@ def _apply_adapters(model, target_modules, save_names, owner, build,
     matched = {id(m): m for name, m in candidates if _matches(name, target_modules)}
     targets = [(names[i][0], module) for i, module in matched.items()]
     if not targets:
-        linear_names = [n for n, m in candidates if isinstance(m, nn.Linear)]
+        linear_names = [n for n, m in candidates if is_linear(m)]
         raise ValueError(f"{owner}: target_modules={target_modules!r} matches no module; "
                          f"Linear modules include {linear_names[:8]}")
     for name, module in targets:
         if isinstance(module, AdapterLinear):
             raise ValueError(f"{owner}: module {name!r} already has an adapter "
                              f"({type(module).__name__})")
-        if not isinstance(module, nn.Linear):
+        if not is_linear(module):
             raise TypeError(f"{owner}: module {name!r} matched target_modules but is a "
-                            f"{type(module).__name__}, not an nn.Linear")
+                            f"{type(module).__name__}, not an nn.Linear or Conv1D")
         check_base(module, f"{owner}: module {name!r}")
         check(name, module)
 
@@ -213,7 +222,7 @@ def check_finite(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapted layer into its base weight and put the base nn.Linear back.
+    """Merge every adapted layer into its base weight and put the base layer back.
     Every layer is checked (shared weights, non-finite factors, overflow of the weight's
     dtype) before the first weight changes: on any error the model is unchanged."""
     layers = list(adapter_layers(model))

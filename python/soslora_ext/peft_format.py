@@ -5,7 +5,7 @@ scaling is 1; ``import_peft`` turns a PEFT LoRA into SOS layers.
 
 Files are written and read as adapter_files describes (the config is PEFT's own, with nothing
 added: the weights' metadata records which config they belong to), and checked by
-adapter_check, on the way out as on the way in."""
+adapter_check and peft_check, on the way out as on the way in."""
 from __future__ import annotations
 
 import collections
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import adapter_check as check
-from .adapter import AdapterLinear
-from .adapter_check import PEFT_PREFIX
+from . import adapter_check as check, peft_check
+from .adapter import AdapterLinear, base_features, is_linear
+from .peft_check import PEFT_PREFIX
 from .adapter_files import CONFIG_SHA256_KEY, AdapterError, read_pair, save_pair
 from .config import SOSConfig
 from .distributed import full, is_writer
@@ -58,6 +58,8 @@ def write_peft_lora(directory: str | os.PathLike,
                     whole: dict[str, torch.Tensor] | None = None,
                     fan_in_fan_out: bool = False) -> Path:
     """Write {module: (A [r, in], B [out, r])} as a PEFT LoRA with delta = B A per module.
+    `fan_in_fan_out` marks adapters of Conv1D layers (weight [in, out], GPT-2); the factors have
+    the same shapes either way, and PEFT decides per layer from its type.
 
     lora_alpha = r for every module, so PEFT's scaling alpha / r is 1 and B carries all scales;
     modules of another rank get rank_pattern / alpha_pattern entries. `whole` holds tensors of
@@ -96,8 +98,8 @@ def write_peft_lora(directory: str | os.PathLike,
                   modules_to_save=saved or None, lora_dropout=0.0, bias="none",
                   fan_in_fan_out=fan_in_fan_out, use_rslora=False, use_dora=False,
                   init_lora_weights=True, inference_mode=True, base_model_name_or_path=None)
-    check.check_peft_config(config, where)
-    check.check_peft_header(config, check.header_of(tensors), where)
+    peft_check.check_peft_config(config, where)
+    peft_check.check_peft_header(config, check.header_of(tensors), where)
     check.check_finite(tensors, where)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     metadata = {"format": "pt", CONFIG_SHA256_KEY: hashlib.sha256(config_bytes).hexdigest()}
@@ -107,7 +109,8 @@ def write_peft_lora(directory: str | os.PathLike,
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the adapters as a standard PEFT LoRA (scales folded into B; a CPS layer's clusters
     placed at their rows and columns) that ``peft.PeftModel.from_pretrained(base, directory)``
-    loads with the same outputs. In a distributed run every rank calls it; rank 0 writes."""
+    loads with the same outputs; ``fan_in_fan_out`` is set when the layers are Conv1D (GPT-2).
+    In a distributed run every rank calls it; rank 0 writes."""
     layers = dict(adapter_layers(model))
     if not layers:
         raise AdapterError("export_peft: the model has no adapted (SOSLinear/CPSLinear) layers")
@@ -120,7 +123,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
              for k, v in module.named_parameters(recurse=False)}
     if not is_writer():
         return Path(directory)
-    return write_peft_lora(directory, factors, whole)
+    # PEFT reads the flag per layer from its type (and warns where they differ): it is set
+    # when the layers are Conv1D, as PEFT's own GPT-2 adapters have it.
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
+    return write_peft_lora(directory, factors, whole, fan_in_fan_out=fan_in_fan_out)
 
 
 def read_peft_lora(directory: str | os.PathLike
@@ -131,11 +137,11 @@ def read_peft_lora(directory: str | os.PathLike
     where = repr(str(directory))
 
     def validate(config):
-        check.check_peft_config(config, where)
-        return lambda header: check.check_peft_header(config, header, where)
+        peft_check.check_peft_config(config, where)
+        return lambda header: peft_check.check_peft_header(config, header, where)
 
     config, tensors = read_pair(directory, validate)
-    plan = check.check_peft_header(config, check.header_of(tensors), where)
+    plan = peft_check.check_peft_header(config, check.header_of(tensors), where)
     check.check_finite(tensors, where)
     factors = {name: (tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"],
                       tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"], scaling)
@@ -175,17 +181,18 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int
                   **{k: v for k, v in layer_kwargs.items() if k != "dtype"})
     except (TypeError, ValueError) as e:
         fail(str(e))
+    # fan_in_fan_out needs nothing here: the factors' shapes are the same for a Conv1D
+    # (weight [in, out]) and an nn.Linear, and each layer's type decides, as in PEFT.
     config, factors, whole = read_peft_lora(directory)
-    if config.get("fan_in_fan_out"):
-        fail("fan_in_fan_out=True adapters (GPT-2 Conv1D layers) are not supported")
     for name, (A, B, _) in factors.items():
         base = check.model_module(model, name, where, "layer")
-        if not isinstance(base, nn.Linear) or isinstance(base, AdapterLinear):
-            fail(f"layer {name!r}: the model has no plain nn.Linear of that name")
-        if B.shape != (base.out_features, A.shape[0]) or A.shape[1] != base.in_features:
+        if not is_linear(base) or isinstance(base, AdapterLinear):
+            fail(f"layer {name!r}: the model has no plain nn.Linear or Conv1D of that name")
+        in_features, out_features = base_features(base)
+        if B.shape != (out_features, A.shape[0]) or A.shape[1] != in_features:
             fail(f"layer {name!r}: LoRA factors of shapes {tuple(A.shape)} and "
                  f"{tuple(B.shape)} do not fit the model's "
-                 f"({base.in_features} -> {base.out_features}) layer")
+                 f"({in_features} -> {out_features}) layer")
         if A.shape[0] % num_experts:
             fail(f"layer {name!r}: LoRA rank {A.shape[0]} is not divisible by "
                  f"num_experts={num_experts}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .config import PRESET_SCHEDULES, check_preset
 from .model import sos_layers
 
 
@@ -48,21 +49,34 @@ class _StepSchedule:
         self.set_step(state["last_step"])
 
 
+LAMBDA_PER = ("optimizer_step", "micro_batch")
+
+
 class OrthoSchedule(_StepSchedule):
     """lambda = 0 for the first `delay` fraction of steps, then a linear ramp to `lambda_max`
     over the next `ramp` fraction, then constant. Written into every SOS layer's ortho_lambda.
 
-    With gradient accumulation the layers add their term at every micro-batch backward, so
-    `accumulation_steps` divides what is written: an optimizer step then sees lambda once.
+    The layers add lambda's gradient at every micro-batch backward, while the task loss is
+    averaged over the `accumulation_steps` micro-batches of an optimizer step. `lambda_per`
+    says what lambda counts against:
+      * "optimizer_step" (default): lambda / accumulation_steps is written, so an optimizer
+        step sees lambda once, whatever the accumulation;
+      * "micro_batch": lambda itself is written, as the authors' code does, so an optimizer
+        step sees lambda * accumulation_steps against the averaged task loss.
     """
 
     def __init__(self, model: nn.Module, lambda_max: float = 0.006, delay: float = 0.15,
-                 ramp: float = 0.20, total_steps: int = 1000, accumulation_steps: int = 1):
+                 ramp: float = 0.20, total_steps: int = 1000, accumulation_steps: int = 1,
+                 lambda_per: str = "optimizer_step"):
         owner = "OrthoSchedule"
         if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
             raise ValueError(f"{owner}: accumulation_steps must be an int >= 1, got "
                              f"{accumulation_steps!r}")
+        if lambda_per not in LAMBDA_PER:
+            raise ValueError(f"{owner}: lambda_per must be one of {LAMBDA_PER}, got "
+                             f"{lambda_per!r}")
         self.accumulation_steps = accumulation_steps
+        self.lambda_per = lambda_per
         if not (isinstance(lambda_max, (int, float)) and lambda_max >= 0):
             raise ValueError(f"{owner}: lambda_max must be a number >= 0, got {lambda_max!r}")
         _check_fraction(owner, "delay", delay)
@@ -84,8 +98,10 @@ class OrthoSchedule(_StepSchedule):
         return self.lambda_max * min(max((step - self.delay_steps) / self.ramp_steps, 0.0), 1.0)
 
     def _apply(self, value: float) -> None:
+        per_backward = (value / self.accumulation_steps if self.lambda_per == "optimizer_step"
+                        else value)
         for layer in self.layers:
-            layer.ortho_lambda.fill_(value / self.accumulation_steps)
+            layer.ortho_lambda.fill_(per_backward)
 
 
 class GateSchedule(_StepSchedule):
@@ -116,3 +132,21 @@ class GateSchedule(_StepSchedule):
     def _apply(self, value: float) -> None:
         for layer in self.layers:
             layer.gate_temperature.fill_(value)
+
+
+def preset_schedules(owner: str, preset: str = "default", **given) -> tuple[dict, dict]:
+    """(OrthoSchedule keywords, GateSchedule keywords) of `preset` (PRESET_SCHEDULES), each
+    of lambda_max, delay, ramp, lambda_per, gate_start, gate_end, gate_anneal in `given` that
+    is not None overriding it. `owner` names the caller in errors."""
+    check_preset(owner, preset)
+    unknown = sorted(set(given) - set(PRESET_SCHEDULES[preset]))
+    if unknown:
+        raise TypeError(f"{owner}: unknown schedule setting(s) {unknown}")
+    s = dict(PRESET_SCHEDULES[preset], **{k: v for k, v in given.items() if v is not None})
+    if s["lambda_per"] not in LAMBDA_PER:  # now, not when training starts
+        raise ValueError(f"{owner}: lambda_per must be one of {LAMBDA_PER}, got "
+                         f"{s['lambda_per']!r}")
+    ortho = dict(lambda_max=s["lambda_max"], delay=s["delay"], ramp=s["ramp"],
+                 lambda_per=s["lambda_per"])
+    gate = dict(start=s["gate_start"], end=s["gate_end"], anneal=s["gate_anneal"])
+    return ortho, gate

@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from . import adapter_check as check
 from .adapter import AdapterLinear
-from .adapter_check import METHODS, PEFT_PREFIX
+from .adapter_check import METHODS
+from .peft_check import PEFT_PREFIX
 from .adapter_files import (CONFIG_NAME, FORMAT, PREVIOUS_WEIGHTS_NAME, WEIGHTS_NAME,
                             AdapterError, _sha256, read_config, read_pair, save_pair)
 from .distributed import full, is_writer
