@@ -188,7 +188,7 @@ PRESET_TRAINING_ARGUMENTS: dict[str, dict] = {
     "official": dict(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0.03,
                      weight_decay=0.0, gradient_accumulation_steps=8,
                      per_device_train_batch_size=2, num_train_epochs=1, bf16=True,
-                     gradient_checkpointing=True),
+                     activation_checkpointing=True),
 }
 
 
