@@ -111,31 +111,27 @@ def test_train_info_merge_export_on_tiny_classifier(tmp_path, capsys):
         assert rel_err(peft_model(**batch).logits, expected) < 1e-5
 
 
-def test_train_text_task_on_tiny_llama(tmp_path):
-    model_dir, _ = tiny_dir(tmp_path, kind="llama")
+def train_on_text(tmp_path, kind, *options):
+    """`train` on a tiny causal LM of `kind` with a small text corpus: the adapted model."""
+    model_dir, _ = tiny_dir(tmp_path, kind=kind)
     text = tmp_path / "corpus"
     text.mkdir()
     (text / "a.txt").write_text("def x ( ) : return y\n" * 40)
     out = tmp_path / "run"
     assert run_cli("train", model_dir, "--data", text, "--out", out, "--steps", 15, "--rank", 4,
-                   "--experts", 2, "--max-length", 16, "--lr", 3e-3, "--gate") == 0
+                   "--experts", 2, "--max-length", 16, "--lr", 3e-3, *options) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "text" and metrics["losses"][-1] < metrics["losses"][0]
-    model = sl.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    return sl.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+
+
+def test_train_text_task_on_tiny_llama(tmp_path):
+    model = train_on_text(tmp_path, "llama", "--gate")
     assert all(layer.config.gate for _, layer in sl.sos_layers(model))
 
 
 def test_train_text_task_on_tiny_gpt2_adapts_its_conv1d_layers(tmp_path):
-    model_dir, _ = tiny_dir(tmp_path, kind="gpt2")
-    text = tmp_path / "corpus"
-    text.mkdir()
-    (text / "a.txt").write_text("def x ( ) : return y\n" * 40)
-    out = tmp_path / "run"
-    assert run_cli("train", model_dir, "--data", text, "--out", out, "--steps", 15, "--rank", 4,
-                   "--experts", 2, "--max-length", 16, "--lr", 3e-3) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["losses"][-1] < metrics["losses"][0]
-    model = sl.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    model = train_on_text(tmp_path, "gpt2")
     names = {name.rpartition(".")[2] for name, _ in sl.sos_layers(model)}
     assert names == {"c_attn", "c_proj", "c_fc"}  # every Conv1D; lm_head stays a head
 
