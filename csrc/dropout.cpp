@@ -2,6 +2,7 @@
 // kernels, and ATen integer ops for any other device, all bit-identical.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -50,14 +51,31 @@ template <typename scalar_t> scalar_t keep_scale(double p) {
     return static_cast<scalar_t>(v);
 }
 
+// Elements per run of Philox words: a stack buffer that stays in L1.
+constexpr int64_t kWordsPerRun = 512;
+
+// For every run of consecutive elements of [0, numel), split across threads:
+// write(first, count, words) with the words of elements first .. first + count - 1.
+template <typename Write>
+void for_each_word_run(int64_t numel, uint64_t seed, uint64_t offset, const Write& write) {
+  const PhiloxWords words_of = cpu_philox_words();
+  at::parallel_for(0, numel, 4 * kWordsPerRun, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t words[kWordsPerRun];
+    for (int64_t first = begin; first < end; first += kWordsPerRun) {
+      const int64_t count = std::min(kWordsPerRun, end - first);
+      words_of(seed, offset, static_cast<uint64_t>(first), count, words);
+      write(first, count, words);
+    }
+  });
+}
+
 template <typename scalar_t>
 void fill_mask_cpu(scalar_t* out, int64_t numel, uint64_t seed, uint64_t offset, double p) {
   const uint32_t threshold = dropout_threshold(p);
   const scalar_t keep_value = keep_scale<scalar_t>(p);
-  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      out[i] = dropout_keep(seed, offset, static_cast<uint64_t>(i), threshold) ? keep_value
-                                                                                 : scalar_t(0);
+  for_each_word_run(numel, seed, offset, [&](int64_t first, int64_t count, const uint32_t* w) {
+    for (int64_t j = 0; j < count; ++j)
+      out[first + j] = w[j] >= threshold ? keep_value : scalar_t(0);
   });
 }
 
@@ -66,11 +84,10 @@ void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, 
                double p) {
   const uint32_t threshold = dropout_threshold(p);
   const scalar_t keep_value = keep_scale<scalar_t>(p);
-  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      out[i] = dropout_keep(seed, offset, static_cast<uint64_t>(i), threshold)
-                   ? static_cast<scalar_t>(in[i] * keep_value)
-                   : scalar_t(0);
+  for_each_word_run(numel, seed, offset, [&](int64_t first, int64_t count, const uint32_t* w) {
+    for (int64_t j = 0; j < count; ++j)
+      out[first + j] = w[j] >= threshold ? static_cast<scalar_t>(in[first + j] * keep_value)
+                                         : scalar_t(0);
   });
 }
 

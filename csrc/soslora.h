@@ -106,6 +106,11 @@ Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double
                     at::ScalarType dtype);
 void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor& like,
                    const char* op);
+// Writes philox_word(seed, offset, first + j) for j < count into out (philox_cpu.cpp): the
+// widest SIMD form this CPU runs, bit-identical to the scalar loop.
+using PhiloxWords = void (*)(uint64_t seed, uint64_t offset, uint64_t first, int64_t count,
+                             uint32_t* out);
+PhiloxWords cpu_philox_words();
 
 // Which CUDA implementation the low-rank ops use (set from Python through _C.set_cuda_path):
 //   kAuto    - whichever was faster on an H100 (README, "CUDA kernels"): cuBLAS through ATen

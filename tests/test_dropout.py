@@ -101,3 +101,36 @@ def test_non_contiguous_seed_gives_the_same_mask():
     assert not strided.is_contiguous()
     assert torch.equal(_ops.dropout_mask(strided, [9, 7], 0.4, torch.float32),
                        _ops.dropout_mask(strided.contiguous(), [9, 7], 0.4, torch.float32))
+
+
+def _isa_runs_here(isa: str) -> bool:
+    capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2 or AVX512
+    return {"scalar": True, "avx2": capability in ("AVX2", "AVX512"),
+            "avx512": capability == "AVX512"}[isa]
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_simd_form_of_the_cpu_mask_equals_the_reference(isa, monkeypatch):
+    # The SIMD forms draw 8 or 16 elements at once in runs of 512 per thread chunk: sizes on
+    # and around every boundary, and one split across threads.
+    if not _isa_runs_here(isa):
+        pytest.skip(f"this CPU does not run {isa}")
+    monkeypatch.setenv("SOSLORA_CPU_ISA", isa)
+    generator = torch.Generator().manual_seed(5)
+    for n in [1, 7, 8, 15, 16, 17, 511, 512, 513, 2047, 2048, 2049, 50_001]:
+        seed = torch.randint(0, 2**62, (2,), generator=generator)
+        p = 0.3
+        expected = reference.dropout_keep_mask(seed, (n,), p).double() / (1 - p)
+        assert torch.equal(_ops.dropout_mask(seed, [n], p, torch.float64), expected), n
+        # The fused apply (dropout on the input of the low-rank op) uses the same words.
+        x = torch.randn(n, 1, dtype=torch.float64, generator=generator)
+        _, hidden = _ops.lowrank_forward(x, torch.ones(1, 1, dtype=torch.float64),
+                                         torch.ones(1, 1, dtype=torch.float64),
+                                         torch.ones(1, dtype=torch.float64), None, seed, p, True)
+        assert torch.equal(hidden, x * expected[:, None]), n
+
+
+def test_an_unknown_cpu_isa_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("SOSLORA_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="SOSLORA_CPU_ISA=sse9: expected scalar, avx2 or avx512"):
+        _ops.dropout_mask(torch.tensor([1, 2]), [10], 0.5, torch.float32)

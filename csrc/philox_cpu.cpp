@@ -1,0 +1,169 @@
+// Philox words for runs of consecutive element indices on the CPU: the dropout mask's cost.
+//
+// philox_word (philox.h) is one element's draw: ten rounds of two 32x32->64-bit products. The
+// AVX-512 and AVX2 forms run the same rounds on 16 or 8 indices at once (vpmuludq multiplies
+// the even 32-bit lanes; the odd lanes are shifted down and multiplied separately), so they
+// give bit for bit the words of the scalar loop, which the CUDA kernels and reference.py also
+// give. The form is chosen per call from the CPU's features; SOSLORA_CPU_ISA=scalar|avx2|avx512
+// forces one (for tests and benchmarks).
+#include <cstdlib>
+#include <cstring>
+
+#include "philox.h"
+#include "soslora.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SOSLORA_X86_SIMD 1
+#endif
+
+namespace soslora {
+namespace {
+
+void words_scalar(uint64_t seed, uint64_t offset, uint64_t first, int64_t count, uint32_t* out) {
+  for (int64_t j = 0; j < count; ++j) out[j] = philox_word(seed, offset, first + j);
+}
+
+#ifdef SOSLORA_X86_SIMD
+// The low and high 32-bit halves of each lane's index first + j + lane.
+template <int kLanes>
+void index_halves(uint64_t first, uint32_t* lo, uint32_t* hi) {
+  for (int l = 0; l < kLanes; ++l) {
+    const uint64_t index = first + static_cast<uint64_t>(l);
+    lo[l] = static_cast<uint32_t>(index);
+    hi[l] = static_cast<uint32_t>(index >> 32);
+  }
+}
+
+// (high, low) halves of the 32x32->64-bit products a * m of every 32-bit lane.
+__attribute__((target("avx2"))) inline void mulhilo(__m256i a, __m256i m, __m256i& hi,
+                                                    __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx512f"))) inline void mulhilo(__m512i a, __m512i m, __m512i& hi,
+                                                       __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// Independent vectors per iteration: a round is a chain of dependent products, so several
+// chains in flight hide the multiplier's latency.
+constexpr int kChains = 4;
+
+__attribute__((target("avx2"))) void words_avx2(uint64_t seed, uint64_t offset, uint64_t first,
+                                                int64_t count, uint32_t* out) {
+  constexpr int kStep = 8 * kChains;
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  const __m256i o0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  const __m256i o1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  alignas(32) uint32_t lo[kStep], hi[kStep];
+  int64_t j = 0;
+  for (; j + kStep <= count; j += kStep) {
+    index_halves<kStep>(first + j, lo, hi);
+    __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+    for (int u = 0; u < kChains; ++u) {
+      c0[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + 8 * u));
+      c1[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + 8 * u));
+      c2[u] = o0;
+      c3[u] = o1;
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      if (round > 0) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
+      const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
+      for (int u = 0; u < kChains; ++u) {
+        __m256i hi0, lo0, hi1, lo1;
+        mulhilo(c0[u], m0, hi0, lo0);
+        mulhilo(c2[u], m1, hi1, lo1);
+        c0[u] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[u]), key0);
+        c2[u] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[u]), key1);
+        c1[u] = lo1;
+        c3[u] = lo0;
+      }
+    }
+    for (int u = 0; u < kChains; ++u)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 8 * u), c0[u]);
+  }
+  words_scalar(seed, offset, first + j, count - j, out + j);
+}
+
+__attribute__((target("avx512f"))) void words_avx512(uint64_t seed, uint64_t offset,
+                                                     uint64_t first, int64_t count,
+                                                     uint32_t* out) {
+  constexpr int kStep = 16 * kChains;
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  const __m512i o0 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  const __m512i o1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  alignas(64) uint32_t lo[kStep], hi[kStep];
+  int64_t j = 0;
+  for (; j + kStep <= count; j += kStep) {
+    index_halves<kStep>(first + j, lo, hi);
+    __m512i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+    for (int u = 0; u < kChains; ++u) {
+      c0[u] = _mm512_load_si512(lo + 16 * u);
+      c1[u] = _mm512_load_si512(hi + 16 * u);
+      c2[u] = o0;
+      c3[u] = o1;
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      if (round > 0) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
+      const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
+      for (int u = 0; u < kChains; ++u) {
+        __m512i hi0, lo0, hi1, lo1;
+        mulhilo(c0[u], m0, hi0, lo0);
+        mulhilo(c2[u], m1, hi1, lo1);
+        c0[u] = _mm512_xor_si512(_mm512_xor_si512(hi1, c1[u]), key0);
+        c2[u] = _mm512_xor_si512(_mm512_xor_si512(hi0, c3[u]), key1);
+        c1[u] = lo1;
+        c3[u] = lo0;
+      }
+    }
+    for (int u = 0; u < kChains; ++u) _mm512_storeu_si512(out + j + 16 * u, c0[u]);
+  }
+  words_scalar(seed, offset, first + j, count - j, out + j);
+}
+#endif  // SOSLORA_X86_SIMD
+
+}  // namespace
+
+// The widest form this CPU runs, or the one SOSLORA_CPU_ISA names (an unknown name, or one
+// this CPU cannot run, is an error rather than a silent fallback). Asked once per op call.
+PhiloxWords cpu_philox_words() {
+  const char* forced = std::getenv("SOSLORA_CPU_ISA");
+#ifdef SOSLORA_X86_SIMD
+  const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
+#else
+  const bool avx512 = false, avx2 = false;
+#endif
+  if (forced == nullptr || forced[0] == '\0') {
+#ifdef SOSLORA_X86_SIMD
+    if (avx512) return words_avx512;
+    if (avx2) return words_avx2;
+#endif
+    return words_scalar;
+  }
+  if (std::strcmp(forced, "scalar") == 0) return words_scalar;
+#ifdef SOSLORA_X86_SIMD
+  if (std::strcmp(forced, "avx2") == 0 && avx2) return words_avx2;
+  if (std::strcmp(forced, "avx512") == 0 && avx512) return words_avx512;
+#endif
+  TORCH_CHECK(false, "SOSLORA_CPU_ISA=", forced,
+              ": expected scalar, avx2 or avx512, one this CPU supports");
+}
+
+}  // namespace soslora
