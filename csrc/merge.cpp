@@ -2,6 +2,7 @@
 // accumulated in float32 (float64 for float64 weights or factors) and rounded once into
 // weight's dtype; the CUDA kernel where it serves the device, ATen otherwise.
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
 
 #include "soslora.h"
 
@@ -48,19 +49,25 @@ void merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Ten
   // A band of rows at a time: the update D = (B * scale) @ A is formed on its own, then added
   // in `acc` and rounded once into the weight. (addmm with beta = 1 may add the weight in
   // mid-sum, which rounds more than once.) The same inputs give bit for bit the same D, so
-  // alpha = -1 subtracts exactly what alpha = 1 added.
+  // alpha = -1 subtracts exactly what alpha = 1 added. Bands of about 128K elements keep D in
+  // the cache (no [out, in] temporary, so the weight is read and written once, as addmm_
+  // does), and run on all threads; each band's product is the same on any thread count.
   const int64_t rows = weight.size(0), cols = std::max<int64_t>(weight.size(1), 1);
-  const int64_t band = std::max<int64_t>(1, (int64_t{1} << 20) / cols);
-  for (int64_t start = 0; start < rows; start += band) {
-    const int64_t n = std::min(band, rows - start);
-    Tensor w = weight.narrow(0, start, n);
-    const Tensor delta = at::mm(Bs_acc.narrow(0, start, n), A_acc);
-    if (w.scalar_type() == acc) {
-      w.add_(delta, alpha);
-    } else {
-      w.copy_(w.to(acc).add_(delta, alpha));
+  const int64_t band = std::max<int64_t>(1, (int64_t{1} << 17) / cols);
+  const int64_t bands = (rows + band - 1) / band;
+  at::parallel_for(0, bands, 1, [&](int64_t first, int64_t last) {
+    const c10::NoGradGuard no_grad_here;  // grad mode is per thread
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = b * band, n = std::min(band, rows - start);
+      Tensor w = weight.narrow(0, start, n);
+      const Tensor delta = at::mm(Bs_acc.narrow(0, start, n), A_acc);
+      if (w.scalar_type() == acc) {
+        w.add_(delta, alpha);
+      } else {
+        w.copy_(w.to(acc).add_(delta, alpha));
+      }
     }
-  }
+  });
 }
 
 }  // namespace soslora

@@ -118,32 +118,44 @@ def check(targets: list[Target], where: str) -> None:
             _check_term(target, t, where)
         if weight.device.type == "meta" or weight.numel() == 0:
             continue
-        # One host sync: finiteness of every factor and scale, max|W|, and the bound.
+        # One host sync: max|W| and each term's bound. A non-finite factor or scale makes its
+        # bound NaN or Inf; only then are its tensors inspected, to name the culprit.
         lo, hi = torch.aminmax(weight.detach())
         values = [torch.maximum(lo.abs(), hi.abs()).double()]
-        for t in target.terms:
-            values += [torch.isfinite(x).all().double() for x in (t.A, t.B, t.scale)]
-            Bs = _folded_B(t, torch.float64)
-            values.append(abs(float(t.alpha)) * torch.linalg.vector_norm(Bs, dim=1).max()
-                          * torch.linalg.vector_norm(t.A.double(), dim=0).max())
-        values = torch.stack([v.to(weight.device) for v in values]).tolist()
-        weight_max, rest = values[0], values[1:]
-        for i, t in enumerate(target.terms):
-            finite = rest[4 * i: 4 * i + 3]
-            for what, ok in zip(("lora_A", "lora_B", "scale"), finite):
-                if not ok:
-                    raise FloatingPointError(
-                        f"{_label(where, target)}: the update's {what} has non-finite "
-                        "values; nothing was merged (fix or reload the adapter)")
+        values += [_term_bound(t) for t in target.terms]
+        weight_max, *bounds = torch.stack([v.to(weight.device) for v in values]).tolist()
+        for t, term_bound in zip(target.terms, bounds):
+            if not math.isfinite(term_bound):
+                _refuse_non_finite(target, t, where)
         if not math.isfinite(weight_max):
             raise FloatingPointError(
                 f"{_label(where, target)}: the base weight already holds non-finite "
                 "values; nothing was merged")
         limit = torch.finfo(weight.dtype).max
-        bound = weight_max + sum(rest[4 * i + 3] for i in range(len(target.terms)))
+        bound = weight_max + sum(bounds)
         if bound * _BOUND_SLACK < limit:
             continue
         _exact_check(target, where, limit)
+
+
+def _term_bound(term: Term) -> Tensor:
+    """|alpha| max_i |(B s)_i| max_j |A_:,j| in float64 (0-d, on the factors' device): bounds
+    every entry of the term's update (Cauchy-Schwarz). NaN or Inf if a factor or the scale is
+    not finite (or, for float64 factors beyond 1e154, if a square overflows)."""
+    if term.A.numel() == 0 or term.B.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=term.A.device)
+    rows = _folded_B(term, torch.float64).square().sum(dim=1).amax()
+    cols = term.A.double().square().sum(dim=0).amax()
+    return abs(float(term.alpha)) * (rows * cols).sqrt()
+
+
+def _refuse_non_finite(target: Target, term: Term, where: str) -> None:
+    """Raise FloatingPointError naming the term's non-finite tensor, if it has one."""
+    for what, t in (("lora_A", term.A), ("lora_B", term.B), ("scale", term.scale)):
+        if not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(
+                f"{_label(where, target)}: the update's {what} has non-finite values; nothing "
+                "was merged (fix or reload the adapter)")
 
 
 def _exact_check(target: Target, where: str, limit: float) -> None:
