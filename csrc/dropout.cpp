@@ -103,13 +103,15 @@ std::pair<Tensor, Tensor> mulhilo32(int64_t a, const Tensor& b) {
   return {p_hi.bitwise_right_shift(16).add(mid.bitwise_right_shift(32)), mid.bitwise_and(kU32)};
 }
 
-// Keep-mask (bool, `numel` elements, on seed's device): philox_word(seed, offset, i) >= threshold.
+// Keep-mask (bool, `numel` elements, on seed's device): dropout_word(seed, offset, i) >=
+// threshold, i.e. word i % 4 of the Philox block at counter i / 4.
 Tensor keep_mask_aten(const Tensor& seed, int64_t numel, double p) {
   const Tensor s = seed.contiguous();
   const Tensor key = s.select(0, 0), offset = s.select(0, 1);
-  const Tensor index = at::arange(numel, s.options());
-  Tensor c0 = index.bitwise_and(kU32), c1 = index.bitwise_right_shift(32);
-  Tensor c2 = offset.bitwise_and(kU32), c3 = offset.bitwise_right_shift(32).bitwise_and(kU32);
+  const Tensor counter = at::arange((numel + 3) / 4, s.options());
+  Tensor c0 = counter.bitwise_and(kU32), c1 = counter.bitwise_right_shift(32);
+  Tensor c2 = offset.bitwise_and(kU32).expand_as(c0);
+  Tensor c3 = offset.bitwise_right_shift(32).bitwise_and(kU32).expand_as(c0);
   Tensor k0 = key.bitwise_and(kU32), k1 = key.bitwise_right_shift(32).bitwise_and(kU32);
   for (int round = 0; round < 10; ++round) {
     if (round > 0) {
@@ -123,7 +125,9 @@ Tensor keep_mask_aten(const Tensor& seed, int64_t numel, double p) {
     c2 = hi0.bitwise_xor(c3).bitwise_xor(k1);
     c3 = lo0;
   }
-  return c0.ge(static_cast<int64_t>(dropout_threshold(p)));
+  // Block b's words w0..w3 decide elements 4b .. 4b + 3.
+  const Tensor words = at::stack({c0, c1, c2, c3}, 1).reshape(-1).narrow(0, 0, numel);
+  return words.ge(static_cast<int64_t>(dropout_threshold(p)));
 }
 
 // keep_scale<T>(p) as a 0-d tensor of dtype on `options`' device.

@@ -1,11 +1,13 @@
-// Philox words for runs of consecutive element indices on the CPU: the dropout mask's cost.
+// Dropout words for runs of consecutive element indices on the CPU: the dropout mask's cost.
 //
-// philox_word (philox.h) is one element's draw: ten rounds of two 32x32->64-bit products. The
-// AVX-512 and AVX2 forms run the same rounds on 16 or 8 indices at once (vpmuludq multiplies
-// the even 32-bit lanes; the odd lanes are shifted down and multiplied separately), so they
+// Element i's word is word i % 4 of the Philox4x32-10 block at counter i / 4 (dropout_word in
+// philox.h): ten rounds of two 32x32->64-bit products per four elements. The AVX-512 and AVX2
+// forms run the rounds of 16 or 8 blocks at once (vpmuludq multiplies the even 32-bit lanes;
+// the odd lanes are shifted down and multiplied separately), several chains in flight, so they
 // give bit for bit the words of the scalar loop, which the CUDA kernels and reference.py also
-// give. The form is chosen per call from the CPU's features; SOSLORA_CPU_ISA=scalar|avx2|avx512
-// forces one (for tests and benchmarks).
+// give. The form is chosen per op call from the CPU's features; SOSLORA_CPU_ISA=scalar|avx2|
+// avx512 forces one (for tests and benchmarks).
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -21,18 +23,33 @@ namespace soslora {
 namespace {
 
 void words_scalar(uint64_t seed, uint64_t offset, uint64_t first, int64_t count, uint32_t* out) {
-  for (int64_t j = 0; j < count; ++j) out[j] = philox_word(seed, offset, first + j);
+  int64_t j = 0;
+  for (; j < count && ((first + j) & 3) != 0; ++j) out[j] = dropout_word(seed, offset, first + j);
+  for (; j + 4 <= count; j += 4)
+    philox4(seed, offset, (first + j) >> 2, out[j], out[j + 1], out[j + 2], out[j + 3]);
+  for (; j < count; ++j) out[j] = dropout_word(seed, offset, first + j);
 }
 
 #ifdef SOSLORA_X86_SIMD
-// The low and high 32-bit halves of each lane's index first + j + lane.
+// Independent vectors per iteration: a round is a chain of dependent products, so several
+// chains in flight hide the multiplier's latency.
+constexpr int kChains = 4;
+
+// The low and high 32-bit halves of counters first, first + 1, ...
 template <int kLanes>
-void index_halves(uint64_t first, uint32_t* lo, uint32_t* hi) {
+void counter_halves(uint64_t first, uint32_t* lo, uint32_t* hi) {
   for (int l = 0; l < kLanes; ++l) {
-    const uint64_t index = first + static_cast<uint64_t>(l);
-    lo[l] = static_cast<uint32_t>(index);
-    hi[l] = static_cast<uint32_t>(index >> 32);
+    const uint64_t counter = first + static_cast<uint64_t>(l);
+    lo[l] = static_cast<uint32_t>(counter);
+    hi[l] = static_cast<uint32_t>(counter >> 32);
   }
+}
+
+// out[4 l + w] = words[w][l]: each block's four words go to its four elements.
+template <int kLanes>
+void interleave(const uint32_t (&words)[4][kLanes], uint32_t* out) {
+  for (int l = 0; l < kLanes; ++l)
+    for (int w = 0; w < 4; ++w) out[4 * l + w] = words[w][l];
 }
 
 // (high, low) halves of the 32x32->64-bit products a * m of every 32-bit lane.
@@ -52,20 +69,18 @@ __attribute__((target("avx512f"))) inline void mulhilo(__m512i a, __m512i m, __m
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-// Independent vectors per iteration: a round is a chain of dependent products, so several
-// chains in flight hide the multiplier's latency.
-constexpr int kChains = 4;
-
 __attribute__((target("avx2"))) void words_avx2(uint64_t seed, uint64_t offset, uint64_t first,
                                                 int64_t count, uint32_t* out) {
-  constexpr int kStep = 8 * kChains;
+  constexpr int kBlocks = 8 * kChains, kStep = 4 * kBlocks;
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
   const __m256i o0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
   const __m256i o1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
-  alignas(32) uint32_t lo[kStep], hi[kStep];
-  int64_t j = 0;
+  const int64_t head = std::min<int64_t>(count, (4 - (first & 3)) & 3);
+  words_scalar(seed, offset, first, head, out);
+  alignas(32) uint32_t lo[kBlocks], hi[kBlocks], words[4][kBlocks];
+  int64_t j = head;
   for (; j + kStep <= count; j += kStep) {
-    index_halves<kStep>(first + j, lo, hi);
+    counter_halves<kBlocks>((first + j) >> 2, lo, hi);
     __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
     for (int u = 0; u < kChains; ++u) {
       c0[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + 8 * u));
@@ -91,8 +106,13 @@ __attribute__((target("avx2"))) void words_avx2(uint64_t seed, uint64_t offset, 
         c3[u] = lo0;
       }
     }
-    for (int u = 0; u < kChains; ++u)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 8 * u), c0[u]);
+    for (int u = 0; u < kChains; ++u) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words[0] + 8 * u), c0[u]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words[1] + 8 * u), c1[u]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words[2] + 8 * u), c2[u]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words[3] + 8 * u), c3[u]);
+    }
+    interleave<kBlocks>(words, out + j);
   }
   words_scalar(seed, offset, first + j, count - j, out + j);
 }
@@ -100,14 +120,16 @@ __attribute__((target("avx2"))) void words_avx2(uint64_t seed, uint64_t offset, 
 __attribute__((target("avx512f"))) void words_avx512(uint64_t seed, uint64_t offset,
                                                      uint64_t first, int64_t count,
                                                      uint32_t* out) {
-  constexpr int kStep = 16 * kChains;
+  constexpr int kBlocks = 16 * kChains, kStep = 4 * kBlocks;
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
   const __m512i o0 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
   const __m512i o1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
-  alignas(64) uint32_t lo[kStep], hi[kStep];
-  int64_t j = 0;
+  const int64_t head = std::min<int64_t>(count, (4 - (first & 3)) & 3);
+  words_scalar(seed, offset, first, head, out);
+  alignas(64) uint32_t lo[kBlocks], hi[kBlocks], words[4][kBlocks];
+  int64_t j = head;
   for (; j + kStep <= count; j += kStep) {
-    index_halves<kStep>(first + j, lo, hi);
+    counter_halves<kBlocks>((first + j) >> 2, lo, hi);
     __m512i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
     for (int u = 0; u < kChains; ++u) {
       c0[u] = _mm512_load_si512(lo + 16 * u);
@@ -133,7 +155,13 @@ __attribute__((target("avx512f"))) void words_avx512(uint64_t seed, uint64_t off
         c3[u] = lo0;
       }
     }
-    for (int u = 0; u < kChains; ++u) _mm512_storeu_si512(out + j + 16 * u, c0[u]);
+    for (int u = 0; u < kChains; ++u) {
+      _mm512_store_si512(words[0] + 16 * u, c0[u]);
+      _mm512_store_si512(words[1] + 16 * u, c1[u]);
+      _mm512_store_si512(words[2] + 16 * u, c2[u]);
+      _mm512_store_si512(words[3] + 16 * u, c3[u]);
+    }
+    interleave<kBlocks>(words, out + j);
   }
   words_scalar(seed, offset, first + j, count - j, out + j);
 }

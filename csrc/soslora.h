@@ -95,7 +95,7 @@ Tensor scaled_B(const Tensor& B, const Tensor& scale);
 void check_scale(const Tensor& scale, const Tensor& B, const char* op);
 
 // Dropout keep-mask of `sizes` with values 0 or 1/(1-p), dtype `dtype`, on seed's device;
-// element i is decided by philox(seed[0], seed[1], i).
+// element i is decided by dropout_word(seed[0], seed[1], i) (philox.h).
 Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
                           at::ScalarType dtype);
 // t * dropout_scale_mask(seed, t.sizes(), p, t.dtype) in one pass, without the mask tensor
@@ -106,7 +106,7 @@ Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double
                     at::ScalarType dtype);
 void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor& like,
                    const char* op);
-// Writes philox_word(seed, offset, first + j) for j < count into out (philox_cpu.cpp): the
+// Writes dropout_word(seed, offset, first + j) for j < count into out (philox_cpu.cpp): the
 // widest SIMD form this CPU runs, bit-identical to the scalar loop.
 using PhiloxWords = void (*)(uint64_t seed, uint64_t offset, uint64_t first, int64_t count,
                              uint32_t* out);

@@ -27,9 +27,21 @@ def test_native_mask_equals_reference(p):
 
 
 def test_philox_known_answer():
-    # Philox4x32-10 test vector (Random123 kat_vectors): counter 0, key 0 -> 0x6627e8d5 first word.
-    word = reference.philox_word(0, 0, torch.zeros(1, dtype=torch.int64))
-    assert int(word) == 0x6627E8D5
+    # Philox4x32-10 test vectors (Random123 kat_vectors): counter 0, key 0, and counter and key
+    # all ones.
+    words = reference.philox_words(0, 0, torch.zeros(1, dtype=torch.int64))
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    ones = 2**64 - 1
+    words = reference.philox_words(ones, ones, torch.tensor([-1]))  # int64 -1: all ones
+    assert [int(w) for w in words] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+def test_each_philox_block_decides_four_consecutive_elements():
+    seed, offset = 0x1234_5678_9ABC_DEF0, 77
+    index = torch.arange(4 * 50, dtype=torch.int64)
+    blocks = reference.philox_words(seed, offset, torch.arange(50))
+    expected = torch.stack(blocks, dim=1).reshape(-1)
+    assert torch.equal(reference.dropout_words(seed, offset, index), expected)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])

@@ -39,12 +39,13 @@ def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return (p_hi >> 16) + (mid >> 32), mid & _U32
 
 
-def philox_word(seed: int, offset: int, index: Tensor) -> Tensor:
-    """First 32-bit output word of Philox4x32-10 at counter (index, offset), key seed."""
-    index = index.to(torch.int64)
-    c0, c1 = index & _U32, index >> 32
-    c2 = torch.full_like(index, offset & _U32)
-    c3 = torch.full_like(index, (offset >> 32) & _U32)
+def philox_words(seed: int, offset: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor,
+                                                                   Tensor]:
+    """The four 32-bit output words of Philox4x32-10 at counter (counter, offset), key seed."""
+    counter = counter.to(torch.int64)
+    c0, c1 = counter & _U32, (counter >> 32) & _U32
+    c2 = torch.full_like(counter, offset & _U32)
+    c3 = torch.full_like(counter, (offset >> 32) & _U32)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     for round_ in range(10):
         if round_ > 0:
@@ -52,14 +53,22 @@ def philox_word(seed: int, offset: int, index: Tensor) -> Tensor:
         hi0, lo0 = _mulhilo32(_M0, c0)
         hi1, lo1 = _mulhilo32(_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0
+    return c0, c1, c2, c3
+
+
+def dropout_words(seed: int, offset: int, index: Tensor) -> Tensor:
+    """Element `index`'s 32-bit draw: word index % 4 of the Philox block at counter
+    index // 4 (one block decides four consecutive elements)."""
+    index = index.to(torch.int64)
+    words = torch.stack(philox_words(seed, offset, index >> 2), dim=-1)
+    return words.gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
 
 
 def dropout_keep_mask(seed: Tensor, shape: Sequence[int], p: float) -> Tensor:
-    """Boolean keep-mask: element i (row-major) is kept iff philox_word(i) >= floor(p * 2**32)."""
+    """Boolean keep-mask: element i (row-major) is kept iff dropout_words(i) >= floor(p * 2**32)."""
     seed_value, offset = (int(v) for v in seed.tolist())
     index = torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
-    return philox_word(seed_value, offset, index) >= int(p * 2**32)
+    return dropout_words(seed_value, offset, index) >= int(p * 2**32)
 
 
 def dropout(t: Tensor, seed: Tensor | None, p: float) -> Tensor:
