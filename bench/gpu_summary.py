@@ -40,14 +40,15 @@ def check(name: str, pairs: list[tuple[str, float | None, float | None]], limit:
 def layer_targets(data: dict) -> list[dict]:
     cells: dict[tuple, dict] = {}
     for row in data["rows"]:
-        key = (row["N"], row["shape"], row["r_tot"], row["dropout"])
+        key = (row["N"], row["shape"], row["r_tot"], row["dropout"], row.get("threads"))
         cells.setdefault(key, {})[row["method"]] = row
 
     def pairs(method, baseline, field="ms"):
         out = []
         for key, cell in cells.items():
             if method in cell and baseline in cell:
-                label = f"N={key[0]} {key[1]} r={key[2]} p={key[3]} {method}"
+                threads = f" {key[4]} threads" if key[4] else ""
+                label = f"N={key[0]} {key[1]} r={key[2]} p={key[3]}{threads} {method}"
                 out.append((label, cell[method][field], cell[baseline][field]))
         return out
 

@@ -2,7 +2,8 @@
 //
 // The input is gathered once into partition order (x[:, col_index]) so that every cluster's
 // columns are one contiguous range, each cluster is two small matmuls on views, and the output
-// is scattered back with one index_add. Written with ATen calls so it serves CPU and CUDA.
+// is scattered back with one index_add; a partition in index order skips both. Written with
+// ATen calls so it serves CPU and CUDA.
 #include "soslora.h"
 
 namespace soslora {
@@ -77,6 +78,29 @@ Tensor block_Bs(const Tensor& B, const Tensor& scale_acc, at::IntArrayRef row_of
   return (Bc.to(scale_acc.scalar_type()) * scale_acc[c]).to(B.scalar_type());
 }
 
+// Whether `index` is 0, 1, ..., n - 1: a partition in index order (the contiguous initial
+// one, and any static partition of it), whose gathers and scatters are plain copies that can
+// be skipped. Asked on the CPU only, where it costs one pass over the index and no sync.
+bool is_identity(const Tensor& index) {
+  if (!index.is_cpu()) return false;
+  const Tensor idx = index.contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    if (p[i] != i) return false;
+  return true;
+}
+
+// t's columns in partition order: t[:, index].
+Tensor gather_columns(const Tensor& t, const Tensor& index, bool identity) {
+  return identity ? t : t.index_select(1, index);
+}
+
+// start + parts scattered back to their columns: start[:, index[j]] += parts[:, j].
+Tensor scatter_add_columns(const Tensor& start, const Tensor& index, const Tensor& parts,
+                           bool identity) {
+  return identity ? start.add(parts) : at::index_add(start, 1, index, parts);
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> cluster_lowrank_forward(
@@ -95,7 +119,9 @@ std::tuple<Tensor, Tensor> cluster_lowrank_forward(
   }
   check_dropout(dropout_seed, dropout_p, x, kForward);
 
-  const Tensor x_perm = dropout_apply(x, dropout_seed, dropout_p).index_select(1, col_index);
+  const bool cols_in_order = is_identity(col_index), rows_in_order = is_identity(row_index);
+  const Tensor x_perm =
+      gather_columns(dropout_apply(x, dropout_seed, dropout_p), col_index, cols_in_order);
   const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
   // Per-cluster products go to fresh tensors and are concatenated: matmuls into strided
   // views of one buffer take a slow path in ATen.
@@ -108,8 +134,11 @@ std::tuple<Tensor, Tensor> cluster_lowrank_forward(
   }
   const Tensor hidden = at::cat(hidden_parts, 1);
   const Tensor out_perm = at::cat(out_parts, 1);  // adapter output in partition order
-  const Tensor start = base_out.has_value() ? *base_out : at::zeros_like(out_perm);
-  return {at::index_add(start, 1, row_index, out_perm), hidden};
+  if (!base_out.has_value()) {
+    const Tensor zeros = at::zeros_like(out_perm);
+    return {rows_in_order ? out_perm : at::index_add(zeros, 1, row_index, out_perm), hidden};
+  }
+  return {scatter_add_columns(*base_out, row_index, out_perm, rows_in_order), hidden};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
@@ -137,8 +166,10 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
   }
   check_dropout(dropout_seed, dropout_p, x, kBackward);
 
-  const Tensor x_perm = dropout_apply(x, dropout_seed, dropout_p).index_select(1, col_index);
-  const Tensor grad_perm = grad_out.index_select(1, row_index);
+  const bool cols_in_order = is_identity(col_index), rows_in_order = is_identity(row_index);
+  const Tensor x_perm =
+      gather_columns(dropout_apply(x, dropout_seed, dropout_p), col_index, cols_in_order);
+  const Tensor grad_perm = gather_columns(grad_out, row_index, rows_in_order);
   const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
   // Rank slots beyond a cluster's rank (and clusters' unused blocks) get zero gradient.
   Tensor grad_A = at::zeros_like(A);
@@ -158,7 +189,10 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
     grad_A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], cols).copy_(at::mm(grad_h.t(), x_c));
     grad_x_parts.push_back(at::mm(grad_h, block_A(A, col_offsets, ranks, c)));
   }
-  const Tensor grad_x_drop = at::zeros_like(x).index_add_(1, col_index, at::cat(grad_x_parts, 1));
+  const Tensor grad_x_parts_cat = at::cat(grad_x_parts, 1);
+  const Tensor grad_x_drop =
+      cols_in_order ? grad_x_parts_cat
+                    : at::zeros_like(x).index_add_(1, col_index, grad_x_parts_cat);
   Tensor grad_x = dropout_apply(grad_x_drop, dropout_seed, dropout_p);
   if (grad_x_base.has_value()) {
     check_same_float_dtype(*grad_x_base, "grad_x_base", x, "x", kBackward);

@@ -19,16 +19,21 @@ def run(*args):
 
 def test_layer_bench_writes_json_png_and_markdown(tmp_path):
     out = run(ROOT / "bench" / "bench_layer.py", "--n", "64", "--shapes", "48x40", "--ranks", "8",
-              "--dropout", "0.1", "--warmup", "1", "--iters", "2", "--json",
-              tmp_path / "layer.json", "--png", tmp_path / "layer.png")
+              "--dropout", "0.1", "--threads", "1", "2", "--warmup", "1", "--iters", "2",
+              "--json", tmp_path / "layer.json", "--png", tmp_path / "layer.png")
     data = json.loads((tmp_path / "layer.json").read_text())
     methods = {r["method"] for r in data["rows"]}
     assert {"frozen base", "PEFT LoRA", "reference SOS", "plain PyTorch", "SOSLinear",
             "SOSLinear pre-drop", "CPSLinear"} <= methods
     assert all(r["ms"] > 0 for r in data["rows"] + data["merge"] + data["penalty"])
+    assert {r["threads"] for r in data["rows"]} == {1, 2}
+    assert all(r["spread"] >= 0 for r in data["rows"])
+    assert "1/2 threads" in data["machine"]
+    assert {t["target"] for t in data["targets"]} >= {"merge <= 1.2x one addmm_",
+                                                      "CPSLinear step time <= 1.1x PEFT LoRA"}
     assert (tmp_path / "layer.png").stat().st_size > 1000
     table = out[out.rindex("| N |"):]  # the markdown table is printed last
-    assert table.count("\n|") == 2 and "SOSLinear" in table
+    assert table.count("\n|") == 3 and "SOSLinear" in table  # one line per thread count
 
 
 def test_model_bench_runs_every_variant(tmp_path):

@@ -30,12 +30,21 @@ def random_partition(n, clusters, empty=()):
     return labels_to_index(labels, clusters)
 
 
+def in_order_partition(n, clusters, empty=()):
+    """(index, offsets) of a partition in index order (index 0..n-1: the op's fast path), with
+    random block sizes; clusters in `empty` get nothing."""
+    live = [c for c in range(clusters) if c not in empty]
+    labels = torch.tensor(live)[torch.randint(len(live), (n,))].sort().values
+    return labels_to_index(labels, clusters)
+
+
 def op_inputs(n=5, in_features=13, out_features=11, ranks=(2, 0, 3), dtype=torch.float64,
-              empty_rows=(), empty_cols=()):
+              empty_rows=(), empty_cols=(), in_order=(False, False)):
     G = len(ranks)
     r_max = max(max(ranks), 1)
-    row_index, row_offsets = random_partition(out_features, G, empty_rows)
-    col_index, col_offsets = random_partition(in_features, G, empty_cols)
+    rows_of, cols_of = (in_order_partition if o else random_partition for o in in_order)
+    row_index, row_offsets = rows_of(out_features, G, empty_rows)
+    col_index, col_offsets = cols_of(in_features, G, empty_cols)
     x = torch.randn(n, in_features, dtype=dtype, requires_grad=True)
     A = torch.randn(r_max, in_features, dtype=dtype, requires_grad=True)
     B = torch.randn(out_features, r_max, dtype=dtype, requires_grad=True)
@@ -75,8 +84,12 @@ def make_cps(in_features=24, out_features=20, clusters=3, dtype=torch.float64, *
                                    dict(in_features=3, out_features=17, ranks=(4, 4))])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("with_base", [True, False])
-def test_op_matches_oracle_values_and_gradients(shape, dropout, with_base):
-    x, A, B, scale, ri, ci, ro, co, ranks = op_inputs(**shape)
+# Rows and columns in index order skip the gather and scatter: each side alone and both.
+@pytest.mark.parametrize("in_order", [(False, False), (True, False), (False, True), (True, True)])
+def test_op_matches_oracle_values_and_gradients(shape, dropout, with_base, in_order):
+    x, A, B, scale, ri, ci, ro, co, ranks = op_inputs(**shape, in_order=in_order)
+    for index, ordered in zip((ri, ci), in_order):
+        assert torch.equal(index, torch.arange(len(index))) or not ordered
     base = torch.randn(x.shape[0], B.shape[0], dtype=x.dtype, requires_grad=True)
     seed = ops.new_dropout_seed(x.device) if dropout else None
     out = ops.cluster_lowrank(x, A, B, scale, ri, ci, ro, co, ranks,
