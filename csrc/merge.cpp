@@ -51,7 +51,7 @@ void merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Ten
   // mid-sum, which rounds more than once.) The same inputs give bit for bit the same D, so
   // alpha = -1 subtracts exactly what alpha = 1 added. Bands of about 128K elements keep D in
   // the cache (no [out, in] temporary, so the weight is read and written once, as addmm_
-  // does), and run on all threads; each band's product is the same on any thread count.
+  // does), and run on all threads.
   const int64_t rows = weight.size(0), cols = std::max<int64_t>(weight.size(1), 1);
   const int64_t band = std::max<int64_t>(1, (int64_t{1} << 17) / cols);
   const int64_t bands = (rows + band - 1) / band;

@@ -29,7 +29,7 @@ from . import ops
 
 Tensor = torch.Tensor
 
-# Rows per band of the exact check: about 2^20 elements per temporary, as the CPU op.
+# Rows per band of the exact check: about 2^20 elements per temporary.
 _BAND_ELEMENTS = 1 << 20
 # Slack on the bound for the rounding of the float32 (float64) accumulation.
 _BOUND_SLACK = 1.0 + 1e-3
