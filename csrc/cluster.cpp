@@ -134,11 +134,10 @@ std::tuple<Tensor, Tensor> cluster_lowrank_forward(
   }
   const Tensor hidden = at::cat(hidden_parts, 1);
   const Tensor out_perm = at::cat(out_parts, 1);  // adapter output in partition order
-  if (!base_out.has_value()) {
-    const Tensor zeros = at::zeros_like(out_perm);
-    return {rows_in_order ? out_perm : at::index_add(zeros, 1, row_index, out_perm), hidden};
-  }
-  return {scatter_add_columns(*base_out, row_index, out_perm, rows_in_order), hidden};
+  if (base_out.has_value())
+    return {scatter_add_columns(*base_out, row_index, out_perm, rows_in_order), hidden};
+  if (rows_in_order) return {out_perm, hidden};
+  return {at::index_add(at::zeros_like(out_perm), 1, row_index, out_perm), hidden};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
