@@ -52,6 +52,11 @@ class _StepSchedule:
 LAMBDA_PER = ("optimizer_step", "micro_batch")
 
 
+def _check_lambda_per(owner: str, value) -> None:
+    if value not in LAMBDA_PER:
+        raise ValueError(f"{owner}: lambda_per must be one of {LAMBDA_PER}, got {value!r}")
+
+
 class OrthoSchedule(_StepSchedule):
     """lambda = 0 for the first `delay` fraction of steps, then a linear ramp to `lambda_max`
     over the next `ramp` fraction, then constant. Written into every SOS layer's ortho_lambda.
@@ -72,9 +77,7 @@ class OrthoSchedule(_StepSchedule):
         if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
             raise ValueError(f"{owner}: accumulation_steps must be an int >= 1, got "
                              f"{accumulation_steps!r}")
-        if lambda_per not in LAMBDA_PER:
-            raise ValueError(f"{owner}: lambda_per must be one of {LAMBDA_PER}, got "
-                             f"{lambda_per!r}")
+        _check_lambda_per(owner, lambda_per)
         self.accumulation_steps = accumulation_steps
         self.lambda_per = lambda_per
         if not (isinstance(lambda_max, (int, float)) and lambda_max >= 0):
@@ -143,9 +146,7 @@ def preset_schedules(owner: str, preset: str = "default", **given) -> tuple[dict
     if unknown:
         raise TypeError(f"{owner}: unknown schedule setting(s) {unknown}")
     s = dict(PRESET_SCHEDULES[preset], **{k: v for k, v in given.items() if v is not None})
-    if s["lambda_per"] not in LAMBDA_PER:  # now, not when training starts
-        raise ValueError(f"{owner}: lambda_per must be one of {LAMBDA_PER}, got "
-                         f"{s['lambda_per']!r}")
+    _check_lambda_per(owner, s["lambda_per"])  # now, not when training starts
     ortho = dict(lambda_max=s["lambda_max"], delay=s["delay"], ramp=s["ramp"],
                  lambda_per=s["lambda_per"])
     gate = dict(start=s["gate_start"], end=s["gate_end"], anneal=s["gate_anneal"])
