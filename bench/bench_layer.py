@@ -81,14 +81,46 @@ def time_step(step, device, warmup: int, iters: int, budget_s: float = 2.0
 
 
 def peak_extra_mib(step, device) -> float | None:
+    """Memory one call of `step` needs above what was allocated before it, in MiB: the CUDA
+    allocator's peak, or on Linux CPUs the peak resident set (see _resident_peak_mib)."""
     if device.type != "cuda":
-        return None
+        return _resident_peak_mib(step)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _resident_peak_mib(step) -> float | None:
+    """The rise of the process's peak resident set (VmHWM, reset through clear_refs) over its
+    resident set before the step. Exact for tensors of 64 KiB and more once glibc serves them
+    with mmap, which returns them to the system when freed (set_malloc_for_peaks)."""
+    try:
+        before = _proc_status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    except OSError:  # not Linux, or /proc is read-only
+        return None
+    step()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def set_malloc_for_peaks() -> None:
+    """A fixed mmap threshold of 64 KiB: glibc otherwise raises it as big blocks are freed and
+    keeps them in its heap, where a later step reuses them without raising the peak."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
 
 
 def candidates(n_in, n_out, r_tot, dropout, dtype, device) -> dict:
@@ -120,6 +152,8 @@ def candidates(n_in, n_out, r_tot, dropout, dtype, device) -> dict:
         "PEFT LoRA": (lambda: peft_lora(frozen_base(), r_tot, alpha, dropout), None),
         "reference SOS": (lambda: ReferenceSOS(frozen_base(), K, r_tot, alpha, dropout), None),
         "plain PyTorch": (lambda: PlainTorchSOS(frozen_base(), K, r_tot, alpha, dropout), None),
+        "plain PyTorch pre-drop": (lambda: PlainTorchSOS(frozen_base(), K, r_tot, alpha, dropout,
+                                                         dropout_position="pre"), None),
         "SOSLinear": (sos, "auto"),
         "SOSLinear pre-drop": (lambda: sos("pre"), "auto"),
         "CPSLinear": (cps, "auto"),
@@ -132,12 +166,16 @@ def candidates(n_in, n_out, r_tot, dropout, dtype, device) -> dict:
     return methods
 
 
+def clear_grads(module, x) -> None:
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
+
+
 def training_step(module, x, grad):
     """One forward + backward of `module` on x (gradients reset first)."""
     def step():
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
+        clear_grads(module, x)
         module(x).backward(grad)
     return step
 
@@ -176,6 +214,7 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
         step = training_step(module, x, grad)
         try:
             ms, spread = time_step(step, device, warmup, iters)
+            clear_grads(module, x)  # so that the peak counts the step's gradients
             mem = peak_extra_mib(step, device)
         finally:
             sl.ops.set_cuda_path(previous)
@@ -323,6 +362,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if not gpu:
+        set_malloc_for_peaks()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     grid = GRIDS[args.grid] if args.grid else {}
     ns = args.n or grid.get("n") or ([2048, 8192, 32768] if gpu else [1024])
