@@ -180,9 +180,42 @@ def test_op_bad_arguments_name_the_argument(change, match):
 
 
 # ---- the layer -------------------------------------------------------------------------------
+@pytest.fixture(params=["dense", "cluster op"])
+def forward_path(request, monkeypatch):
+    """Each test runs through both forms of CPSLinear's forward: the clusters as one dense
+    low-rank update (total rank up to DENSE_MAX_RANK) and the cluster op (above it); the
+    other form is made to fail, so a test cannot pass through the wrong one."""
+    import soslora_ext.cps as cps
+    if request.param == "dense":
+        monkeypatch.setattr(cps, "DENSE_MAX_RANK", 10**9)
+        monkeypatch.setattr(cps.ops, "cluster_lowrank", _must_not_run)
+    else:
+        monkeypatch.setattr(cps, "DENSE_MAX_RANK", 0)
+        monkeypatch.setattr(sl.CPSLinear, "_lowrank_forward", _must_not_run)
+    return request.param
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the other forward path ran")
+
+
+def test_dense_forward_up_to_the_rank_limit_and_the_cluster_op_above(monkeypatch):
+    import soslora_ext.cps as cps
+    layer, x = make_cps(rank=2), torch.randn(4, 24, dtype=torch.float64)
+    assert sum(layer.ranks) <= cps.DENSE_MAX_RANK
+    monkeypatch.setattr(cps.ops, "cluster_lowrank", _must_not_run)
+    expected = layer(x)
+    monkeypatch.undo()
+    monkeypatch.setattr(cps, "DENSE_MAX_RANK", sum(layer.ranks) - 1)
+    monkeypatch.setattr(sl.CPSLinear, "_lowrank_forward", _must_not_run)
+    assert rel_err(layer(x), expected) <= 1e-12
+
+
 @pytest.mark.parametrize("kw", [dict(rank=4), dict(rank_per_cluster=[1, 3, 2], use_rslora=True),
-                                dict(rank=2, init_partition="random", dropout=0.25)])
-def test_layer_matches_oracle(kw):
+                                dict(rank=2, init_partition="random", dropout=0.25),
+                                dict(rank_per_cluster=[3, 1, 2], init_partition="random",
+                                     dropout=0.25, use_rslora=True)])
+def test_layer_matches_oracle(kw, forward_path):
     layer = make_cps(**kw).train()
     x = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(7)
@@ -246,7 +279,7 @@ def test_refit_to_the_same_partition_keeps_the_update():
     assert change <= 1e-6 and rel_err(layer.delta_weight(), before) <= 1e-12
 
 
-def test_repartition_reports_the_relative_change_and_handles_empty_clusters():
+def test_repartition_reports_the_relative_change_and_handles_empty_clusters(forward_path):
     layer = make_cps(rank=2)
     before = layer.delta_weight()
     rows, cols = layer.partition()
@@ -256,7 +289,8 @@ def test_repartition_reports_the_relative_change_and_handles_empty_clusters():
     assert change == pytest.approx(float((after - before).norm() / before.norm()), rel=1e-9)
     assert layer.partition()[0].bincount(minlength=3)[1] == 0
     x = torch.randn(4, 24, dtype=torch.float64)  # an empty cluster is a no-op term
-    expected = nn.functional.linear(x, layer.weight, layer.bias) + x @ after.T
+    assert rel_err(after, layer_oracle_delta(layer)) <= 1e-12
+    expected = nn.functional.linear(x, layer.weight, layer.bias) + x @ layer_oracle_delta(layer).T
     assert rel_err(layer(x), expected) <= 1e-12
 
 
@@ -285,6 +319,21 @@ def test_repartition_from_gradient_statistics_finds_the_planted_blocks():
     # The discarded share that the adoption rule weighed is the change the re-fit made.
     assert layer.last_repartition["update_discarded"] == pytest.approx(change ** 2, rel=1e-6)
     assert not layer._collecting and layer._sketch is None  # statistics are used up
+
+
+def test_statistics_see_the_layers_input_and_output_gradient(forward_path):
+    """What a training step adds to the statistics is g^T x of the layer's own input x and
+    output gradient g, whatever the leading dimensions."""
+    layer = make_cps(rank=2, init_partition="random", dropout=0.25).train()
+    layer.collect_statistics()
+    x = torch.randn(2, 3, 24, dtype=torch.float64)
+    grad = torch.randn(2, 3, 20, dtype=torch.float64)
+    layer(x).backward(grad)
+    S = grad.reshape(-1, 20).T @ x.reshape(-1, 24)  # the full weight's gradient
+    sketch = layer._sketch
+    assert sketch.updates == 1
+    assert rel_err(sketch.Y.double(), S @ sketch.omega.double()) <= 1e-5  # float32 sketch
+    assert rel_err(sketch.Z.double(), S.T @ sketch.psi.double()) <= 1e-5
 
 
 def test_repartition_refuses_without_signal_and_bad_arguments():

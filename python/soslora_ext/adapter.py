@@ -1,7 +1,7 @@
-"""AdapterLinear: a frozen linear layer (an nn.Linear, or the Conv1D of GPT-2-style models)
-plus an update that is a sum of low-rank terms. What every adapted layer (SOSLinear, CPSLinear)
-shares: the base checks, input checks, merge and unmerge through the merge guard, and the merged
-state in state dicts."""
+"""AdapterLinear: a frozen linear layer (an nn.Linear, the Conv1D of GPT-2-style models, or a
+bitsandbytes 4-bit/8-bit quantized Linear: quantized.py) plus an update that is a sum of
+low-rank terms. What every adapted layer (SOSLinear, CPSLinear) shares: the base checks, input
+checks, merge and unmerge through the merge guard, and the merged state in state dicts."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from . import merging, ops
+from . import merging, ops, quantized
 
 Tensor = torch.Tensor
 
@@ -29,7 +29,8 @@ def is_conv1d(module) -> bool:
 
 
 def is_linear(module) -> bool:
-    """An nn.Linear or a Conv1D: the layers an adapter can wrap."""
+    """An nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt are ones) or a Conv1D: the
+    layers an adapter can wrap."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -46,12 +47,26 @@ def weight_matrix(base: nn.Module) -> Tensor:
     return base.weight.t() if is_conv1d(base) else base.weight
 
 
+def base_dtype(base: nn.Module) -> torch.dtype:
+    """The floating dtype the base computes in: its weight's, or a quantized base's compute
+    dtype (its weight holds uint8/int8 codes)."""
+    return quantized.compute_dtype(base) if quantized.is_quantized_linear(base) \
+        else base.weight.dtype
+
+
 def check_base(base, owner: str) -> None:
     """Raise a clear error if `base` cannot carry an adapter: an nn.Linear (or a transformers
-    Conv1D) with a weight of a supported floating dtype and positive in/out features."""
+    Conv1D) with a weight of a supported floating dtype and positive in/out features, or a
+    quantized bitsandbytes Linear that quantized.check_quantized accepts."""
     if not is_linear(base):
         raise TypeError(f"{owner}: base must be an nn.Linear (or a transformers Conv1D), got "
                         f"{type(base).__name__}")
+    if quantized.is_quantized_linear(base):
+        quantized.check_quantized(base, owner)
+        return
+    reason = quantized.unsupported_quantization(base)
+    if reason is not None:
+        raise TypeError(f"{owner}: {reason}")
     weight = base.weight
     if not isinstance(weight, Tensor) or weight.dtype not in SUPPORTED_DTYPES:
         dtype = getattr(weight, "dtype", type(weight).__name__)
@@ -101,7 +116,9 @@ class AdapterLinear(nn.Module):
         self._features = base_features(base)
         for p in base.parameters():
             p.requires_grad_(False)
-        self.adapter_dtype = dtype or _default_adapter_dtype(base.weight.dtype)
+        # A quantized base is never merged into: merge() is refused, the forward calls it.
+        self.quantized = quantized.is_quantized_linear(base)
+        self.adapter_dtype = dtype or _default_adapter_dtype(base_dtype(base))
         # Exactly the factors and scale merge() added, so unmerge() subtracts the same update
         # whatever happened to the parameters since.
         for key in _MERGED_KEYS:
@@ -164,7 +181,13 @@ class AdapterLinear(nn.Module):
         if x.device != self.lora_A.device:
             raise ValueError(f"{name}: input x is on {x.device} but the layer is on "
                              f"{self.lora_A.device}")
-        if x.dtype != self.weight.dtype and not _autocast_on(x.device.type):
+        if self.quantized:
+            # The quantized layer casts any floating input to its compute dtype itself.
+            if x.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"{name}: input x is {x.dtype}; the quantized base takes "
+                                "floating-point inputs, one of "
+                                f"{[str(d) for d in SUPPORTED_DTYPES]}")
+        elif x.dtype != self.weight.dtype and not _autocast_on(x.device.type):
             raise TypeError(f"{name}: input x is {x.dtype} but the base weight is "
                             f"{self.weight.dtype} (cast x, or run under autocast)")
 
@@ -181,6 +204,26 @@ class AdapterLinear(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return self.lora_A.dtype
 
+    def _lowrank_forward(self, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
+                         dropout_p: float, dropout_on_input: bool) -> Tensor:
+        """base(x) + drop-path(x) A^T (B*scale)^T, with A [R, in], B [out, R], scale [R] or
+        [out, R] (cast to the compute dtype here); the base product inside the same op when
+        the base allows it, else added into the base layer's output."""
+        dtype = self._compute_dtype(x)
+        seed = ops.new_dropout_seed(x.device) if dropout_p > 0 else None
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        factors = (A.to(dtype), B.to(dtype), scale, seed, dropout_p, dropout_on_input)
+        if self._base_fusable(dtype):
+            # Base and adapter in one op: one output buffer, one input-gradient buffer.
+            out = ops.linear_lowrank(x2, self.weight, self.bias, *factors)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        result = self.base_layer(x)
+        base2 = result.reshape(-1, self.out_features)
+        fused = base2.dtype == dtype  # add into the base output inside the op when dtypes agree
+        out = ops.lowrank(x2, *factors[:3], base2 if fused else None, *factors[3:])
+        out = out.reshape(result.shape)
+        return out if fused else result + out.to(result.dtype)
+
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """The update in the accumulation dtype, laid out as the base weight ([out, in]; [in,
@@ -194,6 +237,8 @@ class AdapterLinear(nn.Module):
         return delta.t().contiguous() if self.fan_in_fan_out else delta
 
     def _check_mergeable(self, where: str) -> None:
+        if self.quantized:
+            raise RuntimeError(quantized.merge_refusal(self.base_layer, where))
         if self.merged:
             raise RuntimeError(f"{where}: the adapter is already merged; unmerge() first")
         if self.weight_shared_with:
@@ -227,6 +272,8 @@ class AdapterLinear(nn.Module):
         """Subtract exactly the update merge() added (exact up to one rounding of the weight's
         dtype), even if the factors or scales changed since."""
         name = type(self).__name__
+        if self.quantized:
+            raise RuntimeError(quantized.merge_refusal(self.base_layer, f"{name}.unmerge"))
         if not self.merged:
             raise RuntimeError(f"{name}.unmerge: the adapter is not merged")
         term = merging.Term(self._merged_A, self._merged_B, self._merged_scale, -1.0)
@@ -251,6 +298,9 @@ class AdapterLinear(nn.Module):
         if update and len(update) != len(keys):
             error_msgs.append(f"{prefix}base_layer: a merged state needs all of "
                               f"{list(_MERGED_KEYS)}")
+        elif update and self.quantized:
+            error_msgs.append(f"{prefix}base_layer: a merged update cannot be loaded onto the "
+                              f"quantized base ({quantized.describe(self.base_layer)})")
         elif update and (problem := merging.update_problem(
                 merging.Term(*update), self.out_features, self.in_features, self.weight.dtype)):
             error_msgs.append(f"{prefix}base_layer: {problem}")
@@ -262,9 +312,18 @@ class AdapterLinear(nn.Module):
         elif update:
             error_msgs.append(f"{prefix}base_layer: merged update without base_layer.weight")
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, dequantize: bool = False,
+                         dtype: torch.dtype | None = None) -> nn.Module:
         """Merge (if not yet merged) and return the base layer (nn.Linear or Conv1D) carrying
-        the update."""
+        the update. A quantized base is refused unless `dequantize`: then a new frozen
+        nn.Linear of `dtype` (default: the base's compute dtype) holding the dequantized weight
+        plus the update (quantized.merged_linear), this layer left as it was."""
+        name = type(self).__name__
+        if self.quantized and dequantize:
+            return quantized.merged_linear(self, dtype, f"{name}.merge_and_unload")
+        if dtype is not None:
+            raise ValueError(f"{name}.merge_and_unload: dtype applies only to a quantized base "
+                             "with dequantize=True")
         if not self.merged:
             self.merge()
         return self.base_layer

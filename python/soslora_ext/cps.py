@@ -40,6 +40,13 @@ from .partition import (GradientSketch, block_factors, captured_energy, factored
 
 Tensor = torch.Tensor
 
+# Up to this total rank the forward computes the clusters as one dense low-rank update (the
+# blocks placed in [R, in] and [out, R] factors, zeros elsewhere) through the fused op of
+# SOSLinear: G times the FLOPs of the cluster op's products, but no gather or scatter of the
+# [N, in] and [N, out] activations. On a 2-core AVX-512 CPU (fp32, N=2048, G=4) that is
+# faster at R=64 for every shape measured and about even at R=256 (bench/bench_layer.py).
+DENSE_MAX_RANK = 128
+
 # A new partition must capture this many times the current one's share of the signal: late in
 # training the statistics are mostly minibatch noise, which any partition captures about as
 # well, and a reshuffle then costs the update more than it gains.
@@ -47,7 +54,8 @@ ADOPTION_MARGIN = 1.25
 
 
 class _RecordGradient(torch.autograd.Function):
-    """Identity on the layer output; its backward adds (x, grad_out) to a GradientSketch."""
+    """Identity on the layer output; its backward adds (x [N, in], grad_out [N, out]) to a
+    GradientSketch."""
 
     @staticmethod
     def forward(ctx, out, x, sketch):
@@ -58,7 +66,7 @@ class _RecordGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        ctx.sketch.add(x, grad)
+        ctx.sketch.add(x, grad.reshape(-1, grad.shape[-1]))
         return grad, None, None
 
 
@@ -73,8 +81,8 @@ class CPSLinear(AdapterLinear):
     columns (the module docstring gives the schedule, partition.py the partition criterion).
 
     Args:
-        base: the nn.Linear (or Conv1D) to adapt; wrapped, not copied; its parameters are
-            frozen.
+        base: the nn.Linear (or Conv1D, or bitsandbytes 4-bit or 8-bit Linear) to adapt;
+            wrapped, not copied; its parameters are frozen.
         num_clusters: G, at most min(in_features, out_features).
         rank, rank_per_cluster: every cluster's rank, or one rank per cluster.
         alpha, use_rslora: cluster c's scale is alpha / r_c (alpha / sqrt(r_c) with rsLoRA).
@@ -83,11 +91,16 @@ class CPSLinear(AdapterLinear):
             "random".
         repartition_every, statistics_steps, sketch_rank: the schedule (0: never) and the
             gradient statistics (default sketch rank min(32, max(8, 2 * sum of ranks))).
-        dtype: the factors' dtype; default float32 for fp16/bf16 bases, else the base's.
+        dtype: the factors' dtype; default float32 for fp16/bf16 bases, else the base's (a
+            quantized base's compute dtype).
 
     A cluster whose block is smaller than its rank (possible after a repartition) uses only
     the rank the block allows; a cluster left without rows or columns contributes nothing
     until a later repartition gives it some.
+
+    The forward runs the clusters as one dense low-rank update through SOSLinear's fused op
+    while the total rank is at most DENSE_MAX_RANK, and as blocks of the activations (the
+    cluster op) above it; both give the same function.
     """
 
     def __init__(self, base: nn.Module, num_clusters: int = 4, rank: int = 8,
@@ -187,12 +200,23 @@ class CPSLinear(AdapterLinear):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self._begin_forward(x)
-        result = self.base_layer(x)
         if self.merged:
-            return result
-        dtype = self._compute_dtype(x)
+            return self.base_layer(x)
         p = self.config.dropout if self.training else 0.0
-        seed = ops.new_dropout_seed(x.device) if p > 0 else None
+        if sum(self.ranks) <= DENSE_MAX_RANK:
+            out = self._lowrank_forward(x, *self._update_factors(), p, dropout_on_input=True)
+        else:
+            out = self._cluster_forward(x, p)
+        if self._collecting and self.training and torch.is_grad_enabled():
+            x2 = x.reshape(-1, self.in_features)
+            out = _RecordGradient.apply(out, x2, self._sketch)
+        return out
+
+    def _cluster_forward(self, x: Tensor, dropout_p: float) -> Tensor:
+        """The clusters as blocks of the input and output columns (the cluster op)."""
+        result = self.base_layer(x)
+        dtype = self._compute_dtype(x)
+        seed = ops.new_dropout_seed(x.device) if dropout_p > 0 else None
         x2 = x.reshape(-1, self.in_features).to(dtype)
         base2 = result.reshape(-1, self.out_features)
         fused = base2.dtype == dtype
@@ -200,29 +224,26 @@ class CPSLinear(AdapterLinear):
         out = ops.cluster_lowrank(x2, self.lora_A.to(dtype), self.lora_B.to(dtype),
                                   self.cluster_scales, self.row_index, self.col_index,
                                   row_offsets, col_offsets, self.ranks,
-                                  base2 if fused else None, seed, p)
-        if self._collecting and self.training and torch.is_grad_enabled():
-            out = _RecordGradient.apply(out, x2, self._sketch)
+                                  base2 if fused else None, seed, dropout_p)
         out = out.reshape(result.shape)
         return out if fused else result + out.to(result.dtype)
 
     # ---- the update as factors ---------------------------------------------------------------
     def _update_factors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Each cluster's block placed at its rows and columns: A [R, in], B [out, R] and the
-        per-rank scale [R], R = sum of ranks, in the layer's original row/column order."""
+        """The clusters' blocks as one low-rank update in the layer's original row and column
+        order, differentiable in the factors: A [R, in] (cluster c's ranks[c] rows nonzero only
+        on its columns), B [out, R] and the per-rank scale [R], R = sum of ranks."""
         row_offsets, col_offsets = self._offsets
-        blocks_A, blocks_B = [], []
-        for c, r in enumerate(self.ranks):
-            A = self.lora_A.new_zeros(r, self.in_features)
-            A[:, self.col_index[col_offsets[c]:col_offsets[c + 1]]] = \
-                self.lora_A[:r, col_offsets[c]:col_offsets[c + 1]]
-            B = self.lora_B.new_zeros(self.out_features, r)
-            B[self.row_index[row_offsets[c]:row_offsets[c + 1]]] = \
-                self.lora_B[row_offsets[c]:row_offsets[c + 1], :r]
-            blocks_A.append(A)
-            blocks_B.append(B)
-        scale = torch.cat([s.expand(r) for s, r in zip(self.cluster_scales, self.ranks)])
-        return torch.cat(blocks_A), torch.cat(blocks_B, dim=1), scale
+        ranks = self.ranks
+        # Block-diagonal in partition order, then each column (row) moved to its index.
+        A = torch.block_diag(*(self.lora_A[:r, col_offsets[c]:col_offsets[c + 1]]
+                               for c, r in enumerate(ranks)))
+        B = torch.block_diag(*(self.lora_B[row_offsets[c]:row_offsets[c + 1], :r]
+                               for c, r in enumerate(ranks)))
+        A = A.index_select(1, torch.argsort(self.col_index))
+        B = B.index_select(0, torch.argsort(self.row_index))
+        scale = torch.cat([s.expand(r) for s, r in zip(self.cluster_scales, ranks)])
+        return A, B, scale
 
     def _signal_factors(self) -> tuple[Tensor, Tensor]:
         """(P, Q) with the current update dW = P Q, float64 on the CPU (where the partition

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from . import ops, reference
-from .adapter import AdapterLinear
+from .adapter import AdapterLinear, base_dtype
 from .config import SOSConfig
 from .distributed import full
 
@@ -62,8 +62,9 @@ class SOSLinear(AdapterLinear):
     (``"channel"``, [K, out]), optionally times a mean-1 gate K*softmax(logits / T).
 
     Args:
-        base: the nn.Linear (or transformers Conv1D, weight [in, out]) to adapt; wrapped, not
-            copied; its parameters are frozen.
+        base: the nn.Linear (or transformers Conv1D, weight [in, out], or bitsandbytes 4-bit or
+            8-bit Linear: quantized.py) to adapt; wrapped, not copied; its parameters are
+            frozen. A quantized base's "dtype" below is its compute dtype.
         num_experts, rank, alpha, gamma_max, rank_mode, scale_base, scale_mode, gate,
         scale_anchor, uniform_prior, loraplus_ratio, dropout, dropout_position, init_gain,
         normalize_scales, gate_temperature, factor_dtype:
@@ -117,7 +118,7 @@ class SOSLinear(AdapterLinear):
                            factor_dtype=factor_dtype)
         super().__init__(base, dtype)
         if dtype is None and config.factor_dtype == "base":
-            self.adapter_dtype = base.weight.dtype  # as the authors' layer.bfloat16()
+            self.adapter_dtype = base_dtype(base)  # as the authors' layer.bfloat16()
         self.config = config
         weight, dtype = base.weight, self.adapter_dtype
 
@@ -209,23 +210,9 @@ class SOSLinear(AdapterLinear):
         if ortho or loraplus:
             A = _AFactorGradient.apply(A, self.ortho_lambda, c.num_experts, ortho,
                                        1.0 / c.loraplus_ratio)
-        dtype = self._compute_dtype(x)
         p = c.dropout if self.training else 0.0
-        seed = ops.new_dropout_seed(x.device) if p > 0 else None
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(dtype)
-        factors = (A.to(dtype), self.lora_B.to(dtype), self._rank_scale(), seed, p,
-                   c.dropout_position == "pre")
-        if self._base_fusable(dtype):
-            # Base and adapter in one op: one output buffer, one input-gradient buffer.
-            out = ops.linear_lowrank(x2, self.weight, self.bias, *factors)
-            return out.reshape(*lead, self.out_features)
-        result = self.base_layer(x)
-        base2 = result.reshape(-1, self.out_features)
-        fused = base2.dtype == dtype  # add into the base output inside the op when dtypes agree
-        out = ops.lowrank(x2, *factors[:3], base2 if fused else None, *factors[3:])
-        out = out.reshape(result.shape)
-        return out if fused else result + out.to(result.dtype)
+        return self._lowrank_forward(x, A, self.lora_B, self._rank_scale(), p,
+                                     c.dropout_position == "pre")
 
     # ---- penalty, delta, merge ---------------------------------------------------------------
     def ortho_penalty(self) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from . import merging
+from . import merging, quantized
 from .config import CPSConfig, SOSConfig, check_preset
 from .cps import CPSLinear, _check_fits
 from .adapter import AdapterLinear, base_features, check_base, is_linear
@@ -221,12 +221,31 @@ def check_finite(model: nn.Module) -> None:
                                          "non-finite values")
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False,
+                     dtype: torch.dtype | None = None) -> nn.Module:
     """Merge every adapted layer into its base weight and put the base layer back.
     Every layer is checked (shared weights, non-finite factors, overflow of the weight's
-    dtype) before the first weight changes: on any error the model is unchanged."""
+    dtype) before the first weight changes: on any error the model is unchanged.
+
+    A quantized (bitsandbytes) base cannot hold the merged weight: refused, unless
+    `dequantize`, which puts a new nn.Linear of `dtype` (default: the base's compute dtype)
+    holding the dequantized weight plus the update in its place (quantized.merged_linear)."""
+    if dtype is not None and not dequantize:
+        raise ValueError("merge_and_unload: dtype is the dtype of dequantized layers; it needs "
+                         "dequantize=True")
     layers = list(adapter_layers(model))
-    pending = [(name, layer) for name, layer in layers if not layer.merged]
+    on_quantized = [(name, layer) for name, layer in layers if layer.quantized]
+    if on_quantized and not dequantize:
+        (name, layer), more = on_quantized[0], len(on_quantized) - 1
+        raise RuntimeError(quantized.merge_refusal(
+            layer.base_layer, f"merge_and_unload: layer {name!r}"
+            + (f" (and {more} more layers)" if more else "")))
+    # Built before any weight is written: all or nothing.
+    dequantized = {id(layer): quantized.merged_linear(layer, dtype,
+                                                      f"merge_and_unload: layer {name!r}")
+                   for name, layer in on_quantized}
+    pending = [(name, layer) for name, layer in layers
+               if not layer.merged and not layer.quantized]
     for name, layer in pending:
         if layer.weight_shared_with:
             raise RuntimeError(f"merge_and_unload: layer {name!r} shares its base weight with "
@@ -237,8 +256,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         layer._record_merged(target)
     names = _names_by_module(list(model.named_modules(remove_duplicate=False)))
     for _, layer in layers:
+        merged = dequantized[id(layer)] if layer.quantized else layer.merge_and_unload()
         for name in names[id(layer)]:  # every name, where one layer is registered under several
-            replace_module(model, name, layer.merge_and_unload())
+            replace_module(model, name, merged)
     return model
 
 

@@ -28,16 +28,28 @@ from .layer import SOSLinear
 from .model import adapter_layers, freeze_all_but_adapters, modules_to_save, replace_module
 
 
+def _own_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
+    """The adapter's state-dict entries, without its base's."""
+    if not layer.quantized:
+        return {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+    # A bitsandbytes 4-bit layer's state_dict() rewrites its weight when an inference forward
+    # has repacked it for the CPU (bitsandbytes 0.50): later outputs change. Read the
+    # adapter's own parameters and buffers without asking the base.
+    state: dict[str, torch.Tensor] = {}
+    nn.Module._save_to_state_dict(layer, state, "", keep_vars=False)
+    return state
+
+
 def _layer_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
     """The adapter's tensors (whole, also when the model is sharded)."""
-    return {k: full(v) for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+    return {k: full(v) for k, v in _own_state(layer).items()}
 
 
 def _unsharded(layer: AdapterLinear) -> AdapterLinear:
     """`layer` itself, or for a sharded one a copy on a weightless base with gathered tensors."""
     from torch.distributed.tensor import DTensor
 
-    if not any(isinstance(t, DTensor) for t in layer.state_dict().values()):
+    if not any(isinstance(t, DTensor) for t in _own_state(layer).values()):
         return layer
     copy = type(layer)(nn.Linear(layer.in_features, layer.out_features, device="meta"),
                        dtype=layer.lora_A.dtype, **layer.config.to_dict())
