@@ -10,13 +10,13 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from . import compose, ops, reference
 from ._C import built_with_cuda
 from .config import PRESETS, CPSConfig, SOSConfig
-from .cps import CPSLinear, RepartitionSchedule
+from .cps import CPSLinear
 from .adapter import AdapterLinear
 from .layer import SOSLinear
 from .model import (adapter_layers, apply_cps_lora, apply_sos_lora, check_adapters_called,
                     check_finite, cps_layers, merge_and_unload, modules_to_save, ortho_penalty,
                     sos_layers, trainable_parameters, uncalled_adapters)
-from .schedules import GateSchedule, OrthoSchedule
+from .schedules import GateSchedule, OrthoSchedule, RepartitionSchedule
 from .serialization import AdapterError, export_peft, import_peft, load_adapter, save_adapter
 
 

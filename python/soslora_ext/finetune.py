@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .cps import RepartitionSchedule
 from .model import check_adapters_called, sos_layers
-from .schedules import GateSchedule, OrthoSchedule, preset_schedules
+from .schedules import GateSchedule, OrthoSchedule, RepartitionSchedule, preset_schedules
 
 
 @dataclass

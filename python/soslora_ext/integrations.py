@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .cps import RepartitionSchedule
 from .model import check_adapters_called, ortho_penalty, sos_layers
-from .schedules import GateSchedule, OrthoSchedule, preset_schedules
+from .schedules import GateSchedule, OrthoSchedule, RepartitionSchedule, preset_schedules
 
 
 class SOSLoRACallback(TrainerCallback):

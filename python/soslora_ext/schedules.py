@@ -1,9 +1,11 @@
-"""Schedules of the reference training recipe, written into device buffers (no host sync)."""
+"""Training schedules: SOS-LoRA's recipe (the penalty weight and the gate temperature, written
+into device buffers, no host sync) and CPS-LoRA's repartitions."""
 from __future__ import annotations
 
 import torch.nn as nn
 
 from .config import PRESET_SCHEDULES, check_preset
+from .cps import CPSLinear, NoSignalError
 from .model import sos_layers
 
 
@@ -151,3 +153,62 @@ def preset_schedules(owner: str, preset: str = "default", **given) -> tuple[dict
                  lambda_per=s["lambda_per"])
     gate = dict(start=s["gate_start"], end=s["gate_end"], anneal=s["gate_anneal"])
     return ortho, gate
+
+
+# ---- CPS-LoRA's repartitions --------------------------------------------------------------------------------
+class RepartitionSchedule:
+    """Drives every CPSLinear's statistics window and repartitions from the optimizer step.
+
+        schedule = sl.RepartitionSchedule(model, optimizer)
+        for batch in loader:
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+            changes = schedule.step()   # {layer: relative change of dW} when one repartitioned
+
+    After a layer's factors are re-fitted, its parameters' optimizer state (e.g. Adam moments)
+    is dropped: it described the old factors. A layer with nothing to cluster (no gradient
+    reached it and its update is zero) keeps its partition."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        self.layers = [(name, m) for name, m in model.named_modules()
+                       if isinstance(m, CPSLinear) and m.config.repartition_every > 0]
+        self.optimizer = optimizer
+        self.step_count = 0
+        self._arm()
+
+    def _arm(self) -> None:
+        """Collect statistics during the next step if it falls in a layer's window."""
+        upcoming = self.step_count + 1
+        for _, layer in self.layers:
+            every, window = layer.config.repartition_every, layer.config.window
+            layer.collect_statistics((upcoming - 1) % every < window)
+
+    def due(self) -> list[tuple[str, CPSLinear]]:
+        """(name, layer) of the layers the next step() repartitions: those whose statistics
+        window ends at that step."""
+        upcoming = self.step_count + 1
+        return [(name, layer) for name, layer in self.layers
+                if upcoming >= layer.config.window
+                and (upcoming - layer.config.window) % layer.config.repartition_every == 0]
+
+    def step(self) -> dict[str, float]:
+        changes = {}
+        due = self.due()
+        self.step_count += 1
+        for name, layer in due:
+            try:
+                changes[name] = layer.repartition()
+            except NoSignalError:  # the layer keeps its partition until it has a signal
+                layer.last_repartition = dict(adopted=False, no_signal=True)
+                continue
+            if layer.last_repartition["adopted"] and self.optimizer is not None:
+                for p in (layer.lora_A, layer.lora_B):
+                    self.optimizer.state.pop(p, None)
+        self._arm()
+        return changes
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self._arm()
