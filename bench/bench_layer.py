@@ -388,7 +388,8 @@ def main(argv=None) -> int:
                         print(f"done N={N} {shape} r={r_tot} p={p} threads={thread_count}",
                               flush=True)
     torch.set_num_threads(max(threads))  # merge and penalty on the most threads
-    merge_shapes = [(4096, 4096, 64), (4096, 11008, 128)] if gpu else [(1024, 1024, 64)]
+    merge_shapes = [(4096, 4096, 64), (4096, 11008, 128)] if gpu else [(1024, 1024, 64),
+                                                                     (4096, 4096, 64)]
     merges = [row for n_in, n_out, r in merge_shapes
               for row in bench_merge(n_in, n_out, r, dtype, device, args.warmup, args.iters)]
     N_pen, shape_pen, r_pen = (8192, "4096x4096", 64) if gpu else (ns[0], shapes[0], ranks[0])
