@@ -68,22 +68,15 @@ def lm_batches(data: torch.Tensor, batch_size: int):
     return finetune.sample_batches(dict(input_ids=data, labels=data), batch_size)
 
 
-def run(out: Path, train_chars: int, test_chars: int, pretrain_steps: int, lora_steps: int,
-        seq: int = 128, batch: int = 16, seed: int = 0) -> dict:
-    from peft import LoraConfig, get_peft_model
+def pretrain_base(base_dir: Path, train_texts: dict[str, str], pretrain_steps: int,
+                  seq: int = 128, batch: int = 16, seed: int = 0):
+    """Train the tokenizer (vocabulary 4096) on `train_texts` (domain -> text), pretrain the
+    small GPT-2 on their mix and save both to `base_dir`. Returns (tokenizer, {domain: int64
+    [n, seq] training chunks}). Also used by bench/quality.py."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    texts = {d: domain_text(kind, train_chars, test_chars, seed) for d, kind in DOMAINS.items()}
-    tokenizer = train_tokenizer([t for t, _ in texts.values()], vocab_size=4096)
-    train = {d: chunks(tokenizer, t, seq) for d, (t, _) in texts.items()}
-    test = {d: t for d, (_, t) in texts.items()}
-
-    base_dir = out / "work" / "base"
+    tokenizer = train_tokenizer(list(train_texts.values()), vocab_size=4096)
+    train = {d: chunks(tokenizer, t, seq) for d, t in train_texts.items()}
     torch.manual_seed(seed)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=seq, n_embd=128,
                                       n_layer=4, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -94,6 +87,24 @@ def run(out: Path, train_chars: int, test_chars: int, pretrain_steps: int, lora_
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     print(f"pretrained {pretrain_steps} steps: loss {fit.losses[0]:.3f} -> {fit.losses[-1]:.3f}")
+    return tokenizer, train
+
+
+def run(out: Path, train_chars: int, test_chars: int, pretrain_steps: int, lora_steps: int,
+        seq: int = 128, batch: int = 16, seed: int = 0) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    texts = {d: domain_text(kind, train_chars, test_chars, seed) for d, kind in DOMAINS.items()}
+    test = {d: t for d, (_, t) in texts.items()}
+    base_dir = out / "work" / "base"
+    tokenizer, train = pretrain_base(base_dir, {d: t for d, (t, _) in texts.items()},
+                                     pretrain_steps, seq=seq, batch=batch, seed=seed)
 
     def train_lora(domains: tuple[str, ...]) -> compose.Adapter:
         name = "+".join(domains)
