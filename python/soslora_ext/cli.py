@@ -1,7 +1,8 @@
 """Command line: ``python -m soslora_ext COMMAND`` (also installed as ``soslora``).
 
     demo         synthetic end-to-end run (seconds)
-    main-job     fine-tune the real all-MiniLM-L6-v2 four ways (SOS, CPS x2, LoRA), export, merge
+    main-job     fine-tune the real all-MiniLM-L6-v2 five ways (SOS, CPS x2, LoRA, SOS on a
+                 4-bit base), export, merge
     train        fine-tune a model directory on a text or classification dataset
     merge        write a merged model directory (loadable with from_pretrained)
     export-peft  write an adapter in PEFT's LoRA format
@@ -24,6 +25,8 @@ from .cli_args import (CliError, Parser, check_outputs, document_defaults, finit
                        positive_int, probability, quiet_transformers, seed, train_layer_kwargs)
 from .cli_compose import (cmd_compose_concat, cmd_compose_eval, cmd_compose_merge,
                           cmd_compose_report)
+from .cli_quantize import (add_merge_options, add_train_options, check_merge, dequantized_merge,
+                           describe_base, keep_heads, load_kwargs, quantization, recorded)
 
 # Module names that hold a task head: trained whole (modules_to_save), never adapted.
 HEADS = ("classifier", "score", "lm_head", "pooler")
@@ -40,10 +43,12 @@ def cmd_train(args) -> int:
     from .base_models import causal_lm_architectures
     from .data import read_training_data
     from .model import apply_cps_lora, apply_sos_lora, trainable_parameters
+    from .quantized import exact_path
     from .serialization import save_adapter
 
     model_dir = model_directory(args.model_dir)
     layer_kwargs = train_layer_kwargs(args)  # bad values fail before the model loads
+    quant = quantization(args)
     apply = apply_sos_lora if args.method == "sos" else apply_cps_lora
     try:
         task, payload = read_training_data(args.data, args.task, args.seed)
@@ -56,8 +61,10 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     if task == "classification":
         train_rows, test_rows, names = payload
+        quant = keep_heads(quant, AutoModelForSequenceClassification, model_dir, HEADS)
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(names), ignore_mismatched_sizes=True)  # a new head
+            model_dir, num_labels=len(names), ignore_mismatched_sizes=True,  # a new head
+            **load_kwargs(quant))
         _set_labels(model, names)
         model_kwargs = dict(num_labels=len(names))
         data = finetune.encode(tokenizer, [t for t, _ in train_rows], args.max_length)
@@ -68,33 +75,37 @@ def cmd_train(args) -> int:
         if n < 1:
             raise CliError(f"--data {args.data}: {ids.numel()} tokens, fewer than --max-length="
                            f"{args.max_length}: give more text or a smaller --max-length")
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        quant = keep_heads(quant, AutoModelForCausalLM, model_dir, HEADS)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs(quant))
         model_kwargs = {}
         chunks = ids[: n * args.max_length].view(n, args.max_length)
         data = dict(input_ids=chunks, labels=chunks)
+    quant = describe_base(quant, model)
     targets = args.targets or [n for n, m in model.named_modules()
-                               if is_linear(m)  # nn.Linear, or GPT-2's Conv1D
+                               if is_linear(m)  # nn.Linear (bitsandbytes' too) or GPT-2's Conv1D
                                and not any(h in n.split(".") for h in HEADS)]
     heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in HEADS and n
              and task == "classification"]
     with _memory_for("--rank", layer_kwargs["rank"], "the adapters do not fit"):
         apply(model, targets, modules_to_save=heads, **layer_kwargs)
     trainable, total = trainable_parameters(model)
-    print(f"{task}: {trainable} trainable of {total} parameters", file=sys.stderr)
+    print(f"{task}: {trainable} trainable of {total} parameters"
+          + (f", base layers {quant['base_layer']}" if quant else ""), file=sys.stderr)
     with _memory_for("--batch-size/--max-length", f"{args.batch_size}/{args.max_length}",
                      "a training step does not fit"):
         fit = finetune.train(model, finetune.sample_batches(data, args.batch_size), args.steps,
                              lr=args.lr, seed=args.seed, log_every=args.log_every,
                              lambda_max=args.ortho_lambda, preset=args.preset)
     metrics = dict(task=task, steps=args.steps, losses=fit.losses, seconds=fit.seconds,
-                   trainable_parameters=trainable)
+                   trainable_parameters=trainable, quantization=quant)
     if args.method == "sos":
         metrics["preset"] = args.preset
     if args.method == "cps":
         metrics["repartitions"] = fit.repartition_log
     if task == "classification":
         test = finetune.encode(tokenizer, [t for t, _ in test_rows], args.max_length)
-        logits = finetune.predict_logits(model, test)
+        with exact_path(model):  # a quantized base computes as in training, on any shape
+            logits = finetune.predict_logits(model, test)
         metrics["accuracy"] = finetune.accuracy(logits, torch.tensor([l for _, l in test_rows]))
         metrics["labels"] = names
         metrics["split"] = dict(train=len(train_rows), test=len(test_rows), test_per_label={
@@ -103,7 +114,8 @@ def cmd_train(args) -> int:
     save_adapter(model, out / "adapter", metadata=dict(
         base_model_class=type(model).__name__, model_kwargs=model_kwargs,
         base_model_dir=str(model_dir.resolve()), labels=metrics.get("labels"),
-        **({"preset": args.preset} if args.method == "sos" else {})))
+        **({"preset": args.preset} if args.method == "sos" else {}),
+        **({"quantization": quant} if quant else {})))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = f"accuracy {metrics['accuracy']:.4f}, " if "accuracy" in metrics else ""
     if args.method == "cps":
@@ -177,8 +189,10 @@ def _load_adapted(adapter: str, base: str):
     if trained_type and base_type != trained_type:
         raise CliError(f"--base {base}: a {base_type!r} model, but {adapter} was trained on a "
                        f"{class_name} ({trained_type!r})")
+    quant = recorded(adapter, config)  # the base is loaded quantized as it was trained
     quiet_transformers()
-    model = model_class.from_pretrained(base_dir, **meta.get("model_kwargs", {}))
+    model = model_class.from_pretrained(base_dir, **meta.get("model_kwargs", {}),
+                                        **load_kwargs(quant))
     _set_labels(model, meta.get("labels"))
     return load_adapter(model, adapter)
 
@@ -187,8 +201,11 @@ def cmd_merge(args) -> int:
     from transformers import AutoTokenizer
 
     from .model import merge_and_unload
+    from .serialization import read_adapter_config
 
-    model = merge_and_unload(_load_adapted(args.adapter, args.base))
+    check_merge(args, recorded(args.adapter, read_adapter_config(_own_adapter(args.adapter))))
+    model = _load_adapted(args.adapter, args.base)
+    model = dequantized_merge(model, args.dtype) if args.dequantize else merge_and_unload(model)
     model.save_pretrained(args.out)
     try:
         AutoTokenizer.from_pretrained(args.base).save_pretrained(args.out)
@@ -214,6 +231,9 @@ def cmd_info(args) -> int:
     config, layers, whole_tensors = read_adapter(_own_adapter(args.adapter))
     print(f"adapter {args.adapter}: method {config.get('method')}, library "
           f"{config.get('library_version')}, base {config.get('base_model_class')}")
+    quant = (config.get("metadata") or {}).get("quantization")
+    if isinstance(quant, dict):
+        print(f"trained over quantized base layers: {quant.get('base_layer')}")
     print(f"{'layer':<48} {'in->out':>11}  structure")
     adapter_params = 0
     for name, layer in layers.items():
@@ -302,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--log-every", type=non_negative_int, default=20,
                    help="print the mean loss this often (0: never)")
+    add_train_options(p)
 
     for name, text in (("merge", "write the merged model to OUT (from_pretrained loads it)"),
                        ("export-peft", "write the adapter in PEFT's LoRA format to OUT")):
@@ -309,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("adapter", help="an adapter directory written by train or save_adapter")
         p.add_argument("--base", required=True, help="the base model directory")
         p.add_argument("--out", required=True, help="output directory")
+        if name == "merge":
+            add_merge_options(p)
 
     p = sub.add_parser("info", help="layers, ranks, scales and trainable parameters")
     p.add_argument("adapter", help="an adapter directory written by train or save_adapter")

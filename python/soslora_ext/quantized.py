@@ -2,7 +2,8 @@
 or without double quantization; ``LinearNF4``/``LinearFP4`` included) and 8-bit
 ``Linear8bitLt`` layers under an adapter. The one place that knows their storage: which layers
 are quantized, their exact dequantization, their compute dtype, what one must satisfy to carry
-an adapter, and the dequantized merge that replaces an in-place merge.
+an adapter, the dequantized merge that replaces an in-place merge, and the bytes a model's
+weights take.
 
 bitsandbytes is looked up in sys.modules only: a model holding its layers has imported it, and
 importing this package never does.
@@ -15,6 +16,7 @@ computes in bfloat16; an 8-bit layer quantizes its input to int8 (LLM.int8()).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -154,6 +156,29 @@ def check_quantized(base, owner: str) -> None:
                              ".to(device)")
 
 
+@contextlib.contextmanager
+def exact_path(model: nn.Module):
+    """Within the block, the bitsandbytes layers in `model` compute on their exact path (their
+    training-mode forward: x @ dequantized_weight.T + bias, what training computed) even when
+    the model is in eval() mode, as for evaluation: their inference paths approximate it, and
+    on AVX512-BF16 CPUs a 4-bit layer repacks its weight for good on the first call (which
+    also needs in_features a multiple of the blocksize and out_features one of 32); a layer
+    repacked already stays on that path. The rest of the model keeps its mode (no dropout in
+    eval())."""
+    def exact(module, args):
+        module.training = True
+
+    bases = [m for m in model.modules() if is_quantized_linear(m)]
+    handles = [m.register_forward_pre_hook(exact) for m in bases]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in bases:
+            m.training = model.training
+
+
 # ---- dequantization --------------------------------------------------------------------------
 def _dequantize_cpu_packed(packed: Tensor, state) -> Tensor:
     """A 4-bit weight in bitsandbytes' CPU inference layout -> [out, in] float32: its codes'
@@ -194,24 +219,56 @@ def merge_refusal(base, where: str) -> str:
 
 
 @torch.no_grad()
-def merged_linear(layer, dtype: torch.dtype | None, where: str) -> nn.Linear:
+def dequantized_linear(base, dtype: torch.dtype | None = None,
+                       where: str = "dequantized_linear") -> nn.Linear:
     """A new frozen nn.Linear of `dtype` (default: the base's compute dtype) holding the
-    dequantized base weight plus the adapter's update (float32 accumulation, one rounding),
-    and the base's bias. `layer` (an adapted layer over a quantized base) is left unchanged.
-    Refused, as merge(), if the update is not finite or the sum overflows `dtype`."""
+    quantized layer's dequantized [out, in] weight and its bias: what `base` computes in
+    training mode. `base` is left unchanged."""
     from .adapter import SUPPORTED_DTYPES  # adapter imports this module
 
-    base = layer.base_layer
     dtype = dtype or compute_dtype(base)
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{where}: dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, "
                          f"got {dtype!r}")
     weight = dequantized_weight(base, dtype)
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                        device=weight.device, dtype=dtype)
     linear.weight.copy_(weight)
     if base.bias is not None:
         linear.bias.copy_(base.bias)
+    return linear.requires_grad_(False)
+
+
+@torch.no_grad()
+def merged_linear(layer, dtype: torch.dtype | None, where: str) -> nn.Linear:
+    """A new frozen nn.Linear of `dtype` (default: the base's compute dtype) holding the
+    dequantized base weight plus the adapter's update (float32 accumulation, one rounding),
+    and the base's bias. `layer` (an adapted layer over a quantized base) is left unchanged.
+    Refused, as merge(), if the update is not finite or the sum overflows `dtype`."""
+    linear = dequantized_linear(layer.base_layer, dtype, where)
     A, B, scale = (t.detach() for t in layer._update_factors())
     merging.merge_([merging.Target("", linear.weight, [merging.Term(A, B, scale)])], where)
     return linear.requires_grad_(False)
+
+
+# ---- memory ----------------------------------------------------------------------------------
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes holding `module`'s weights: every parameter and buffer, plus the quantization
+    state bitsandbytes keeps beside them (a 4-bit layer's per-block scales and code book, and
+    their own scales when double-quantized; an 8-bit layer's row scales). Storage shared by
+    several tensors (tied weights) is counted once."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for m in module.modules():
+        if is_4bit(m) and _quant_state(m) is not None:
+            state = _quant_state(m)
+            tensors += [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code, state.offset]
+        elif is_8bit(m) and _row_scales(m) is not None:
+            tensors.append(_row_scales(m))
+    storages = {}
+    for t in tensors:
+        if isinstance(t, Tensor):
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
