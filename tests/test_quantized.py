@@ -185,6 +185,40 @@ def test_cpu_packed_layout_is_dequantized_as_the_cpu_kernel_reads_it():
                 assert rel_err(base(x), F.linear(x, expected, base.bias)) < 2e-2
 
 
+@pytest.mark.parametrize("quant", FOUR_BIT)
+@pytest.mark.parametrize("method", ["sos", "cps"])
+def test_training_after_the_cpu_repack_computes_the_exact_product(quant, method):
+    """An eval() forward repacks a 4-bit weight for good on AVX512-BF16 CPUs (packed here by
+    bitsandbytes' own converter, so any CPU checks it); bitsandbytes' own training forward
+    then fails. Train, evaluate, train again (a Trainer with periodic evaluation) must work and
+    compute the exact product with the dequantized (repacked) weight."""
+    base, _ = bnb_linear(quant, 128, 64)
+    state = base.weight.quant_state
+    base.weight.data, base.weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(
+        base.weight.data, state)
+    assert quantized.is_packed_for_cpu(base)
+    W = quantized.dequantized_weight(base).double()
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    if method == "sos":
+        layer = sl.SOSLinear(base, num_experts=2, rank=4).train()
+        randomize(layer)
+        twin = sl.SOSLinear(plain_linear(W.float(), base.bias), num_experts=2, rank=4)
+        expected = oracle_forward(twin, x, params=dict(layer.named_parameters()))
+    else:  # the update as one dense matrix (its own oracle tests are in test_cps.py)
+        layer = sl.CPSLinear(base, num_clusters=2, rank=2, init_partition="random").train()
+        randomize(layer)
+        expected = F.linear(x.double(), W + layer.delta_weight().double(), base.bias.double())
+    y = layer(x)
+    assert rel_err(y, expected) < 1e-5
+    g = torch.randn_like(y)
+    got, = torch.autograd.grad(y, [x], g, retain_graph=True)
+    want, = torch.autograd.grad(expected, [x], g)
+    assert rel_err(got, want) < 1e-5
+    y.backward(g)  # and the factors get their gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for _, p in layer.named_adapter_parameters() if p.requires_grad)
+
+
 # ---- merging ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("quant", QUANTS)
 def test_in_place_merge_is_refused_and_says_what_to_do_instead(quant):

@@ -204,6 +204,15 @@ class AdapterLinear(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return self.lora_A.dtype
 
+    def _base_output(self, x: Tensor) -> Tensor:
+        """The base layer's output. A 4-bit base repacked for bitsandbytes' CPU inference
+        kernel (after an eval() forward) gives its exact training-mode product whenever a
+        gradient may be needed: its own forward cannot be differentiated then."""
+        base = self.base_layer
+        if self.quantized and torch.is_grad_enabled() and quantized.is_packed_for_cpu(base):
+            return quantized.exact_forward(base, x)
+        return base(x)
+
     def _lowrank_forward(self, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
                          dropout_p: float, dropout_on_input: bool) -> Tensor:
         """base(x) + drop-path(x) A^T (B*scale)^T, with A [R, in], B [out, R], scale [R] or
@@ -217,7 +226,7 @@ class AdapterLinear(nn.Module):
             # Base and adapter in one op: one output buffer, one input-gradient buffer.
             out = ops.linear_lowrank(x2, self.weight, self.bias, *factors)
             return out.reshape(*x.shape[:-1], self.out_features)
-        result = self.base_layer(x)
+        result = self._base_output(x)
         base2 = result.reshape(-1, self.out_features)
         fused = base2.dtype == dtype  # add into the base output inside the op when dtypes agree
         out = ops.lowrank(x2, *factors[:3], base2 if fused else None, *factors[3:])

@@ -214,7 +214,7 @@ class CPSLinear(AdapterLinear):
 
     def _cluster_forward(self, x: Tensor, dropout_p: float) -> Tensor:
         """The clusters as blocks of the input and output columns (the cluster op)."""
-        result = self.base_layer(x)
+        result = self._base_output(x)
         dtype = self._compute_dtype(x)
         seed = ops.new_dropout_seed(x.device) if dropout_p > 0 else None
         x2 = x.reshape(-1, self.in_features).to(dtype)

@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import merging
 
@@ -84,6 +85,22 @@ def _row_scales(base) -> Tensor | None:
 
 def _packed_for_cpu(state) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def is_packed_for_cpu(base) -> bool:
+    """Whether a 4-bit layer's weight was repacked for bitsandbytes' CPU inference kernel (in
+    place, by its first eval() forward without grad on an AVX512-BF16 CPU)."""
+    return is_4bit(base) and _packed_for_cpu(_quant_state(base))
+
+
+def exact_forward(base, x: Tensor) -> Tensor:
+    """x @ dequantized_weight(base).T + bias in the compute dtype, returned in x's dtype (as
+    bitsandbytes returns it): the layer's training-mode product, for a layer whose own forward
+    cannot give it with a gradient (a repacked 4-bit weight: bitsandbytes then fails in the
+    backward's setup). The layer's own forward hooks do not run."""
+    dtype = compute_dtype(base)
+    bias = None if base.bias is None else base.bias.to(dtype)
+    return F.linear(x.to(dtype), dequantized_weight(base, dtype), bias).to(x.dtype)
 
 
 def compute_dtype(base) -> torch.dtype:
