@@ -46,6 +46,18 @@ def oracle_forward(layer: sl.SOSLinear, x: torch.Tensor, seed=None, params=None)
         layer.config.dropout_position, seed)
 
 
+def randomize_adapters(model) -> None:
+    """Non-zero factors (and channel scales, gate logits) in every adapted layer, so that every
+    term of the update matters."""
+    with torch.no_grad():
+        for _, layer in sl.adapter_layers(model):
+            layer.lora_B.normal_(0, 0.3)
+            if getattr(layer, "expert_scales", None) is not None:
+                layer.expert_scales.mul_(torch.rand_like(layer.expert_scales) + 0.5)
+            if getattr(layer, "gate_logits", None) is not None:
+                layer.gate_logits.normal_(0, 0.5)
+
+
 def next_dropout_seed(layer: sl.SOSLinear, x: torch.Tensor):
     """The dropout seed the layer will draw on its next forward (same generator state)."""
     state = torch.get_rng_state()

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 import soslora_ext as sl
 from soslora_ext import finetune, reference
 
-from conftest import oracle_forward, rel_err
+from conftest import oracle_forward, randomize_adapters, rel_err
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]  # every Conv1D of GPT-2 (c_proj: attention and MLP)
 
@@ -31,15 +31,6 @@ def conv1d(in_features, out_features, dtype=torch.float64):
     return conv
 
 
-def randomize(model):
-    """Non-zero factors (and channel scales) in every adapted layer, so every term matters."""
-    with torch.no_grad():
-        for _, layer in sl.adapter_layers(model):
-            layer.lora_B.normal_(0, 0.3)
-            if getattr(layer, "expert_scales", None) is not None:
-                layer.expert_scales.mul_(torch.rand_like(layer.expert_scales) + 0.5)
-
-
 def linear_oracle(layer, x):
     """base(x) + x dW^T with dW = (B * scale) A from the layer's factors (float64)."""
     A, B, scale = (t.double() for t in layer._update_factors())
@@ -56,7 +47,7 @@ def test_sos_over_conv1d_matches_the_oracle_values_and_gradients(kwargs):
     conv = conv1d(13, 7)
     layer = sl.SOSLinear(conv, **kwargs)
     assert (layer.in_features, layer.out_features, layer.fan_in_fan_out) == (13, 7, True)
-    randomize(layer)
+    randomize_adapters(layer)
     x = torch.randn(2, 5, 13, dtype=torch.float64, requires_grad=True)
     # The same layer over the equivalent nn.Linear, checked by the reference oracle.
     linear = torch.nn.Linear(13, 7, dtype=torch.float64)
@@ -81,7 +72,7 @@ def test_sos_over_conv1d_matches_the_oracle_values_and_gradients(kwargs):
 def test_cps_over_conv1d_matches_the_oracle_values_and_gradients():
     conv = conv1d(17, 12)
     layer = sl.CPSLinear(conv, num_clusters=3, rank=2, init_partition="random")
-    randomize(layer)
+    randomize_adapters(layer)
     x = torch.randn(9, 17, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     delta = layer.delta_weight()  # laid out as the Conv1D weight: [in, out]
@@ -103,7 +94,7 @@ def test_merge_unmerge_and_delta_weight_on_conv1d(method):
     w0 = conv.weight.detach().clone()
     layer = (sl.SOSLinear(conv, num_experts=2, rank=4) if method == "sos"
              else sl.CPSLinear(conv, num_clusters=2, rank=3))
-    randomize(layer)
+    randomize_adapters(layer)
     layer.eval()
     x = torch.randn(6, 16)
     unmerged = layer(x)
@@ -122,7 +113,7 @@ def test_merge_unmerge_and_delta_weight_on_conv1d(method):
 
 def test_merged_state_dict_of_a_conv1d_layer_loads_as_merged():
     layer = sl.SOSLinear(conv1d(8, 10), num_experts=2, rank=4)
-    randomize(layer)
+    randomize_adapters(layer)
     layer.eval()
     x = torch.randn(3, 8, dtype=torch.float64)
     expected = layer(x)
@@ -198,7 +189,7 @@ def test_import_of_peft_own_gpt2_adapter(tmp_path):
 def test_tied_lm_head_of_gpt2_is_adapted_but_merge_is_refused_by_name():
     model = gpt2()
     sl.apply_sos_lora(model, ["lm_head"], num_experts=2, rank=4)
-    randomize(model)
+    randomize_adapters(model)
     weight = model.transformer.wte.weight.detach().clone()
     with pytest.raises(RuntimeError, match="transformer.wte"):
         sl.merge_and_unload(model)

@@ -22,7 +22,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # no
 import soslora_ext as sl  # noqa: E402
 from soslora_ext import finetune, quantized, reference  # noqa: E402
 
-from conftest import oracle_forward, rel_err  # noqa: E402
+from conftest import oracle_forward, randomize_adapters, rel_err  # noqa: E402
 
 QUANTS = ["nf4", "nf4-double", "fp4", "fp4-double", "int8"]
 FOUR_BIT = [q for q in QUANTS if q != "int8"]
@@ -67,17 +67,6 @@ def assert_same_storage(before, module):
         assert after[key].dtype == t.dtype and torch.equal(after[key], t), key
 
 
-def randomize(model):
-    """Non-zero factors (and channel scales, gate) in every adapted layer."""
-    with torch.no_grad():
-        for _, layer in sl.adapter_layers(model):
-            layer.lora_B.normal_(0, 0.3)
-            if getattr(layer, "expert_scales", None) is not None:
-                layer.expert_scales.mul_(torch.rand_like(layer.expert_scales) + 0.5)
-            if getattr(layer, "gate_logits", None) is not None:
-                layer.gate_logits.normal_(0, 0.5)
-
-
 def plain_linear(weight, bias):
     linear = nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
     linear.load_state_dict(dict(weight=weight, bias=bias))
@@ -111,7 +100,7 @@ def test_sos_over_a_quantized_base_matches_the_oracle_values_and_gradients(quant
     layer = sl.SOSLinear(base, **kwargs).train()
     assert layer.quantized and layer.lora_A.dtype == torch.float32
     assert (layer.in_features, layer.out_features) == (64, 32)
-    randomize(layer)
+    randomize_adapters(layer)
     # The oracle over the dequantized base: a twin on a plain nn.Linear of that weight gives
     # the structure; the parameters are the quantized layer's own.
     twin = sl.SOSLinear(plain_linear(quantized.dequantized_weight(base), base.bias), **kwargs)
@@ -130,7 +119,7 @@ def test_sos_over_a_quantized_base_matches_the_oracle_values_and_gradients(quant
 def test_cps_over_a_quantized_base_matches_the_oracle_values_and_gradients(quant):
     base, _ = bnb_linear(quant, 48, 40)
     layer = sl.CPSLinear(base, num_clusters=3, rank=2, init_partition="random").train()
-    randomize(layer)
+    randomize_adapters(layer)
     W = quantized.dequantized_weight(base).double()
     x = torch.randn(9, 48, requires_grad=True)
     y = layer(x)
@@ -150,7 +139,7 @@ def test_cps_over_a_quantized_base_matches_the_oracle_values_and_gradients(quant
 def test_inputs_in_another_float_dtype_are_cast_by_the_quantized_base(dtype):
     base, _ = bnb_linear("nf4")
     layer = sl.SOSLinear(base, num_experts=2, rank=4).train()
-    randomize(layer)
+    randomize_adapters(layer)
     x = torch.randn(4, 64)
     y = layer(x.to(dtype))  # the base casts to its float32 compute dtype and back
     assert y.dtype == dtype and rel_err(y, layer(x.to(dtype).float())) < 1e-2
@@ -201,12 +190,12 @@ def test_training_after_the_cpu_repack_computes_the_exact_product(quant, method)
     x = torch.randn(2, 5, 128, requires_grad=True)
     if method == "sos":
         layer = sl.SOSLinear(base, num_experts=2, rank=4).train()
-        randomize(layer)
+        randomize_adapters(layer)
         twin = sl.SOSLinear(plain_linear(W.float(), base.bias), num_experts=2, rank=4)
         expected = oracle_forward(twin, x, params=dict(layer.named_parameters()))
     else:  # the update as one dense matrix (its own oracle tests are in test_cps.py)
         layer = sl.CPSLinear(base, num_clusters=2, rank=2, init_partition="random").train()
-        randomize(layer)
+        randomize_adapters(layer)
         expected = F.linear(x.double(), W + layer.delta_weight().double(), base.bias.double())
     y = layer(x)
     assert rel_err(y, expected) < 1e-5
@@ -224,7 +213,7 @@ def test_training_after_the_cpu_repack_computes_the_exact_product(quant, method)
 def test_in_place_merge_is_refused_and_says_what_to_do_instead(quant):
     base, _ = bnb_linear(quant)
     layer = sl.SOSLinear(base, num_experts=2, rank=4)
-    randomize(layer)
+    randomize_adapters(layer)
     before = storage(layer)
     kind = "Linear8bitLt" if quant == "int8" else f"Linear4bit \\({quant[:3]}"
     for call in (layer.merge, layer.unmerge, layer.merge_and_unload):
@@ -241,7 +230,7 @@ def test_in_place_merge_is_refused_and_says_what_to_do_instead(quant):
 def test_dequantized_merge_and_unload_is_exact_and_leaves_the_layer_alone(quant):
     base, _ = bnb_linear(quant)
     layer = sl.CPSLinear(base, num_clusters=2, rank=3).train()
-    randomize(layer)
+    randomize_adapters(layer)
     x = torch.randn(7, 64)
     with torch.no_grad():
         before_out = layer(x)
@@ -268,7 +257,7 @@ def test_dequantized_merge_and_unload_is_exact_and_leaves_the_layer_alone(quant)
 
 def test_merged_state_cannot_be_loaded_onto_a_quantized_base():
     plain = sl.SOSLinear(nn.Linear(64, 32), num_experts=2, rank=4)
-    randomize(plain)
+    randomize_adapters(plain)
     plain.merge()
     state = {k: v for k, v in plain.state_dict().items()
              if k not in ("base_layer.weight", "base_layer.bias")}
@@ -329,7 +318,7 @@ def test_model_merge_is_refused_before_anything_changes_and_dequantize_replaces_
     model = quantized_llama(llama_dir, quant)
     assert type(model.lm_head) is nn.Linear  # transformers keeps the head in full precision
     sl.apply_sos_lora(model, ["q_proj", "v_proj", "lm_head"], num_experts=2, rank=4)
-    randomize(model)
+    randomize_adapters(model)
     layers = dict(sl.adapter_layers(model))
     assert len(layers) == 3 and sum(layer.quantized for layer in layers.values()) == 2
     head = model.lm_head.base_layer.weight.detach().clone()
