@@ -32,7 +32,7 @@ import soslora_ext as sl  # noqa: E402
 from soslora_ext.main_job import cpu_name  # noqa: E402
 from baselines import PlainTorchSOS, ReferenceSOS, peft_lora  # noqa: E402
 from gpu_summary import layer_targets  # noqa: E402
-from peak_memory import peak_extra_mib, set_malloc_for_peaks  # noqa: E402
+from peak_memory import peak_extra_mib  # noqa: E402
 
 K = 4
 
@@ -320,8 +320,6 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    if not gpu:
-        set_malloc_for_peaks()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     grid = GRIDS[args.grid] if args.grid else {}
     ns = args.n or grid.get("n") or ([2048, 8192, 32768] if gpu else [1024])

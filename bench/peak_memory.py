@@ -2,6 +2,7 @@
 the rise of the process's peak resident set."""
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -27,10 +28,23 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def _release_free_heap() -> None:
+    """Hand the pages of every free malloc block back to the system (glibc's malloc_trim).
+    Blocks freed by earlier steps stay in glibc's heap, where the measured step reuses them
+    without raising the resident set; released, they count again when the step touches them.
+    Malloc's own settings are left as they are, so the timed steps see what a user's process
+    sees."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _resident_peak_mib(step) -> float | None:
     """The rise of the process's peak resident set (VmHWM, reset through clear_refs) over its
-    resident set before the step. Exact for tensors of 64 KiB and more once glibc serves them
-    with mmap, which returns them to the system when freed (set_malloc_for_peaks)."""
+    resident set before the step, once free heap pages are released. Page-level: steps that
+    allocate well under a MiB are within its noise."""
+    _release_free_heap()
     try:
         before = _proc_status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -38,13 +52,3 @@ def _resident_peak_mib(step) -> float | None:
         return None
     step()
     return (_proc_status_kib("VmHWM") - before) / 1024
-
-
-def set_malloc_for_peaks() -> None:
-    """A fixed mmap threshold of 64 KiB: glibc otherwise raises it as big blocks are freed and
-    keeps them in its heap, where a later step reuses them without raising the peak."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
