@@ -91,6 +91,23 @@ void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, 
   });
 }
 
+// out[i] += drop(in)[i]: the sum rounded as ATen's add_ rounds it (in float for 16-bit types),
+// also where the element is dropped (so -0 + 0 gives +0, as there).
+template <typename scalar_t>
+void add_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, uint64_t offset,
+             double p) {
+  const uint32_t threshold = dropout_threshold(p);
+  const scalar_t keep_value = keep_scale<scalar_t>(p);
+  for_each_word_run(numel, seed, offset, [&](int64_t first, int64_t count, const uint32_t* w) {
+    for (int64_t j = 0; j < count; ++j) {
+      const scalar_t dropped = w[j] >= threshold
+                                   ? static_cast<scalar_t>(in[first + j] * keep_value)
+                                   : scalar_t(0);
+      out[first + j] = static_cast<scalar_t>(out[first + j] + dropped);
+    }
+  });
+}
+
 // ---- the same mask in ATen integer ops (any device, no host sync) --------------------------------
 
 constexpr int64_t kU32 = 0xFFFFFFFF;
@@ -174,6 +191,24 @@ Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {
                         static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]), p);
   });
   return out;
+}
+
+void dropout_add_(Tensor& out, const Tensor& t, const OptTensor& seed, double p) {
+  const bool cpu_loop = out.is_cpu() && t.is_cpu() && !cpu_takes_cuda_fallback() &&
+                        out.is_contiguous() && out.scalar_type() == t.scalar_type() &&
+                        out.sizes() == t.sizes();
+  if (p == 0 || !cpu_loop) {
+    out.add_(dropout_apply(t, seed, p));
+    return;
+  }
+  // One pass over out, without the dropped [N, in] temporary that add_ would read.
+  const Tensor in = t.contiguous();
+  const Tensor seed_c = seed->contiguous();
+  const auto* s = seed_c.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "dropout_add_", [&] {
+    add_cpu<scalar_t>(out.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), in.numel(),
+                      static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]), p);
+  });
 }
 
 Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,

@@ -107,7 +107,7 @@ void add_product_(Tensor& out, const Tensor& left, const Tensor& right,
   if (use_cuda_kernels(out)) return add_product_cuda_(out, left, right, dropout_seed, dropout_p);
 #endif
   if (drop)
-    out.add_(dropout_apply(at::mm(left, right), dropout_seed, dropout_p));
+    dropout_add_(out, at::mm(left, right), dropout_seed, dropout_p);
   else
     out.addmm_(left, right);
 }

@@ -101,6 +101,8 @@ Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
 // t * dropout_scale_mask(seed, t.sizes(), p, t.dtype) in one pass, without the mask tensor
 // (identity when p == 0); the result is contiguous.
 Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p);
+// out += dropout_apply(t, seed, p) in place, bit-identical to it; on the CPU in one pass.
+void dropout_add_(Tensor& out, const Tensor& t, const OptTensor& seed, double p);
 // The op `dropout_mask`: checks its arguments, then dropout_scale_mask.
 Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double dropout_p,
                     at::ScalarType dtype);

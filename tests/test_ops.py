@@ -198,6 +198,33 @@ def test_grad_x_accumulates_into_base_gradient():
     assert rel_err(got, base + grad_hidden @ A) < 1e-14
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_input_dropout_grad_x_adds_the_dropped_product_in_one_pass(dtype, with_base):
+    # The CPU adds D_in(grad_hidden A) into the base gradient in one pass: bit-identical to
+    # adding the separately dropped product (the form every other device uses), -0 included.
+    N, n_in, r, p = 37, 1029, 5, 0.3  # several threads' and Philox runs' worth of elements
+    seed = torch.tensor([987654321, 7])
+    grad_hidden, A = torch.randn(N, r, dtype=dtype), torch.randn(r, n_in, dtype=dtype)
+    base = torch.randn(N, n_in, dtype=dtype)
+    base[0] = -0.0
+    product = grad_hidden @ A
+    mask = _ops.dropout_mask(seed, product.shape, p, dtype)
+    dropped = torch.where(mask != 0, product * mask, product.new_zeros(()))  # dropped: +0
+    if with_base:
+        got = _ops.lowrank_grad_x(grad_hidden, A, base, seed, p, True)
+        expected = base.clone().add_(dropped)
+    else:
+        got = _ops.lowrank_grad_x(grad_hidden, A, None, seed, p, True)
+        expected = dropped
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.signbit(got), torch.signbit(expected))
+    weight = torch.randn(11, n_in, dtype=dtype)
+    grad_out = torch.randn(N, 11, dtype=dtype)
+    got = _ops.linear_lowrank_grad_x(grad_out, weight, grad_hidden, A, seed, p, True)
+    assert torch.equal(got, (grad_out @ weight).add_(dropped))
+
+
 @pytest.mark.parametrize("K,r,n_in", [(1, 4, 9), (2, 3, 10), (3, 5, 7), (4, 2, 16), (8, 3, 13)])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_ortho_penalty_value_grad_opcheck(K, r, n_in, dtype):
