@@ -45,13 +45,6 @@ void counter_halves(uint64_t first, uint32_t* lo, uint32_t* hi) {
   }
 }
 
-// out[4 l + w] = words[w][l]: each block's four words go to its four elements.
-template <int kLanes>
-void interleave(const uint32_t (&words)[4][kLanes], uint32_t* out) {
-  for (int l = 0; l < kLanes; ++l)
-    for (int w = 0; w < 4; ++w) out[4 * l + w] = words[w][l];
-}
-
 // (high, low) halves of the 32x32->64-bit products a * m of every 32-bit lane.
 __attribute__((target("avx2"))) inline void mulhilo(__m256i a, __m256i m, __m256i& hi,
                                                     __m256i& lo) {
@@ -69,6 +62,39 @@ __attribute__((target("avx512f"))) inline void mulhilo(__m512i a, __m512i m, __m
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
+// Stores the words of 8 (16) blocks, c_w holding word w of block l in lane l, as elements:
+// out[4 l + w] = c_w[l]. A 4 x 4 transpose of 32-bit words inside each 128-bit lane (each
+// lane then holds one block's four words), then of 128-bit lanes across the register.
+__attribute__((target("avx2"))) inline void store_elements(__m256i c0, __m256i c1, __m256i c2,
+                                                           __m256i c3, uint32_t* out) {
+  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+  // b_m, 128-bit lane k: block 4 k + m.
+  const __m256i b0 = _mm256_unpacklo_epi64(t0, t2), b1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i b2 = _mm256_unpacklo_epi64(t1, t3), b3 = _mm256_unpackhi_epi64(t1, t3);
+  auto* o = reinterpret_cast<__m256i*>(out);
+  _mm256_storeu_si256(o + 0, _mm256_permute2x128_si256(b0, b1, 0x20));
+  _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(b2, b3, 0x20));
+  _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(b0, b1, 0x31));
+  _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(b2, b3, 0x31));
+}
+
+__attribute__((target("avx512f"))) inline void store_elements(__m512i c0, __m512i c1,
+                                                              __m512i c2, __m512i c3,
+                                                              uint32_t* out) {
+  const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+  const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+  const __m512i b0 = _mm512_unpacklo_epi64(t0, t2), b1 = _mm512_unpackhi_epi64(t0, t2);
+  const __m512i b2 = _mm512_unpacklo_epi64(t1, t3), b3 = _mm512_unpackhi_epi64(t1, t3);
+  // Output register q holds blocks 4 q .. 4 q + 3: lane q of b0, b1, b2, b3.
+  const __m512i v0 = _mm512_shuffle_i32x4(b0, b1, 0x44), v1 = _mm512_shuffle_i32x4(b2, b3, 0x44);
+  const __m512i v2 = _mm512_shuffle_i32x4(b0, b1, 0xEE), v3 = _mm512_shuffle_i32x4(b2, b3, 0xEE);
+  _mm512_storeu_si512(out, _mm512_shuffle_i32x4(v0, v1, 0x88));
+  _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(v0, v1, 0xDD));
+  _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(v2, v3, 0x88));
+  _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(v2, v3, 0xDD));
+}
+
 __attribute__((target("avx2"))) void words_avx2(uint64_t seed, uint64_t offset, uint64_t first,
                                                 int64_t count, uint32_t* out) {
   constexpr int kBlocks = 8 * kChains, kStep = 4 * kBlocks;
@@ -77,7 +103,7 @@ __attribute__((target("avx2"))) void words_avx2(uint64_t seed, uint64_t offset, 
   const __m256i o1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
   const int64_t head = std::min<int64_t>(count, (4 - (first & 3)) & 3);
   words_scalar(seed, offset, first, head, out);
-  alignas(32) uint32_t lo[kBlocks], hi[kBlocks], words[4][kBlocks];
+  alignas(32) uint32_t lo[kBlocks], hi[kBlocks];
   int64_t j = head;
   for (; j + kStep <= count; j += kStep) {
     counter_halves<kBlocks>((first + j) >> 2, lo, hi);
@@ -106,13 +132,7 @@ __attribute__((target("avx2"))) void words_avx2(uint64_t seed, uint64_t offset, 
         c3[u] = lo0;
       }
     }
-    for (int u = 0; u < kChains; ++u) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(words[0] + 8 * u), c0[u]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(words[1] + 8 * u), c1[u]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(words[2] + 8 * u), c2[u]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(words[3] + 8 * u), c3[u]);
-    }
-    interleave<kBlocks>(words, out + j);
+    for (int u = 0; u < kChains; ++u) store_elements(c0[u], c1[u], c2[u], c3[u], out + j + 32 * u);
   }
   words_scalar(seed, offset, first + j, count - j, out + j);
 }
@@ -126,7 +146,7 @@ __attribute__((target("avx512f"))) void words_avx512(uint64_t seed, uint64_t off
   const __m512i o1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
   const int64_t head = std::min<int64_t>(count, (4 - (first & 3)) & 3);
   words_scalar(seed, offset, first, head, out);
-  alignas(64) uint32_t lo[kBlocks], hi[kBlocks], words[4][kBlocks];
+  alignas(64) uint32_t lo[kBlocks], hi[kBlocks];
   int64_t j = head;
   for (; j + kStep <= count; j += kStep) {
     counter_halves<kBlocks>((first + j) >> 2, lo, hi);
@@ -155,13 +175,7 @@ __attribute__((target("avx512f"))) void words_avx512(uint64_t seed, uint64_t off
         c3[u] = lo0;
       }
     }
-    for (int u = 0; u < kChains; ++u) {
-      _mm512_store_si512(words[0] + 16 * u, c0[u]);
-      _mm512_store_si512(words[1] + 16 * u, c1[u]);
-      _mm512_store_si512(words[2] + 16 * u, c2[u]);
-      _mm512_store_si512(words[3] + 16 * u, c3[u]);
-    }
-    interleave<kBlocks>(words, out + j);
+    for (int u = 0; u < kChains; ++u) store_elements(c0[u], c1[u], c2[u], c3[u], out + j + 64 * u);
   }
   words_scalar(seed, offset, first + j, count - j, out + j);
 }
