@@ -121,6 +121,24 @@ void add_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, ui
   });
 }
 
+// out[i] += drop(t)[i] as add_cpu, then t[i] = drop(x)[i], from one word per element.
+template <typename scalar_t>
+void add_and_apply_cpu(scalar_t* out, scalar_t* t, const scalar_t* x, int64_t numel,
+                       uint64_t seed, uint64_t offset, double p) {
+  const uint32_t threshold = dropout_threshold(p);
+  const scalar_t keep_value = keep_scale<scalar_t>(p);
+  for_each_word_run(numel, seed, offset, [=](int64_t first, int64_t count, const uint32_t* w) {
+    Select<scalar_t> select{threshold, keep_value};
+    scalar_t* __restrict o = out + first;
+    scalar_t* __restrict tt = t + first;
+    const scalar_t* __restrict xx = x + first;
+    for (int64_t j = 0; j < count; ++j) {
+      o[j] = static_cast<scalar_t>(o[j] + select.drop(w[j], tt[j]));
+      tt[j] = select.drop(w[j], xx[j]);
+    }
+  });
+}
+
 // ---- the same mask in ATen integer ops (any device, no host sync) --------------------------------
 
 constexpr int64_t kU32 = 0xFFFFFFFF;
@@ -206,10 +224,13 @@ Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {
   return out;
 }
 
+bool dropout_cpu_loop(const Tensor& t) {
+  return t.is_cpu() && t.is_contiguous() && !cpu_takes_cuda_fallback();
+}
+
 void dropout_add_(Tensor& out, const Tensor& t, const OptTensor& seed, double p) {
-  const bool cpu_loop = out.is_cpu() && t.is_cpu() && !cpu_takes_cuda_fallback() &&
-                        out.is_contiguous() && out.scalar_type() == t.scalar_type() &&
-                        out.sizes() == t.sizes();
+  const bool cpu_loop = dropout_cpu_loop(out) && t.is_cpu() &&
+                        out.scalar_type() == t.scalar_type() && out.sizes() == t.sizes();
   if (p == 0 || !cpu_loop) {
     out.add_(dropout_apply(t, seed, p));
     return;
@@ -221,6 +242,23 @@ void dropout_add_(Tensor& out, const Tensor& t, const OptTensor& seed, double p)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "dropout_add_", [&] {
     add_cpu<scalar_t>(out.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), in.numel(),
                       static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]), p);
+  });
+}
+
+void dropout_add_and_apply_(Tensor& out, Tensor& t, const Tensor& x, const Tensor& seed,
+                            double p) {
+  TORCH_CHECK(dropout_cpu_loop(out) && dropout_cpu_loop(t) && x.is_cpu() &&
+                  out.sizes() == t.sizes() && t.sizes() == x.sizes() &&
+                  out.scalar_type() == t.scalar_type() && t.scalar_type() == x.scalar_type(),
+              "dropout_add_and_apply_: expected contiguous CPU tensors of one shape and dtype");
+  const Tensor x_c = x.contiguous();
+  const Tensor seed_c = seed.contiguous();
+  const auto* s = seed_c.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_c.scalar_type(),
+                                  "dropout_add_and_apply_", [&] {
+    add_and_apply_cpu<scalar_t>(out.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+                                x_c.data_ptr<scalar_t>(), x_c.numel(),
+                                static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]), p);
   });
 }
 

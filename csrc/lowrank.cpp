@@ -186,6 +186,32 @@ Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTenso
   return grad_x;
 }
 
+Tensor input_dropout_grads_(Tensor& grad_x, const Tensor& grad_hidden, const Tensor& A,
+                            const Tensor& x, const Tensor& dropout_seed, double dropout_p) {
+  constexpr const char* op = "soslora::input_dropout_grads_";
+  check_matrix(grad_x, "grad_x", op);
+  check_matrix(grad_hidden, "grad_hidden", op);
+  check_matrix(A, "A", op);
+  check_matrix(x, "x", op);
+  check_same_float_dtype(grad_x, "grad_x", x, "x", op);
+  check_same_float_dtype(grad_hidden, "grad_hidden", x, "x", op);
+  check_same_float_dtype(A, "A", x, "x", op);
+  TORCH_CHECK(grad_x.sizes() == x.sizes() && grad_hidden.size(0) == x.size(0) &&
+                  grad_hidden.size(1) == A.size(0) && A.size(1) == x.size(1),
+              op, ": expected grad_x [N, in], grad_hidden [N, r], A [r, in], x [N, in]; got ",
+              grad_x.sizes(), ", ", grad_hidden.sizes(), ", ", A.sizes(), ", ", x.sizes());
+  check_dropout(dropout_seed, dropout_p, x, op);
+  if (dropout_p == 0 || !dropout_cpu_loop(grad_x)) {
+    add_product_(grad_x, grad_hidden, A, dropout_seed, dropout_p);
+    return lowrank_grad_A(grad_hidden, x, dropout_seed, dropout_p, true);
+  }
+  // One [N, in] temporary: grad_hidden A, added (dropped) into grad_x, then overwritten by
+  // the dropped input that grad_A needs.
+  Tensor product = at::mm(grad_hidden, A);
+  dropout_add_and_apply_(grad_x, product, x, dropout_seed, dropout_p);
+  return at::mm(grad_hidden.t(), product);
+}
+
 Tensor linear_lowrank_grad_x(const Tensor& grad_out, const Tensor& weight,
                              const Tensor& grad_hidden, const Tensor& A,
                              const OptTensor& dropout_seed, double dropout_p,

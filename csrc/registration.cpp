@@ -33,6 +33,11 @@ TORCH_LIBRARY(soslora, m) {
   m.def(
       "lowrank_grad_x(Tensor grad_hidden, Tensor A, Tensor? grad_x_base, Tensor? dropout_seed, "
       "float dropout_p, bool dropout_on_input) -> Tensor");
+  // Input dropout's backward from one mask draw: grad_x += D_in(grad_hidden A) in place;
+  // returns grad_A = grad_hidden^T D_in(x). Not differentiable (used without create_graph).
+  m.def(
+      "input_dropout_grads_(Tensor(a!) grad_x, Tensor grad_hidden, Tensor A, Tensor x, "
+      "Tensor dropout_seed, float dropout_p) -> Tensor");
   // The dropout scale mask (0 or 1/(1-p)) that the ops above apply for a given seed and shape.
   m.def("dropout_mask(Tensor dropout_seed, SymInt[] size, float dropout_p, ScalarType dtype) -> Tensor");
   m.def("ortho_penalty(Tensor A, int num_experts) -> Tensor");
@@ -76,6 +81,7 @@ void register_kernels(torch::Library& m) {
   m.impl("lowrank_grad_hidden", &lowrank_grad_hidden);
   m.impl("lowrank_grad_A", &lowrank_grad_A);
   m.impl("lowrank_grad_x", &lowrank_grad_x);
+  m.impl("input_dropout_grads_", &input_dropout_grads_);
   m.impl("cluster_lowrank_forward", &cluster_lowrank_forward);
   m.impl("cluster_lowrank_backward", &cluster_lowrank_backward);
   m.impl("dropout_mask", &dropout_mask);
@@ -94,6 +100,7 @@ TORCH_LIBRARY_IMPL(soslora, CUDA, m) { soslora::register_kernels(m); }
 TORCH_LIBRARY_IMPL(soslora, Autograd, m) {
   m.impl("ortho_penalty_grad_", torch::CppFunction::makeFallthrough());
   m.impl("merge_into_", torch::CppFunction::makeFallthrough());
+  m.impl("input_dropout_grads_", torch::CppFunction::makeFallthrough());
 }
 
 PYBIND11_MODULE(_C, m) {

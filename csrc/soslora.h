@@ -41,6 +41,11 @@ Tensor lowrank_grad_A(const Tensor& grad_hidden, const Tensor& x, const OptTenso
                       double dropout_p, bool dropout_on_input);
 Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTensor& grad_x_base,
                       const OptTensor& dropout_seed, double dropout_p, bool dropout_on_input);
+// Input dropout's two input-side gradients from one mask draw: grad_x += D_in(grad_hidden A)
+// in place; returns grad_A = grad_hiddenᵀ D_in(x). Equal, bit for bit, to add_product_ then
+// lowrank_grad_A.
+Tensor input_dropout_grads_(at::Tensor& grad_x, const Tensor& grad_hidden, const Tensor& A,
+                            const Tensor& x, const Tensor& dropout_seed, double dropout_p);
 
 // ---- cross-expert orthogonality penalty -------------------------------------------------------
 Tensor ortho_penalty(const Tensor& A, int64_t num_experts);
@@ -103,6 +108,10 @@ Tensor dropout_scale_mask(const Tensor& seed, at::IntArrayRef sizes, double p,
 Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p);
 // out += dropout_apply(t, seed, p) in place, bit-identical to it; on the CPU in one pass.
 void dropout_add_(Tensor& out, const Tensor& t, const OptTensor& seed, double p);
+// Whether dropout_add_and_apply_ runs the CPU loop (else the caller composes the ATen forms).
+bool dropout_cpu_loop(const Tensor& t);
+// One mask draw for two tensors of one shape: out += D(t), then t := D(x), in place (CPU loop).
+void dropout_add_and_apply_(Tensor& out, Tensor& t, const Tensor& x, const Tensor& seed, double p);
 // The op `dropout_mask`: checks its arguments, then dropout_scale_mask.
 Tensor dropout_mask(const Tensor& dropout_seed, c10::SymIntArrayRef size, double dropout_p,
                     at::ScalarType dtype);

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import soslora_ext as sl
 from soslora_ext import reference
@@ -159,10 +160,43 @@ def test_autocast_bf16_on_cpu():
     assert layer.lora_B.grad.dtype == torch.float32 and torch.isfinite(layer.lora_B.grad).all()
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_torch_compile_fullgraph_matches_eager(dropout):
+class OpLog(TorchDispatchMode):
+    """The names of the ops run inside it (namespace.name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name.replace("::", "."))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_input_dropout_backward_equals_its_differentiable_form(dtype):
+    # A plain backward draws the input mask once for grad_x and grad_A; with create_graph the
+    # separate differentiable ops run: both must give the same bits.
+    layer = make_layer(1031, 6, dtype=dtype, num_experts=2, rank=4, dropout=0.3,
+                       dropout_position="pre")
+    x = torch.randn(3, 7, 1031, dtype=dtype, requires_grad=True)
+    grads, ops_run = [], []
+    for create_graph in (False, True):
+        torch.manual_seed(11)
+        y = layer(x)
+        with OpLog() as log:
+            grads.append(torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B],
+                                             torch.ones_like(y), create_graph=create_graph))
+        ops_run.append(log.names)
+    assert "soslora.input_dropout_grads_" in ops_run[0]
+    assert "soslora.input_dropout_grads_" not in ops_run[1]
+    for plain, differentiable in zip(*grads):
+        assert torch.equal(plain, differentiable.detach())
+
+
+@pytest.mark.parametrize("dropout,position", [(0.0, "post"), (0.2, "post"), (0.2, "pre")])
+def test_torch_compile_fullgraph_matches_eager(dropout, position):
     layer = make_layer(12, 10, dtype=torch.float32, num_experts=2, rank=4, gate=True,
-                       scale_mode="channel", dropout=dropout)
+                       scale_mode="channel", dropout=dropout, dropout_position=position)
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(2, 3, 12, requires_grad=True)
     params = [x, layer.lora_A, layer.lora_B, layer.expert_scales, layer.gate_logits]

@@ -225,6 +225,46 @@ def test_input_dropout_grad_x_adds_the_dropped_product_in_one_pass(dtype, with_b
     assert torch.equal(got, (grad_out @ weight).add_(dropped))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_input_dropout_grads_equal_the_separate_ops_bitwise(dtype, p):
+    # One mask draw for both input-side gradients: the same bits as the two ops that each
+    # draw it (the form double backward uses); odd sizes cross Philox blocks and thread runs.
+    N, n_in, r = 29, 1031, 3
+    seed = torch.tensor([-0x1234_5678_9ABC_DEF0, 0x1_0000_0003])
+    x, A = torch.randn(N, n_in, dtype=dtype), torch.randn(r, n_in, dtype=dtype)
+    grad_hidden, base = torch.randn(N, r, dtype=dtype), torch.randn(N, n_in, dtype=dtype)
+    base[1] = -0.0
+    grad_x = base.clone()
+    grad_A = _ops.input_dropout_grads_(grad_x, grad_hidden, A, x, seed, p)
+    assert torch.equal(grad_A, _ops.lowrank_grad_A(grad_hidden, x, seed, p, True))
+    expected = _ops.lowrank_grad_x(grad_hidden, A, base, seed, p, True)
+    assert torch.equal(grad_x, expected)
+    assert torch.equal(torch.signbit(grad_x), torch.signbit(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_input_dropout_grads(dtype):
+    seed = torch.tensor([5, 6])
+    args = (torch.randn(7, 13, dtype=dtype), torch.randn(7, 3, dtype=dtype),
+            torch.randn(3, 13, dtype=dtype), torch.randn(7, 13, dtype=dtype), seed, 0.25)
+    opcheck(_ops.input_dropout_grads_, args)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((torch.randn(3, 5), torch.randn(3, 2), torch.randn(2, 5), torch.randn(3, 4)), "expected grad_x"),
+    ((torch.randn(3, 5), torch.randn(3, 2), torch.randn(3, 5), torch.randn(3, 5)), "expected grad_x"),
+    ((torch.randn(3, 5, dtype=F64), torch.randn(3, 2), torch.randn(2, 5), torch.randn(3, 5)),
+     "grad_x and x must have the same dtype"),
+])
+def test_input_dropout_grads_rejects_bad_input_without_writing(args, message):
+    grad_x = args[0]
+    before = grad_x.clone()
+    with pytest.raises(RuntimeError, match=message):
+        _ops.input_dropout_grads_(*args, torch.tensor([1, 2]), 0.5)
+    assert torch.equal(grad_x, before)
+
+
 @pytest.mark.parametrize("K,r,n_in", [(1, 4, 9), (2, 3, 10), (3, 5, 7), (4, 2, 16), (8, 3, 13)])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_ortho_penalty_value_grad_opcheck(K, r, n_in, dtype):

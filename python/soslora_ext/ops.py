@@ -51,6 +51,11 @@ def _(grad_hidden, A, grad_x_base, dropout_seed, dropout_p, dropout_on_input):
     return A.new_empty(grad_hidden.shape[0], A.shape[1])
 
 
+@torch.library.register_fake("soslora::input_dropout_grads_")
+def _(grad_x, grad_hidden, A, x, dropout_seed, dropout_p):
+    return A.new_empty(A.shape)
+
+
 @torch.library.register_fake("soslora::cluster_lowrank_forward")
 def _(x, A, B, scale, row_index, col_index, row_offsets, col_offsets, ranks, base_out,
       dropout_seed, dropout_p):
@@ -147,11 +152,17 @@ def _linear_lowrank_backward(ctx, grad_out, grad_hidden_output):
     grad_out, grad_hidden, grad_B, grad_scale = _output_side_gradients(
         grad_out, grad_hidden_output, B, scale, hidden, seed, p, on_input)
     needs = ctx.needs_input_grad
-    grad_x = (_ops.linear_lowrank_grad_x(grad_out, weight, grad_hidden, A, seed, p, on_input)
-              if needs[0] else None)
+    if on_input and p > 0 and needs[0] and needs[3] and not torch.is_grad_enabled():
+        # Both input-side gradients from one mask draw (the separate ops below are the
+        # differentiable form, for double backward).
+        grad_x = grad_out.mm(weight)
+        grad_A = _ops.input_dropout_grads_(grad_x, grad_hidden, A, x, seed, p)
+    else:
+        grad_x = (_ops.linear_lowrank_grad_x(grad_out, weight, grad_hidden, A, seed, p,
+                                             on_input) if needs[0] else None)
+        grad_A = _ops.lowrank_grad_A(grad_hidden, x, seed, p, on_input) if needs[3] else None
     grad_weight = grad_out.T @ x if needs[1] else None  # only when the base is not frozen
     grad_bias = grad_out.sum(0) if needs[2] else None
-    grad_A = _ops.lowrank_grad_A(grad_hidden, x, seed, p, on_input) if needs[3] else None
     return (grad_x, grad_weight, grad_bias, grad_A, grad_B,
             grad_scale if needs[5] else None, None, None, None)
 
