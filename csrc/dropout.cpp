@@ -93,17 +93,24 @@ void fill_mask_cpu(scalar_t* out, int64_t numel, uint64_t seed, uint64_t offset,
   });
 }
 
-template <typename scalar_t>
-void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, uint64_t offset,
-               double p) {
+// store(out[i], drop(in)[i]) for every element: store writes or accumulates into out[i].
+template <typename scalar_t, typename Store>
+void drop_into_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed,
+                   uint64_t offset, double p, Store store) {
   const uint32_t threshold = dropout_threshold(p);
   const scalar_t keep_value = keep_scale<scalar_t>(p);
   for_each_word_run(numel, seed, offset, [=](int64_t first, int64_t count, const uint32_t* w) {
     Select<scalar_t> select{threshold, keep_value};
     scalar_t* __restrict o = out + first;
     const scalar_t* __restrict i = in + first;
-    for (int64_t j = 0; j < count; ++j) o[j] = select.drop(w[j], i[j]);
+    for (int64_t j = 0; j < count; ++j) store(o[j], select.drop(w[j], i[j]));
   });
+}
+
+template <typename scalar_t>
+void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, uint64_t offset,
+               double p) {
+  drop_into_cpu(out, in, numel, seed, offset, p, [](scalar_t& o, scalar_t dropped) { o = dropped; });
 }
 
 // out[i] += drop(in)[i]: the sum rounded as ATen's add_ rounds it (in float for 16-bit types),
@@ -111,13 +118,8 @@ void apply_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, 
 template <typename scalar_t>
 void add_cpu(scalar_t* out, const scalar_t* in, int64_t numel, uint64_t seed, uint64_t offset,
              double p) {
-  const uint32_t threshold = dropout_threshold(p);
-  const scalar_t keep_value = keep_scale<scalar_t>(p);
-  for_each_word_run(numel, seed, offset, [=](int64_t first, int64_t count, const uint32_t* w) {
-    Select<scalar_t> select{threshold, keep_value};
-    scalar_t* __restrict o = out + first;
-    const scalar_t* __restrict i = in + first;
-    for (int64_t j = 0; j < count; ++j) o[j] = static_cast<scalar_t>(o[j] + select.drop(w[j], i[j]));
+  drop_into_cpu(out, in, numel, seed, offset, p, [](scalar_t& o, scalar_t dropped) {
+    o = static_cast<scalar_t>(o + dropped);
   });
 }
 
