@@ -35,6 +35,8 @@ from gpu_summary import layer_targets  # noqa: E402
 from peak_memory import peak_extra_mib  # noqa: E402
 
 K = 4
+# The tiny step: N=8, 64 -> 64, total rank 16, dropout 0.1 (one thread): almost all host work.
+TINY = (8, 64, 64, 16, 0.1)
 
 
 def machine_name(device: torch.device, threads: list[int] | None = None) -> str:

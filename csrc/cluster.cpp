@@ -32,21 +32,13 @@ void check_index(const Tensor& index, const char* name, int64_t size, const Tens
               ", got ", index.device());
 }
 
-// Checks the factors and the partition; returns the rank offsets of the hidden columns.
-std::vector<int64_t> check_partition(const Tensor& x, const Tensor& A, const Tensor& B,
-                                     const Tensor& scale, const Tensor& row_index,
-                                     const Tensor& col_index, at::IntArrayRef row_offsets,
-                                     at::IntArrayRef col_offsets, at::IntArrayRef ranks,
-                                     const char* op) {
-  check_matrix(x, "x", op);
-  check_matrix(A, "A", op);
-  check_matrix(B, "B", op);
-  check_same_float_dtype(x, "x", A, "A", op);
-  check_same_float_dtype(x, "x", B, "B", op);
-  TORCH_CHECK(A.size(1) == x.size(1), op, ": A must be [r_max, in] with in = x.size(1) = ",
-              x.size(1), ", got A of shape ", A.sizes());
-  TORCH_CHECK(B.size(1) == A.size(0), op, ": B must be [out, r_max] with r_max = A.size(0) = ",
-              A.size(0), ", got B of shape ", B.sizes());
+}  // namespace
+
+std::vector<int64_t> check_cluster_layout(const Tensor& x, const Tensor& A, const Tensor& B,
+                                          const Tensor& scale, const Tensor& row_index,
+                                          const Tensor& col_index, at::IntArrayRef row_offsets,
+                                          at::IntArrayRef col_offsets, at::IntArrayRef ranks,
+                                          const char* op) {
   const auto clusters = static_cast<int64_t>(ranks.size());
   TORCH_CHECK(clusters >= 1, op, ": ranks must name at least one cluster");
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()) && scale.dim() == 1 &&
@@ -65,6 +57,28 @@ std::vector<int64_t> check_partition(const Tensor& x, const Tensor& A, const Ten
     rank_offsets.push_back(rank_offsets.back() + r);
   }
   return rank_offsets;
+}
+
+namespace {
+
+// Checks the factors (one dtype with x) and the partition; returns the rank offsets of the
+// hidden columns.
+std::vector<int64_t> check_partition(const Tensor& x, const Tensor& A, const Tensor& B,
+                                     const Tensor& scale, const Tensor& row_index,
+                                     const Tensor& col_index, at::IntArrayRef row_offsets,
+                                     at::IntArrayRef col_offsets, at::IntArrayRef ranks,
+                                     const char* op) {
+  check_matrix(x, "x", op);
+  check_matrix(A, "A", op);
+  check_matrix(B, "B", op);
+  check_same_float_dtype(x, "x", A, "A", op);
+  check_same_float_dtype(x, "x", B, "B", op);
+  TORCH_CHECK(A.size(1) == x.size(1), op, ": A must be [r_max, in] with in = x.size(1) = ",
+              x.size(1), ", got A of shape ", A.sizes());
+  TORCH_CHECK(B.size(1) == A.size(0), op, ": B must be [out, r_max] with r_max = A.size(0) = ",
+              A.size(0), ", got B of shape ", B.sizes());
+  return check_cluster_layout(x, A, B, scale, row_index, col_index, row_offsets, col_offsets,
+                              ranks, op);
 }
 
 // Cluster c's blocks of A [r_c, |C_c|] and of B * scale[c] [|R_c|, r_c].

@@ -1,6 +1,12 @@
 // Cross-expert orthogonality penalty on the stacked input-side factor A = [A_1; ...; A_K]:
 //   Â = rows of A normalized (as F.normalize, eps 1e-6, as the reference code),  G = Â Âᵀ with same-expert blocks zeroed,
 //   penalty = sum(G²) / (K (K-1) r²),  r = rows per expert.
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "soslora.h"
 
 namespace soslora {
@@ -53,6 +59,58 @@ void check_ortho_penalty_grad_args(const Tensor& grad_A, const Tensor& A, const 
               weight.scalar_type(), " of shape ", weight.sizes());
 }
 
+
+double read_scalar(const Tensor& t) {
+  double v = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "read_scalar", [&] {
+    v = static_cast<double>(*t.const_data_ptr<scalar_t>());
+  });
+  return v;
+}
+
+// The same gradient on the CPU with three ATen ops (Â, G = Â Âᵀ, G Â); the row norms, the
+// same-expert blocks and the projection through the normalization are loops.
+void ortho_penalty_grad_cpu_(Tensor& grad_A, const Tensor& A, double lam, int64_t num_experts) {
+  const Tensor A_c = A.contiguous();
+  const int64_t rows = A.size(0), cols = A.size(1), r = rows / num_experts;
+  const auto acc = accumulate_dtype(A.scalar_type());
+  const double k = static_cast<double>(num_experts);
+  const double coef = 4.0 / (k * (k - 1) * static_cast<double>(r * r));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "ortho_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* a = A_c.const_data_ptr<scalar_t>();
+    Tensor A_hat = at::empty({rows, cols}, A.options().dtype(acc));
+    acc_t* h = A_hat.data_ptr<acc_t>();
+    std::vector<acc_t> norms(rows);
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t sq = 0;
+      for (int64_t j = 0; j < cols; ++j) sq += static_cast<acc_t>(a[i * cols + j]) * a[i * cols + j];
+      norms[i] = std::sqrt(sq);
+      const acc_t inv = acc_t(1) / std::max(norms[i], static_cast<acc_t>(kNormEps));
+      for (int64_t j = 0; j < cols; ++j) h[i * cols + j] = static_cast<acc_t>(a[i * cols + j]) * inv;
+    }
+    Tensor G = at::mm(A_hat, A_hat.t());
+    acc_t* gm = G.data_ptr<acc_t>();
+    for (int64_t i = 0; i < rows; ++i)  // same-expert blocks do not count
+      std::fill(gm + i * rows + (i / r) * r, gm + i * rows + (i / r + 1) * r, acc_t(0));
+    const Tensor GA = at::mm(G, A_hat);
+    const acc_t* ga = GA.const_data_ptr<acc_t>();
+    scalar_t* out = grad_A.data_ptr<scalar_t>();
+    const acc_t c = static_cast<acc_t>(coef), l = static_cast<acc_t>(lam);
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t radial = 0;
+      for (int64_t j = 0; j < cols; ++j) radial += h[i * cols + j] * (ga[i * cols + j] * c);
+      const bool above = norms[i] > static_cast<acc_t>(kNormEps);
+      const acc_t inv = acc_t(1) / (above ? norms[i] : static_cast<acc_t>(kNormEps));
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t grad_hat = ga[i * cols + j] * c;
+        const acc_t g = above ? (grad_hat - h[i * cols + j] * radial) * inv : grad_hat * inv;
+        out[i * cols + j] = static_cast<scalar_t>(static_cast<acc_t>(out[i * cols + j]) + g * l);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 Tensor ortho_penalty(const Tensor& A, int64_t num_experts) {
@@ -73,9 +131,15 @@ void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weig
       grad_A.scalar_type() == A.scalar_type() && grad_A.is_contiguous())
     return ortho_penalty_grad_cuda_(grad_A, A, weight, num_experts);
 #endif
-  // λ = 0 (a schedule's warm-up) adds nothing. Only a CPU weight is read here: reading a CUDA one
-  // would sync the host (the CUDA kernels skip their work on the device instead).
-  if (weight.is_cpu() && weight.item<double>() == 0.0) return;
+  if (weight.is_cpu()) {
+    // λ = 0 (a schedule's warm-up) adds nothing. Only a CPU weight is read here: reading a CUDA
+    // one would sync the host (the CUDA kernels skip their work on the device instead).
+    const double lam = read_scalar(weight);
+    if (lam == 0.0) return;
+    if (A.is_cpu() && grad_A.is_cpu() && grad_A.is_contiguous() &&
+        grad_A.scalar_type() == A.scalar_type() && !cpu_takes_cuda_fallback())
+      return ortho_penalty_grad_cpu_(grad_A, A, lam, num_experts);
+  }
   const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
   const Gram g = cross_gram(A, num_experts);
   // d/dÂ sum(G²) = 4 G Â (G symmetric); then through Â = A / max(|A|, eps).

@@ -6,9 +6,36 @@
 #include <atomic>
 #include <string>
 
-#include "soslora.h"
+#include "adapted_linear.h"
 
 TORCH_LIBRARY(soslora, m) {
+  // An adapted layer's training step, one autograd node (autograd.cpp): base (weight and bias,
+  // or base_out, or none) plus the low-rank update of A, B and scale (or of CPS-LoRA's cluster
+  // blocks when row_index is given: dense factors when dense_blocks, else the cluster op).
+  // The backward adds ortho_lambda * the orthogonality penalty's gradient (when given) to A's
+  // gradient and multiplies it by grad_A_multiplier. Draws its dropout seed when dropout_p > 0.
+  m.def(
+      "adapted_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor? base_out, Tensor A, "
+      "Tensor B, Tensor scale, Tensor? row_index, Tensor? col_index, int[] row_offsets, "
+      "int[] col_offsets, int[] ranks, bool dense_blocks, float dropout_p, "
+      "bool dropout_on_input, Tensor? ortho_lambda, int num_experts, float grad_A_multiplier) "
+      "-> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  // Its two halves: the forward returns (out, hidden, scaled_B), the backward every gradient
+  // (undefined where output_mask says none is needed); not differentiable.
+  m.def(
+      "adapted_linear_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? base_out, "
+      "Tensor A, Tensor B, Tensor scale, Tensor? row_index, Tensor? col_index, "
+      "int[] row_offsets, int[] col_offsets, int[] ranks, Tensor? dropout_seed, "
+      "float dropout_p, bool dropout_on_input) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "adapted_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor A, Tensor B, "
+      "Tensor scale, Tensor hidden, Tensor scaled_B, Tensor? row_index, Tensor? col_index, "
+      "int[] row_offsets, int[] col_offsets, int[] ranks, Tensor? dropout_seed, "
+      "float dropout_p, bool dropout_on_input, Tensor? ortho_lambda, int num_experts, "
+      "float grad_A_multiplier, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (seed, offset) for the dropout masks, drawn from torch's generator for like's device.
+  m.def("dropout_seed(Tensor like) -> Tensor", {at::Tag::nondeterministic_seeded});
   // out = base_out + h (B*scale)^T, h = drop(x A^T) or drop(x) A^T; returns (out, h).
   m.def(
       "lowrank_forward(Tensor x, Tensor A, Tensor B, Tensor scale, Tensor? base_out, "
@@ -75,6 +102,10 @@ namespace {
 // Every op has one entry point for every device: it uses the hand-written CUDA kernels where
 // have_cuda_kernels() says so and ATen otherwise, so CUDA tensors work in any build.
 void register_kernels(torch::Library& m) {
+  m.impl("adapted_linear", &adapted_linear);
+  m.impl("adapted_linear_forward", &adapted_linear_forward);
+  m.impl("adapted_linear_backward", &adapted_linear_backward);
+  m.impl("dropout_seed", &dropout_seed);
   m.impl("lowrank_forward", &lowrank_forward);
   m.impl("linear_lowrank_forward", &linear_lowrank_forward);
   m.impl("linear_lowrank_grad_x", &linear_lowrank_grad_x);

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace torch {
 class Library;
@@ -74,6 +75,14 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
     const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
     at::IntArrayRef col_offsets, at::IntArrayRef ranks, const OptTensor& grad_x_base,
     const OptTensor& dropout_seed, double dropout_p);
+
+// Checks CPS-LoRA's partition (indices, offsets, ranks, scale [num_clusters]) against x [N, in],
+// A [r_max, in] and B [out, r_max]; returns the rank offsets (cluster.cpp).
+std::vector<int64_t> check_cluster_layout(const Tensor& x, const Tensor& A, const Tensor& B,
+                                          const Tensor& scale, const Tensor& row_index,
+                                          const Tensor& col_index, at::IntArrayRef row_offsets,
+                                          at::IntArrayRef col_offsets, at::IntArrayRef ranks,
+                                          const char* op);
 
 // ---- shared pieces (ATen, or the hand-written CUDA kernels where they are chosen) -------------
 // hidden = D_post(D_in(x) Aᵀ): [N, r] in x's dtype.

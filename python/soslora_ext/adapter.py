@@ -79,6 +79,11 @@ def check_base(base, owner: str) -> None:
                          f"{in_features} -> {out_features}")
 
 
+# The parameter types a fused base may have: plain tensors (not DTensor, not quantized).
+_PLAIN = (nn.Parameter, Tensor)
+_PLAIN_OR_NONE = (nn.Parameter, Tensor, type(None))
+
+
 def _autocast_on(device_type: str) -> bool:
     # torch has no autocast state for the meta device (the query raises there).
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
@@ -197,7 +202,7 @@ class AdapterLinear(nn.Module):
         base = self.base_layer
         return (type(base) is nn.Linear and not base._forward_hooks
                 and not base._forward_pre_hooks and base.weight.dtype == dtype
-                and all(type(t.data) is Tensor for t in base.parameters()))
+                and type(base.weight) in _PLAIN and type(base.bias) in _PLAIN_OR_NONE)
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         if _autocast_on(x.device.type):
@@ -213,25 +218,27 @@ class AdapterLinear(nn.Module):
             return quantized.exact_forward(base, x)
         return base(x)
 
-    def _lowrank_forward(self, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
-                         dropout_p: float, dropout_on_input: bool) -> Tensor:
-        """base(x) + drop-path(x) A^T (B*scale)^T, with A [R, in], B [out, R], scale [R] or
-        [out, R] (cast to the compute dtype here); the base product inside the same op when
-        the base allows it, else added into the base layer's output."""
+    def _adapted_forward(self, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
+                         dropout_p: float, dropout_on_input: bool, **step) -> Tensor:
+        """base(x) plus the update of factors A, B and scale (ops.adapted_linear, which takes
+        the `step` options too), as one autograd node: the base product inside it when the
+        base allows, else the base layer's output added inside it (or after it, when its
+        dtype is not the compute dtype)."""
         dtype = self._compute_dtype(x)
-        seed = ops.new_dropout_seed(x.device) if dropout_p > 0 else None
-        x2 = x.reshape(-1, self.in_features).to(dtype)
-        factors = (A.to(dtype), B.to(dtype), scale, seed, dropout_p, dropout_on_input)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        step.update(dropout_p=dropout_p, dropout_on_input=dropout_on_input)
         if self._base_fusable(dtype):
-            # Base and adapter in one op: one output buffer, one input-gradient buffer.
-            out = ops.linear_lowrank(x2, self.weight, self.bias, *factors)
+            out = ops.adapted_linear(x2, A, B, scale, weight=self.weight, bias=self.bias, **step)
             return out.reshape(*x.shape[:-1], self.out_features)
         result = self._base_output(x)
         base2 = result.reshape(-1, self.out_features)
-        fused = base2.dtype == dtype  # add into the base output inside the op when dtypes agree
-        out = ops.lowrank(x2, *factors[:3], base2 if fused else None, *factors[3:])
-        out = out.reshape(result.shape)
-        return out if fused else result + out.to(result.dtype)
+        if base2.dtype == dtype:
+            return ops.adapted_linear(x2, A, B, scale, base_out=base2, **step).reshape(
+                result.shape)
+        out = ops.adapted_linear(x2, A, B, scale, **step)
+        return result + out.reshape(result.shape).to(result.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:

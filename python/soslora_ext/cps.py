@@ -202,31 +202,16 @@ class CPSLinear(AdapterLinear):
         self._begin_forward(x)
         if self.merged:
             return self.base_layer(x)
-        p = self.config.dropout if self.training else 0.0
-        if sum(self.ranks) <= DENSE_MAX_RANK:
-            out = self._lowrank_forward(x, *self._update_factors(), p, dropout_on_input=True)
-        else:
-            out = self._cluster_forward(x, p)
+        row_offsets, col_offsets = self._offsets
+        out = self._adapted_forward(
+            x, self.lora_A, self.lora_B, self.cluster_scales,
+            self.config.dropout if self.training else 0.0, True,
+            blocks=(self.row_index, self.col_index, row_offsets, col_offsets, self.ranks),
+            dense_blocks=sum(self.ranks) <= DENSE_MAX_RANK)
         if self._collecting and self.training and torch.is_grad_enabled():
             x2 = x.reshape(-1, self.in_features)
             out = _RecordGradient.apply(out, x2, self._sketch)
         return out
-
-    def _cluster_forward(self, x: Tensor, dropout_p: float) -> Tensor:
-        """The clusters as blocks of the input and output columns (the cluster op)."""
-        result = self._base_output(x)
-        dtype = self._compute_dtype(x)
-        seed = ops.new_dropout_seed(x.device) if dropout_p > 0 else None
-        x2 = x.reshape(-1, self.in_features).to(dtype)
-        base2 = result.reshape(-1, self.out_features)
-        fused = base2.dtype == dtype
-        row_offsets, col_offsets = self._offsets
-        out = ops.cluster_lowrank(x2, self.lora_A.to(dtype), self.lora_B.to(dtype),
-                                  self.cluster_scales, self.row_index, self.col_index,
-                                  row_offsets, col_offsets, self.ranks,
-                                  base2 if fused else None, seed, dropout_p)
-        out = out.reshape(result.shape)
-        return out if fused else result + out.to(result.dtype)
 
     # ---- the update as factors ---------------------------------------------------------------
     def _update_factors(self) -> tuple[Tensor, Tensor, Tensor]:

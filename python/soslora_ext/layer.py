@@ -29,30 +29,6 @@ class _AddToGrad(torch.autograd.Function):
         return grad + extra, None
 
 
-class _AFactorGradient(torch.autograd.Function):
-    """Identity on lora_A; backward returns (grad + lam * d ortho_penalty / dA) / loraplus_ratio
-    (the orthogonality term only when `ortho`, i.e. in training mode).
-
-    lam is a device tensor, so a schedule can change it without a host sync; the ratio divides
-    the sum, as in the reference code."""
-
-    @staticmethod
-    def forward(ctx, A, lam, num_experts, ortho, grad_multiplier):
-        ctx.save_for_backward(A, lam)
-        ctx.num_experts, ctx.ortho, ctx.grad_multiplier = num_experts, ortho, grad_multiplier
-        return A.view_as(A)
-
-    @staticmethod
-    def backward(ctx, grad):
-        A, lam = ctx.saved_tensors
-        grad = grad.clone()
-        if ctx.ortho:
-            ops.add_ortho_penalty_grad_(grad, A, lam, ctx.num_experts)
-        if ctx.grad_multiplier != 1.0:
-            grad = grad * ctx.grad_multiplier
-        return grad, None, None, None, None
-
-
 class SOSLinear(AdapterLinear):
     """y = base(x) + sum_k s_k * (B_k A_k drop(x)): K static low-rank experts on a frozen Linear.
 
@@ -199,20 +175,25 @@ class SOSLinear(AdapterLinear):
             return self._expert_scale_tensor().clone()
 
     # ---- forward -----------------------------------------------------------------------------
+    def _op_scale(self) -> Tensor:
+        """The scales as the op takes them, one per expert: [K] (the fixed buffer itself, when
+        no gate) or [out, K]."""
+        if self.config.scale_mode == "fixed" and not self.config.gate:
+            return self.fixed_scales
+        scales = self._expert_scale_tensor()
+        return scales if scales.dim() == 1 else scales.t()
+
     def forward(self, x: Tensor) -> Tensor:
         self._begin_forward(x)
         if self.merged:
             return self.base_layer(x)
         c = self.config
-        A = self.lora_A
+        # The orthogonality term in training mode; LoRA+ whenever a gradient flows.
         ortho = self.training and c.num_experts > 1
-        loraplus = c.loraplus_ratio != 1.0 and torch.is_grad_enabled()  # eval() mode too
-        if ortho or loraplus:
-            A = _AFactorGradient.apply(A, self.ortho_lambda, c.num_experts, ortho,
-                                       1.0 / c.loraplus_ratio)
-        p = c.dropout if self.training else 0.0
-        return self._lowrank_forward(x, A, self.lora_B, self._rank_scale(), p,
-                                     c.dropout_position == "pre")
+        return self._adapted_forward(
+            x, self.lora_A, self.lora_B, self._op_scale(), c.dropout if self.training else 0.0,
+            c.dropout_position == "pre", ortho_lambda=self.ortho_lambda if ortho else None,
+            num_experts=c.num_experts, grad_A_multiplier=1.0 / c.loraplus_ratio)
 
     # ---- penalty, delta, merge ---------------------------------------------------------------
     def ortho_penalty(self) -> Tensor:

@@ -21,6 +21,55 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---- fake kernels (shape and dtype propagation for torch.compile / meta tensors) -------------
+def _dense_rank(A, row_index, ranks) -> int:
+    return sum(ranks) if row_index is not None else A.shape[0]
+
+
+def _check_step_args(x, A, B, scale, row_index):
+    # The ops check everything; these are the shapes the outputs are built from.
+    torch._check(x.dim() == 2 and A.dim() == 2 and B.dim() == 2,
+                 lambda: "x, A and B must be 2-D")
+    torch._check(A.shape[1] == x.shape[1] and B.shape[1] == A.shape[0],
+                 lambda: f"expected A [r, {x.shape[1]}] and B [out, r], got {tuple(A.shape)} "
+                         f"and {tuple(B.shape)}")
+    if row_index is None:
+        torch._check(A.shape[0] % scale.shape[-1] == 0,
+                     lambda: f"scale {tuple(scale.shape)} must divide the rank {A.shape[0]}")
+
+
+@torch.library.register_fake("soslora::adapted_linear")
+def _(x, weight, bias, base_out, A, B, scale, row_index, col_index, row_offsets, col_offsets,
+      ranks, dense_blocks, dropout_p, dropout_on_input, ortho_lambda, num_experts,
+      grad_A_multiplier):
+    _check_step_args(x, A, B, scale, row_index)
+    return x.new_empty(x.shape[0], B.shape[0])
+
+
+@torch.library.register_fake("soslora::adapted_linear_forward")
+def _(x, weight, bias, base_out, A, B, scale, row_index, col_index, row_offsets, col_offsets,
+      ranks, dropout_seed, dropout_p, dropout_on_input):
+    _check_step_args(x, A, B, scale, row_index)
+    R = _dense_rank(A, row_index, ranks)
+    return (x.new_empty(x.shape[0], B.shape[0]), x.new_empty(x.shape[0], R),
+            x.new_empty(B.shape[0], R))
+
+
+@torch.library.register_fake("soslora::adapted_linear_backward")
+def _(grad_out, x, weight, A, B, scale, hidden, scaled_B, row_index, col_index, row_offsets,
+      col_offsets, ranks, dropout_seed, dropout_p, dropout_on_input, ortho_lambda, num_experts,
+      grad_A_multiplier, output_mask):
+    _check_step_args(x, A, B, scale, row_index)
+    torch._check(grad_out.shape == (x.shape[0], B.shape[0]),
+                 lambda: f"grad_out must be [N, out], got {tuple(grad_out.shape)}")
+    return tuple(t.new_empty(t.shape) if need else None
+                 for t, need in zip((x, A, B, scale), output_mask))
+
+
+@torch.library.register_fake("soslora::dropout_seed")
+def _(like):
+    return like.new_empty(2, dtype=torch.int64)
+
+
 @torch.library.register_fake("soslora::lowrank_forward")
 def _(x, A, B, scale, base_out, dropout_seed, dropout_p, dropout_on_input):
     return x.new_empty(x.shape[0], B.shape[0]), x.new_empty(x.shape[0], A.shape[0])
@@ -296,6 +345,36 @@ for _name, _backward, _setup in (
 
 
 # ---- wrappers ---------------------------------------------------------------------------------
+Blocks = tuple  # (row_index, col_index, row_offsets, col_offsets, ranks): CPS-LoRA's partition
+
+
+def adapted_linear(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, *,
+                   weight: Tensor | None = None, bias: Tensor | None = None,
+                   base_out: Tensor | None = None, blocks: Blocks | None = None,
+                   dense_blocks: bool = True, dropout_p: float = 0.0,
+                   dropout_on_input: bool = False, ortho_lambda: Tensor | None = None,
+                   num_experts: int = 1, grad_A_multiplier: float = 1.0) -> Tensor:
+    """An adapted layer's training step as one autograd node (forward and backward in C++):
+    base + drop-path(x) A^T (B*scale)^T for 2-D x [N, in].
+
+    base: x weight^T + bias (a plain linear layer: one [N, out] buffer for both), or base_out
+    [N, out] (a separate base's output), or none. A [r, in], B [out, r]; scale [G] or
+    [out, G] with G dividing r (one scale per group of r/G ranks: per expert, or per rank);
+    they may be of another floating dtype than x (cast here, gradients in their own dtype).
+    blocks: CPS-LoRA's partition (A [r_max, in], B [out, r_max] in partition order, scale
+    [num_clusters]); computed as one dense update when dense_blocks, else by the cluster op.
+    Dropout (seed drawn from torch's generator) on the input or on x A^T. The backward adds
+    ortho_lambda (a device scalar, read on the device) times the orthogonality penalty's
+    gradient to A's gradient when given, then multiplies A's gradient by grad_A_multiplier
+    (LoRA+). Differentiable in x, weight, bias, base_out, A, B and scale (not in a CPS
+    scale); double backward of the dense forms is exact."""
+    row_index, col_index, row_offsets, col_offsets, ranks = blocks or (None, None, [], [], [])
+    return _ops.adapted_linear(x, weight, bias, base_out, A, B, scale, row_index, col_index,
+                               row_offsets, col_offsets, ranks, dense_blocks, float(dropout_p),
+                               bool(dropout_on_input), ortho_lambda, int(num_experts),
+                               float(grad_A_multiplier))
+
+
 def lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, base_out: Tensor | None = None,
             dropout_seed: Tensor | None = None, dropout_p: float = 0.0,
             dropout_on_input: bool = False) -> Tensor:
@@ -358,5 +437,6 @@ def merge_into_(weight: Tensor, A: Tensor, B: Tensor, scale: Tensor, alpha: floa
 
 
 def new_dropout_seed(device: torch.device) -> Tensor:
-    """(seed, offset) drawn from torch's generator for `device`: torch.manual_seed reproduces it."""
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+    """(seed, offset) drawn from torch's generator for `device`, as the layers draw it:
+    torch.manual_seed reproduces it."""
+    return _ops.dropout_seed(torch.empty(0, device=device))
