@@ -24,8 +24,8 @@ int64_t groups_of(const Tensor& scale) { return scale.size(scale.dim() - 1); }
 Tensor group_scaled_B(const Tensor& B, const Tensor& scale, at::ScalarType dtype) {
   const auto acc = accumulate_dtype(B.scalar_type());
   const int64_t out = B.size(0), G = groups_of(scale), r = B.size(1);
-  const Tensor s = scale.to(acc).unsqueeze(-1);  // [G, 1] or [out, G, 1]
-  return (B.to(acc).view({out, G, r / G}) * s).view({out, r}).to(dtype);
+  const Tensor s = cast(scale, acc).unsqueeze(-1);  // [G, 1] or [out, G, 1]
+  return cast((cast(B, acc).view({out, G, r / G}) * s).view({out, r}), dtype);
 }
 
 void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
@@ -58,7 +58,7 @@ void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tens
 
 Factors dense_factors(const Tensor& A, const Tensor& B, const Tensor& scale,
                       const Layout& layout, at::ScalarType dtype) {
-  if (!layout.blocks()) return {A.to(dtype), group_scaled_B(B, scale, dtype)};
+  if (!layout.blocks()) return {cast(A, dtype), group_scaled_B(B, scale, dtype)};
   // lora_A [r_max, in] is placed as its transpose: items are the input columns.
   const Tensor A_t = place_blocks(A.t(), *layout.col_index, layout.col_offsets, layout.ranks,
                                   std::nullopt, dtype);
@@ -141,12 +141,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
     } else {
       const auto acc = accumulate_dtype(B.scalar_type());
       const int64_t out = B.size(0), G = groups_of(scale), r = B.size(1);
-      const Tensor g3 = grad_Bs.to(acc).view({out, G, r / G});
-      if (need_B) grad_B = (g3 * scale.to(acc).unsqueeze(-1)).view({out, r}).to(B.scalar_type());
+      const Tensor g3 = cast(grad_Bs, acc).view({out, G, r / G});
+      if (need_B)
+        grad_B = cast((g3 * cast(scale, acc).unsqueeze(-1)).view({out, r}), B.scalar_type());
       if (need_scale) {
-        grad_scale = (g3 * B.to(acc).view({out, G, r / G})).sum(-1);
+        grad_scale = (g3 * cast(B, acc).view({out, G, r / G})).sum(-1);
         if (scale.dim() == 1) grad_scale = grad_scale.sum(0);
-        grad_scale = grad_scale.to(scale.scalar_type());
+        grad_scale = cast(grad_scale, scale.scalar_type());
       }
     }
   }
@@ -174,7 +175,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
                    ? gather_blocks(grad_A_c.t(), *layout.col_index, layout.col_offsets,
                                    layout.ranks, A.size(0), std::nullopt, A.scalar_type(),
                                    /*transposed=*/true)
-                   : grad_A_c.to(A.scalar_type());
+                   : cast(grad_A_c, A.scalar_type());
       add_A_gradient_terms_(grad_A, A, ortho_lambda, num_experts, grad_A_multiplier);
     }
   }
@@ -183,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
 }
 
 Tensor dense_factors_A(const Tensor& A, const Layout& layout, at::ScalarType dtype) {
-  if (!layout.blocks()) return A.to(dtype);
+  if (!layout.blocks()) return cast(A, dtype);
   return place_blocks(A.t(), *layout.col_index, layout.col_offsets, layout.ranks, std::nullopt,
                       dtype).t();
 }

@@ -59,8 +59,8 @@ Step run_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias
   const auto dtype = x.scalar_type();
   const OptTensor base = weight.has_value() ? OptTensor(at::linear(x, *weight, bias)) : base_out;
   std::tie(step.out, step.hidden) =
-      cluster_op.call(x, A.to(dtype), B.to(dtype), scale, *row_index, *col_index, row_offsets,
-                      col_offsets, ranks, base, opt(step.seed), dropout_p);
+      cluster_op.call(x, cast(A, dtype), cast(B, dtype), scale, *row_index, *col_index,
+                      row_offsets, col_offsets, ranks, base, opt(step.seed), dropout_p);
   return step;
 }
 
@@ -81,7 +81,7 @@ variable_list differentiable_grads(const Tensor& grad_out, const Tensor& x, cons
     B_c = place_blocks(B, *row_index, row_offsets, ranks, scale, dtype, true);
     scale_c = at::ones({B_c.size(1)}, scale.options());
   } else {
-    A_c = A.to(dtype);
+    A_c = A.to(dtype);  // differentiable: autograd records the cast
     B_c = B.to(dtype);
     scale_c = scale.repeat_interleave(B.size(1) / scale.size(-1), -1);
   }
@@ -193,11 +193,11 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
     const OptTensor grad_x_base =
         weight.defined() && needs[kX] ? OptTensor(grad_out.mm(weight)) : std::nullopt;
     auto [grad_x, grad_A, grad_B] = cluster_op.call(
-        grad_out, x, A.to(dtype), B.to(dtype), scale, hidden, std::nullopt, *row_index,
+        grad_out, x, cast(A, dtype), cast(B, dtype), scale, hidden, std::nullopt, *row_index,
         *col_index, row_offsets, col_offsets, ranks, grad_x_base, seed, p);
     if (needs[kX]) result[kX] = grad_x;
-    if (needs[kA]) result[kA] = grad_A.to(A.scalar_type());
-    if (needs[kB]) result[kB] = grad_B.to(B.scalar_type());
+    if (needs[kA]) result[kA] = cast(grad_A, A.scalar_type());
+    if (needs[kB]) result[kB] = cast(grad_B, B.scalar_type());
     return result;
   }
 };

@@ -59,11 +59,11 @@ bool use_cpu_loop(const Tensor& a, const Tensor& index, const OptTensor& scale) 
          !cpu_takes_cuda_fallback();
 }
 
-// `scale[c]` as a 0-d tensor of the accumulation dtype (ATen forms).
+// t * scale[c] in t's accumulation dtype, as the loops multiply (ATen forms).
 Tensor scaled(const Tensor& t, const OptTensor& scale, size_t c) {
   if (!scale.has_value()) return t;
-  const Tensor s = scale->select(0, static_cast<int64_t>(c));
-  return t.to(s.scalar_type()) * s;
+  const auto acc = accumulate_dtype(t.scalar_type());
+  return cast(t, acc) * cast(scale->select(0, static_cast<int64_t>(c)), acc);
 }
 
 }  // namespace
@@ -80,8 +80,8 @@ Tensor place_blocks(const Tensor& src, const Tensor& index, at::IntArrayRef offs
       if (len == 0 || ranks[c] == 0) continue;
       dense.narrow(1, rank_offsets[c], ranks[c])
           .index_copy_(0, index.narrow(0, offsets[c], len),
-                       scaled(src.narrow(0, offsets[c], len).narrow(1, 0, ranks[c]), scale, c)
-                           .to(dtype));
+                       cast(scaled(src.narrow(0, offsets[c], len).narrow(1, 0, ranks[c]), scale, c),
+                            dtype));
     }
     return dense;
   }
@@ -93,8 +93,6 @@ Tensor place_blocks(const Tensor& src, const Tensor& index, at::IntArrayRef offs
     using dst_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "place", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      TORCH_CHECK(!s.defined() || s.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-                  "place_blocks: scale must be of the accumulation dtype");
       place_cpu<dst_t, scalar_t, acc_t>(dense.data_ptr<dst_t>(), src.const_data_ptr<scalar_t>(),
                                         src.stride(0), src.stride(1), idx.const_data_ptr<int64_t>(),
                                         offsets, ranks, rank_offsets,

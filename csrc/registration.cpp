@@ -126,12 +126,17 @@ void register_kernels(torch::Library& m) {
 TORCH_LIBRARY_IMPL(soslora, CPU, m) { soslora::register_kernels(m); }
 TORCH_LIBRARY_IMPL(soslora, CUDA, m) { soslora::register_kernels(m); }
 
-// The in-place ops update gradients and frozen weights: they are not differentiable, so
-// autograd passes through them instead of recording the ATen calls inside.
+// The in-place ops update gradients and frozen weights, and the step's halves are the
+// pieces of one node: they are not differentiable, so autograd passes through them instead
+// of recording the ATen calls inside.
 TORCH_LIBRARY_IMPL(soslora, Autograd, m) {
   m.impl("ortho_penalty_grad_", torch::CppFunction::makeFallthrough());
   m.impl("merge_into_", torch::CppFunction::makeFallthrough());
   m.impl("input_dropout_grads_", torch::CppFunction::makeFallthrough());
+  // The halves of adapted_linear, whose autograd node (autograd.cpp) calls them.
+  m.impl("adapted_linear_forward", torch::CppFunction::makeFallthrough());
+  m.impl("adapted_linear_backward", torch::CppFunction::makeFallthrough());
+  m.impl("dropout_seed", torch::CppFunction::makeFallthrough());
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -102,6 +102,10 @@ void check_same_float_dtype(const Tensor& a, const char* a_name, const Tensor& b
 inline at::ScalarType accumulate_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+// t in `dtype`: t itself when it has it (no op dispatched).
+inline Tensor cast(const Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
 // B * scale with scale of shape [r] (one per rank) or [out, r] (per output channel and rank),
 // multiplied in the accumulation dtype and rounded once to B's dtype.
 Tensor scaled_B(const Tensor& B, const Tensor& scale);

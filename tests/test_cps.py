@@ -186,28 +186,35 @@ def forward_path(request, monkeypatch):
     low-rank update (total rank up to DENSE_MAX_RANK) and the cluster op (above it); the
     other form is made to fail, so a test cannot pass through the wrong one."""
     import soslora_ext.cps as cps
-    if request.param == "dense":
-        monkeypatch.setattr(cps, "DENSE_MAX_RANK", 10**9)
-        monkeypatch.setattr(cps.ops, "cluster_lowrank", _must_not_run)
-    else:
-        monkeypatch.setattr(cps, "DENSE_MAX_RANK", 0)
-        monkeypatch.setattr(sl.CPSLinear, "_lowrank_forward", _must_not_run)
+    dense = request.param == "dense"
+    monkeypatch.setattr(cps, "DENSE_MAX_RANK", 10**9 if dense else 0)
+    _expect_form(monkeypatch, dense)
     return request.param
 
 
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("the other forward path ran")
+def _expect_form(monkeypatch, dense: bool):
+    """Makes the layer's op call fail unless it asks for the given form (which form the op
+    then runs: test_adapted_linear.py)."""
+    import soslora_ext.cps as cps
+    real = cps.ops.adapted_linear
+
+    def checked(*args, **kwargs):
+        if kwargs["dense_blocks"] is not dense:
+            raise AssertionError("the other forward path ran")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cps.ops, "adapted_linear", checked)
 
 
 def test_dense_forward_up_to_the_rank_limit_and_the_cluster_op_above(monkeypatch):
     import soslora_ext.cps as cps
     layer, x = make_cps(rank=2), torch.randn(4, 24, dtype=torch.float64)
     assert sum(layer.ranks) <= cps.DENSE_MAX_RANK
-    monkeypatch.setattr(cps.ops, "cluster_lowrank", _must_not_run)
+    _expect_form(monkeypatch, True)
     expected = layer(x)
     monkeypatch.undo()
     monkeypatch.setattr(cps, "DENSE_MAX_RANK", sum(layer.ranks) - 1)
-    monkeypatch.setattr(sl.CPSLinear, "_lowrank_forward", _must_not_run)
+    _expect_form(monkeypatch, False)
     assert rel_err(layer(x), expected) <= 1e-12
 
 
