@@ -3,7 +3,8 @@
 #                   CPS-LoRA scheduled and static, LoRA); runs/main-job/results.json
 #   make test     - build and run the test suite
 #   make demo     - build and run the synthetic example (one CPU thread, seconds)
-#   make bench    - time one adapted layer's training step against the baselines
+#   make bench    - time one adapted layer's training step against the baselines: the tiny step
+#                   (N=8, 64->64, one thread: what a step costs the host), then a small grid
 #   make quality  - the quality benchmark: eight methods, two tasks, 5 seeds, a learning-rate
 #                   sweep (about 35 min on 2 cores): runs/quality/RESULTS.md, results.json, .png
 #   make bench-grid - the CPU targets' grid (N, shapes, ranks, dropout, 1 and 2 threads; an
@@ -49,6 +50,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 bench: build
+	$(PY) bench/bench_layer.py --tiny
 	$(PY) bench/bench_layer.py
 
 quality: build

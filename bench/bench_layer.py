@@ -13,6 +13,10 @@ a ratio against the frozen base measured in the same run. Writes JSON (--json) a
     python bench/bench_layer.py                      # CUDA if present, else a small CPU grid
     python bench/bench_layer.py --n 8192 --shapes 4096x4096 --ranks 64 --dropout 0.05
     python bench/bench_layer.py --grid cpu --json runs/bench/cpu.json --png runs/bench/cpu.png
+    python bench/bench_layer.py --tiny               # the host's cost: N=8, 64->64, 1 thread
+
+On the CPU each row also gives the ATen ops one step dispatches (bench/op_count.py): on a GPU
+each costs the host about 10-20 µs, so the count predicts where a step is bound by the host.
 """
 from __future__ import annotations
 
@@ -32,11 +36,13 @@ import soslora_ext as sl  # noqa: E402
 from soslora_ext.main_job import cpu_name  # noqa: E402
 from baselines import PlainTorchSOS, ReferenceSOS, peft_lora  # noqa: E402
 from gpu_summary import layer_targets  # noqa: E402
+from op_count import count_ops  # noqa: E402
 from peak_memory import peak_extra_mib  # noqa: E402
 
 K = 4
 # The tiny step: N=8, 64 -> 64, total rank 16, dropout 0.1 (one thread): almost all host work.
 TINY = (8, 64, 64, 16, 0.1)
+TINY_TIMING = dict(warmup=200, iters=3000, budget_s=4.0)
 
 
 def machine_name(device: torch.device, threads: list[int] | None = None) -> str:
@@ -83,8 +89,9 @@ def time_step(step, device, warmup: int, iters: int, budget_s: float = 2.0
     return median, (q3 - q1) / median
 
 
-def candidates(n_in, n_out, r_tot, dropout, dtype, device) -> dict:
-    """name: (module factory, CUDA path of the soslora ops) for every method the bench times."""
+def candidates(n_in, n_out, r_tot, dropout, dtype, device, tiny: bool = False) -> dict:
+    """name: (module factory, CUDA path of the soslora ops) for every method the bench times
+    (`tiny`: also SOSLinear without the orthogonality term, lambda = 0)."""
     alpha = 2.0 * r_tot
 
     def frozen_base():
@@ -92,12 +99,12 @@ def candidates(n_in, n_out, r_tot, dropout, dtype, device) -> dict:
         lin.weight.requires_grad_(False)
         return lin
 
-    def sos(dropout_position="post"):
+    def sos(dropout_position="post", ortho_lambda=0.006):
         layer = sl.SOSLinear(frozen_base(), num_experts=K, rank=r_tot, alpha=alpha,
                              dropout=dropout, dropout_position=dropout_position, dtype=dtype)
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.01)
-        layer.ortho_lambda.fill_(0.006)
+        layer.ortho_lambda.fill_(ortho_lambda)
         return layer
 
     def cps():  # the same trainable parameters as a LoRA of rank r_tot
@@ -118,6 +125,8 @@ def candidates(n_in, n_out, r_tot, dropout, dtype, device) -> dict:
         "SOSLinear pre-drop": (lambda: sos("pre"), "auto"),
         "CPSLinear": (cps, "auto"),
     }
+    if tiny:
+        methods["SOSLinear λ=0"] = (lambda: sos(ortho_lambda=0.0), "auto")
     if device.type == "cuda":  # each implementation of the ops, for the dispatch choice
         methods["SOSLinear kernels"] = (sos, "kernels")
         methods["SOSLinear pre-drop kernels"] = (lambda: sos("pre"), "kernels")
@@ -153,10 +162,11 @@ def graphed(module: nn.Module, x: torch.Tensor) -> nn.Module | None:
         return None
 
 
-def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -> list[dict]:
+def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters,
+                 budget_s: float = 2.0, tiny: bool = False) -> list[dict]:
     x = torch.randn(N, n_in, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(N, n_out, device=device, dtype=dtype)
-    methods = candidates(n_in, n_out, r_tot, dropout, dtype, device)
+    methods = candidates(n_in, n_out, r_tot, dropout, dtype, device, tiny)
     runs = [(name, make, path, False) for name, (make, path) in methods.items()]
     if device.type == "cuda":
         runs += [(f"{name}, CUDA graph", methods[name][0], methods[name][1], True)
@@ -173,14 +183,15 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters) -
             continue
         step = training_step(module, x, grad)
         try:
-            ms, spread = time_step(step, device, warmup, iters)
+            ms, spread = time_step(step, device, warmup, iters, budget_s)
             clear_grads(module, x)  # so that the peak counts the step's gradients
             mem = peak_extra_mib(step, device)
+            ops = sum(count_ops(step).values()) if device.type == "cpu" else None
         finally:
             sl.ops.set_cuda_path(previous)
         rows.append(dict(N=N, shape=f"{n_in}x{n_out}", r_tot=r_tot, dropout=dropout,
                          threads=torch.get_num_threads(), method=name, ms=ms, spread=spread,
-                         peak_extra_mib=mem))
+                         peak_extra_mib=mem, ops=ops))
         del module
     base_ms, base_mib = rows[0]["ms"], rows[0]["peak_extra_mib"]
     for row in rows:
@@ -253,7 +264,8 @@ def config_key(row: dict) -> tuple:
 
 def markdown_table(rows: list[dict], methods: list[str]) -> str:
     """One line per configuration: median ms (× frozen base ± half the interquartile range of
-    the repeats, as a share of the median; peak extra memory where measured)."""
+    the repeats, as a share of the median; peak extra memory where measured; ATen ops per
+    step on the CPU)."""
     lines = ["| N | in→out | r | drop | threads | " + " | ".join(methods) + " |",
              "|---|---|---|---|---|" + "---|" * len(methods)]
     for key in dict.fromkeys(config_key(r) for r in rows):
@@ -265,14 +277,18 @@ def markdown_table(rows: list[dict], methods: list[str]) -> str:
                 text.append("")
                 continue
             mem = f", +{r['peak_extra_mib']:.0f} MiB" if r["peak_extra_mib"] is not None else ""
-            text.append(f"{r['ms']:.3f} ms ({r['x_frozen']:.2f}× ±{50 * r['spread']:.0f}%{mem})")
+            ops = f", {r['ops']} ops" if r.get("ops") is not None else ""
+            text.append(f"{r['ms']:.3f} ms ({r['x_frozen']:.2f}× ±{50 * r['spread']:.0f}%{mem}"
+                        f"{ops})")
         lines.append(f"| {key[0]} | {key[1].replace('x', '→')} | {key[2]} | {key[3]} | {key[4]} | "
                      + " | ".join(text) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
-    """Grouped bars: step time as a multiple of the frozen base, one group per config."""
+    """Small multiples: a panel per (N, threads) row and shape column; in each, the step time
+    × the frozen base (y) of every method (colour) at each rank and dropout (x). The reference
+    formulation (5-10× slower) is left out so the others can be read."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -280,24 +296,67 @@ def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     except ImportError:
         print(f"matplotlib is not installed: no plot written to {path}")
         return
-    keys = list(dict.fromkeys(config_key(r) for r in rows))
-    shown = [m for m in methods if m != "frozen base"]
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(keys) + 3), 5))
-    width = 0.8 / len(shown)
-    for i, m in enumerate(shown):
-        values = [next((r["x_frozen"] for r in rows if r["method"] == m and config_key(r) == k),
-                       float("nan")) for k in keys]
-        ax.bar([j + i * width for j in range(len(keys))], values, width, label=m)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-    ax.set_xticklabels([f"N={k[0]}\n{k[1]}\nr={k[2]} p={k[3]}\n{k[4]} thr" for k in keys],
-                       fontsize=6)
-    ax.set_ylabel("training step, × frozen base")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    shown = [m for m in methods if m not in ("frozen base", "reference SOS")]
+    panel_rows = sorted({(r["N"], r.get("threads")) for r in rows},
+                        key=lambda k: (k[0], k[1] or 0))
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    settings = sorted({(r["r_tot"], r["dropout"]) for r in rows})
+    cell = {(r["N"], r.get("threads"), r["shape"], r["r_tot"], r["dropout"], r["method"]):
+            r["x_frozen"] for r in rows}
+    fig, axes = plt.subplots(len(panel_rows), len(shapes), squeeze=False, sharey="row",
+                             figsize=(2.6 * len(shapes) + 1, 2.1 * len(panel_rows) + 1.2))
+    colours = plt.get_cmap("tab10")
+    width = 0.8 / max(1, len(shown))
+    for i, (N, threads) in enumerate(panel_rows):
+        for j, shape in enumerate(shapes):
+            ax = axes[i][j]
+            for m, method in enumerate(shown):
+                xs = [k - 0.4 + (m + 0.5) * width for k in range(len(settings))]
+                ys = [cell.get((N, threads, shape, r, p, method), float("nan"))
+                      for r, p in settings]
+                ax.plot(xs, ys, "o", markersize=3.5, color=colours(m % 10),
+                        label=method if (i, j) == (0, 0) else None)
+            ax.axhline(1.0, color="black", linewidth=0.6)
+            ax.set_xticks(range(len(settings)))
+            ax.set_xticklabels([f"r{r}\np{p:g}" for r, p in settings], fontsize=6)
+            ax.tick_params(axis="y", labelsize=6)
+            ax.grid(axis="y", linewidth=0.3, alpha=0.5)
+            if i == 0:
+                ax.set_title(shape.replace("x", "→"), fontsize=8)
+            if j == 0:
+                thr = f", {threads} thr" if threads else ""
+                ax.set_ylabel(f"N={N}{thr}\n× frozen", fontsize=7)
+    fig.legend(loc="upper center", ncol=min(len(shown), 5), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=8, y=0.005, va="bottom")
+    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tiny(device, dtype, args) -> int:
+    """The tiny step's table: time, × frozen and ATen ops per step of every method."""
+    torch.set_num_threads(1)
+    N, n_in, n_out, r_tot, p = TINY
+    rows = [row for drop in (0.0, p) for row in bench_config(
+        N, n_in, n_out, r_tot, drop, dtype, device, tiny=True, **TINY_TIMING)]
+    machine = machine_name(device, [1])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(machine=machine, dtype=str(dtype), rows=rows),
+                                        indent=1))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print(f"\nTiny step (N={N}, {n_in}→{n_out}, r={r_tot}, {dtype}) on {machine}: median "
+          "ms (× frozen base ± half the interquartile range, ATen ops per step)\n")
+    print("| method | " + " | ".join(f"dropout {d}" for d in (0.0, p)) + " |")
+    print("|---|---|---|")
+    for m in methods:
+        cells = [next(r for r in rows if r["method"] == m and r["dropout"] == d)
+                 for d in (0.0, p)]
+        print(f"| {m} | " + " | ".join(
+            f"{c['ms'] * 1e3:.0f} µs ({c['x_frozen']:.2f}× ±{50 * c['spread']:.0f}%"
+            + (f", {c['ops']} ops)" if c["ops"] is not None else ")") for c in cells) + " |")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -314,15 +373,28 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", choices=sorted(GRIDS), default=None,
                         help="a named grid of N, shapes, ranks, dropout and threads (the other "
                              "options override its entries)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny step only (N=8, 64->64, r=16, dropout 0 and 0.1, one "
+                             "thread, thousands of repeats): what a step costs the host")
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON",
+                        help="draw --png from a JSON this script wrote, measuring nothing")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=25)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--png", type=Path, default=None, help="write the plot here")
     args = parser.parse_args(argv)
 
+    if args.plot_only:
+        data = json.loads(args.plot_only.read_text())
+        methods = list(dict.fromkeys(r["method"] for r in data["rows"]))
+        plot(data["rows"], methods, args.png or args.plot_only.with_suffix(".png"),
+             f"Training step (fwd+bwd), {data['dtype']}, K={K}, on {data['machine']}")
+        return 0
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    if args.tiny:
+        return tiny(device, dtype, args)
     grid = GRIDS[args.grid] if args.grid else {}
     ns = args.n or grid.get("n") or ([2048, 8192, 32768] if gpu else [1024])
     shapes = args.shapes or grid.get("shapes") or (

@@ -5,8 +5,8 @@
 //   out = base + h (B s)^T,   h = D_post(D_in(x) A^T)
 //   base: x W^T + bias (weight given: the base product in the same [N, out] buffer), or a
 //         separate base's output (base_out), or nothing.
-// Factors: A [r, in] and B [out, r] with scale [G] or [out, G], G dividing r (a scale per
-// group of r/G ranks: per expert, or per rank when G = r); or CPS-LoRA's cluster blocks
+// Factors: A [r, in] and B [out, r] with scale [G] or [G, out], G dividing r (a scale per
+// group of r/G ranks, and per output channel: per expert, or per rank when G = r); or CPS-LoRA's cluster blocks
 // (`Layout`), placed into dense factors (blocks.cpp). The factors may have another dtype than
 // x (float32 adapters on a bf16 base): they are cast to x's dtype here and their gradients
 // returned in their own dtype.
@@ -18,13 +18,17 @@ namespace {
 constexpr const char* kForward = "soslora::adapted_linear_forward";
 constexpr const char* kBackward = "soslora::adapted_linear_backward";
 
-int64_t groups_of(const Tensor& scale) { return scale.size(scale.dim() - 1); }
+// The scale shaped to multiply B viewed as [out, G, r/G]: [G, 1] or [out, G, 1].
+Tensor group_view(const Tensor& scale, at::ScalarType acc) {
+  const Tensor s = cast(scale, acc);
+  return (s.dim() == 1 ? s : s.t()).unsqueeze(-1);
+}
 
 // B * scale (groups of ranks) in the accumulation dtype, rounded once to `dtype`.
 Tensor group_scaled_B(const Tensor& B, const Tensor& scale, at::ScalarType dtype) {
   const auto acc = accumulate_dtype(B.scalar_type());
-  const int64_t out = B.size(0), G = groups_of(scale), r = B.size(1);
-  const Tensor s = cast(scale, acc).unsqueeze(-1);  // [G, 1] or [out, G, 1]
+  const int64_t out = B.size(0), G = scale.size(0), r = B.size(1);
+  const Tensor s = group_view(scale, acc);
   return cast((cast(B, acc).view({out, G, r / G}) * s).view({out, r}), dtype);
 }
 
@@ -48,9 +52,9 @@ void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tens
     return;
   }
   const int64_t r = A.size(0);
-  const bool flat = scale.dim() == 1, per_channel = scale.dim() == 2 && scale.size(0) == B.size(0);
-  TORCH_CHECK((flat || per_channel) && scale.size(-1) >= 1 && r % scale.size(-1) == 0, op,
-              ": scale must be [G] or [out, G] = [", B.size(0), ", G] with G dividing r = ", r,
+  const bool flat = scale.dim() == 1, per_channel = scale.dim() == 2 && scale.size(1) == B.size(0);
+  TORCH_CHECK((flat || per_channel) && scale.size(0) >= 1 && r % scale.size(0) == 0, op,
+              ": scale must be [G] or [G, out] = [G, ", B.size(0), "] with G dividing r = ", r,
               " (one scale per group of r/G ranks), got ", scale.sizes());
 }
 
@@ -140,13 +144,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
                              B.size(1), scale, B.scalar_type());
     } else {
       const auto acc = accumulate_dtype(B.scalar_type());
-      const int64_t out = B.size(0), G = groups_of(scale), r = B.size(1);
+      const int64_t out = B.size(0), G = scale.size(0), r = B.size(1);
       const Tensor g3 = cast(grad_Bs, acc).view({out, G, r / G});
-      if (need_B)
-        grad_B = cast((g3 * cast(scale, acc).unsqueeze(-1)).view({out, r}), B.scalar_type());
+      if (need_B) grad_B = cast((g3 * group_view(scale, acc)).view({out, r}), B.scalar_type());
       if (need_scale) {
-        grad_scale = (g3 * cast(B, acc).view({out, G, r / G})).sum(-1);
-        if (scale.dim() == 1) grad_scale = grad_scale.sum(0);
+        grad_scale = (g3 * cast(B, acc).view({out, G, r / G})).sum(-1);  // [out, G]
+        grad_scale = scale.dim() == 1 ? grad_scale.sum(0) : grad_scale.t().contiguous();
         grad_scale = cast(grad_scale, scale.scalar_type());
       }
     }

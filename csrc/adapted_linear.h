@@ -35,7 +35,9 @@ Tensor adapted_linear(const Tensor& x, const OptTensor& weight, const OptTensor&
                       at::IntArrayRef row_offsets, at::IntArrayRef col_offsets,
                       at::IntArrayRef ranks, bool dense_blocks, double dropout_p,
                       bool dropout_on_input, const OptTensor& ortho_lambda, int64_t num_experts,
-                      double grad_A_multiplier);
+                      double grad_A_multiplier, const OptTensor& gate_logits,
+                      const OptTensor& gate_temperature, double uniform_prior,
+                      const OptTensor& anchor_scales, double scale_anchor);
 // Returns (out, hidden, scaled_B); see adapted_linear.cpp.
 std::tuple<Tensor, Tensor, Tensor> adapted_linear_forward(
     const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& base_out,

@@ -11,15 +11,19 @@
 TORCH_LIBRARY(soslora, m) {
   // An adapted layer's training step, one autograd node (autograd.cpp): base (weight and bias,
   // or base_out, or none) plus the low-rank update of A, B and scale (or of CPS-LoRA's cluster
-  // blocks when row_index is given: dense factors when dense_blocks, else the cluster op).
-  // The backward adds ortho_lambda * the orthogonality penalty's gradient (when given) to A's
-  // gradient and multiplies it by grad_A_multiplier. Draws its dropout seed when dropout_p > 0.
+  // blocks when row_index is given: dense factors when dense_blocks, else the cluster op),
+  // the scale times a gate K softmax(gate_logits / gate_temperature) when given. The backward
+  // adds ortho_lambda * the orthogonality penalty's gradient (when given) to A's gradient and
+  // multiplies it by grad_A_multiplier, adds uniform_prior (p - 1/K) / T to the logits' and
+  // scale_anchor (scale - anchor_scales) to the scale's. Draws its dropout seed when
+  // dropout_p > 0.
   m.def(
       "adapted_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor? base_out, Tensor A, "
       "Tensor B, Tensor scale, Tensor? row_index, Tensor? col_index, int[] row_offsets, "
       "int[] col_offsets, int[] ranks, bool dense_blocks, float dropout_p, "
-      "bool dropout_on_input, Tensor? ortho_lambda, int num_experts, float grad_A_multiplier) "
-      "-> Tensor",
+      "bool dropout_on_input, Tensor? ortho_lambda, int num_experts, float grad_A_multiplier, "
+      "Tensor? gate_logits, Tensor? gate_temperature, float uniform_prior, "
+      "Tensor? anchor_scales, float scale_anchor) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   // Its two halves: the forward returns (out, hidden, scaled_B), the backward every gradient
   // (undefined where output_mask says none is needed); not differentiable.

@@ -30,12 +30,17 @@ def random_blocks(out_features, in_features, ranks, empty=()):
     return row_index, col_index, row_offsets, col_offsets, list(ranks)
 
 
+def per_rank(scale, r):
+    """A scale of groups of ranks ([G] or [G, out]) as one per rank: [r] or [out, r]."""
+    s = scale.double()
+    return (s if s.dim() == 1 else s.t()).repeat_interleave(r // scale.shape[0], dim=-1)
+
+
 def oracle_delta(A, B, scale, blocks):
     """The dense update (B * scale) A in float64: groups of ranks, or the cluster blocks."""
     A, B = A.double(), B.double()
     if blocks is None:
-        s = scale.double().repeat_interleave(A.shape[0] // scale.shape[-1], dim=-1)
-        return (B * s) @ A
+        return (B * per_rank(scale, A.shape[0])) @ A
     row_index, col_index, row_offsets, col_offsets, ranks = blocks
     G = len(ranks)
     return reference.cps_delta_weight(
@@ -52,8 +57,7 @@ def oracle(x, A, B, scale, weight, bias, base_out, blocks, p, on_input, seed):
     x = x.double()
     if p > 0 and not on_input:
         hidden = reference.dropout(x @ A.double().T, seed, p)
-        s = scale.double().repeat_interleave(A.shape[0] // scale.shape[-1], dim=-1)
-        update = hidden @ (B.double() * s).T
+        update = hidden @ (B.double() * per_rank(scale, A.shape[0])).T
     else:
         update = reference.dropout(x, seed, p) @ oracle_delta(A, B, scale, blocks).T
     if weight is not None:
@@ -113,7 +117,7 @@ def check_against_oracle(inputs, blocks, p, on_input, tol, dense_blocks=True, la
 
 # ---- every form against the oracle -----------------------------------------------------------
 @pytest.mark.parametrize("base", ["weight+bias", "weight", "base_out", "none"])
-@pytest.mark.parametrize("scale_shape", [(2,), (11, 2), (6,), (11, 6)],
+@pytest.mark.parametrize("scale_shape", [(2,), (2, 11), (6,), (6, 11)],
                          ids=["per-expert", "per-channel-expert", "per-rank", "per-channel-rank"])
 @pytest.mark.parametrize("p,on_input", [(0.0, False), (0.3, False), (0.3, True)],
                          ids=["no-drop", "post", "pre"])
@@ -128,7 +132,7 @@ def test_plain_factors_match_oracle(base, scale_shape, p, on_input):
 @pytest.mark.parametrize("base", ["weight+bias", "base_out"])
 def test_low_precision_and_mixed_factor_dtypes(dtype, factor_dtype, tol, base):
     # Factors of another dtype than x (float32 adapters on a bf16 base): gradients in theirs.
-    inputs = make_inputs(33, 40, 24, 8, (24, 4), dtype, factor_dtype, base)
+    inputs = make_inputs(33, 40, 24, 8, (4, 24), dtype, factor_dtype, base)
     check_against_oracle(inputs, None, 0.2, False, tol)
 
 
@@ -138,6 +142,41 @@ def test_orthogonality_term_and_loraplus_in_grad_A(lam, multiplier):
     inputs = make_inputs(9, 17, 10, 8, (4,), F64, F64, "weight+bias")
     check_against_oracle(inputs, None, 0.2, True, 1e-12, lam=torch.tensor(lam, dtype=F64), K=4,
                          multiplier=multiplier)
+
+
+@pytest.mark.parametrize("channel", [False, True])
+@pytest.mark.parametrize("p,on_input", [(0.0, False), (0.3, False), (0.3, True)])
+def test_gate_prior_and_anchor(channel, p, on_input):
+    # The gated scale K softmax(l / T) * scale, with the recipe's terms in the gradients:
+    # uniform_prior (p - 1/K) / T on the logits, scale_anchor (scale - anchor) on the scales.
+    K, out, prior, anchor = 3, 10, 0.3, 0.2
+    x, A, B, scale, weight, bias, _ = make_inputs(6, 9, out, 6, (K, out) if channel else (K,),
+                                                  F64, F64, "weight+bias")
+    scale.requires_grad_(channel)
+    logits = torch.randn(K, dtype=F64, requires_grad=True)
+    T, fixed = torch.tensor(1.7, dtype=F64), torch.rand(K, dtype=F64) + 0.5
+    terms = dict(gate_logits=logits, gate_temperature=T, uniform_prior=prior)
+    if channel:
+        terms.update(anchor_scales=fixed, scale_anchor=anchor)
+    torch.manual_seed(5)
+    seed = ops.new_dropout_seed(x.device) if p else None
+    torch.manual_seed(5)
+    out_ = ops.adapted_linear(x, A, B, scale, weight=weight, bias=bias, dropout_p=p,
+                              dropout_on_input=on_input, **terms)
+    gate = reference.gate(logits, T)
+    eff = scale * (gate if not channel else gate[:, None])
+    want = oracle(x, A, B, eff, weight, bias, None, None, p, on_input, seed)
+    assert rel_err(out_, want) < 1e-12
+    diff = [x, A, B, logits] + ([scale] if channel else [])
+    grad = torch.randn_like(out_)
+    got = torch.autograd.grad(out_, diff, grad)
+    wanted = list(torch.autograd.grad(want, diff, grad))
+    probs = torch.softmax(logits.detach() / T, 0)
+    wanted[3] = wanted[3] + prior * (probs - 1 / K) / T
+    if channel:
+        wanted[4] = wanted[4] + anchor * (scale.detach() - fixed[:, None])
+    for g, w in zip(got, wanted):
+        assert rel_err(g, w) < 1e-12
 
 
 @pytest.mark.parametrize("dense_blocks", [True, False], ids=["dense", "cluster-op"])
@@ -238,7 +277,7 @@ def test_double_backward(blocks, base, p, on_input):
         pytest.skip("CPS-LoRA drops the input")
     torch.manual_seed(0)
     blocks = random_blocks(5, 6, (2, 1)) if blocks else None
-    inputs = make_inputs(4, 6, 5, 4, (2,) if blocks else (5, 2), F64, F64, base, blocks)
+    inputs = make_inputs(4, 6, 5, 4, (2,) if blocks else (2, 5), F64, F64, base, blocks)
     names = ("x", "A", "B", "scale", "weight", "bias", "base_out")
     given = {n: t for n, t in zip(names, inputs) if t is not None and t.requires_grad}
     seed = ops.new_dropout_seed(torch.device("cpu"))
@@ -267,15 +306,20 @@ def test_opcheck():
     x = x.detach().float().requires_grad_()
     weight, bias = (t.detach().float() for t in (weight, bias))
     lam = torch.tensor(0.5)
+    no_terms = (None, None, 0.0, None, 0.0)
+    gate_terms = (torch.randn(2, requires_grad=True), torch.tensor(1.5), 0.1, torch.rand(2), 0.2)
+    channel = torch.rand(2, 7, requires_grad=True)
     for args in [(x, weight, bias, None, A, B, scale, None, None, [], [], [], True, 0.0, False,
-                  lam, 2, 0.5),
+                  lam, 2, 0.5, *no_terms),
                  (x, None, None, torch.randn(6, 7), A, B, scale, None, None, [], [], [], True,
-                  0.0, True, None, 1, 1.0)]:
+                  0.0, True, None, 1, 1.0, *no_terms),
+                 (x, weight, None, None, A, B, channel, None, None, [], [], [], True, 0.0, False,
+                  None, 2, 1.0, *gate_terms)]:
         opcheck(_ops.adapted_linear, args)
     blocks = random_blocks(7, 9, (2, 3))
     for dense in (True, False):
         opcheck(_ops.adapted_linear, (x, weight, bias, None, A, B, torch.rand(2), *blocks, dense,
-                                      0.0, True, None, 1, 1.0))
+                                      0.0, True, None, 1, 1.0, *no_terms))
     # The halves are not differentiable (the node above differentiates them).
     x, A, B, scale = (t.detach() for t in (x, A, B, scale))
     seed = ops.new_dropout_seed(x.device)

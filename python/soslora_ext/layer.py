@@ -12,23 +12,6 @@ from .distributed import full
 Tensor = torch.Tensor
 
 
-class _AddToGrad(torch.autograd.Function):
-    """Identity in the forward pass; adds a fixed tensor to the gradient in the backward pass.
-
-    Carries the reference recipe's gradient-only terms (scale anchor, gate uniform prior),
-    which have no loss of their own."""
-
-    @staticmethod
-    def forward(ctx, t, extra):
-        ctx.save_for_backward(extra)
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (extra,) = ctx.saved_tensors
-        return grad + extra, None
-
-
 class SOSLinear(AdapterLinear):
     """y = base(x) + sum_k s_k * (B_k A_k drop(x)): K static low-rank experts on a frozen Linear.
 
@@ -141,24 +124,12 @@ class SOSLinear(AdapterLinear):
                 f"dropout={c.dropout} ({c.dropout_position}), merged={self.merged}")
 
     # ---- scales ------------------------------------------------------------------------------
-    def _gate(self) -> Tensor:
-        logits, T = self.gate_logits, self.gate_temperature
-        if self.config.uniform_prior > 0:
-            p = torch.softmax(logits.detach() / T, dim=0)
-            logits = _AddToGrad.apply(logits, self.config.uniform_prior * (p - 1 / p.numel()) / T)
-        return logits.numel() * torch.softmax(logits / T, dim=0)
-
     def _expert_scale_tensor(self) -> Tensor:
-        """[K] (fixed) or [K, out] (channel) effective scales, gate folded in; differentiable."""
-        if self.config.scale_mode == "channel":
-            scales = self.expert_scales
-            if self.config.scale_anchor > 0:
-                pull = self.config.scale_anchor * (scales.detach() - self.fixed_scales[:, None])
-                scales = _AddToGrad.apply(scales, pull)
-        else:
-            scales = self.fixed_scales
+        """[K] (fixed) or [K, out] (channel) effective scales, gate folded in (the forward
+        computes the same inside its op, with the recipe's gradient terms)."""
+        scales = self.expert_scales if self.config.scale_mode == "channel" else self.fixed_scales
         if self.config.gate:
-            g = self._gate()
+            g = reference.gate(self.gate_logits, self.gate_temperature)
             scales = scales * (g if scales.dim() == 1 else g[:, None])
         return scales
 
@@ -175,13 +146,18 @@ class SOSLinear(AdapterLinear):
             return self._expert_scale_tensor().clone()
 
     # ---- forward -----------------------------------------------------------------------------
-    def _op_scale(self) -> Tensor:
-        """The scales as the op takes them, one per expert: [K] (the fixed buffer itself, when
-        no gate) or [out, K]."""
-        if self.config.scale_mode == "fixed" and not self.config.gate:
-            return self.fixed_scales
-        scales = self._expert_scale_tensor()
-        return scales if scales.dim() == 1 else scales.t()
+    def _scale_args(self) -> dict:
+        """The scales as the op takes them, with the gate and the recipe's gradient terms: the
+        op gates them and adds the anchor and prior terms in its backward."""
+        c = self.config
+        channel = c.scale_mode == "channel"
+        args = dict(scale=self.expert_scales if channel else self.fixed_scales)
+        if c.gate:
+            args.update(gate_logits=self.gate_logits, gate_temperature=self.gate_temperature,
+                        uniform_prior=c.uniform_prior)
+        if channel and c.scale_anchor > 0:
+            args.update(anchor_scales=self.fixed_scales, scale_anchor=c.scale_anchor)
+        return args
 
     def forward(self, x: Tensor) -> Tensor:
         self._begin_forward(x)
@@ -190,10 +166,12 @@ class SOSLinear(AdapterLinear):
         c = self.config
         # The orthogonality term in training mode; LoRA+ whenever a gradient flows.
         ortho = self.training and c.num_experts > 1
+        scale_args = self._scale_args()
         return self._adapted_forward(
-            x, self.lora_A, self.lora_B, self._op_scale(), c.dropout if self.training else 0.0,
-            c.dropout_position == "pre", ortho_lambda=self.ortho_lambda if ortho else None,
-            num_experts=c.num_experts, grad_A_multiplier=1.0 / c.loraplus_ratio)
+            x, self.lora_A, self.lora_B, scale_args.pop("scale"),
+            c.dropout if self.training else 0.0, c.dropout_position == "pre",
+            ortho_lambda=self.ortho_lambda if ortho else None, num_experts=c.num_experts,
+            grad_A_multiplier=1.0 / c.loraplus_ratio, **scale_args)
 
     # ---- penalty, delta, merge ---------------------------------------------------------------
     def ortho_penalty(self) -> Tensor:

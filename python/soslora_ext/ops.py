@@ -33,14 +33,16 @@ def _check_step_args(x, A, B, scale, row_index):
                  lambda: f"expected A [r, {x.shape[1]}] and B [out, r], got {tuple(A.shape)} "
                          f"and {tuple(B.shape)}")
     if row_index is None:
-        torch._check(A.shape[0] % scale.shape[-1] == 0,
-                     lambda: f"scale {tuple(scale.shape)} must divide the rank {A.shape[0]}")
+        torch._check(A.shape[0] % scale.shape[0] == 0,
+                     lambda: f"scale {tuple(scale.shape)}: its groups must divide the rank "
+                             f"{A.shape[0]}")
 
 
 @torch.library.register_fake("soslora::adapted_linear")
 def _(x, weight, bias, base_out, A, B, scale, row_index, col_index, row_offsets, col_offsets,
       ranks, dense_blocks, dropout_p, dropout_on_input, ortho_lambda, num_experts,
-      grad_A_multiplier):
+      grad_A_multiplier, gate_logits, gate_temperature, uniform_prior, anchor_scales,
+      scale_anchor):
     _check_step_args(x, A, B, scale, row_index)
     return x.new_empty(x.shape[0], B.shape[0])
 
@@ -353,26 +355,34 @@ def adapted_linear(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, *,
                    base_out: Tensor | None = None, blocks: Blocks | None = None,
                    dense_blocks: bool = True, dropout_p: float = 0.0,
                    dropout_on_input: bool = False, ortho_lambda: Tensor | None = None,
-                   num_experts: int = 1, grad_A_multiplier: float = 1.0) -> Tensor:
+                   num_experts: int = 1, grad_A_multiplier: float = 1.0,
+                   gate_logits: Tensor | None = None, gate_temperature: Tensor | None = None,
+                   uniform_prior: float = 0.0, anchor_scales: Tensor | None = None,
+                   scale_anchor: float = 0.0) -> Tensor:
     """An adapted layer's training step as one autograd node (forward and backward in C++):
     base + drop-path(x) A^T (B*scale)^T for 2-D x [N, in].
 
     base: x weight^T + bias (a plain linear layer: one [N, out] buffer for both), or base_out
     [N, out] (a separate base's output), or none. A [r, in], B [out, r]; scale [G] or
-    [out, G] with G dividing r (one scale per group of r/G ranks: per expert, or per rank);
-    they may be of another floating dtype than x (cast here, gradients in their own dtype).
+    [G, out] with G dividing r (one scale per group of r/G ranks, per output channel in the
+    2-D form: per expert, or per rank); they may be of another floating dtype than x (cast
+    here, gradients in their own dtype). gate_logits [G] (with gate_temperature, 0-d) gate the
+    scale by G softmax(logits / T); the backward adds uniform_prior (p - 1/G) / T to the
+    logits' gradient and scale_anchor (scale - anchor_scales[:, None]) to a 2-D scale's.
     blocks: CPS-LoRA's partition (A [r_max, in], B [out, r_max] in partition order, scale
     [num_clusters]); computed as one dense update when dense_blocks, else by the cluster op.
     Dropout (seed drawn from torch's generator) on the input or on x A^T. The backward adds
     ortho_lambda (a device scalar, read on the device) times the orthogonality penalty's
     gradient to A's gradient when given, then multiplies A's gradient by grad_A_multiplier
-    (LoRA+). Differentiable in x, weight, bias, base_out, A, B and scale (not in a CPS
-    scale); double backward of the dense forms is exact."""
+    (LoRA+). Differentiable in x, weight, bias, base_out, A, B, scale and gate_logits (not in
+    a CPS scale); double backward of the dense forms is exact (the recipe's gradient terms
+    are constants there)."""
     row_index, col_index, row_offsets, col_offsets, ranks = blocks or (None, None, [], [], [])
     return _ops.adapted_linear(x, weight, bias, base_out, A, B, scale, row_index, col_index,
                                row_offsets, col_offsets, ranks, dense_blocks, float(dropout_p),
                                bool(dropout_on_input), ortho_lambda, int(num_experts),
-                               float(grad_A_multiplier))
+                               float(grad_A_multiplier), gate_logits, gate_temperature,
+                               float(uniform_prior), anchor_scales, float(scale_anchor))
 
 
 def lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, base_out: Tensor | None = None,
