@@ -176,6 +176,57 @@ def test_training_step_under_cuda_graph_replays():
             assert torch.equal(first, eager) and torch.equal(y, eager)
 
 
+def _graph_layers(dropout=0.0):
+    """An SOSLinear with every recipe term and the penalty, and a CPSLinear (dense form)."""
+    sos = make_layer(64, 48, dtype=torch.bfloat16, device="cuda", num_experts=4, rank=16,
+                     scale_mode="channel", gate=True, scale_anchor=0.1, uniform_prior=0.1,
+                     loraplus_ratio=2.0, dropout=dropout)
+    sos.ortho_lambda.fill_(0.006)
+    cps = sl.CPSLinear(torch.nn.Linear(64, 48, device="cuda", dtype=torch.bfloat16),
+                       num_clusters=4, rank=4, init_partition="random", dropout=dropout)
+    with torch.no_grad():
+        cps.lora_B.normal_()
+    return sos, cps
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["sos", "cps"])
+def test_make_graphed_callables_equals_eager(which):
+    """The one-node step is captured whole (forward and backward graphs) and replays what the
+    eager step computes; with dropout, each replay draws a new mask."""
+    layer = _graph_layers()[which].train()
+    x = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(96, 48, device="cuda", dtype=torch.bfloat16)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step(fn):
+        y = fn(x)
+        return (y.detach().clone(), *(g.clone() for g in torch.autograd.grad(y, [x, *params],
+                                                                              grad)))
+
+    eager = step(layer)
+    graphed = torch.cuda.make_graphed_callables(layer, (x,))
+    for _ in range(2):
+        for got, want in zip(step(graphed), eager):
+            assert torch.equal(got, want)
+    graphed = torch.cuda.make_graphed_callables(_graph_layers(0.2)[which].train(), (x,))
+    first, second = graphed(x).detach().clone(), graphed(x).detach().clone()
+    assert torch.isfinite(first).all() and not torch.equal(first, second)
+
+
+def test_compile_reduce_overhead_equals_eager():
+    sos, _ = _graph_layers()
+    x = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(sos, mode="reduce-overhead", fullgraph=True)
+    y_e = sos(x)
+    g_e = torch.autograd.grad(y_e.float().square().sum(), [x, sos.lora_A, sos.gate_logits])
+    for _ in range(3):  # the third call replays the recorded CUDA graph
+        y_c = compiled(x)
+        g_c = torch.autograd.grad(y_c.float().square().sum(), [x, sos.lora_A, sos.gate_logits])
+        assert rel_err(y_c, y_e) < 1e-2
+        for a, b in zip(g_c, g_e):
+            assert rel_err(a, b) < 2e-2
+
+
 def test_non_contiguous_3d_input_on_cuda():
     layer = make_layer(12, 5, dtype=torch.float32, device="cuda", num_experts=2, rank=4)
     x = torch.randn(4, 12, 3, device="cuda").transpose(1, 2)
