@@ -24,12 +24,40 @@ Tensor group_view(const Tensor& scale, at::ScalarType acc) {
   return (s.dim() == 1 ? s : s.t()).unsqueeze(-1);
 }
 
-// B * scale (groups of ranks) in the accumulation dtype, rounded once to `dtype`.
-Tensor group_scaled_B(const Tensor& B, const Tensor& scale, at::ScalarType dtype) {
-  const auto acc = accumulate_dtype(B.scalar_type());
-  const int64_t out = B.size(0), G = scale.size(0), r = B.size(1);
-  const Tensor s = group_view(scale, acc);
-  return cast((cast(B, acc).view({out, G, r / G}) * s).view({out, r}), dtype);
+template <typename dst_t, typename src_t, typename acc_t>
+void scale_groups_cpu(dst_t* out, const src_t* src, int64_t s0, int64_t s1, const acc_t* scale,
+                      bool per_channel, int64_t rows, int64_t r, int64_t group) {
+  parallel_rows(rows, r, [&](int64_t first, int64_t last) {
+    for (int64_t o = first; o < last; ++o)
+      for (int64_t g = 0, j = 0; j < r; ++g) {
+        const acc_t s = scale[per_channel ? g * rows + o : g];
+        for (const int64_t end = j + group; j < end; ++j)
+          out[o * r + j] = static_cast<dst_t>(static_cast<acc_t>(src[o * s0 + j * s1]) * s);
+      }
+  });
+}
+
+// t [out, r] times the scale of each group of ranks (scale [G] or [G, out]) in t's
+// accumulation dtype, rounded once to `dtype`: B * scale, and grad(B * scale) * scale. On the
+// CPU one loop (no ATen op but the allocation).
+Tensor scale_groups(const Tensor& t, const Tensor& scale, at::ScalarType dtype) {
+  const auto acc = accumulate_dtype(t.scalar_type());
+  const int64_t rows = t.size(0), G = scale.size(0), r = t.size(1);
+  if (!t.is_cpu() || !scale.is_cpu() || cpu_takes_cuda_fallback())
+    return cast((cast(t, acc).view({rows, G, r / G}) * group_view(scale, acc)).view({rows, r}),
+                dtype);
+  Tensor out = at::empty({rows, r}, t.options().dtype(dtype));
+  const Tensor s = cast(scale, acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_groups", [&] {
+    using dst_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "scale", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      scale_groups_cpu<dst_t, scalar_t, acc_t>(out.data_ptr<dst_t>(), t.const_data_ptr<scalar_t>(),
+                                               t.stride(0), t.stride(1), s.const_data_ptr<acc_t>(),
+                                               s.dim() == 2, rows, r, r / G);
+    });
+  });
+  return out;
 }
 
 void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
@@ -62,7 +90,7 @@ void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tens
 
 Factors dense_factors(const Tensor& A, const Tensor& B, const Tensor& scale,
                       const Layout& layout, at::ScalarType dtype) {
-  if (!layout.blocks()) return {cast(A, dtype), group_scaled_B(B, scale, dtype)};
+  if (!layout.blocks()) return {cast(A, dtype), scale_groups(B, scale, dtype)};
   // lora_A [r_max, in] is placed as its transpose: items are the input columns.
   const Tensor A_t = place_blocks(A.t(), *layout.col_index, layout.col_offsets, layout.ranks,
                                   std::nullopt, dtype);
@@ -143,11 +171,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
       grad_B = gather_blocks(grad_Bs, *layout.row_index, layout.row_offsets, layout.ranks,
                              B.size(1), scale, B.scalar_type());
     } else {
-      const auto acc = accumulate_dtype(B.scalar_type());
-      const int64_t out = B.size(0), G = scale.size(0), r = B.size(1);
-      const Tensor g3 = cast(grad_Bs, acc).view({out, G, r / G});
-      if (need_B) grad_B = cast((g3 * group_view(scale, acc)).view({out, r}), B.scalar_type());
+      if (need_B) grad_B = scale_groups(grad_Bs, scale, B.scalar_type());
       if (need_scale) {
+        const auto acc = accumulate_dtype(B.scalar_type());
+        const int64_t out = B.size(0), G = scale.size(0), r = B.size(1);
+        const Tensor g3 = cast(grad_Bs, acc).view({out, G, r / G});
         grad_scale = (g3 * cast(B, acc).view({out, G, r / G})).sum(-1);  // [out, G]
         grad_scale = scale.dim() == 1 ? grad_scale.sum(0) : grad_scale.t().contiguous();
         grad_scale = cast(grad_scale, scale.scalar_type());

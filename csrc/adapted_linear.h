@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include <array>
 #include <mutex>
@@ -10,6 +11,14 @@
 #include "soslora.h"
 
 namespace soslora {
+
+// Elements per thread below which the elementwise loops stay on the calling thread.
+constexpr int64_t kLoopGrain = 1 << 15;
+// Runs fn(begin, end) over [0, rows) rows of `cols` elements, on several threads when large.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t cols, const F& fn) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kLoopGrain / std::max<int64_t>(cols, 1)), fn);
+}
 
 // Where the factors' ranks live: plain factors (no row_index), or CPS-LoRA's cluster blocks
 // stored in partition order (see soslora.h, cluster_lowrank_forward).

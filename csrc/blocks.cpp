@@ -25,12 +25,14 @@ void place_cpu(dst_t* dense, const src_t* src, int64_t src_s0, int64_t src_s1,
                const std::vector<int64_t>& rank_offsets, const acc_t* scale, int64_t R) {
   for (size_t c = 0; c + 1 < offsets.size(); ++c) {
     const acc_t s = scale ? scale[c] : acc_t(1);
-    for (int64_t p = offsets[c]; p < offsets[c + 1]; ++p) {
-      dst_t* row = dense + index[p] * R + rank_offsets[c];
-      const src_t* from = src + p * src_s0;
-      for (int64_t k = 0; k < ranks[c]; ++k)
-        row[k] = static_cast<dst_t>(static_cast<acc_t>(from[k * src_s1]) * s);
-    }
+    parallel_rows(offsets[c + 1] - offsets[c], ranks[c], [&](int64_t first, int64_t last) {
+      for (int64_t p = offsets[c] + first; p < offsets[c] + last; ++p) {
+        dst_t* row = dense + index[p] * R + rank_offsets[c];
+        const src_t* from = src + p * src_s0;
+        for (int64_t k = 0; k < ranks[c]; ++k)
+          row[k] = static_cast<dst_t>(static_cast<acc_t>(from[k * src_s1]) * s);
+      }
+    });
   }
 }
 
@@ -43,14 +45,16 @@ void gather_cpu(dst_t* out, int64_t n, int64_t r_max, bool transposed, const src
   const int64_t step_p = transposed ? 1 : r_max, step_k = transposed ? n : 1;
   for (size_t c = 0; c + 1 < offsets.size(); ++c) {
     const acc_t s = scale ? scale[c] : acc_t(1);
-    for (int64_t p = offsets[c]; p < offsets[c + 1]; ++p) {
-      const src_t* row = dense + index[p] * dense_s0 + rank_offsets[c] * dense_s1;
-      dst_t* to = out + p * step_p;
-      int64_t k = 0;
-      for (; k < ranks[c]; ++k)
-        to[k * step_k] = static_cast<dst_t>(static_cast<acc_t>(row[k * dense_s1]) * s);
-      for (; k < r_max; ++k) to[k * step_k] = dst_t(0);  // unused rank slots: zero gradient
-    }
+    parallel_rows(offsets[c + 1] - offsets[c], r_max, [&](int64_t first, int64_t last) {
+      for (int64_t p = offsets[c] + first; p < offsets[c] + last; ++p) {
+        const src_t* row = dense + index[p] * dense_s0 + rank_offsets[c] * dense_s1;
+        dst_t* to = out + p * step_p;
+        int64_t k = 0;
+        for (; k < ranks[c]; ++k)
+          to[k * step_k] = static_cast<dst_t>(static_cast<acc_t>(row[k * dense_s1]) * s);
+        for (; k < r_max; ++k) to[k * step_k] = dst_t(0);  // unused rank slots: zero gradient
+      }
+    });
   }
 }
 

@@ -32,6 +32,22 @@ void check_index(const Tensor& index, const char* name, int64_t size, const Tens
               ", got ", index.device());
 }
 
+// An index must be a permutation: the CPU loops write through it (checked where it lives on
+// the CPU, without a device sync; on a GPU the ATen index ops check their bounds).
+void check_permutation(const Tensor& index, const char* name, const char* op) {
+  if (!index.is_cpu()) return;
+  const Tensor idx = index.contiguous();
+  const int64_t n = idx.numel();
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  std::vector<bool> seen(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < n && !seen[p[i]], op, ": ", name,
+                " must be a permutation of 0..", n - 1, ", got ", p[i], " at position ", i,
+                p[i] >= 0 && p[i] < n ? " (repeated)" : " (out of range)");
+    seen[p[i]] = true;
+  }
+}
+
 }  // namespace
 
 std::vector<int64_t> check_cluster_layout(const Tensor& x, const Tensor& A, const Tensor& B,
@@ -48,6 +64,8 @@ std::vector<int64_t> check_cluster_layout(const Tensor& x, const Tensor& A, cons
               scale.device());
   check_index(row_index, "row_index", B.size(0), x, op);
   check_index(col_index, "col_index", x.size(1), x, op);
+  check_permutation(row_index, "row_index", op);
+  check_permutation(col_index, "col_index", op);
   check_offsets(row_offsets, "row_offsets", clusters, B.size(0), op);
   check_offsets(col_offsets, "col_offsets", clusters, x.size(1), op);
   std::vector<int64_t> rank_offsets{0};

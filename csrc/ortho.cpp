@@ -7,7 +7,7 @@
 #include <cmath>
 #include <vector>
 
-#include "soslora.h"
+#include "adapted_linear.h"
 
 namespace soslora {
 namespace {
@@ -82,13 +82,17 @@ void ortho_penalty_grad_cpu_(Tensor& grad_A, const Tensor& A, double lam, int64_
     Tensor A_hat = at::empty({rows, cols}, A.options().dtype(acc));
     acc_t* h = A_hat.data_ptr<acc_t>();
     std::vector<acc_t> norms(rows);
-    for (int64_t i = 0; i < rows; ++i) {
-      acc_t sq = 0;
-      for (int64_t j = 0; j < cols; ++j) sq += static_cast<acc_t>(a[i * cols + j]) * a[i * cols + j];
-      norms[i] = std::sqrt(sq);
-      const acc_t inv = acc_t(1) / std::max(norms[i], static_cast<acc_t>(kNormEps));
-      for (int64_t j = 0; j < cols; ++j) h[i * cols + j] = static_cast<acc_t>(a[i * cols + j]) * inv;
-    }
+    parallel_rows(rows, cols, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        acc_t sq = 0;
+        for (int64_t j = 0; j < cols; ++j)
+          sq += static_cast<acc_t>(a[i * cols + j]) * static_cast<acc_t>(a[i * cols + j]);
+        norms[i] = std::sqrt(sq);
+        const acc_t inv = acc_t(1) / std::max(norms[i], static_cast<acc_t>(kNormEps));
+        for (int64_t j = 0; j < cols; ++j)
+          h[i * cols + j] = static_cast<acc_t>(a[i * cols + j]) * inv;
+      }
+    });
     Tensor G = at::mm(A_hat, A_hat.t());
     acc_t* gm = G.data_ptr<acc_t>();
     for (int64_t i = 0; i < rows; ++i)  // same-expert blocks do not count
@@ -97,17 +101,20 @@ void ortho_penalty_grad_cpu_(Tensor& grad_A, const Tensor& A, double lam, int64_
     const acc_t* ga = GA.const_data_ptr<acc_t>();
     scalar_t* out = grad_A.data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(coef), l = static_cast<acc_t>(lam);
-    for (int64_t i = 0; i < rows; ++i) {
-      acc_t radial = 0;
-      for (int64_t j = 0; j < cols; ++j) radial += h[i * cols + j] * (ga[i * cols + j] * c);
-      const bool above = norms[i] > static_cast<acc_t>(kNormEps);
-      const acc_t inv = acc_t(1) / (above ? norms[i] : static_cast<acc_t>(kNormEps));
-      for (int64_t j = 0; j < cols; ++j) {
-        const acc_t grad_hat = ga[i * cols + j] * c;
-        const acc_t g = above ? (grad_hat - h[i * cols + j] * radial) * inv : grad_hat * inv;
-        out[i * cols + j] = static_cast<scalar_t>(static_cast<acc_t>(out[i * cols + j]) + g * l);
+    parallel_rows(rows, cols, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        acc_t radial = 0;
+        for (int64_t j = 0; j < cols; ++j) radial += h[i * cols + j] * (ga[i * cols + j] * c);
+        const bool above = norms[i] > static_cast<acc_t>(kNormEps);
+        const acc_t inv = acc_t(1) / (above ? norms[i] : static_cast<acc_t>(kNormEps));
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t grad_hat = ga[i * cols + j] * c;
+          const acc_t g = above ? (grad_hat - h[i * cols + j] * radial) * inv : grad_hat * inv;
+          out[i * cols + j] =
+              static_cast<scalar_t>(static_cast<acc_t>(out[i * cols + j]) + g * l);
+        }
       }
-    }
+    });
   });
 }
 

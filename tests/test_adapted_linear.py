@@ -219,6 +219,22 @@ def test_cluster_blocks_low_precision(dtype):
     check_against_oracle(inputs, blocks, 0.1, True, 1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("bad,match", [(lambda i: i.clone().fill_(0), "repeated"),
+                                       (lambda i: i + 1, "out of range"),
+                                       (lambda i: -i - 1, "out of range")])
+@pytest.mark.parametrize("dense_blocks", [True, False])
+def test_bad_partition_index_is_refused_by_name(bad, match, dense_blocks):
+    blocks = list(random_blocks(7, 9, (2, 3)))
+    x, A, B, scale, weight, bias, _ = make_inputs(4, 9, 7, None, (2,), F64, F64, "weight+bias",
+                                                  blocks)
+    for which, name in ((0, "row_index"), (1, "col_index")):
+        broken = list(blocks)
+        broken[which] = bad(blocks[which])
+        with pytest.raises(RuntimeError, match=f"{name} must be a permutation.*{match}"):
+            ops.adapted_linear(x, A, B, scale, weight=weight, bias=bias, blocks=broken,
+                               dense_blocks=dense_blocks)
+
+
 # ---- the CPU loops are the ATen forms, bit for bit ----------------------------------------------
 @pytest.fixture
 def aten_forms():

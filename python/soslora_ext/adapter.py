@@ -161,53 +161,68 @@ class AdapterLinear(nn.Module):
         """(name, parameter) of the adapter's own parameters: all but the frozen base's."""
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
 
-    def _begin_forward(self, x: Tensor) -> None:
-        """Checks shared by every forward, and the record of a training forward."""
+    def _begin_forward(self, x: Tensor) -> bool:
+        """Checks shared by every forward, and the record of a training forward; returns
+        whether the adapter is merged (the forward is then the base layer's)."""
         self._check_input(x)
+        grad = torch.is_grad_enabled()
         # A forward that can train the adapter: also one in eval mode with grad enabled
         # (e.g. a backbone kept in eval() while its adapters train).
-        if (self.training or torch.is_grad_enabled()) and not self.used_in_training:
+        if not self.used_in_training and (self.training or grad):
             self.used_in_training = True
-        if self.training:
-            if self.merged and torch.is_grad_enabled() and any(
-                    p.requires_grad for _, p in self.named_adapter_parameters()):
-                raise RuntimeError(
-                    f"{type(self).__name__}: training forward on a merged adapter: its factors "
-                    "would get no gradient. unmerge() before training; for inference use "
-                    "eval() or torch.no_grad()")
+        merged = self.merged
+        if merged and self.training and grad and any(
+                p.requires_grad for _, p in self.named_adapter_parameters()):
+            raise RuntimeError(
+                f"{type(self).__name__}: training forward on a merged adapter: its factors "
+                "would get no gradient. unmerge() before training; for inference use "
+                "eval() or torch.no_grad()")
+        return merged
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: input x must be a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self._features[0]:
             raise ValueError(f"{name}: input x must have last dimension in_features="
                              f"{self.in_features}, got shape {tuple(x.shape)}")
-        if x.device != self.lora_A.device:
-            raise ValueError(f"{name}: input x is on {x.device} but the layer is on "
-                             f"{self.lora_A.device}")
+        device = self.lora_A.device
+        if x.device != device:
+            raise ValueError(f"{name}: input x is on {x.device} but the layer is on {device}")
         if self.quantized:
             # The quantized layer casts any floating input to its compute dtype itself.
             if x.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"{name}: input x is {x.dtype}; the quantized base takes "
                                 "floating-point inputs, one of "
                                 f"{[str(d) for d in SUPPORTED_DTYPES]}")
-        elif x.dtype != self.weight.dtype and not _autocast_on(x.device.type):
+            return
+        weight_dtype = self.base_layer.weight.dtype
+        if x.dtype != weight_dtype and not _autocast_on(device.type):
             raise TypeError(f"{name}: input x is {x.dtype} but the base weight is "
-                            f"{self.weight.dtype} (cast x, or run under autocast)")
+                            f"{weight_dtype} (cast x, or run under autocast)")
 
     def _base_fusable(self, dtype: torch.dtype) -> bool:
         """Whether the base product can be computed inside the adapter's op: a plain nn.Linear
         (no hooks, plain tensors) in the compute dtype."""
-        base = self.base_layer
-        return (type(base) is nn.Linear and not base._forward_hooks
-                and not base._forward_pre_hooks and base.weight.dtype == dtype
-                and type(base.weight) in _PLAIN and type(base.bias) in _PLAIN_OR_NONE)
+        return self._fused_base(dtype) is not None
 
-    def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        if _autocast_on(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.lora_A.dtype
+    def _fused_base(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None] | None:
+        """(weight, bias) when the base product can be computed inside the adapter's op (see
+        _base_fusable), else None."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.dtype == dtype and type(weight) in _PLAIN and type(bias) in _PLAIN_OR_NONE:
+            return weight, bias
+        return None
+
+    def _compute_dtype(self, x: Tensor, A: Tensor) -> torch.dtype:
+        """The autocast dtype under autocast, else the factors' (A's) dtype."""
+        device_type = x.device.type
+        if _autocast_on(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return A.dtype
 
     def _base_output(self, x: Tensor) -> Tensor:
         """The base layer's output. A 4-bit base repacked for bitsandbytes' CPU inference
@@ -224,14 +239,15 @@ class AdapterLinear(nn.Module):
         the `step` options too), as one autograd node: the base product inside it when the
         base allows, else the base layer's output added inside it (or after it, when its
         dtype is not the compute dtype)."""
-        dtype = self._compute_dtype(x)
-        x2 = x.reshape(-1, self.in_features)
+        dtype = self._compute_dtype(x, A)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         step.update(dropout_p=dropout_p, dropout_on_input=dropout_on_input)
-        if self._base_fusable(dtype):
-            out = ops.adapted_linear(x2, A, B, scale, weight=self.weight, bias=self.bias, **step)
-            return out.reshape(*x.shape[:-1], self.out_features)
+        fused = self._fused_base(dtype)
+        if fused is not None:
+            out = ops.adapted_linear(x2, A, B, scale, weight=fused[0], bias=fused[1], **step)
+            return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
         result = self._base_output(x)
         base2 = result.reshape(-1, self.out_features)
         if base2.dtype == dtype:

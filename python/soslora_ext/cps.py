@@ -199,8 +199,7 @@ class CPSLinear(AdapterLinear):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        self._begin_forward(x)
-        if self.merged:
+        if self._begin_forward(x):
             return self.base_layer(x)
         row_offsets, col_offsets = self._offsets
         out = self._adapted_forward(

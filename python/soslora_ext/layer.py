@@ -160,16 +160,15 @@ class SOSLinear(AdapterLinear):
         return args
 
     def forward(self, x: Tensor) -> Tensor:
-        self._begin_forward(x)
-        if self.merged:
+        if self._begin_forward(x):
             return self.base_layer(x)
-        c = self.config
+        c, training = self.config, self.training
         # The orthogonality term in training mode; LoRA+ whenever a gradient flows.
-        ortho = self.training and c.num_experts > 1
+        ortho = training and c.num_experts > 1
         scale_args = self._scale_args()
         return self._adapted_forward(
             x, self.lora_A, self.lora_B, scale_args.pop("scale"),
-            c.dropout if self.training else 0.0, c.dropout_position == "pre",
+            c.dropout if training else 0.0, c.dropout_position == "pre",
             ortho_lambda=self.ortho_lambda if ortho else None, num_experts=c.num_experts,
             grad_A_multiplier=1.0 / c.loraplus_ratio, **scale_args)
 
