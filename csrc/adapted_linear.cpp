@@ -6,10 +6,10 @@
 //   base: x W^T + bias (weight given: the base product in the same [N, out] buffer), or a
 //         separate base's output (base_out), or nothing.
 // Factors: A [r, in] and B [out, r] with scale [G] or [G, out], G dividing r (a scale per
-// group of r/G ranks, and per output channel: per expert, or per rank when G = r); or CPS-LoRA's cluster blocks
-// (`Layout`), placed into dense factors (blocks.cpp). The factors may have another dtype than
-// x (float32 adapters on a bf16 base): they are cast to x's dtype here and their gradients
-// returned in their own dtype.
+// group of r/G ranks, and per output channel: per expert, or per rank when G = r); or
+// CPS-LoRA's cluster blocks (`Layout`), placed into dense factors (blocks.cpp). The factors
+// may have another dtype than x (float32 adapters on a bf16 base): they are cast to x's dtype
+// here and their gradients returned in their own dtype.
 #include "adapted_linear.h"
 
 namespace soslora {
@@ -44,17 +44,17 @@ Tensor scale_groups(const Tensor& t, const Tensor& scale, at::ScalarType dtype) 
   const auto acc = accumulate_dtype(t.scalar_type());
   const int64_t rows = t.size(0), G = scale.size(0), r = t.size(1);
   if (!t.is_cpu() || !scale.is_cpu() || cpu_takes_cuda_fallback())
-    return cast((cast(t, acc).view({rows, G, r / G}) * group_view(scale, acc)).view({rows, r}),
-                dtype);
+    return cast((cast(t, acc).reshape({rows, G, r / G}) * group_view(scale, acc))
+                    .view({rows, r}), dtype);
   Tensor out = at::empty({rows, r}, t.options().dtype(dtype));
   const Tensor s = cast(scale, acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_groups", [&] {
     using dst_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "scale", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      scale_groups_cpu<dst_t, scalar_t, acc_t>(out.data_ptr<dst_t>(), t.const_data_ptr<scalar_t>(),
-                                               t.stride(0), t.stride(1), s.const_data_ptr<acc_t>(),
-                                               s.dim() == 2, rows, r, r / G);
+      scale_groups_cpu<dst_t, scalar_t, acc_t>(
+          out.data_ptr<dst_t>(), t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1),
+          s.const_data_ptr<acc_t>(), s.dim() == 2, rows, r, r / G);
     });
   });
   return out;
@@ -64,7 +64,8 @@ void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tens
                    const Layout& layout, const char* op) {
   check_matrix(A, "A", op);
   check_matrix(B, "B", op);
-  for (const auto& [t, name] : {std::pair{&A, "A"}, std::pair{&B, "B"}, std::pair{&scale, "scale"}}) {
+  for (const auto& [t, name] :
+       {std::pair{&A, "A"}, std::pair{&B, "B"}, std::pair{&scale, "scale"}}) {
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
                 " must be floating-point, got ", t->scalar_type());
     TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on x's device ", x.device(),
@@ -80,7 +81,8 @@ void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tens
     return;
   }
   const int64_t r = A.size(0);
-  const bool flat = scale.dim() == 1, per_channel = scale.dim() == 2 && scale.size(1) == B.size(0);
+  const bool flat = scale.dim() == 1;
+  const bool per_channel = scale.dim() == 2 && scale.size(1) == B.size(0);
   TORCH_CHECK((flat || per_channel) && scale.size(0) >= 1 && r % scale.size(0) == 0, op,
               ": scale must be [G] or [G, out] = [G, ", B.size(0), "] with G dividing r = ", r,
               " (one scale per group of r/G ranks), got ", scale.sizes());

@@ -48,6 +48,8 @@ Step run_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias
   SOSLORA_OP(seed_op, dropout_seed);
   SOSLORA_OP(forward_op, adapted_linear_forward);
   SOSLORA_OP(cluster_op, cluster_lowrank_forward);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "soslora::adapted_linear: dropout_p must be in [0, 1), got ", dropout_p);
   Step step;
   if (dropout_p > 0) step.seed = seed_op.call(x);
   if (!row_index.has_value() || dense_blocks) {
@@ -75,6 +77,38 @@ struct ScaleTerms {
   OptTensor gate_logits, temperature, anchor_scales;
   double uniform_prior, scale_anchor;
 };
+
+void check_scale_terms(const Tensor& scale, const OptTensor& row_index, const ScaleTerms& terms) {
+  constexpr const char* op = "soslora::adapted_linear";
+  const auto& logits = terms.gate_logits;
+  const auto& anchor = terms.anchor_scales;
+  TORCH_CHECK(scale.dim() == 1 || scale.dim() == 2, op, ": scale must be [G] or [G, out], got ",
+              scale.sizes());
+  TORCH_CHECK(!row_index.has_value() || !(logits.has_value() || anchor.has_value()), op,
+              ": gate_logits and anchor_scales apply to plain factors, not to cluster blocks");
+  TORCH_CHECK(logits.has_value() == terms.temperature.has_value(), op,
+              ": gate_logits and gate_temperature come together");
+  for (const auto& [t, name] : {std::pair{&logits, "gate_logits"},
+                                std::pair{&terms.temperature, "gate_temperature"},
+                                std::pair{&anchor, "anchor_scales"}}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK(at::isFloatingType((*t)->scalar_type()) && (*t)->device() == scale.device(),
+                op, ": ", name, " must be a floating-point tensor on scale's device ",
+                scale.device(), ", got ", (*t)->scalar_type(), " on ", (*t)->device());
+  }
+  const int64_t G = scale.size(0);
+  if (logits.has_value()) {
+    TORCH_CHECK(logits->dim() == 1 && logits->size(0) == G, op, ": gate_logits must be [G] = [",
+                G, "] (one per group of the scale), got ", logits->sizes());
+    TORCH_CHECK(terms.temperature->numel() == 1, op,
+                ": gate_temperature must have one element, got shape ",
+                terms.temperature->sizes());
+  }
+  if (anchor.has_value())
+    TORCH_CHECK(scale.dim() == 2 && anchor->dim() == 1 && anchor->size(0) == G, op,
+                ": anchor_scales must be [G] = [", G, "] with a [G, out] scale, got ",
+                anchor->sizes(), " with scale ", scale.sizes());
+}
 
 // The scale the products use: scale times the gate (per expert; broadcast over channels).
 Tensor gated(const Tensor& scale, const Tensor& gate) {
@@ -175,6 +209,8 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
                         double uniform_prior, const OptTensor& anchor_scales,
                         double scale_anchor) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    check_scale_terms(scale, row_index,
+                      {gate_logits, gate_temperature, anchor_scales, uniform_prior, scale_anchor});
     Tensor probs, gate;
     if (gate_logits.has_value()) std::tie(probs, gate) = gate_of(*gate_logits, *gate_temperature);
     Step step = run_forward(x, weight, bias, base_out, A, B,
@@ -324,6 +360,8 @@ Tensor adapted_linear(const Tensor& x, const OptTensor& weight, const OptTensor&
                       double grad_A_multiplier, const OptTensor& gate_logits,
                       const OptTensor& gate_temperature, double uniform_prior,
                       const OptTensor& anchor_scales, double scale_anchor) {
+  check_scale_terms(scale, row_index,
+                    {gate_logits, gate_temperature, anchor_scales, uniform_prior, scale_anchor});
   const Tensor eff = gate_logits.has_value()
                          ? gated(scale, gate_of(*gate_logits, *gate_temperature).second)
                          : scale;

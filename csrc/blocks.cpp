@@ -116,9 +116,9 @@ Tensor gather_blocks(const Tensor& dense, const Tensor& index, at::IntArrayRef o
     for (size_t c = 0; c < ranks.size(); ++c) {
       const int64_t len = offsets[c + 1] - offsets[c];
       if (len == 0 || ranks[c] == 0) continue;
-      out.narrow(0, offsets[c], len).narrow(1, 0, ranks[c]).copy_(scaled(
-          dense.narrow(1, rank_offsets[c], ranks[c]).index_select(0, index.narrow(0, offsets[c], len)),
-          scale, c));
+      const Tensor rows = index.narrow(0, offsets[c], len);
+      out.narrow(0, offsets[c], len).narrow(1, 0, ranks[c]).copy_(
+          scaled(dense.narrow(1, rank_offsets[c], ranks[c]).index_select(0, rows), scale, c));
     }
     return transposed ? out.t().contiguous() : out;
   }
@@ -132,10 +132,10 @@ Tensor gather_blocks(const Tensor& dense, const Tensor& index, at::IntArrayRef o
     using dst_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "gather", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      gather_cpu<dst_t, scalar_t, acc_t>(out.data_ptr<dst_t>(), n, r_max, transposed,
-                                         d.const_data_ptr<scalar_t>(), d.stride(0), d.stride(1),
-                                         idx.const_data_ptr<int64_t>(), offsets, ranks,
-                                         rank_offsets, s.defined() ? s.const_data_ptr<acc_t>() : nullptr);
+      gather_cpu<dst_t, scalar_t, acc_t>(
+          out.data_ptr<dst_t>(), n, r_max, transposed, d.const_data_ptr<scalar_t>(), d.stride(0),
+          d.stride(1), idx.const_data_ptr<int64_t>(), offsets, ranks, rank_offsets,
+          s.defined() ? s.const_data_ptr<acc_t>() : nullptr);
     });
   });
   return out;

@@ -75,7 +75,8 @@ def make_inputs(n, n_in, n_out, r, scale_shape, dtype, factor_dtype, base, block
     weight = bias = base_out = None
     if base in ("weight", "weight+bias"):
         weight = torch.randn(n_out, n_in, dtype=dtype, requires_grad=True)
-        bias = torch.randn(n_out, dtype=dtype, requires_grad=True) if base == "weight+bias" else None
+        if base == "weight+bias":
+            bias = torch.randn(n_out, dtype=dtype, requires_grad=True)
     elif base == "base_out":
         base_out = torch.randn(n, n_out, dtype=dtype, requires_grad=True)
     return x, A, B, scale, weight, bias, base_out
@@ -233,6 +234,45 @@ def test_bad_partition_index_is_refused_by_name(bad, match, dense_blocks):
         with pytest.raises(RuntimeError, match=f"{name} must be a permutation.*{match}"):
             ops.adapted_linear(x, A, B, scale, weight=weight, bias=bias, blocks=broken,
                                dense_blocks=dense_blocks)
+
+
+def _bad_calls():
+    x, A, B = torch.randn(4, 9), torch.randn(6, 9), torch.randn(7, 6)
+    W, s2, s = torch.randn(7, 9), torch.rand(2, 7), torch.rand(2)
+    logits, T = torch.randn(2), torch.tensor(1.0)
+    blocks = random_blocks(7, 9, (3, 3))
+    return [
+        (dict(x=x, A=A, B=B, scale=torch.rand(())), "scale must be"),
+        (dict(x=x, A=A, B=B, scale=torch.rand(4)), "scale must be"),  # 4 does not divide 6
+        (dict(x=x, A=A, B=B, scale=torch.rand(2, 5)), "scale must be"),
+        (dict(x=x, A=torch.randn(6, 8), B=B, scale=s), "A must be"),
+        (dict(x=x, A=A, B=torch.randn(7, 5), scale=s), "B must be"),
+        (dict(x=x, A=A, B=B, scale=s, weight=torch.randn(7, 8)), "weight must be"),
+        (dict(x=x, A=A, B=B, scale=s, weight=W, base_out=torch.randn(4, 7)), "not both"),
+        (dict(x=x, A=A, B=B, scale=s, bias=torch.randn(7)), "bias needs weight"),
+        (dict(x=x, A=A, B=B, scale=s, weight=W.double()), "same dtype"),
+        (dict(x=x, A=A, B=B, scale=s, base_out=torch.randn(4, 8)), "base_out must be"),
+        (dict(x=x, A=A, B=B, scale=s, gate_logits=logits), "come together"),
+        (dict(x=x, A=A, B=B, scale=s, gate_logits=torch.randn(3), gate_temperature=T),
+         "gate_logits must be"),
+        (dict(x=x, A=A, B=B, scale=s, gate_logits=logits, gate_temperature=torch.ones(2)),
+         "gate_temperature must have one element"),
+        (dict(x=x, A=A, B=B, scale=s, anchor_scales=torch.rand(2), scale_anchor=0.1),
+         "anchor_scales must be"),
+        (dict(x=x, A=A, B=B, scale=s2, anchor_scales=torch.rand(3), scale_anchor=0.1),
+         "anchor_scales must be"),
+        (dict(x=x, A=torch.randn(3, 9), B=torch.randn(7, 3), scale=s, blocks=blocks,
+              gate_logits=logits, gate_temperature=T), "not to cluster blocks"),
+        (dict(x=x, A=A, B=B, scale=s, dropout_p=1.5), "dropout_p"),
+    ]
+
+
+@pytest.mark.parametrize("call,match", _bad_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_arguments_are_named(call, match):
+    call = dict(call)
+    args = [call.pop(k) for k in ("x", "A", "B", "scale")]
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        ops.adapted_linear(*args, **call)
 
 
 # ---- the CPU loops are the ATen forms, bit for bit ----------------------------------------------

@@ -41,6 +41,22 @@ def test_layer_bench_writes_json_png_and_markdown(tmp_path):
     assert (tmp_path / "layer.png").stat().st_size > 1000
     table = out[out.rindex("| N |"):]  # the markdown table is printed last
     assert table.count("\n|") == 3 and "SOSLinear" in table  # one line per thread count
+    # ATen ops per step on the CPU, SOSLinear (one node) far under the reference formulation.
+    ops = {r["method"]: r["ops"] for r in data["rows"] if r["threads"] == 1}
+    assert all(isinstance(n, int) and n > 0 for n in ops.values())
+    assert ops["SOSLinear"] < ops["reference SOS"] / 2
+    # The small multiples redraw from the JSON alone.
+    run(ROOT / "bench" / "bench_layer.py", "--plot-only", tmp_path / "layer.json", "--png",
+        tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 1000
+
+
+def test_tiny_step_table():
+    out = run(ROOT / "bench" / "bench_layer.py", "--tiny")
+    table = out[out.rindex("| method |"):]
+    for method in ("plain PyTorch", "PEFT LoRA", "SOSLinear", "SOSLinear λ=0", "CPSLinear"):
+        assert f"| {method} | " in table
+    assert table.count(" ops)") == 2 * 9  # both dropout rates of every method
 
 
 def test_cpu_peak_memory_counts_what_a_step_holds_at_once():
