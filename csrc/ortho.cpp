@@ -68,8 +68,9 @@ double read_scalar(const Tensor& t) {
   return v;
 }
 
-// The same gradient on the CPU with three ATen ops (Â, G = Â Âᵀ, G Â); the row norms, the
-// same-expert blocks and the projection through the normalization are loops.
+// The same gradient on the CPU with two ATen ops (G = Â Âᵀ, then G Â, into host scratch
+// buffers); the row norms, the same-expert blocks and the projection through the
+// normalization are loops.
 void ortho_penalty_grad_cpu_(Tensor& grad_A, const Tensor& A, double lam, int64_t num_experts) {
   const Tensor A_c = A.contiguous();
   const int64_t rows = A.size(0), cols = A.size(1), r = rows / num_experts;
@@ -79,9 +80,13 @@ void ortho_penalty_grad_cpu_(Tensor& grad_A, const Tensor& A, double lam, int64_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "ortho_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* a = A_c.const_data_ptr<scalar_t>();
-    Tensor A_hat = at::empty({rows, cols}, A.options().dtype(acc));
-    acc_t* h = A_hat.data_ptr<acc_t>();
-    std::vector<acc_t> norms(rows);
+    // Scratch buffers on the host, wrapped without an allocating op.
+    std::vector<acc_t> h_buf(rows * cols), gram(rows * rows), ga_buf(rows * cols), norms(rows);
+    const auto wrap = [&](std::vector<acc_t>& v, int64_t n, int64_t m) {
+      return at::from_blob(v.data(), {n, m}, A.options().dtype(acc));
+    };
+    const Tensor A_hat = wrap(h_buf, rows, cols);
+    acc_t* h = h_buf.data();
     parallel_rows(rows, cols, [&](int64_t first, int64_t last) {
       for (int64_t i = first; i < last; ++i) {
         acc_t sq = 0;
@@ -93,12 +98,13 @@ void ortho_penalty_grad_cpu_(Tensor& grad_A, const Tensor& A, double lam, int64_
           h[i * cols + j] = static_cast<acc_t>(a[i * cols + j]) * inv;
       }
     });
-    Tensor G = at::mm(A_hat, A_hat.t());
-    acc_t* gm = G.data_ptr<acc_t>();
+    acc_t* gm = gram.data();
+    acc_t* ga = ga_buf.data();
+    Tensor G = wrap(gram, rows, rows), GA = wrap(ga_buf, rows, cols);
+    at::mm_out(G, A_hat, A_hat.t());
     for (int64_t i = 0; i < rows; ++i)  // same-expert blocks do not count
       std::fill(gm + i * rows + (i / r) * r, gm + i * rows + (i / r + 1) * r, acc_t(0));
-    const Tensor GA = at::mm(G, A_hat);
-    const acc_t* ga = GA.const_data_ptr<acc_t>();
+    at::mm_out(GA, G, A_hat);
     scalar_t* out = grad_A.data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(coef), l = static_cast<acc_t>(lam);
     parallel_rows(rows, cols, [&](int64_t first, int64_t last) {
