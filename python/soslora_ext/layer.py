@@ -53,11 +53,12 @@ class SOSLinear(AdapterLinear):
       * uniform prior: ``uniform_prior * (p - 1/K) / T`` is added to the gate logits'
         gradient at every call of the layer, as the authors' gate function does.
       * scale anchor: ``scale_anchor * (s - s_fixed)`` is added to the channel scales'
-        gradient in the graph, also once per call: for a layer called once per forward
-        (every transformers model) that equals the authors' once-per-backward parameter
-        hook; a layer called twice in one forward gets the pull twice. The in-graph form is
-        kept because it survives FSDP2's parameter replacement, torch.compile and activation
-        checkpointing, where a parameter hook is lost or breaks the graph.
+        gradient by the layer's backward (inside its op), also once per call: for a layer
+        called once per forward (every transformers model) that equals the authors'
+        once-per-backward parameter hook; a layer called twice in one forward gets the pull
+        twice. The in-graph form is kept because it survives FSDP2's parameter replacement,
+        torch.compile and activation checkpointing, where a parameter hook is lost or breaks
+        the graph.
     """
 
     def __init__(self, base: nn.Module, num_experts: int = 4, rank: int = 64,
