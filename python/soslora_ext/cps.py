@@ -41,8 +41,8 @@ from .partition import (GradientSketch, block_factors, captured_energy, factored
 Tensor = torch.Tensor
 
 # Up to this total rank the forward computes the clusters as one dense low-rank update (the
-# blocks placed in [R, in] and [out, R] factors, zeros elsewhere) through the fused op of
-# SOSLinear: G times the FLOPs of the cluster op's products, but no gather or scatter of the
+# blocks placed in [R, in] and [out, R] factors, zeros elsewhere) through SOSLinear's products:
+# G times the FLOPs of the cluster op's products, but no gather or scatter of the
 # [N, in] and [N, out] activations. On a 2-core AVX-512 CPU (fp32, N=2048, G=4) that is
 # faster at R=64 for every shape measured and about even at R=256 (bench/bench_layer.py).
 DENSE_MAX_RANK = 128
@@ -98,9 +98,9 @@ class CPSLinear(AdapterLinear):
     the rank the block allows; a cluster left without rows or columns contributes nothing
     until a later repartition gives it some.
 
-    The forward runs the clusters as one dense low-rank update through SOSLinear's fused op
-    while the total rank is at most DENSE_MAX_RANK, and as blocks of the activations (the
-    cluster op) above it; both give the same function.
+    The forward is one autograd node (ops.adapted_linear): the clusters as one dense low-rank
+    update, as SOSLinear's, while the total rank is at most DENSE_MAX_RANK, and as blocks of
+    the activations (the cluster op) above it; both give the same function.
     """
 
     def __init__(self, base: nn.Module, num_clusters: int = 4, rank: int = 8,
