@@ -306,6 +306,23 @@ def test_cpu_block_loops_equal_aten_forms(dtype, p, aten_forms):
         assert torch.equal(loop, aten)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_shape", [(4,), (4, 21)])
+def test_cpu_group_scaling_equals_aten_form(dtype, scale_shape, aten_forms):
+    torch.manual_seed(3)
+    inputs = make_inputs(5, 33, 21, 12, scale_shape, dtype, torch.float32, "weight+bias")
+    grad = torch.randn(5, 21, dtype=dtype)
+
+    def step():
+        torch.manual_seed(2)
+        out = ops.adapted_linear(inputs[0], *inputs[1:4], weight=inputs[4], bias=inputs[5],
+                                 dropout_p=0.2)
+        return (out, *torch.autograd.grad(out, list(inputs[:4]), grad))
+
+    for loop, aten in zip(step(), aten_forms(step)):
+        assert torch.equal(loop, aten)
+
+
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-13), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("K,r,n_in", [(2, 3, 7), (4, 8, 64), (3, 5, 4)])
 def test_cpu_penalty_loop_matches_aten_form(dtype, tol, K, r, n_in, aten_forms):
