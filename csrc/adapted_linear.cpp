@@ -92,12 +92,10 @@ void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tens
 
 Factors dense_factors(const Tensor& A, const Tensor& B, const Tensor& scale,
                       const Layout& layout, at::ScalarType dtype) {
-  if (!layout.blocks()) return {cast(A, dtype), scale_groups(B, scale, dtype)};
-  // lora_A [r_max, in] is placed as its transpose: items are the input columns.
-  const Tensor A_t = place_blocks(A.t(), *layout.col_index, layout.col_offsets, layout.ranks,
-                                  std::nullopt, dtype);
-  return {A_t.t(), place_blocks(B, *layout.row_index, layout.row_offsets, layout.ranks, scale,
-                                dtype)};
+  return {dense_factors_A(A, layout, dtype),
+          layout.blocks()
+              ? place_blocks(B, *layout.row_index, layout.row_offsets, layout.ranks, scale, dtype)
+              : scale_groups(B, scale, dtype)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> adapted_linear_forward(
@@ -148,11 +146,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
                   scaled_B.dim() == 2 && scaled_B.size(0) == B.size(0),
               op, ": expected grad_out [N, out], hidden [N, R], scaled_B [out, R]; got ",
               grad_out.sizes(), ", ", hidden.sizes(), ", ", scaled_B.sizes());
-  if (weight.has_value()) {
-    check_same_float_dtype(*weight, "weight", x, "x", op);
-    TORCH_CHECK(weight->dim() == 2 && weight->size(0) == B.size(0) && weight->size(1) == x.size(1),
-                op, ": weight must be [out, in], got ", weight->sizes());
-  }
+  check_base_args(x, weight, std::nullopt, std::nullopt, B.size(0), op);
   check_dropout(dropout_seed, dropout_p, x, op);
   const auto [need_x, need_A, need_B, need_scale] = output_mask;
   TORCH_CHECK(!need_scale || !layout.blocks(), op, ": the cluster scales are fixed");
@@ -218,6 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
 
 Tensor dense_factors_A(const Tensor& A, const Layout& layout, at::ScalarType dtype) {
   if (!layout.blocks()) return cast(A, dtype);
+  // lora_A [r_max, in] is placed as its transpose: items are the input columns.
   return place_blocks(A.t(), *layout.col_index, layout.col_offsets, layout.ranks, std::nullopt,
                       dtype).t();
 }
