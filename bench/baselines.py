@@ -87,7 +87,8 @@ class PlainTorchSOS(nn.Module):
         w = base.weight
         gamma = torch.linspace(1.0, gamma_max, num_experts)
         gamma = gamma / gamma.mean()
-        self.register_buffer("scale", (gamma * alpha / r).repeat_interleave(r).to(w.device, w.dtype))
+        scale = (gamma * alpha / r).repeat_interleave(r)
+        self.register_buffer("scale", scale.to(w.device, w.dtype))
         q, _ = torch.linalg.qr(torch.randn(base.in_features, r_tot, device=w.device))
         self.A = nn.Parameter(q.T.contiguous().to(w.dtype))
         self.B = nn.Parameter(torch.randn(base.out_features, r_tot, device=w.device,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import soslora_ext as sl
-from soslora_ext.partition import adjusted_rand_index
+from soslora_ext.layers.partition import adjusted_rand_index
 
 
 def planted_target(out_features, in_features, clusters, rank, generator):

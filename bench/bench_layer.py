@@ -33,7 +33,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soslora_ext as sl  # noqa: E402
-from soslora_ext.main_job import cpu_name  # noqa: E402
+from soslora_ext.apps.main_job import cpu_name  # noqa: E402
+
 from baselines import PlainTorchSOS, ReferenceSOS, peft_lora  # noqa: E402
 from gpu_summary import layer_targets  # noqa: E402
 from op_count import count_ops  # noqa: E402

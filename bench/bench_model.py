@@ -21,6 +21,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soslora_ext as sl  # noqa: E402
+
 from baselines import PlainTorchSOS, ReferenceSOS  # noqa: E402
 from bench_layer import machine_name, time_step  # noqa: E402
 

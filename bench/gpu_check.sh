@@ -5,7 +5,7 @@
 #   bench/gpu_check.sh build tests          # only these, in this order
 #
 #   build    pip-installs the extension for the detected GPU's architecture only
-#   tests    tests/test_cuda.py and tests/test_build.py (the build itself: registrations, the C++
+#   tests    tests/ops/test_cuda.py and tests/system/test_build.py (the build itself: registrations, the C++
 #            runtime it links, an op error raising in a fresh process); FULL_TESTS=1: every test
 #   layer    bench/bench_layer.py (LAYER_ARGS adds arguments, e.g. "--n 8192 --iters 10")
 #   model    bench/bench_model.py
@@ -39,7 +39,7 @@ stage_build() {
 }
 
 stage_tests() {
-  local tests=("$PWD/tests/test_cuda.py" "$PWD/tests/test_build.py")
+  local tests=("$PWD/tests/ops/test_cuda.py" "$PWD/tests/system/test_build.py")
   [ "${FULL_TESTS:-0}" = 1 ] && tests=("$PWD/tests")
   (cd /tmp && "$PY" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
     "${tests[@]}") 2>&1 | tee "$RESULTS/tests.log" | tail -60

@@ -118,8 +118,8 @@ def markdown(summary: dict) -> str:
         missed = "; ".join(f"{m['row']} ({m['ratio']}x)" for m in t["missed"][:6])
         if len(t["missed"]) > 6:
             missed += f"; and {len(t['missed']) - 6} more"
-        lines.append(f"| {t['target']} | { {True: 'yes', False: 'NO', None: 'not measured'}[t['met']] } | {t['rows']} | "
-                     f"{t['worst']} | {missed} |")
+        met = {True: "yes", False: "NO", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {met} | {t['rows']} | {t['worst']} | {missed} |")
     return "\n".join(lines) + "\n"
 
 

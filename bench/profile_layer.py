@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import soslora_ext as sl  # noqa: E402
+
 from bench_layer import K, candidates, machine_name, training_step  # noqa: E402
 
 
@@ -48,8 +49,8 @@ def profile_steps(step, device, steps: int, top: int) -> str:
         total_key = "self_cpu_time_total"
     kernels.sort(key=lambda e: getattr(e, total_key), reverse=True)
     busy_ms = sum(getattr(e, total_key) for e in kernels) / 1e3 / steps
-    lines = [f"  wall {wall_ms:.3f} ms/step (profiled), {'device' if device.type == 'cuda' else 'op'}"
-             f" time {busy_ms:.3f} ms/step"]
+    busy = "device" if device.type == "cuda" else "op"
+    lines = [f"  wall {wall_ms:.3f} ms/step (profiled), {busy} time {busy_ms:.3f} ms/step"]
     for e in kernels[:top]:
         lines.append(f"  {getattr(e, total_key) / 1e3 / steps:8.4f} ms  x{e.count // steps:<3} "
                      f"{e.key[:110]}")

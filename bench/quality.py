@@ -34,13 +34,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soslora_ext.apps import finetune  # noqa: E402
+from soslora_ext.apps.main_job import environment  # noqa: E402
+from soslora_ext.layers.model import trainable_parameters  # noqa: E402
+
 from quality_methods import BASELINE, METHODS, adapt, saved_parameters  # noqa: E402
 from quality_report import plot, results_markdown  # noqa: E402
 from quality_stats import holm, mean_ci, paired_t_test  # noqa: E402
 from quality_tasks import ClassificationTask, LanguageModelTask  # noqa: E402
-from soslora_ext import finetune  # noqa: E402
-from soslora_ext.main_job import environment  # noqa: E402
-from soslora_ext.model import trainable_parameters  # noqa: E402
 
 MATCHING = (
     "every low-rank method has rank r per targeted Linear (in x out), r (in + out) "

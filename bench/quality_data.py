@@ -15,7 +15,7 @@ depend on the training seed.
 ``man-pages`` (causal LM adaptation): the small GPT-2 of examples/naive_summation (pretrained
 there on Python, C headers and license texts, built by that example's own pretrain_base) is
 adapted to roff manual pages, a domain it never saw. Man pages are split by file into
-training and held-out text (soslora_ext.data.domain_text); the held-out chunks are split
+training and held-out text (soslora_ext.apps.data.domain_text); the held-out chunks are split
 in half into validation and test.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from soslora_ext.data import domain_text
-from soslora_ext.main_job import data_digest
+from soslora_ext.apps.data import domain_text
+from soslora_ext.apps.main_job import data_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from soslora_ext.model import apply_cps_lora, apply_sos_lora
+from soslora_ext.layers.model import apply_cps_lora, apply_sos_lora
 
 METHODS = ("LoRA", "rsLoRA", "DoRA", "SOS-LoRA", "SOS-LoRA official", "CPS-LoRA static",
            "CPS-LoRA repartitioned", "full FT")

@@ -80,7 +80,7 @@ def task_table(task: dict) -> list[str]:
 def sweep_table(task: dict) -> list[str]:
     metric = task["metric"]
     lrs = task["lrs"]
-    lines = [f"| method | " + " | ".join(f"val {metric}, lr {lr:g}" for lr in lrs) + " |",
+    lines = ["| method | " + " | ".join(f"val {metric}, lr {lr:g}" for lr in lrs) + " |",
              "|---|" + "---|" * len(lrs)]
     for method, s in task["summary"].items():
         cells = []

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from soslora_ext.apps import finetune
+from soslora_ext.apps.main_job import minilm_dir
+
 import quality_data
 from quality_methods import AdapterSpec
-from soslora_ext import finetune
-from soslora_ext.main_job import minilm_dir
 
 
 class _PassThrough(nn.Module):

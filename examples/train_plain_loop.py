@@ -15,7 +15,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import soslora_ext as sl
 
-
 VOCAB = 64
 
 

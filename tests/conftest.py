@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import soslora_ext as sl
-from soslora_ext import reference
+from soslora_ext.ops import reference
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -81,12 +81,12 @@ def oracle_expert_scales(layer: sl.SOSLinear, params=None) -> torch.Tensor:
 def restamp_adapter(directory, edit=lambda config: None) -> None:
     """Apply edit(config) to a saved adapter's config and re-record both checksums, as a writer
     that damaged its own output would: the checks behind the checksums must still refuse it."""
-    from soslora_ext.serialization import CONFIG_NAME, WEIGHTS_NAME, _config_sha256, _sha256
+    from soslora_ext.formats.native import CONFIG_NAME, WEIGHTS_NAME, config_sha256, file_sha256
 
     config = json.loads((directory / CONFIG_NAME).read_text())
     edit(config)
-    config["weights_sha256"] = _sha256(directory / WEIGHTS_NAME)
-    config["config_sha256"] = _config_sha256(config)
+    config["weights_sha256"] = file_sha256(directory / WEIGHTS_NAME)
+    config["config_sha256"] = config_sha256(config)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     overwrite(directory / CONFIG_NAME, text.encode())
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 import soslora_ext as sl
-from soslora_ext.adapter_files import CONFIG_NAME, TMP_PATTERN, WEIGHTS_NAME
-from soslora_ext.peft_format import folded_factors
+from soslora_ext.formats.files import CONFIG_NAME, TMP_PATTERN, WEIGHTS_NAME
+from soslora_ext.formats.peft import folded_factors
 
 STEPS = ("open", "write", "fsync", "link", "replace", "rename", "unlink", "mkdir")
 REAL = {name: getattr(os, name) for name in STEPS}
@@ -66,7 +66,7 @@ def check(kind, directory, version):
         ok = got.keys() == want.state_dict().keys() and all(
             torch.equal(v, want.state_dict()[k]) for k, v in got.items())
     else:
-        _, factors, whole = sl.serialization.read_peft_lora(directory)
+        _, factors, whole = sl.formats.native.read_peft_lora(directory)
         layers = dict(sl.sos_layers(want))
         ok = factors.keys() == layers.keys() and all(
             torch.equal(a, b) for n in layers for a, b in zip(factors[n][:2],

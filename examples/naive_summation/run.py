@@ -4,7 +4,7 @@ The protocol of "naive LoRA summation" (GPT-2, LoRA rank 4, alpha 64, three doma
 this machine has and no downloads:
 
 1. A byte-level BPE tokenizer (vocabulary 4096) is trained on a mixed corpus of three real
-   domains found on the machine (soslora_ext.data.domain_text): Python's standard library,
+   domains found on the machine (soslora_ext.apps.data.domain_text): Python's standard library,
    C headers, and English license/copyright texts.
 2. A small GPT-2 (4 layers, width 128) built from a transformers config is pretrained briefly
    on the mix.
@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from soslora_ext import compose, finetune
-from soslora_ext.data import domain_text
+from soslora_ext import compose
+from soslora_ext.apps import finetune
+from soslora_ext.apps.data import domain_text
 
 HERE = Path(__file__).resolve().parent
 DOMAINS = {"python": "python", "c_header": "c_header", "english": "license"}

@@ -5,26 +5,44 @@ extension.
     layer = sl.SOSLinear(nn.Linear(4096, 4096), num_experts=4, rank=64, alpha=128.0)
     model = sl.apply_sos_lora(model, target_modules=["q_proj", "v_proj"], rank=64)
 """
-from importlib.metadata import PackageNotFoundError, version as _version
+import importlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
-from . import compose, ops, reference
+from . import _legacy_paths, compose, ops
 from ._C import built_with_cuda
-from .config import PRESETS, CPSConfig, SOSConfig
-from .cps import CPSLinear
-from .adapter import AdapterLinear
-from .layer import SOSLinear
-from .model import (adapter_layers, apply_cps_lora, apply_sos_lora, check_adapters_called,
-                    check_finite, cps_layers, merge_and_unload, modules_to_save, ortho_penalty,
-                    sos_layers, trainable_parameters, uncalled_adapters)
-from .schedules import GateSchedule, OrthoSchedule, RepartitionSchedule
-from .serialization import AdapterError, export_peft, import_peft, load_adapter, save_adapter
+from .formats.native import AdapterError, export_peft, import_peft, load_adapter, save_adapter
+from .layers.base import AdapterLinear
+from .layers.config import PRESETS, CPSConfig, SOSConfig
+from .layers.cps import CPSLinear
+from .layers.model import (
+    adapter_layers,
+    apply_cps_lora,
+    apply_sos_lora,
+    check_adapters_called,
+    check_finite,
+    cps_layers,
+    merge_and_unload,
+    modules_to_save,
+    ortho_penalty,
+    sos_layers,
+    trainable_parameters,
+    uncalled_adapters,
+)
+from .layers.schedules import GateSchedule, OrthoSchedule, RepartitionSchedule
+from .layers.sos import SOSLinear
+from .ops import reference
+
+_legacy_paths.install()
 
 
 def __getattr__(name):
-    # The Trainer callback imports transformers: load it only when asked for.
+    # The Trainer callbacks import transformers: loaded only when asked for.
     if name in ("SOSLoRACallback", "CPSLoRACallback"):
-        from . import integrations
-        return getattr(integrations, name)
+        from .integrations import transformers
+        return getattr(transformers, name)
+    if name in _legacy_paths.MOVED:  # soslora_ext.cps and friends, as before
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'soslora_ext' has no attribute {name!r}")
 
 

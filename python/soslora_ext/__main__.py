@@ -1,7 +1,7 @@
 """`python -m soslora_ext COMMAND`: see soslora_ext.cli."""
 import sys
 
-from .cli import main
+from .cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

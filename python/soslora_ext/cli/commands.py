@@ -1,0 +1,412 @@
+"""Command line: ``python -m soslora_ext COMMAND`` (also installed as ``soslora``).
+
+    demo         synthetic end-to-end run (seconds)
+    main-job     fine-tune the real all-MiniLM-L6-v2 five ways (SOS, CPS x2, LoRA, SOS on a
+                 4-bit base), export, merge
+    train        fine-tune a model directory on a text or classification dataset
+    merge        write a merged model directory (loadable with from_pretrained)
+    export-peft  write an adapter in PEFT's LoRA format
+    info         layers, ranks, scales and parameter counts of an adapter
+    compose      report / merge / concat / eval: naive summation of adapters
+
+Errors are reported in one line (set SOSLORA_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .args import (
+    CliError,
+    Parser,
+    check_outputs,
+    document_defaults,
+    finite_float,
+    model_directory,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    quiet_transformers,
+    seed,
+    train_layer_kwargs,
+)
+from .compose import cmd_compose_concat, cmd_compose_eval, cmd_compose_merge, cmd_compose_report
+from .quantize import (
+    add_merge_options,
+    add_train_options,
+    check_merge,
+    dequantized_merge,
+    describe_base,
+    keep_heads,
+    load_kwargs,
+    quantization,
+    recorded,
+)
+
+# Module names that hold a task head: trained whole (modules_to_save), never adapted.
+HEADS = ("classifier", "score", "lm_head", "pooler")
+
+
+# ---- train -----------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..apps import finetune
+    from ..apps.data import read_training_data
+    from ..formats.base_models import causal_lm_architectures
+    from ..formats.native import save_adapter
+    from ..layers.base import is_linear
+    from ..layers.model import apply_cps_lora, apply_sos_lora, trainable_parameters
+    from ..layers.quantized import exact_path
+
+    model_dir = model_directory(args.model_dir)
+    layer_kwargs = train_layer_kwargs(args)  # bad values fail before the model loads
+    quant = quantization(args)
+    apply = apply_sos_lora if args.method == "sos" else apply_cps_lora
+    try:
+        task, payload = read_training_data(args.data, args.task, args.seed)
+    except ValueError as e:
+        raise CliError(f"--data {e}") from None
+    if task == "text":
+        causal_lm_architectures(model_dir)  # any other model would get an untrained LM head
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(args.seed)
+    if task == "classification":
+        train_rows, test_rows, names = payload
+        quant = keep_heads(quant, AutoModelForSequenceClassification, model_dir, HEADS)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(names), ignore_mismatched_sizes=True,  # a new head
+            **load_kwargs(quant))
+        _set_labels(model, names)
+        model_kwargs = dict(num_labels=len(names))
+        data = finetune.encode(tokenizer, [t for t, _ in train_rows], args.max_length)
+        data["labels"] = torch.tensor([l for _, l in train_rows])
+    else:
+        ids = tokenizer(payload, return_tensors="pt")["input_ids"][0]
+        n = ids.numel() // args.max_length
+        if n < 1:
+            raise CliError(f"--data {args.data}: {ids.numel()} tokens, fewer than --max-length="
+                           f"{args.max_length}: give more text or a smaller --max-length")
+        quant = keep_heads(quant, AutoModelForCausalLM, model_dir, HEADS)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs(quant))
+        model_kwargs = {}
+        chunks = ids[: n * args.max_length].view(n, args.max_length)
+        data = dict(input_ids=chunks, labels=chunks)
+    quant = describe_base(quant, model)
+    targets = args.targets or [n for n, m in model.named_modules()
+                               if is_linear(m)  # nn.Linear (bitsandbytes' too) or GPT-2's Conv1D
+                               and not any(h in n.split(".") for h in HEADS)]
+    heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in HEADS and n
+             and task == "classification"]
+    with _memory_for("--rank", layer_kwargs["rank"], "the adapters do not fit"):
+        apply(model, targets, modules_to_save=heads, **layer_kwargs)
+    trainable, total = trainable_parameters(model)
+    print(f"{task}: {trainable} trainable of {total} parameters"
+          + (f", base layers {quant['base_layer']}" if quant else ""), file=sys.stderr)
+    with _memory_for("--batch-size/--max-length", f"{args.batch_size}/{args.max_length}",
+                     "a training step does not fit"):
+        fit = finetune.train(model, finetune.sample_batches(data, args.batch_size), args.steps,
+                             lr=args.lr, seed=args.seed, log_every=args.log_every,
+                             lambda_max=args.ortho_lambda, preset=args.preset)
+    metrics = dict(task=task, steps=args.steps, losses=fit.losses, seconds=fit.seconds,
+                   trainable_parameters=trainable, quantization=quant)
+    if args.method == "sos":
+        metrics["preset"] = args.preset
+    if args.method == "cps":
+        metrics["repartitions"] = fit.repartition_log
+    if task == "classification":
+        test = finetune.encode(tokenizer, [t for t, _ in test_rows], args.max_length)
+        with exact_path(model):  # a quantized base computes as in training, on any shape
+            logits = finetune.predict_logits(model, test)
+        metrics["accuracy"] = finetune.accuracy(logits, torch.tensor([l for _, l in test_rows]))
+        metrics["labels"] = names
+        metrics["split"] = dict(train=len(train_rows), test=len(test_rows), test_per_label={
+            name: sum(l == i for _, l in test_rows) for i, name in enumerate(names)})
+    out = Path(args.out)
+    save_adapter(model, out / "adapter", metadata=dict(
+        base_model_class=type(model).__name__, model_kwargs=model_kwargs,
+        base_model_dir=str(model_dir.resolve()), labels=metrics.get("labels"),
+        **({"preset": args.preset} if args.method == "sos" else {}),
+        **({"quantization": quant} if quant else {})))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    summary = f"accuracy {metrics['accuracy']:.4f}, " if "accuracy" in metrics else ""
+    if args.method == "cps":
+        adopted = sum(v["adopted"] for r in fit.repartition_log for v in r["layers"].values())
+        summary += (f"{len(fit.repartition_log)} repartitions ({adopted} new layer partitions "
+                    "adopted), " if args.repartition_every else "fixed partitions, ")
+    print(f"{summary}final loss {sum(fit.losses[-10:]) / len(fit.losses[-10:]):.4f}; "
+          f"adapter written to {out / 'adapter'}")
+    return 0
+
+
+@contextlib.contextmanager
+def _memory_for(option: str, value, what: str):
+    """An allocation that fails inside the block is reported naming the option that sized it
+    (`what` says what did not fit)."""
+    import torch
+
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        raise CliError(f"{option} {value}: {what} in memory; use a smaller value "
+                       f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+                       ) from None
+
+
+# ---- merge / export / info --------------------------------------------------------------------
+def _own_adapter(path: str) -> str:
+    """An adapter directory in this package's format: a PEFT one gets pointed to the commands
+    and functions that read PEFT adapters."""
+    from ..formats.files import read_config
+    from ..formats.native import AdapterError
+
+    try:
+        _, config = read_config(Path(path))
+    except AdapterError:
+        return path  # the loader reports a missing or unreadable config precisely
+    if "peft_type" in config:
+        raise CliError(f"{path}: a PEFT adapter, not a soslora_ext one: load it into a model "
+                       "with soslora_ext.import_peft, or use `compose report/merge/concat/eval`, "
+                       "which read PEFT adapters")
+    return path
+
+
+def _set_labels(model, names) -> None:
+    """The label names in the model's config, so a saved (merged) classifier keeps them."""
+    if names and getattr(model.config, "num_labels", None) == len(names):
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def _load_adapted(adapter: str, base: str):
+    import transformers
+
+    from ..formats.native import load_adapter, read_adapter_config
+
+    config = read_adapter_config(_own_adapter(adapter))
+    meta = config.get("metadata") or {}
+    if not (isinstance(meta.get("model_kwargs", {}), dict)
+            and isinstance(meta.get("labels") or [], list)):
+        raise CliError(f"{adapter}: its metadata's model_kwargs must be an object and labels a "
+                       "list")
+    class_name = config.get("base_model_class") or meta.get("base_model_class")
+    model_class = getattr(transformers, str(class_name), None)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise CliError(f"{adapter}: base model class {class_name!r} is not a transformers class")
+    base_dir = model_directory(base)
+    base_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
+    trained_type = getattr(getattr(model_class, "config_class", None), "model_type", None)
+    if trained_type and base_type != trained_type:
+        raise CliError(f"--base {base}: a {base_type!r} model, but {adapter} was trained on a "
+                       f"{class_name} ({trained_type!r})")
+    quant = recorded(adapter, config)  # the base is loaded quantized as it was trained
+    quiet_transformers()
+    model = model_class.from_pretrained(base_dir, **meta.get("model_kwargs", {}),
+                                        **load_kwargs(quant))
+    _set_labels(model, meta.get("labels"))
+    return load_adapter(model, adapter)
+
+
+def cmd_merge(args) -> int:
+    from transformers import AutoTokenizer
+
+    from ..formats.native import read_adapter_config
+    from ..layers.model import merge_and_unload
+
+    check_merge(args, recorded(args.adapter, read_adapter_config(_own_adapter(args.adapter))))
+    model = _load_adapted(args.adapter, args.base)
+    model = dequantized_merge(model, args.dtype) if args.dequantize else merge_and_unload(model)
+    model.save_pretrained(args.out)
+    try:
+        AutoTokenizer.from_pretrained(args.base).save_pretrained(args.out)
+    except (OSError, ValueError):
+        pass  # a model directory without a tokenizer: nothing to copy
+    print(f"merged model written to {args.out}")
+    return 0
+
+
+def cmd_export_peft(args) -> int:
+    from ..formats.native import export_peft
+
+    export_peft(_load_adapted(args.adapter, args.base), args.out)
+    print(f"PEFT LoRA adapter written to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from ..formats.native import read_adapter
+
+    # The tensors saved whole come from the same checked read as the layers (the weights
+    # file alone may be a newer save's while that save is between its renames).
+    config, layers, whole_tensors = read_adapter(_own_adapter(args.adapter))
+    print(f"adapter {args.adapter}: method {config.get('method')}, library "
+          f"{config.get('library_version')}, base {config.get('base_model_class')}")
+    quant = (config.get("metadata") or {}).get("quantization")
+    if isinstance(quant, dict):
+        print(f"trained over quantized base layers: {quant.get('base_layer')}")
+    print(f"{'layer':<48} {'in->out':>11}  structure")
+    adapter_params = 0
+    for name, layer in layers.items():
+        adapter_params += sum(p.numel() for _, p in layer.named_adapter_parameters())
+        print(f"{name:<48} {layer.in_features:>5}->{layer.out_features:<5}  {layer.describe()}")
+    saved = config.get("modules_to_save") or {}
+    whole = sum(t.numel() for t in whole_tensors.values())
+    print(f"trainable parameters: {adapter_params + whole} ({adapter_params} in adapters, "
+          f"{whole} in modules saved whole: {sorted(saved) or 'none'})")
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from ..apps import main_job
+    from ..layers.config import PRESETS
+
+    parser = Parser(prog="python -m soslora_ext", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synthetic end-to-end run on CPU (seconds)")
+    p.add_argument("--steps", type=positive_int, default=600, help="optimizer steps")
+    p.add_argument("--seed", type=seed, default=0, help="random seed")
+
+    p = sub.add_parser("main-job", help=main_job.__doc__.splitlines()[0],
+                       description=main_job.__doc__)
+    main_job.add_arguments(p)
+    for action in p._actions:  # the same checks as the other commands' counts
+        if action.dest == "seed":
+            action.type = seed
+        elif action.type is int:
+            action.type = positive_int
+        elif action.type is float:
+            action.type = positive_float
+
+    p = sub.add_parser("train", help="fine-tune a model directory with SOS-LoRA or CPS-LoRA",
+                       description="Fine-tune a Hugging Face model directory with SOS-LoRA or "
+                       "CPS-LoRA on a classification (.jsonl with text/label, or 'filekinds') "
+                       "or text (.txt file or directory: causal LM) dataset; writes OUT/adapter "
+                       "and OUT/metrics.json. Accuracy is measured on held-out rows: for a "
+                       ".jsonl, each label's rows are shuffled with --seed and the last fifth "
+                       "of them is held out; 'filekinds' uses its own split, by file.")
+    p.add_argument("model_dir", help="a model directory (config.json, weights, tokenizer)")
+    p.add_argument("--data", required=True,
+                   help="'filekinds', a .jsonl file of {\"text\", \"label\"}, or text files")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--task", choices=["auto", "classification", "text"], default="auto",
+                   help="auto: classification for 'filekinds' and .jsonl, text otherwise")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="module names to adapt (default: every Linear except the heads)")
+    p.add_argument("--method", choices=["sos", "cps"], default="sos",
+                   help="sos: SOS-LoRA; cps: CPS-LoRA")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="SOS: a named recipe of layer hyperparameters and schedules: "
+                   "default (the defaults below) or official, the SOS-LoRA authors' recipe "
+                   "(rank 128, alpha 128, 4 experts, channel scales with "
+                   "anchor 1e-4, gate starting at temperature 2 with uniform prior 2e-4, LoRA+ "
+                   "ratio 2, dropout 0.05, factors in the base dtype, lambda per micro-batch); "
+                   "--rank/--alpha/--experts/--scale-mode/--gate/--dropout override it when "
+                   "given. --lr/--steps/--batch-size are not part of it")
+    p.add_argument("--rank", type=positive_int, default=None,
+                   help="SOS: total rank; CPS: rank per cluster (default 16; 128 with "
+                   "--preset official)")
+    p.add_argument("--experts", type=positive_int, default=None,
+                   help="SOS: number of experts (default 4)")
+    p.add_argument("--alpha", type=positive_float, default=None,
+                   help="scaling numerator, > 0 (default 2 * rank; 128 with --preset official)")
+    p.add_argument("--scale-mode", choices=["fixed", "channel"], default=None,
+                   help="SOS: fixed or trainable channel scales (default fixed; channel with "
+                   "--preset official)")
+    p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="SOS: the mean-1 gate (default off; on with --preset official)")
+    p.add_argument("--clusters", type=positive_int, default=4, help="CPS: number of clusters")
+    p.add_argument("--repartition-every", type=non_negative_int, default=0,
+                   help="CPS: repartition every this many steps (0: never)")
+    p.add_argument("--dropout", type=probability, default=None,
+                   help="adapter dropout rate (default 0.0; 0.05 with --preset official)")
+    p.add_argument("--ortho-lambda", type=non_negative_float, default=None,
+                   help="orthogonality weight after the ramp (default 0.006, as both presets)")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--max-length", type=positive_int, default=128,
+                   help="tokens per example (classification) or per chunk (text)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--log-every", type=non_negative_int, default=20,
+                   help="print the mean loss this often (0: never)")
+    add_train_options(p)
+
+    for name, text in (("merge", "write the merged model to OUT (from_pretrained loads it)"),
+                       ("export-peft", "write the adapter in PEFT's LoRA format to OUT")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("adapter", help="an adapter directory written by train or save_adapter")
+        p.add_argument("--base", required=True, help="the base model directory")
+        p.add_argument("--out", required=True, help="output directory")
+        if name == "merge":
+            add_merge_options(p)
+
+    p = sub.add_parser("info", help="layers, ranks, scales and trainable parameters")
+    p.add_argument("adapter", help="an adapter directory written by train or save_adapter")
+
+    compose = sub.add_parser("compose", help="sum adapters and measure their interference",
+                             description="Naive summation of LoRA adapters (PEFT directories "
+                             "or our own) and their interference, computed on the factors. "
+                             "Adapters are named by the shortest end of their path that tells "
+                             "them apart, or NAME=PATH.")
+    csub = compose.add_subparsers(dest="compose_command", required=True, metavar="ACTION")
+    adapters_help = "adapter directories (PATH or NAME=PATH)"
+    p = csub.add_parser("report", help="pairwise cosines, RMS cosine, norms, effective ranks")
+    p.add_argument("adapters", nargs="+", help=adapters_help)
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--plot", help="write a PNG heatmap of the pairwise RMS cosine here "
+                   "(needs matplotlib: pip install matplotlib)")
+    p = csub.add_parser("merge", help="write MODEL_DIR + sum of the adapters as a model")
+    p.add_argument("adapters", nargs="+", help=adapters_help)
+    p.add_argument("--into", required=True, help="the base causal-LM model directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--weights", type=finite_float, nargs="+",
+                   help="one weight per adapter (default 1 each)")
+    p = csub.add_parser("concat", help="write the exact sum as one PEFT LoRA adapter")
+    p.add_argument("adapters", nargs="+", help=adapters_help)
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--weights", type=finite_float, nargs="+",
+                   help="one weight per adapter (default 1 each)")
+    p = csub.add_parser("eval", help="perplexity of the base, each adapter and each sum")
+    p.add_argument("adapters", nargs="+", help=adapters_help)
+    p.add_argument("--model", required=True, help="the base causal-LM model directory")
+    p.add_argument("--text", required=True, help="a text file or a folder of .txt files")
+    p.add_argument("--max-length", type=positive_int, default=128, help="tokens per chunk")
+    p.add_argument("--max-chunks", type=positive_int, default=None,
+                   help="evaluate at most this many chunks (default: all)")
+    p.add_argument("--json", help="write the perplexities as JSON here")
+    document_defaults(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..apps import demo, main_job
+
+    commands = {"demo": lambda a: demo.main(["--steps", str(a.steps), "--seed", str(a.seed)]),
+                "main-job": main_job.main, "train": cmd_train, "merge": cmd_merge,
+                "export-peft": cmd_export_peft, "info": cmd_info,
+                "compose": lambda a: {"report": cmd_compose_report, "merge": cmd_compose_merge,
+                                      "concat": cmd_compose_concat,
+                                      "eval": cmd_compose_eval}[a.compose_command](a)}
+    try:
+        args = build_parser().parse_args(argv)
+        check_outputs(args)  # before any work: a bad --out would otherwise fail at the end
+        return commands[args.command](args)
+    except Exception as e:  # one line for the user; the traceback on request
+        if os.environ.get("SOSLORA_DEBUG") and not isinstance(e, CliError):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2

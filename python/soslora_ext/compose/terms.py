@@ -1,0 +1,110 @@
+"""An adapter as low-rank terms: ``Adapter`` maps module names to sums of terms,
+delta_W = sum_t scale_t B_t A_t (a PEFT LoRA is one term per module; an SOS or CPS adapter is one
+term with its scales folded into B), read from a saved directory or a model.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from ..formats.native import (
+    AdapterError,
+    folded_factors,
+    is_own_format,
+    read_adapter,
+    read_peft_lora,
+    write_peft_lora,
+)
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LowRankTerm:
+    """scale * B @ A, with A [r, in] and B [out, r]."""
+
+    A: Tensor
+    B: Tensor
+    scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B.shape[0], self.A.shape[1]
+
+
+@dataclass
+class Adapter(Mapping):
+    """Module name -> list of LowRankTerm. `fan_in_fan_out` marks adapters of layers whose
+    weight is stored [in, out] (GPT-2's Conv1D); `whole` holds modules saved whole."""
+
+    layers: dict[str, list[LowRankTerm]]
+    name: str = ""
+    fan_in_fan_out: bool = False
+    whole: dict[str, Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> list[LowRankTerm]:
+        return self.layers[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def shape(self, layer: str) -> tuple[int, int]:
+        """(out, in) of the layer's delta."""
+        return self.layers[layer][0].shape
+
+    def rank(self, layer: str) -> int:
+        return sum(t.A.shape[0] for t in self.layers[layer])
+
+    def factors(self, layer: str, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        """(A_cat, B_cat) with delta = B_cat A_cat: the terms concatenated, scales in B."""
+        terms = self.layers[layer]
+        A = torch.cat([t.A.to(dtype) for t in terms], dim=0)
+        B = torch.cat([t.B.to(dtype) * t.scale for t in terms], dim=1)
+        return A, B
+
+    def delta(self, layer: str, dtype=torch.float64) -> Tensor:
+        """The dense [out, in] delta (for inspection and tests; the rest never builds it)."""
+        A, B = self.factors(layer, dtype)
+        return B @ A
+
+    def save_peft(self, directory: str | os.PathLike) -> Path:
+        """Write as one PEFT LoRA (rank = sum of the terms' ranks per layer)."""
+        return write_peft_lora(directory, {n: self.factors(n) for n in self.layers}, self.whole,
+                               fan_in_fan_out=self.fan_in_fan_out)
+
+
+def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
+    """An adapter directory: PEFT LoRA (lora_alpha, rank_pattern/alpha_pattern, rsLoRA) or
+    soslora_ext's own format (its modules saved whole included), checked as load_adapter and
+    import_peft check them."""
+    directory = Path(directory)
+    name = name or directory.name
+    if is_own_format(directory):
+        config, layers, whole = read_adapter(directory)
+        terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
+        return Adapter(terms, name=name, whole=whole)
+    config, factors, whole = read_peft_lora(directory)
+    terms = {n: [LowRankTerm(A, B, scaling)] for n, (A, B, scaling) in factors.items()}
+    return Adapter(terms, name=name, fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+                   whole=whole)
+
+
+def from_model(model: nn.Module, name: str = "model") -> Adapter:
+    """The adapters (SOS and CPS layers) of a model, as an Adapter."""
+    from ..layers.model import adapter_layers
+
+    layers = dict(adapter_layers(model))
+    terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
+    if not terms:
+        raise AdapterError("from_model: the model has no adapted (SOSLinear/CPSLinear) layers")
+    return Adapter(terms, name=name,
+                   fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()))

@@ -1,0 +1,233 @@
+"""What an adapter's config and tensors must satisfy: the checks both formats share, and our
+format's (PEFT's LoRA format: peft_check).
+
+One set of checks, run by every reader and by every writer (so nothing is written that would
+be refused when read). They run in three phases, each before anything costlier happens:
+the config (types, names, sizes: before the weights file is opened), the safetensors header
+({name: (dtype, shape)}: before any tensor data is read or allocated), then the values
+(non-finite numbers, CPS partitions). Every failure is an AdapterError naming the layer,
+tensor or key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..layers.base import AdapterLinear, base_features, is_linear
+from ..layers.config import CPSConfig, SOSConfig, is_int
+from ..layers.cps import CPSLinear, check_fits, check_partition
+from ..layers.sos import SOSLinear
+from ..ops import accumulate_dtype
+from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+
+METHODS = {"sos": SOSLinear, "cps": CPSLinear}
+FACTOR_DTYPES = {str(d).removeprefix("torch."): d
+                 for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def fail(where: str, message: str):
+    raise AdapterError(f"{where}: {message}")
+
+
+# ---- names -----------------------------------------------------------------------------------
+def check_names(where: str, adapted, whole=()) -> None:
+    """Module names are dotted paths; none is, or lies inside, an adapted layer but itself
+    (e.g. "x.base_layer" beside "x"), so no tensor is claimed twice."""
+    adapted, whole = list(adapted), list(whole)
+    for name in adapted + whole:
+        if not isinstance(name, str) or not name or "" in name.split("."):
+            fail(where, f"module name {name!r} is not a dotted module path")
+    layers = set(adapted)
+    for name in adapted + whole:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            outer = ".".join(parts[:i])
+            if outer in layers and (outer != name or name in whole):
+                fail(where, f"module {name!r} is, or lies inside, the adapted layer {outer!r}")
+
+
+def model_module(model: nn.Module, name: str, where: str, what: str) -> nn.Module:
+    """The module `name` of `model`, which must not lie inside an adapted layer."""
+    module = model
+    for i, part in enumerate(name.split(".")):
+        if isinstance(module, AdapterLinear):
+            fail(where, f"{what} {name!r} lies inside the adapted layer "
+                        f"{'.'.join(name.split('.')[:i])!r}")
+        module = getattr(module, "_modules", {}).get(part)
+        if module is None:
+            fail(where, f"{what} {name!r}: no such module in {type(model).__name__}")
+    return module
+
+
+def check_model_layer(model: nn.Module, name: str, shape: tuple, where: str) -> nn.Module:
+    """The plain nn.Linear (or Conv1D) `name` of `model`, of (in_features, out_features)
+    `shape`."""
+    base = model_module(model, name, where, "layer")
+    if isinstance(base, AdapterLinear):
+        fail(where, f"layer {name!r} already has an adapter; load into a fresh model")
+    if not is_linear(base):
+        fail(where, f"layer {name!r} is a {type(base).__name__}, not an nn.Linear or Conv1D")
+    if tuple(shape) != base_features(base):
+        fail(where, f"layer {name!r}: adapter is for in/out features {tuple(shape)}, the model's "
+                    f"layer is {base_features(base)}")
+    return base
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for key, t in tensors.items():
+        # isfinite has no float8 kernels: widen 1-byte floats first.
+        if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1
+                                                        else t).all():
+            fail(where, f"tensor {key!r} has non-finite values")
+
+
+def header_of(tensors: dict[str, torch.Tensor]) -> dict:
+    """What a safetensors header would record for `tensors`: {name: (dtype, shape)}."""
+    return {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+
+
+def _compare(where: str, what: str, got, expected) -> None:
+    """`got` (dtype, shape) is `expected`; with no expectation, any floating-point tensor."""
+    if got is None:
+        fail(where, f"{what} is missing")
+    if expected is None and not got[0].is_floating_point:
+        fail(where, f"{what} is {got[0]}, expected a floating-point tensor")
+    if expected is not None and tuple(got) != tuple(expected):
+        fail(where, f"{what} is {got[0]} {tuple(got[1])}, expected {expected[0]} "
+                    f"{tuple(expected[1])}")
+
+
+# ---- our format ------------------------------------------------------------------------------
+def layer_tensors(method: str, config, in_features: int, out_features: int,
+                  dtype: torch.dtype) -> dict:
+    """{key: (dtype, shape)} of what a layer of this configuration saves, from its
+    hyperparameters alone (no layer is built: sizes are checked before anything is allocated)."""
+    acc = accumulate_dtype(dtype)
+    if method == "sos":
+        K, r = config.num_experts, config.r_total
+        spec = {"lora_A": (dtype, (r, in_features)), "lora_B": (dtype, (out_features, r)),
+                "fixed_scales": (acc, (K,)), "ortho_lambda": (acc, ())}
+        if config.scale_mode == "channel":
+            spec["expert_scales"] = (acc, (K, out_features))
+        if config.gate:
+            spec.update(gate_logits=(acc, (K,)), gate_temperature=(acc, ()))
+        return spec
+    G, r, long = config.num_clusters, config.r_max, torch.int64
+    return {"lora_A": (dtype, (r, in_features)), "lora_B": (dtype, (out_features, r)),
+            "row_index": (long, (out_features,)), "col_index": (long, (in_features,)),
+            "row_offsets": (long, (G + 1,)), "col_offsets": (long, (G + 1,)),
+            "cluster_scales": (acc, (G,)), "partition_seed": (long, ()),
+            "repartition_count": (long, ())}
+
+
+@dataclass
+class LayerPlan:
+    """A checked layer entry: what to build (cls(base, dtype=dtype, **kwargs)) and its tensors."""
+
+    cls: type
+    kwargs: dict
+    dtype: torch.dtype
+    in_features: int
+    out_features: int
+    tensors: dict  # key -> (dtype, shape)
+
+
+@dataclass
+class OwnPlan:
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    whole: dict[str, dict] = field(default_factory=dict)  # module -> {param: spec or None}
+
+
+def check_own_config(config: dict, where: str, model: nn.Module | None = None) -> OwnPlan:
+    """The layers and modules saved whole that a config of our format describes; with `model`,
+    also that each fits it. Raises AdapterError before anything is read or allocated."""
+    modules, saved = config.get("modules"), config.get("modules_to_save")
+    if not isinstance(modules, dict) or not modules:
+        fail(where, f"{CONFIG_NAME} lists no adapted modules")
+    saved = {} if saved is None else saved
+    if not isinstance(saved, dict) or not all(
+            isinstance(p, list) and all(isinstance(x, str) for x in p) and len(set(p)) == len(p)
+            for p in saved.values()):
+        fail(where, f"{CONFIG_NAME}: modules_to_save must map module names to lists of distinct "
+                    f"parameter names, got {str(saved)[:200]}")
+    check_names(where, modules, saved)
+    metadata, base = config.get("metadata", {}), config.get("base_model_class")
+    if not isinstance(metadata, dict):
+        fail(where, f"{CONFIG_NAME}: metadata must be an object, got {str(metadata)[:100]}")
+    if not (base is None or isinstance(base, str)):
+        fail(where, f"{CONFIG_NAME}: base_model_class must be a string, got {str(base)[:100]}")
+    plan = OwnPlan()
+    for name, entry in modules.items():
+        if not isinstance(entry, dict):
+            fail(where, f"layer {name!r}: bad entry in {CONFIG_NAME} (expected an object)")
+        shape = (entry.get("in_features"), entry.get("out_features"))
+        if model is not None:
+            check_model_layer(model, name, shape, where)
+        try:
+            method = entry.get("method", "sos")  # files written before CPS-LoRA are all SOS
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}")
+            if not all(is_int(n) and n > 0 for n in shape):
+                raise ValueError(f"in_features and out_features must be positive ints, got "
+                                 f"{shape}")
+            if not isinstance(entry.get("bias"), bool):
+                raise ValueError(f"bias must be a bool, got {entry.get('bias')!r}")
+            if entry.get("dtype") not in FACTOR_DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(FACTOR_DTYPES)}, got "
+                                 f"{entry.get('dtype')!r}")
+            kwargs = entry.get("config")
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"config must be an object, got {kwargs!r}")
+            hyper = (SOSConfig if method == "sos" else CPSConfig)(**kwargs)
+            if method == "cps":
+                check_fits(hyper, shape[1], shape[0])
+        except (TypeError, ValueError) as e:
+            fail(where, f"layer {name!r}: bad entry in {CONFIG_NAME} ({e})")
+        dtype = FACTOR_DTYPES[entry["dtype"]]
+        plan.layers[name] = LayerPlan(METHODS[method], dict(kwargs), dtype, *shape,
+                                      layer_tensors(method, hyper, *shape, dtype))
+    for name, params in saved.items():
+        own = {}
+        if model is not None:
+            own = dict(model_module(model, name, where, "module to save").named_parameters(
+                recurse=False))
+            for p in params:
+                if p not in own:
+                    fail(where, f"module to save {name!r}: parameter {p!r} is missing or has "
+                                "the wrong shape")
+        plan.whole[name] = {p: (own[p].dtype, tuple(own[p].shape)) if p in own else None
+                            for p in params}
+    return plan
+
+
+def check_own_header(plan: OwnPlan, header: dict, where: str) -> None:
+    """The weights hold exactly the tensors the config describes, of its dtypes and shapes."""
+    expected = set()
+    for name, layer in plan.layers.items():
+        for key, spec in layer.tensors.items():
+            expected.add(f"{name}.{key}")
+            _compare(where, f"layer {name!r}: tensor {key!r}", header.get(f"{name}.{key}"), spec)
+    for name, params in plan.whole.items():
+        for p, spec in params.items():
+            expected.add(f"{name}.{p}")
+            _compare(where, f"module to save {name!r}: parameter {p!r}",
+                     header.get(f"{name}.{p}"), spec)
+    extra = sorted(set(header) - expected)
+    if extra:
+        fail(where, f"{WEIGHTS_NAME} holds tensors that no layer uses: {extra[:5]}")
+
+
+def check_own_values(plan: OwnPlan, tensors: dict[str, torch.Tensor], where: str) -> None:
+    check_finite(tensors, where)
+    for name, layer in plan.layers.items():
+        if layer.cls is CPSLinear:
+            t = {k: tensors[f"{name}.{k}"] for k in ("row_index", "row_offsets", "col_index",
+                                                      "col_offsets")}
+            try:
+                check_partition(t["row_index"], t["row_offsets"].tolist(), layer.out_features,
+                                "rows")
+                check_partition(t["col_index"], t["col_offsets"].tolist(), layer.in_features,
+                                "columns")
+            except ValueError as e:
+                fail(where, f"layer {name!r}: {e}")

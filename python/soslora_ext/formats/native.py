@@ -1,0 +1,207 @@
+"""Saving and loading adapters in this package's format (and the PEFT format's entry points).
+
+Our format: a directory with ``adapter_config.json`` (format version, library version, method,
+each adapted layer's hyperparameters and shapes, the modules saved whole, the SHA-256 of the
+weights and of the config itself) and ``adapter_model.safetensors`` (every adapter tensor under
+its module path). Each layer entry records its method ("sos" for SOSLinear, "cps" for
+CPSLinear); a CPS layer's partition (row/column index maps and offsets) is stored with its
+factors.
+
+How the two files are written (a save killed at any moment leaves the last committed save
+loadable) and read: adapter_files. What they must hold: adapter_check, run by save_adapter
+before it writes and by every reader (load_adapter, read_adapter, layers_from_directory, and
+through them compose.load and `soslora_ext info`). PEFT's LoRA format: peft_format.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..layers.base import AdapterLinear
+from ..layers.distributed import full, is_writer
+from ..layers.model import adapter_layers, freeze_all_but_adapters, modules_to_save, replace_module
+from . import checks as check
+from .checks import METHODS
+from .files import (
+    CONFIG_NAME,
+    FORMAT,
+    PREVIOUS_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    file_sha256,
+    read_config,
+    read_pair,
+    save_pair,
+)
+from .peft import (
+    export_peft,
+    folded_factors,
+    import_peft,
+    layer_state,
+    read_peft_lora,
+    unsharded,
+    write_peft_lora,
+)
+from .peft_checks import PEFT_PREFIX
+
+FORMAT_VERSION = 1
+
+__all__ = ["AdapterError", "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "METHODS", "PEFT_PREFIX",
+           "PREVIOUS_WEIGHTS_NAME", "WEIGHTS_NAME", "export_peft", "folded_factors",
+           "import_peft", "is_own_format", "layers_from_directory", "load_adapter",
+           "read_adapter", "read_adapter_config", "read_peft_lora", "save_adapter",
+           "write_peft_lora", "file_sha256", "config_sha256", "layer_state", "unsharded"]
+
+
+def config_sha256(config: dict) -> str:
+    """SHA-256 of the config without its own checksum, as canonical JSON."""
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def _method(layer: AdapterLinear) -> str:
+    return next(name for name, cls in METHODS.items() if isinstance(layer, cls))
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike,
+                 metadata: dict | None = None) -> Path:
+    """Write the model's adapters (SOS and CPS layers, and its modules_to_save) to `directory`.
+
+    `metadata` (JSON-serialisable) is stored as is, e.g. how to rebuild the base model.
+    What would be refused when loaded (e.g. NaN after a diverged step) is refused here, and
+    the previous adapter stays. In a distributed run every rank calls it: sharded tensors are
+    gathered and rank 0 writes."""
+    from safetensors.torch import save
+
+    from .. import __version__
+
+    where = f"save_adapter({str(directory)!r})"
+    metadata = {} if metadata is None else metadata
+    try:  # strict JSON (no NaN), as every reader parses it
+        if not isinstance(metadata, dict):
+            raise TypeError(f"expected a dict, got {type(metadata).__name__}")
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        error = TypeError if isinstance(e, TypeError) else AdapterError  # a wrong type or value
+        raise error(f"{where}: metadata must be a JSON-serialisable dict without NaN or "
+                    f"infinity ({e}); nothing was written") from None
+    layers = dict(adapter_layers(model))
+    if not layers:
+        raise AdapterError(f"{where}: the model has no adapted (SOSLinear/CPSLinear) layers")
+    tensors, modules = {}, {}
+    for name, layer in layers.items():
+        tensors.update({f"{name}.{k}": v for k, v in layer_state(layer).items()})
+        modules[name] = dict(method=_method(layer), in_features=layer.in_features,
+                             out_features=layer.out_features,
+                             bias=layer.bias is not None, config=layer.config.to_dict(),
+                             dtype=str(layer.lora_A.dtype).removeprefix("torch."))
+    saved = {}
+    for name, module in modules_to_save(model).items():
+        params = dict(module.named_parameters(recurse=False))
+        tensors.update({f"{name}.{k}": full(v) for k, v in params.items()})
+        saved[name] = sorted(params)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    config = dict(format=FORMAT, format_version=FORMAT_VERSION, library_version=__version__,
+                  method="+".join(sorted({m["method"] for m in modules.values()})),
+                  base_model_class=type(model).__name__,
+                  target_modules=sorted(layers), modules=modules, modules_to_save=saved,
+                  metadata=metadata)
+    plan = check.check_own_config(config, where)
+    check.check_own_header(plan, check.header_of(tensors), where)
+    check.check_own_values(plan, tensors, where)
+    if not is_writer():
+        return Path(directory)
+    weights = save(tensors, metadata={"format": "pt"})
+    config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    config["config_sha256"] = config_sha256(config)
+    text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return save_pair(Path(directory), text.encode(), weights)
+
+
+def _check_format(config: dict, where: str) -> None:
+    if config.get("format") != FORMAT:
+        check.fail(where, f"{CONFIG_NAME} is not a {FORMAT} adapter (format="
+                          f"{str(config.get('format'))[:100]!r}); for PEFT adapters use "
+                          "import_peft")
+    if config.get("config_sha256") != config_sha256(config):
+        check.fail(where, f"{CONFIG_NAME}: contents do not match its checksum (the file is "
+                          "corrupted or was edited)")
+    if config.get("format_version") != FORMAT_VERSION:
+        check.fail(where, f"unsupported format_version {config.get('format_version')!r}")
+
+
+def _read_own(directory, where: str, model: nn.Module | None = None):
+    """(config, plan, tensors) of one of our adapter directories, every check passed (with
+    `model`: also that it fits the model)."""
+    plans = {}
+
+    def validate(config):
+        _check_format(config, where)
+        plans["plan"] = plan = check.check_own_config(config, where, model)
+        return lambda header: check.check_own_header(plan, header, where)
+
+    config, tensors = read_pair(directory, validate)
+    check.check_own_values(plans["plan"], tensors, where)
+    return config, plans["plan"], tensors
+
+
+def is_own_format(directory: str | os.PathLike) -> bool:
+    """Whether the directory's config says it is in this package's format (not PEFT's)."""
+    return read_config(Path(directory))[1].get("format") == FORMAT
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The checked adapter_config.json of one of our adapter directories."""
+    return _read_own(directory, repr(str(directory)))[0]
+
+
+def read_adapter(directory: str | os.PathLike
+                 ) -> tuple[dict, dict[str, AdapterLinear], dict[str, torch.Tensor]]:
+    """(config, {name: layer}, {"module.param": tensor saved whole}) of a saved adapter, checked
+    as load_adapter checks it; each layer on a weightless (meta) base: enough for scales,
+    factors and parameter counts without the base model."""
+    config, plan, tensors = _read_own(directory, repr(str(directory)))
+    layers = {}
+    for name, p in plan.layers.items():
+        layer = p.cls(nn.Linear(p.in_features, p.out_features, device="meta"), dtype=p.dtype,
+                      **p.kwargs)
+        layer.load_state_dict({k: tensors[f"{name}.{k}"] for k in p.tensors}, strict=False,
+                              assign=True)
+        layers[name] = layer
+    whole = {f"{m}.{p}": tensors[f"{m}.{p}"] for m, params in plan.whole.items() for p in params}
+    return config, layers, whole
+
+
+def layers_from_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, AdapterLinear]]:
+    """(config, {name: layer}) of a saved adapter (see read_adapter)."""
+    config, layers, _ = read_adapter(directory)
+    return config, layers
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Re-create the saved adapted layers on a fresh `model` and restore them exactly.
+
+    Every layer's name, shape, hyperparameters and tensors are checked before the model is
+    touched; a mismatch raises AdapterError naming the layer and leaves the model unchanged.
+    """
+    where = f"load_adapter({str(directory)!r})"
+    _, plan, tensors = _read_own(directory, where, model)
+    for name, p in plan.layers.items():
+        layer = p.cls(model.get_submodule(name), dtype=p.dtype, **p.kwargs)
+        layer.load_state_dict({k: tensors[f"{name}.{k}"] for k in p.tensors}, strict=False)
+        replace_module(model, name, layer)
+    kept = []
+    with torch.no_grad():
+        for name, params in plan.whole.items():
+            module = model.get_submodule(name)
+            for param in params:
+                getattr(module, param).copy_(tensors[f"{name}.{param}"])
+            kept.append(module)
+    freeze_all_but_adapters(model, keep_trainable=kept)
+    return model

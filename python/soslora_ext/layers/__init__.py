@@ -1,0 +1,13 @@
+"""The adapted layers and what acts on them.
+
+    base.py         AdapterLinear: the frozen base (Linear, Conv1D, 4/8-bit) all layers share
+    sos.py          SOSLinear: SOS-LoRA's K static, always-on experts
+    cps.py          CPSLinear: CPS-LoRA's cluster-local blocks
+    partition.py    CPS-LoRA's partition: gradient sketch, co-clustering, captured energy
+    schedules.py    training schedules: SOS-LoRA's recipe, CPS-LoRA's repartitions
+    config.py       SOSConfig, CPSConfig and the presets
+    quantized.py    bitsandbytes 4/8-bit bases
+    merge_guard.py  every in-place write of an update into a weight
+    model.py        apply_sos_lora / apply_cps_lora, merge_and_unload, penalties, counts
+    distributed.py  sharded parameters and reductions
+"""

@@ -1,0 +1,210 @@
+"""The merge guard: every in-place write of a low-rank update into a weight goes through here.
+
+A merge writes W <- fl(W + alpha (B*s) A) in place (ops.merge_into_). A non-finite factor or
+scale, or a sum beyond the weight dtype's range (float16: 65504), would turn weight entries
+into Inf/NaN for good: subtracting the update again cannot bring them back. So every weight
+and every term is checked before anything is written, and on any refusal every weight is
+left bit-identical.
+
+The check costs one host sync per weight and no [out, in] temporary: a bound
+|W + sum_t alpha_t D_t| <= max|W| + sum_t max_i |(B s)_i| max_j |A_:,j| (Cauchy-Schwarz on
+each entry of D = (B s) A) settles the common case. Only where the bound cannot exclude an
+overflow is the merge replayed band by band in the accumulation dtype, as the op computes it
+(small temporaries), before anything is written.
+
+Terms of a dtype or shape the op cannot take are refused here too, and the terms of all
+targets that write one weight are checked as their sum.
+
+A weight that already holds NaN or Inf is refused as well: the merge could not be checked,
+the merged model would be as broken as the base, and nothing is gained by writing into it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import ops
+
+Tensor = torch.Tensor
+
+# Rows per band of the exact check: about 2^20 elements per temporary.
+_BAND_ELEMENTS = 1 << 20
+# Slack on the bound for the rounding of the float32 (float64) accumulation.
+_BOUND_SLACK = 1.0 + 1e-3
+
+
+@dataclass
+class Term:
+    """alpha * (B * scale) @ A: A [r, in], B [out, r], scale [r] or [out, r]."""
+
+    A: Tensor
+    B: Tensor
+    scale: Tensor
+    alpha: float = 1.0
+
+
+@dataclass
+class Target:
+    """The terms to add, in order, into one [out, in] weight (a transposed view of a weight
+    stored [in, out] is written through); `name` is used in error messages."""
+
+    name: str
+    weight: Tensor
+    terms: list[Term] = field(default_factory=list)
+
+
+def _label(where: str, target: Target) -> str:
+    return f"{where}: layer {target.name!r}" if target.name else where
+
+
+def _acc_dtype(weight: Tensor, term: Term) -> torch.dtype:
+    # The op's rule: float32 accumulation (float64 for float64 weights or factors).
+    return torch.promote_types(ops.accumulate_dtype(weight.dtype),
+                               torch.promote_types(term.A.dtype, term.B.dtype))
+
+
+def _folded_B(term: Term, dtype: torch.dtype) -> Tensor:
+    return term.B.to(dtype) * term.scale.to(dtype)
+
+
+def _check_term(target: Target, term: Term, where: str) -> None:
+    """Dtypes and shapes the op accepts: found here, before any weight is written, rather than
+    by the op halfway through a multi-weight merge."""
+    A, B, scale = term.A, term.B, term.scale
+    for what, t in (("lora_A", A), ("lora_B", B), ("scale", scale)):
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{_label(where, target)}: the update's {what} must be a real "
+                            f"floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    out, in_ = target.weight.shape
+    if (A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_ or B.shape[0] != out
+            or A.shape[0] != B.shape[1] or scale.shape not in ((A.shape[0],), tuple(B.shape))):
+        raise ValueError(f"{_label(where, target)}: the update's shapes do not fit the "
+                         f"[{out}, {in_}] weight: lora_A {list(A.shape)} (expected [r, {in_}]), "
+                         f"lora_B {list(B.shape)} (expected [{out}, r]), scale "
+                         f"{list(scale.shape)} (expected [r] or [{out}, r])")
+
+
+def _by_weight(targets: list[Target]) -> list[Target]:
+    """One target per distinct weight: the terms of targets that write the same weight are
+    checked as the one sum they add up to."""
+    combined: dict[tuple, Target] = {}
+    for t in targets:
+        combined.setdefault(_weight_key(t.weight), Target(t.name, t.weight)).terms.extend(t.terms)
+    return list(combined.values())
+
+
+def _weight_key(weight: Tensor) -> tuple:
+    # A Conv1D weight is written through a fresh transposed view each time: views of one
+    # tensor with one layout are the same target.
+    base = weight._base if weight._base is not None else weight
+    return id(base), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride())
+
+
+@torch.no_grad()
+def check(targets: list[Target], where: str) -> None:
+    """Raise FloatingPointError naming the weight (and `where`) if adding any target's terms
+    would write a non-finite value, or if a factor, scale or the weight itself is not finite;
+    TypeError/ValueError if a term's dtype or shape cannot be merged. Writes nothing."""
+    for target in _by_weight(targets):
+        weight = target.weight
+        if not target.terms:
+            continue
+        if not weight.dtype.is_floating_point or weight.dim() != 2:
+            raise TypeError(f"{_label(where, target)}: the weight is {weight.dtype} "
+                            f"{list(weight.shape)}, not a floating-point matrix")
+        for t in target.terms:
+            _check_term(target, t, where)
+        if weight.device.type == "meta" or weight.numel() == 0:
+            continue
+        # One host sync: max|W| and each term's bound. A non-finite factor or scale makes its
+        # bound NaN or Inf; only then are its tensors inspected, to name the culprit.
+        lo, hi = torch.aminmax(weight.detach())
+        values = [torch.maximum(lo.abs(), hi.abs()).double()]
+        values += [_term_bound(t) for t in target.terms]
+        weight_max, *bounds = torch.stack([v.to(weight.device) for v in values]).tolist()
+        for t, term_bound in zip(target.terms, bounds):
+            if not math.isfinite(term_bound):
+                _refuse_non_finite(target, t, where)
+        if not math.isfinite(weight_max):
+            raise FloatingPointError(
+                f"{_label(where, target)}: the base weight already holds non-finite "
+                "values; nothing was merged")
+        limit = torch.finfo(weight.dtype).max
+        bound = weight_max + sum(bounds)
+        if bound * _BOUND_SLACK < limit:
+            continue
+        _exact_check(target, where, limit)
+
+
+def _term_bound(term: Term) -> Tensor:
+    """|alpha| max_i |(B s)_i| max_j |A_:,j| in float64 (0-d, on the factors' device): bounds
+    every entry of the term's update (Cauchy-Schwarz). NaN or Inf if a factor or the scale is
+    not finite (or, for float64 factors beyond 1e154, if a square overflows)."""
+    if term.A.numel() == 0 or term.B.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=term.A.device)
+    rows = _folded_B(term, torch.float64).square().sum(dim=1).amax()
+    cols = term.A.double().square().sum(dim=0).amax()
+    return abs(float(term.alpha)) * (rows * cols).sqrt()
+
+
+def _refuse_non_finite(target: Target, term: Term, where: str) -> None:
+    """Raise FloatingPointError naming the term's non-finite tensor, if it has one."""
+    for what, t in (("lora_A", term.A), ("lora_B", term.B), ("scale", term.scale)):
+        if not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(
+                f"{_label(where, target)}: the update's {what} has non-finite values; nothing "
+                "was merged (fix or reload the adapter)")
+
+
+def _exact_check(target: Target, where: str, limit: float) -> None:
+    """Replay the merge band by band as the op computes it (accumulate, round into the weight's
+    dtype, term after term) and refuse if any value would leave the dtype's finite range.
+    A sum just above the dtype's max is refused even where rounding would bring it back: the
+    CUDA kernel may round the last bit differently from this replay."""
+    weight = target.weight
+    rows, cols = weight.shape
+    band = max(1, _BAND_ELEMENTS // max(cols, 1))
+    folded = [(_acc_dtype(weight, t), t) for t in target.terms]
+    folded = [(acc, t.A.to(acc), _folded_B(t, acc), float(t.alpha)) for acc, t in folded]
+    for start in range(0, rows, band):
+        w = weight.detach()[start:start + band]
+        for acc, A, Bs, alpha in folded:
+            # A copy even where w is already `acc`: the check must never write the weight.
+            s = w.to(acc, copy=True).add_(Bs[start:start + band] @ A, alpha=alpha)
+            if not bool((s.abs() <= limit).all()):
+                raise FloatingPointError(
+                    f"{_label(where, target)}: the merged weight would exceed the "
+                    f"range of {weight.dtype} (|value| > {limit:.6g}); nothing was merged "
+                    "(merge into a wider dtype, e.g. model.float(), or scale the adapter down)")
+            w = s.to(weight.dtype)
+
+
+def update_problem(term: Term, out: int, in_: int, dtype: torch.dtype) -> str | None:
+    """What keeps `term` from being merged into (or unmerged from) an [out, in] weight of
+    `dtype` (wrong dtype or shape, non-finite values), or None. For a merged update loaded
+    from a state dict, before the layer records it."""
+    shape_only = Target("", torch.empty(out, in_, device="meta", dtype=dtype), [term])
+    try:
+        check([shape_only], "merged update")
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if not all(t.device.type == "meta" or bool(torch.isfinite(t).all())
+               for t in (term.A, term.B, term.scale)):
+        return "merged update: has non-finite values"
+    return None
+
+
+@torch.no_grad()
+def write(targets: list[Target]) -> None:
+    """Add every target's terms into its weight (after check())."""
+    for target in targets:
+        for t in target.terms:
+            ops.merge_into_(target.weight, t.A, t.B, t.scale, t.alpha)
+
+
+def merge_(targets: list[Target], where: str) -> None:
+    """check() every target, then write() them all: all or nothing."""
+    check(targets, where)
+    write(targets)

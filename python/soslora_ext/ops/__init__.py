@@ -1,0 +1,127 @@
+"""Python face of the `torch.ops.soslora` operators: thin wrappers (here), fake kernels
+(fakes.py) and the autograd of the pieces (autograd.py).
+
+Shapes: x [N, in], A [r, in], B [out, r], scale [r] (one per rank) or [out, r] (per output
+channel and rank). Experts are contiguous segments of the r axis. Dropout is described by an
+int64 tensor `dropout_seed = (seed, offset)` on x's device: the mask is recomputed from it in
+the backward pass, never stored.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  loads the library that registers torch.ops.soslora
+from . import autograd, fakes  # noqa: F401  registered with torch.library on import
+from .dtypes import SUPPORTED_DTYPES, accumulate_dtype
+
+__all__ = ["SUPPORTED_DTYPES", "accumulate_dtype", "adapted_linear", "add_ortho_penalty_grad_",
+           "cluster_lowrank", "linear_lowrank", "lowrank", "merge_into_", "new_dropout_seed",
+           "ortho_penalty", "set_cuda_path"]
+
+Tensor = torch.Tensor
+_ops = torch.ops.soslora
+
+
+Blocks = tuple  # (row_index, col_index, row_offsets, col_offsets, ranks): CPS-LoRA's partition
+
+
+def adapted_linear(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, *,
+                   weight: Tensor | None = None, bias: Tensor | None = None,
+                   base_out: Tensor | None = None, blocks: Blocks | None = None,
+                   dense_blocks: bool = True, dropout_p: float = 0.0,
+                   dropout_on_input: bool = False, ortho_lambda: Tensor | None = None,
+                   num_experts: int = 1, grad_A_multiplier: float = 1.0,
+                   gate_logits: Tensor | None = None, gate_temperature: Tensor | None = None,
+                   uniform_prior: float = 0.0, anchor_scales: Tensor | None = None,
+                   scale_anchor: float = 0.0) -> Tensor:
+    """An adapted layer's training step as one autograd node (forward and backward in C++):
+    base + drop-path(x) A^T (B*scale)^T for 2-D x [N, in].
+
+    base: x weight^T + bias (a plain linear layer: one [N, out] buffer for both), or base_out
+    [N, out] (a separate base's output), or none. A [r, in], B [out, r]; scale [G] or
+    [G, out] with G dividing r (one scale per group of r/G ranks, per output channel in the
+    2-D form: per expert, or per rank); they may be of another floating dtype than x (cast
+    here, gradients in their own dtype). gate_logits [G] (with gate_temperature, 0-d) gate the
+    scale by G softmax(logits / T); the backward adds uniform_prior (p - 1/G) / T to the
+    logits' gradient and scale_anchor (scale - anchor_scales[:, None]) to a 2-D scale's.
+    blocks: CPS-LoRA's partition (A [r_max, in], B [out, r_max] in partition order, scale
+    [num_clusters]); computed as one dense update when dense_blocks, else by the cluster op.
+    Dropout (seed drawn from torch's generator) on the input or on x A^T. The backward adds
+    ortho_lambda (a device scalar, read on the device) times the orthogonality penalty's
+    gradient to A's gradient when given, then multiplies A's gradient by grad_A_multiplier
+    (LoRA+). Differentiable in x, weight, bias, base_out, A, B, scale and gate_logits (not in
+    a CPS scale); double backward of the dense forms is exact (the recipe's gradient terms
+    are constants there)."""
+    row_index, col_index, row_offsets, col_offsets, ranks = blocks or (None, None, [], [], [])
+    return _ops.adapted_linear(x, weight, bias, base_out, A, B, scale, row_index, col_index,
+                               row_offsets, col_offsets, ranks, dense_blocks, float(dropout_p),
+                               bool(dropout_on_input), ortho_lambda, int(num_experts),
+                               float(grad_A_multiplier), gate_logits, gate_temperature,
+                               float(uniform_prior), anchor_scales, float(scale_anchor))
+
+
+def lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, base_out: Tensor | None = None,
+            dropout_seed: Tensor | None = None, dropout_p: float = 0.0,
+            dropout_on_input: bool = False) -> Tensor:
+    """base_out + drop-path(x) A^T (B*scale)^T for 2-D x; differentiable in x, A, B, scale."""
+    out, _ = _ops.lowrank_forward(x, A, B, scale, base_out, dropout_seed, float(dropout_p),
+                                  bool(dropout_on_input))
+    return out
+
+
+def linear_lowrank(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                   scale: Tensor, dropout_seed: Tensor | None = None, dropout_p: float = 0.0,
+                   dropout_on_input: bool = False) -> Tensor:
+    """x weight^T + bias + drop-path(x) A^T (B*scale)^T for 2-D x, formed in one [N, out]
+    buffer (and the input gradient in one [N, in] buffer); differentiable in every tensor."""
+    out, _ = _ops.linear_lowrank_forward(x, weight, bias, A, B, scale, dropout_seed,
+                                         float(dropout_p), bool(dropout_on_input))
+    return out
+
+
+def set_cuda_path(path: str) -> str:
+    """Chooses how the low-rank ops run on CUDA; returns the previous choice.
+
+    "auto" (default): whichever was measured faster on an H100: cuBLAS through ATen for the
+    low-rank products, the hand-written kernel for the orthogonality-penalty gradient;
+    "kernels": the hand-written kernels wherever they exist (they never form the [N, in]
+    dropped-out input); "aten": ATen everywhere but the dropout-mask kernel, which every
+    choice uses. CPU is unaffected."""
+    previous = _C.cuda_path()
+    _C.set_cuda_path(path)
+    return previous
+
+
+def cluster_lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, row_index: Tensor,
+                    col_index: Tensor, row_offsets: list[int], col_offsets: list[int],
+                    ranks: list[int], base_out: Tensor | None = None,
+                    dropout_seed: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """base_out plus the cluster-local low-rank terms (CPS-LoRA) for 2-D x; differentiable in
+    x, A, B and base_out. Cluster c: rows row_index[row_offsets[c]:row_offsets[c+1]], columns
+    col_index[col_offsets[c]:...], factors A[:ranks[c], its column range] and
+    B[its row range, :ranks[c]] (stored in partition order), scale[c]; dropout on the input."""
+    out, _ = _ops.cluster_lowrank_forward(
+        x, A, B, scale, row_index, col_index, list(row_offsets), list(col_offsets), list(ranks),
+        base_out, dropout_seed, float(dropout_p))
+    return out
+
+
+def ortho_penalty(A: Tensor, num_experts: int) -> Tensor:
+    """Cross-expert orthogonality penalty of stacked A [r_tot, in] (0-d, float32/float64)."""
+    return _ops.ortho_penalty(A, int(num_experts))
+
+
+def add_ortho_penalty_grad_(grad_A: Tensor, A: Tensor, weight: Tensor, num_experts: int) -> None:
+    """grad_A += weight * d ortho_penalty(A) / dA, in place; weight is a one-element tensor."""
+    _ops.ortho_penalty_grad_(grad_A, A, weight, int(num_experts))
+
+
+def merge_into_(weight: Tensor, A: Tensor, B: Tensor, scale: Tensor, alpha: float = 1.0) -> None:
+    """weight += alpha * (B*scale) @ A in place, float32 accumulation, one rounding."""
+    _ops.merge_into_(weight, A, B, scale, float(alpha))
+
+
+def new_dropout_seed(device: torch.device) -> Tensor:
+    """(seed, offset) drawn from torch's generator for `device`, as the layers draw it:
+    torch.manual_seed reproduces it."""
+    return _ops.dropout_seed(torch.empty(0, device=device))

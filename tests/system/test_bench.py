@@ -1,0 +1,111 @@
+"""The bench scripts run end to end on a small CPU grid and write what they promise (their
+GPU runs happen in bench/gpu_check.sh; nothing here times anything)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                            timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_layer_bench_writes_json_png_and_markdown(tmp_path):
+    out = run(ROOT / "bench" / "bench_layer.py", "--n", "64", "--shapes", "48x40", "--ranks", "8",
+              "--dropout", "0.1", "--threads", "1", "2", "--warmup", "1", "--iters", "2",
+              "--json", tmp_path / "layer.json", "--png", tmp_path / "layer.png")
+    data = json.loads((tmp_path / "layer.json").read_text())
+    methods = {r["method"] for r in data["rows"]}
+    assert {"frozen base", "PEFT LoRA", "reference SOS", "plain PyTorch",
+            "plain PyTorch pre-drop", "SOSLinear", "SOSLinear pre-drop", "CPSLinear"} <= methods
+    # The CPU peak is measured for every row (its accuracy: the test below; steps this small
+    # are within its page-level noise, so only its presence is checked here).
+    assert all(r["peak_extra_mib"] is not None and r["peak_extra_mib"] >= 0
+               for r in data["rows"])
+    assert all(r["ms"] > 0 for r in data["rows"] + data["merge"] + data["penalty"])
+    assert {r["threads"] for r in data["rows"]} == {1, 2}
+    assert all(r["spread"] >= 0 for r in data["rows"])
+    assert "1/2 threads" in data["machine"]
+    assert {t["target"] for t in data["targets"]} >= {"merge <= 1.2x one addmm_",
+                                                      "CPSLinear step time <= 1.1x PEFT LoRA",
+                                                      "CPSLinear peak extra memory <= PEFT LoRA"}
+    assert (tmp_path / "layer.png").stat().st_size > 1000
+    table = out[out.rindex("| N |"):]  # the markdown table is printed last
+    assert table.count("\n|") == 3 and "SOSLinear" in table  # one line per thread count
+    # ATen ops per step on the CPU, SOSLinear (one node) far under the reference formulation.
+    ops = {r["method"]: r["ops"] for r in data["rows"] if r["threads"] == 1}
+    assert all(isinstance(n, int) and n > 0 for n in ops.values())
+    assert ops["SOSLinear"] < ops["reference SOS"] / 2
+    # The small multiples redraw from the JSON alone.
+    run(ROOT / "bench" / "bench_layer.py", "--plot-only", tmp_path / "layer.json", "--png",
+        tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 1000
+
+
+def test_tiny_step_table():
+    out = run(ROOT / "bench" / "bench_layer.py", "--tiny")
+    table = out[out.rindex("| method |"):]
+    for method in ("plain PyTorch", "PEFT LoRA", "SOSLinear", "SOSLinear λ=0", "CPSLinear"):
+        assert f"| {method} | " in table
+    assert table.count(" ops)") == 2 * 9  # both dropout rates of every method
+
+
+def test_cpu_peak_memory_counts_what_a_step_holds_at_once():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import peak_memory
+    mib = 2**20 // 4  # float32 elements per MiB
+
+    def two_live_then_one():
+        a = torch.ones(32 * mib)
+        b = a * 2  # 64 MiB live here
+        del a, b
+        return torch.zeros(16 * mib).sum()
+
+    def eight_mib():
+        return torch.ones(8 * mib).sum()
+
+    for _ in range(3):  # glibc now keeps 8 MiB blocks in its heap for reuse
+        eight_mib()
+    for step, expected in ((two_live_then_one, 64), (eight_mib, 8)):
+        peak = peak_memory.peak_extra_mib(step, torch.device("cpu"))
+        assert expected - 1 <= peak <= expected + 8, (step.__name__, peak)
+
+
+def test_model_bench_runs_every_variant(tmp_path):
+    out = run(ROOT / "bench" / "bench_model.py", "--tiny", "--warmup", "1", "--iters", "1",
+              "--json", tmp_path / "model.json")
+    rows = json.loads((tmp_path / "model.json").read_text())["rows"]
+    assert list(rows) == ["frozen_base", "peft_lora", "reference_sos", "plain_pytorch",
+                          "soslinear"]
+    assert rows["frozen_base"]["x_frozen_tokens_per_s"] == 1.0
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert out.rstrip().splitlines()[-1].startswith("| soslinear |")
+
+
+def test_gpu_check_stages_run_dry_on_cpu(tmp_path):
+    """bench/gpu_check.sh's logic (every stage, the summary) on the CPU with tiny sizes, so that a
+    mistake in it cannot waste the rare GPU time."""
+    env = {**ENV, "GPU_CHECK_DRY": "1", "RESULTS": str(tmp_path), "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True,
+                            text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s for s in summary["stages"]] == ["build", "tests", "layer", "model"]
+    assert all(s["rc"] == 0 for s in summary["stages"].values())
+    targets = {t["target"]: t for t in summary["targets"]}
+    assert "SOSLinear step time <= PEFT LoRA" in targets and "merge <= 1.2x one addmm_" in targets
+    assert all(t["met"] in (True, False) for t in targets.values() if t["rows"])
+    assert (tmp_path / "summary.md").read_text().startswith("# GPU check on CPU")
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "tests", "typo"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "unknown stage 'typo'" in bad.stdout
