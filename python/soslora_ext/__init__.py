@@ -2,8 +2,8 @@
 extension.
 
     import soslora_ext as sl
-    layer = sl.SOSLinear(nn.Linear(4096, 4096), num_experts=4, rank=64, alpha=128.0)
-    model = sl.apply_sos_lora(model, target_modules=["q_proj", "v_proj"], rank=64)
+    layer = sl.SOSLinear.from_config(nn.Linear(4096, 4096), sl.SOSConfig(rank=32))
+    model = sl.apply_sos_lora(model, target_modules=["q_proj", "v_proj"], rank=32)
 """
 import importlib
 from importlib.metadata import PackageNotFoundError

@@ -1,8 +1,8 @@
 """Command line: ``python -m soslora_ext COMMAND`` (also installed as ``soslora``).
 
     demo         synthetic end-to-end run (seconds)
-    main-job     fine-tune the real all-MiniLM-L6-v2 five ways (SOS, CPS x2, LoRA, SOS on a
-                 4-bit base), export, merge
+    main-job     fine-tune the real all-MiniLM-L6-v2 five ways (SOS, SOS on a 4-bit base,
+                 CPS x2, LoRA), export, merge
     train        fine-tune a model directory on a text or classification dataset
     merge        write a merged model directory (loadable with from_pretrained)
     export-peft  write an adapter in PEFT's LoRA format
@@ -269,10 +269,19 @@ def cmd_info(args) -> int:
 # ---- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ..apps import main_job
-    from ..layers.config import PRESETS
+    from ..layers.config import PRESETS, CPSConfig, SOSConfig, field_help
 
-    parser = Parser(prog="python -m soslora_ext", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    def sos(name):
+        return f"SOS: {field_help(SOSConfig, name)}"
+
+    def cps(name):
+        return f"CPS: {field_help(CPSConfig, name)}"
+
+    # The commands are listed once, by the subparsers' help.
+    parser = Parser(prog="python -m soslora_ext",
+                    description="Structured low-rank adapters (SOS-LoRA, CPS-LoRA, naive "
+                    "summation) from the command line. Errors are reported in one line (set "
+                    "SOSLORA_DEBUG=1 for the traceback).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="synthetic end-to-end run on CPU (seconds)")
@@ -315,23 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "ratio 2, dropout 0.05, factors in the base dtype, lambda per micro-batch); "
                    "--rank/--alpha/--experts/--scale-mode/--gate/--dropout override it when "
                    "given. --lr/--steps/--batch-size are not part of it")
+    # Layer options: their help is the config fields' own; the defaults are the command's.
     p.add_argument("--rank", type=positive_int, default=None,
-                   help="SOS: total rank; CPS: rank per cluster (default 16; 128 with "
-                   "--preset official)")
+                   help=f"{sos('rank')}; {cps('rank')} (default 16; 128 with --preset official)")
     p.add_argument("--experts", type=positive_int, default=None,
-                   help="SOS: number of experts (default 4)")
+                   help=f"{sos('num_experts')} (default 4)")
     p.add_argument("--alpha", type=positive_float, default=None,
-                   help="scaling numerator, > 0 (default 2 * rank; 128 with --preset official)")
+                   help=f"{sos('alpha')}; {cps('alpha')} (default 2 * rank; 128 with --preset "
+                   "official)")
     p.add_argument("--scale-mode", choices=["fixed", "channel"], default=None,
-                   help="SOS: fixed or trainable channel scales (default fixed; channel with "
-                   "--preset official)")
+                   help=f"{sos('scale_mode')} (default fixed; channel with --preset official)")
     p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
-                   help="SOS: the mean-1 gate (default off; on with --preset official)")
-    p.add_argument("--clusters", type=positive_int, default=4, help="CPS: number of clusters")
+                   help=f"{sos('gate')} (default off; on with --preset official)")
+    p.add_argument("--clusters", type=positive_int, default=4, help=cps("num_clusters"))
     p.add_argument("--repartition-every", type=non_negative_int, default=0,
-                   help="CPS: repartition every this many steps (0: never)")
+                   help=cps("repartition_every"))
     p.add_argument("--dropout", type=probability, default=None,
-                   help="adapter dropout rate (default 0.0; 0.05 with --preset official)")
+                   help=f"{sos('dropout')}; {cps('dropout')} (default 0.0; 0.05 with --preset "
+                   "official)")
     p.add_argument("--ortho-lambda", type=non_negative_float, default=None,
                    help="orthogonality weight after the ramp (default 0.006, as both presets)")
     p.add_argument("--steps", type=positive_int, default=200)

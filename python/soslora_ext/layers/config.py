@@ -1,4 +1,5 @@
-"""Hyperparameters of an SOS-LoRA layer, validated in one place."""
+"""Hyperparameters of the adapted layers (SOSConfig, CPSConfig), validated in one place; each
+field documents itself (``field_help``), and the command line's help reads it from there."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,16 +18,46 @@ def _require(ok: bool, message: str) -> None:
 
 
 def is_int(v) -> bool:
+    """An int that is not a bool (the one integer check of the package)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def is_real(v) -> bool:
+    """A finite int or float that is not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _field(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_help(config_class, name: str) -> str:
+    """The help text of one field of SOSConfig or CPSConfig."""
+    for f in dataclasses.fields(config_class):
+        if f.name == name:
+            return f.metadata["help"]
+    raise KeyError(f"{config_class.__name__} has no field {name!r}")
+
+
+def with_fields(owner: str, config_class, config, fields: dict):
+    """`config` (default: the class's defaults) with `fields` replaced, validated: what a layer
+    built from a config and keyword overrides gets. Anything else is an error naming `owner`."""
+    if config is None:
+        config = config_class()
+    elif not isinstance(config, config_class):
+        raise TypeError(f"{owner}: config must be a {config_class.__name__} instance, got "
+                        f"{type(config).__name__}")
+    known = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise TypeError(f"{owner}: unknown argument(s) {unknown}; the {config_class.__name__} "
+                        f"fields are {known}")
+    return dataclasses.replace(config, **fields) if fields else config
 
 
 @dataclasses.dataclass(frozen=True)
 class SOSConfig:
-    """SOS-LoRA hyperparameters (see METHODS.md section 1 and the SOSLinear docstring).
+    """SOS-LoRA hyperparameters (docs/methods.md; the SOSLinear docstring).
 
     Fields beyond the method's core:
         normalize_scales: divide the gammas by their mean; None (default) does so exactly when
@@ -45,23 +76,34 @@ class SOSConfig:
     SOSConfig.preset("official") is the SOS-LoRA authors' recipe.
     """
 
-    num_experts: int = 4
-    rank: int = 64
-    alpha: float = 128.0
-    gamma_max: float = 2.5
-    rank_mode: str = "total"
-    scale_base: str = "expert"
-    scale_mode: str = "fixed"
-    gate: bool = False
-    scale_anchor: float = 0.0
-    uniform_prior: float = 0.0
-    loraplus_ratio: float = 1.0
-    dropout: float = 0.0
-    dropout_position: str = "post"
-    init_gain: float = 2**0.5
-    normalize_scales: bool | None = None
-    gate_temperature: float = 1.0
-    factor_dtype: str = "peft"
+    num_experts: int = _field(4, "K, the number of static, always-on experts")
+    rank: int = _field(64, "the total rank split across the experts (rank_mode='total'), or "
+                           "each expert's rank (rank_mode='expert')")
+    alpha: float = _field(128.0, "scaling numerator, > 0: expert k's scale is gamma_k * alpha / "
+                                 "r (r per scale_base)")
+    gamma_max: float = _field(2.5, "the largest expert's multiplier: gamma = linspace(1, "
+                                   "gamma_max, K), >= 1")
+    rank_mode: str = _field("total", "'total': rank is split across the experts; 'expert': "
+                                     "every expert has rank `rank`")
+    scale_base: str = _field("expert", "the r in alpha / r: 'expert' (an expert's rank) or "
+                                       "'total' (the total rank)")
+    scale_mode: str = _field("fixed", "'fixed' scales, one per expert, or trainable 'channel' "
+                                      "scales, one per expert and output channel")
+    gate: bool = _field(False, "multiply the scales by a mean-1 gate K * softmax(logits / T)")
+    scale_anchor: float = _field(0.0, "pull of the channel scales towards the fixed ones "
+                                      "(needs scale_mode='channel')")
+    uniform_prior: float = _field(0.0, "pull of the gate towards uniform (needs gate=True)")
+    loraplus_ratio: float = _field(1.0, "LoRA+: lora_A's gradient is divided by it")
+    dropout: float = _field(0.0, "adapter dropout rate, in [0, 1)")
+    dropout_position: str = _field("post", "'post' drops A x (the authors' layer), 'pre' drops "
+                                           "x (as PEFT)")
+    init_gain: float = _field(2**0.5, "gain of the cross-expert orthogonal initialization of A")
+    normalize_scales: bool | None = _field(None, "divide the gammas by their mean; None: exactly "
+                                                 "when rank_mode='total'")
+    gate_temperature: float = _field(1.0, "the gate's softmax temperature before a GateSchedule "
+                                          "writes one (needs gate=True unless 1.0)")
+    factor_dtype: str = _field("peft", "dtype of the factors without an explicit dtype: 'peft' "
+                                       "(float32 on 16-bit bases) or 'base' (the base's)")
 
     def __post_init__(self):
         _require(is_int(self.num_experts) and self.num_experts > 0,
@@ -204,18 +246,22 @@ PARTITION_INITS = ("contiguous", "random")
 
 @dataclasses.dataclass(frozen=True)
 class CPSConfig:
-    """CPS-LoRA hyperparameters (see METHODS.md section 3 and the CPSLinear docstring)."""
+    """CPS-LoRA hyperparameters (docs/cps-lora.md; the CPSLinear docstring)."""
 
-    num_clusters: int = 4
-    rank: int = 8
-    alpha: float = 16.0
-    rank_per_cluster: tuple[int, ...] | None = None
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init_partition: str = "contiguous"
-    repartition_every: int = 0
-    statistics_steps: int | None = None
-    sketch_rank: int | None = None
+    num_clusters: int = _field(4, "G, clusters of rows and of columns, at most min(in, out)")
+    rank: int = _field(8, "every cluster's rank (unless rank_per_cluster)")
+    alpha: float = _field(16.0, "scaling numerator, > 0: cluster c's scale is alpha / r_c")
+    rank_per_cluster: tuple[int, ...] | None = _field(None, "one rank per cluster, instead of "
+                                                            "`rank` for all")
+    dropout: float = _field(0.0, "input dropout rate, in [0, 1), as PEFT")
+    use_rslora: bool = _field(False, "rsLoRA scaling: alpha / sqrt(r_c)")
+    init_partition: str = _field("contiguous", "the first partition: 'contiguous' blocks in "
+                                               "index order, or 'random'")
+    repartition_every: int = _field(0, "repartition every this many optimizer steps (0: never)")
+    statistics_steps: int | None = _field(None, "optimizer steps of gradient statistics before "
+                                                "each repartition (None: repartition_every // 4)")
+    sketch_rank: int | None = _field(None, "rank of the gradient sketch (None: min(32, max(8, 2 "
+                                           "* sum of ranks)))")
 
     def __post_init__(self):
         _require(is_int(self.num_clusters) and self.num_clusters > 0,

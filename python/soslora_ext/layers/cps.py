@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .. import ops
 from .base import AdapterLinear, base_features, check_base
-from .config import CPSConfig
+from .config import CPSConfig, with_fields
 from .partition import (
     GradientSketch,
     block_factors,
@@ -91,14 +91,15 @@ class CPSLinear(AdapterLinear):
     Args:
         base: the nn.Linear (or Conv1D, or bitsandbytes 4-bit or 8-bit Linear) to adapt;
             wrapped, not copied; its parameters are frozen.
-        num_clusters: G, at most min(in_features, out_features).
-        rank, rank_per_cluster: every cluster's rank, or one rank per cluster.
-        alpha, use_rslora: cluster c's scale is alpha / r_c (alpha / sqrt(r_c) with rsLoRA).
-        dropout: on the input, as PEFT.
-        init_partition: "contiguous" (balanced blocks in index order, e.g. attention heads) or
-            "random".
-        repartition_every, statistics_steps, sketch_rank: the schedule (0: never) and the
-            gradient statistics (default sketch rank min(32, max(8, 2 * sum of ranks))).
+        config: a CPSConfig (default ``CPSConfig()``), also as
+            ``CPSLinear.from_config(base, config)``.
+        **fields: CPSConfig fields that replace the config's (``CPSLinear(base, rank=4)``):
+            num_clusters (G, at most min(in_features, out_features)), rank or
+            rank_per_cluster, alpha and use_rslora (cluster c's scale is alpha / r_c, or
+            alpha / sqrt(r_c)), dropout (on the input, as PEFT), init_partition
+            ("contiguous": balanced blocks in index order, e.g. attention heads; or "random"),
+            repartition_every, statistics_steps and sketch_rank (the schedule, 0: never, and
+            its gradient statistics); each is documented on CPSConfig.
         dtype: the factors' dtype; default float32 for fp16/bf16 bases, else the base's (a
             quantized base's compute dtype).
 
@@ -111,17 +112,9 @@ class CPSLinear(AdapterLinear):
     the activations (the cluster op) above it; both give the same function.
     """
 
-    def __init__(self, base: nn.Module, num_clusters: int = 4, rank: int = 8,
-                 alpha: float = 16.0, rank_per_cluster: list[int] | None = None,
-                 dropout: float = 0.0, use_rslora: bool = False,
-                 init_partition: str = "contiguous", repartition_every: int = 0,
-                 statistics_steps: int | None = None, sketch_rank: int | None = None,
-                 dtype: torch.dtype | None = None):
-        config = CPSConfig(num_clusters=num_clusters, rank=rank, alpha=alpha,
-                           rank_per_cluster=rank_per_cluster, dropout=dropout,
-                           use_rslora=use_rslora, init_partition=init_partition,
-                           repartition_every=repartition_every,
-                           statistics_steps=statistics_steps, sketch_rank=sketch_rank)
+    def __init__(self, base: nn.Module, config: CPSConfig | None = None, *,
+                 dtype: torch.dtype | None = None, **fields):
+        config = with_fields("CPSLinear", CPSConfig, config, fields)
         check_base(base, "CPSLinear")  # before the shape checks, which read its features
         check_fits(config, *base_features(base)[::-1])
         super().__init__(base, dtype)
@@ -129,10 +122,10 @@ class CPSLinear(AdapterLinear):
         device = base.weight.device
         seed = int(torch.randint(0, 2**62, ()))
         g = torch.Generator().manual_seed(seed)
-        rows = initial_labels(self.out_features, num_clusters, init_partition, g)
-        cols = initial_labels(self.in_features, num_clusters, init_partition, g)
-        row_index, row_offsets = labels_to_index(rows, num_clusters)
-        col_index, col_offsets = labels_to_index(cols, num_clusters)
+        rows = initial_labels(self.out_features, config.num_clusters, config.init_partition, g)
+        cols = initial_labels(self.in_features, config.num_clusters, config.init_partition, g)
+        row_index, row_offsets = labels_to_index(rows, config.num_clusters)
+        col_index, col_offsets = labels_to_index(cols, config.num_clusters)
         self.register_buffer("row_index", row_index.to(device))
         self.register_buffer("col_index", col_index.to(device))
         self.register_buffer("row_offsets", torch.tensor(row_offsets, device=device))
@@ -155,6 +148,12 @@ class CPSLinear(AdapterLinear):
         self._collecting = False
         self.last_repartition: dict | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_offsets())
+
+    @classmethod
+    def from_config(cls, base: nn.Module, config: CPSConfig, *,
+                    dtype: torch.dtype | None = None) -> "CPSLinear":
+        """The layer for `config`."""
+        return cls(base, config, dtype=dtype)
 
     # ---- structure ---------------------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from . import merge_guard, quantized
 from .base import AdapterLinear, base_features, check_base, is_linear
-from .config import CPSConfig, SOSConfig, check_preset
+from .config import CPSConfig, SOSConfig, check_preset, with_fields
 from .cps import CPSLinear, check_fits
 from .sos import SOSLinear
 
@@ -56,14 +56,15 @@ def _check_names(owner: str, arg: str, value, allow_empty: bool = False) -> None
 
 def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
                    modules_to_save: str | Sequence[str] = (), preset: str | None = None,
-                   **layer_kwargs) -> nn.Module:
+                   config: SOSConfig | None = None, **layer_kwargs) -> nn.Module:
     """Replace the nn.Linear (or transformers Conv1D, as in GPT-2) modules named by
     `target_modules` with SOSLinear, in place.
 
-    `layer_kwargs` are SOSLinear's; with `preset` ("default" or "official", the SOS-LoRA
-    authors' recipe: config.PRESETS) they override the preset's fields
-    (SOSConfig.preset(preset, **layer_kwargs)). The official preset keeps the factors in the
-    base weight's dtype unless `dtype` is given.
+    The layers' hyperparameters: `config` (an SOSConfig, default SOSConfig()) or a named
+    `preset` ("default" or "official", the SOS-LoRA authors' recipe: config.PRESETS), with
+    `layer_kwargs` (SOSConfig fields, and `dtype`) overriding its fields
+    (SOSConfig.preset(preset, **layer_kwargs) for a preset). The official preset keeps the
+    factors in the base weight's dtype unless `dtype` is given.
 
     `target_modules` is a list of names (a module matches if its name equals one or ends with
     "." + one, e.g. ["q_proj", "v_proj"]) or a regex matched against the full module name.
@@ -78,24 +79,29 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
     dtype = layer_kwargs.pop("dtype", None)
     if preset is not None:
         check_preset("apply_sos_lora", preset)
-        layer_kwargs = SOSConfig.preset(preset, **layer_kwargs).to_dict()
-    SOSConfig(**layer_kwargs)  # validate before touching the model
+        if config is not None:
+            raise ValueError("apply_sos_lora: give a preset or a config, not both")
+        config = SOSConfig.preset(preset, **layer_kwargs)
+    else:  # validated before the model is touched
+        config = with_fields("apply_sos_lora", SOSConfig, config, layer_kwargs)
     return _apply_adapters(model, target_modules, modules_to_save, "apply_sos_lora",
-                           lambda linear: SOSLinear(linear, dtype=dtype, **layer_kwargs))
+                           lambda linear: SOSLinear(linear, config, dtype=dtype))
 
 
 def apply_cps_lora(model: nn.Module, target_modules: str | Sequence[str],
-                   modules_to_save: str | Sequence[str] = (), **layer_kwargs) -> nn.Module:
-    """Replace the nn.Linear (or Conv1D) modules named by `target_modules` with CPSLinear, in place.
-    Same rules as apply_sos_lora; `layer_kwargs` are CPSLinear's. Every layer's shape is
-    checked against the clusters and ranks before the model is changed."""
+                   modules_to_save: str | Sequence[str] = (), config: CPSConfig | None = None,
+                   **layer_kwargs) -> nn.Module:
+    """Replace the nn.Linear (or Conv1D) modules named by `target_modules` with CPSLinear, in
+    place. Same rules as apply_sos_lora: `config` (a CPSConfig, default CPSConfig()) with
+    `layer_kwargs` (CPSConfig fields, and `dtype`) overriding its fields. Every layer's shape
+    is checked against the clusters and ranks before the model is changed."""
     layer_kwargs = dict(layer_kwargs)
     dtype = layer_kwargs.pop("dtype", None)
-    config = CPSConfig(**layer_kwargs)
+    config = with_fields("apply_cps_lora", CPSConfig, config, layer_kwargs)
 
     return _apply_adapters(
         model, target_modules, modules_to_save, "apply_cps_lora",
-        lambda linear: CPSLinear(linear, dtype=dtype, **layer_kwargs),
+        lambda linear: CPSLinear(linear, config, dtype=dtype),
         check=lambda name, linear: check_fits(config, *base_features(linear)[::-1], name))
 
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 from .. import ops
 from ..ops import reference
 from .base import AdapterLinear, base_dtype
-from .config import SOSConfig
+from .config import SOSConfig, with_fields
 from .distributed import full
 
 Tensor = torch.Tensor
@@ -25,12 +25,10 @@ class SOSLinear(AdapterLinear):
         base: the nn.Linear (or transformers Conv1D, weight [in, out], or bitsandbytes 4-bit or
             8-bit Linear: quantized.py) to adapt; wrapped, not copied; its parameters are
             frozen. A quantized base's "dtype" below is its compute dtype.
-        num_experts, rank, alpha, gamma_max, rank_mode, scale_base, scale_mode, gate,
-        scale_anchor, uniform_prior, loraplus_ratio, dropout, dropout_position, init_gain,
-        normalize_scales, gate_temperature, factor_dtype:
-            see SOSConfig and METHODS.md. ``dropout_position="post"`` drops A x (the reference
-            default), ``"pre"`` drops x (as PEFT). A named preset:
-            ``SOSLinear(base, **SOSConfig.preset("official").to_dict())``.
+        config: an SOSConfig (default ``SOSConfig()``); a preset is
+            ``SOSLinear.from_config(base, SOSConfig.preset("official"))``.
+        **fields: SOSConfig fields that replace the config's (``SOSLinear(base, rank=16)``);
+            each is documented on SOSConfig and in docs/methods.md.
         dtype: dtype of the adapter factors; by default (factor_dtype="peft") float32 for
             fp16/bf16 bases (as PEFT), else the base weight's dtype; factor_dtype="base"
             (the official preset): always the base weight's dtype. Scales and gate are float32
@@ -62,21 +60,9 @@ class SOSLinear(AdapterLinear):
         the graph.
     """
 
-    def __init__(self, base: nn.Module, num_experts: int = 4, rank: int = 64,
-                 alpha: float = 128.0, gamma_max: float = 2.5, rank_mode: str = "total",
-                 scale_base: str = "expert", scale_mode: str = "fixed", gate: bool = False,
-                 scale_anchor: float = 0.0, uniform_prior: float = 0.0,
-                 loraplus_ratio: float = 1.0, dropout: float = 0.0,
-                 dropout_position: str = "post", init_gain: float = 2**0.5,
-                 dtype: torch.dtype | None = None, normalize_scales: bool | None = None,
-                 gate_temperature: float = 1.0, factor_dtype: str = "peft"):
-        config = SOSConfig(num_experts=num_experts, rank=rank, alpha=alpha, gamma_max=gamma_max,
-                           rank_mode=rank_mode, scale_base=scale_base, scale_mode=scale_mode,
-                           gate=gate, scale_anchor=scale_anchor, uniform_prior=uniform_prior,
-                           loraplus_ratio=loraplus_ratio, dropout=dropout,
-                           dropout_position=dropout_position, init_gain=init_gain,
-                           normalize_scales=normalize_scales, gate_temperature=gate_temperature,
-                           factor_dtype=factor_dtype)
+    def __init__(self, base: nn.Module, config: SOSConfig | None = None, *,
+                 dtype: torch.dtype | None = None, **fields):
+        config = with_fields("SOSLinear", SOSConfig, config, fields)
         super().__init__(base, dtype)
         if dtype is None and config.factor_dtype == "base":
             self.adapter_dtype = base_dtype(base)  # as the authors' layer.bfloat16()
@@ -99,6 +85,12 @@ class SOSLinear(AdapterLinear):
             self.gate_logits = nn.Parameter((logits - logits.mean()).to(**scale_factory))
             self.register_buffer("gate_temperature",
                                  torch.full((), config.gate_temperature, **scale_factory))
+
+    @classmethod
+    def from_config(cls, base: nn.Module, config: SOSConfig, *,
+                    dtype: torch.dtype | None = None) -> "SOSLinear":
+        """The layer for `config` (e.g. ``SOSConfig.preset("official")``)."""
+        return cls(base, config, dtype=dtype)
 
     # ---- structure ---------------------------------------------------------------------------
     @property
