@@ -14,6 +14,7 @@ a ratio against the frozen base measured in the same run. Writes JSON (--json) a
     python bench/bench_layer.py --n 8192 --shapes 4096x4096 --ranks 64 --dropout 0.05
     python bench/bench_layer.py --grid cpu --json runs/bench/cpu.json --png runs/bench/cpu.png
     python bench/bench_layer.py --tiny               # the host's cost: N=8, 64->64, 1 thread
+    python bench/bench_layer.py --ops                # which ATen ops each method dispatches there
 
 On the CPU each row also gives the ATen ops one step dispatches (bench/op_count.py): on a GPU
 each costs the host about 10-20 µs, so the count predicts where a step is bound by the host.
@@ -335,6 +336,23 @@ def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def op_breakdown() -> int:
+    """Which ATen ops every method dispatches in one tiny training step (CPU, one thread)."""
+    torch.set_num_threads(1)
+    n, n_in, n_out, r, p = TINY
+    x = torch.randn(n, n_in, requires_grad=True)
+    grad = torch.randn(n, n_out)
+    for name, (make, _) in candidates(n_in, n_out, r, p, torch.float32, x.device).items():
+        module = make()
+        if module is None:
+            continue
+        counts = count_ops(training_step(module.train(), x, grad))
+        print(f"{name:<24} {sum(counts.values()):3d}  " + " ".join(
+            f"{k.split('::')[1]}×{v}" if v > 1 else k.split("::")[1]
+            for k, v in sorted(counts.items())))
+    return 0
+
+
 def tiny(device, dtype, args) -> int:
     """The tiny step's table: time, × frozen and ATen ops per step of every method."""
     torch.set_num_threads(1)
@@ -377,6 +395,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny step only (N=8, 64->64, r=16, dropout 0 and 0.1, one "
                              "thread, thousands of repeats): what a step costs the host")
+    parser.add_argument("--ops", action="store_true",
+                        help="print which ATen ops every method dispatches at the tiny step")
     parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON",
                         help="draw --png from a JSON this script wrote, measuring nothing")
     parser.add_argument("--warmup", type=int, default=5)
@@ -394,6 +414,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    if args.ops:
+        return op_breakdown()
     if args.tiny:
         return tiny(device, dtype, args)
     grid = GRIDS[args.grid] if args.grid else {}

@@ -9,14 +9,12 @@ the dispatcher runs; this counts the outermost ATen ops that do work:
   * views and metadata (t, view, expand, slice, ...) are not work, nor is a `to`,
     `contiguous` or `reshape` that returned its input or a view (nothing inside did work).
 
-    python bench/op_count.py          # the counts of every method at the tiny step
+    python bench/bench_layer.py --ops   # which ops every method dispatches at the tiny step
 """
 from __future__ import annotations
 
 import collections
-import sys
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 # Ops that only make views or read metadata.
@@ -67,26 +65,3 @@ def count_ops(step, warmup: int = 2) -> collections.Counter:
     for event in roots:
         _counted(event, False, counts)
     return counts
-
-
-def main() -> int:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from bench_layer import TINY, candidates, training_step
-
-    torch.set_num_threads(1)
-    n, n_in, n_out, r, p = TINY
-    x = torch.randn(n, n_in, requires_grad=True)
-    grad = torch.randn(n, n_out)
-    for name, (make, _) in candidates(n_in, n_out, r, p, torch.float32, x.device).items():
-        module = make()
-        if module is None:
-            continue
-        counts = count_ops(training_step(module.train(), x, grad))
-        print(f"{name:<24} {sum(counts.values()):3d}  " + " ".join(
-            f"{k.split('::')[1]}×{v}" if v > 1 else k.split("::")[1]
-            for k, v in sorted(counts.items())))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
