@@ -135,6 +135,12 @@ class AdapterLinear(nn.Module):
         # reads it to find layers whose parent reads .weight instead of calling them.
         self.used_in_training = False
 
+    @classmethod
+    def from_config(cls, base: nn.Module, config, *, dtype: torch.dtype | None = None):
+        """The layer of this class for `config`: an SOSConfig for SOSLinear (e.g.
+        ``SOSConfig.preset("official")``), a CPSConfig for CPSLinear."""
+        return cls(base, config, dtype=dtype)
+
     def _update_factors(self) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 

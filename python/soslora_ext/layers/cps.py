@@ -149,12 +149,6 @@ class CPSLinear(AdapterLinear):
         self.last_repartition: dict | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_offsets())
 
-    @classmethod
-    def from_config(cls, base: nn.Module, config: CPSConfig, *,
-                    dtype: torch.dtype | None = None) -> "CPSLinear":
-        """The layer for `config`."""
-        return cls(base, config, dtype=dtype)
-
     # ---- structure ---------------------------------------------------------------------------
     @property
     def num_clusters(self) -> int:

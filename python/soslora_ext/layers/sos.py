@@ -86,12 +86,6 @@ class SOSLinear(AdapterLinear):
             self.register_buffer("gate_temperature",
                                  torch.full((), config.gate_temperature, **scale_factory))
 
-    @classmethod
-    def from_config(cls, base: nn.Module, config: SOSConfig, *,
-                    dtype: torch.dtype | None = None) -> "SOSLinear":
-        """The layer for `config` (e.g. ``SOSConfig.preset("official")``)."""
-        return cls(base, config, dtype=dtype)
-
     # ---- structure ---------------------------------------------------------------------------
     @property
     def num_experts(self) -> int:
