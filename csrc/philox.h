@@ -4,7 +4,7 @@
 // (key, counter) to random bits with no state, so the backward pass recomputes exactly the
 // mask the forward used from (seed, offset, element index) instead of storing it. Each of the
 // four output words decides one element. The same functions are written in pure PyTorch in
-// python/soslora_ext/reference.py.
+// python/soslora_ext/ops/reference.py.
 // No torch headers: this file compiles with nvcc or any C++ compiler.
 #pragma once
 #include <cstdint>

@@ -1,5 +1,5 @@
 """What an adapter's config and tensors must satisfy: the checks both formats share, and our
-format's (PEFT's LoRA format: peft_check).
+format's (PEFT's LoRA format: peft_checks.py).
 
 One set of checks, run by every reader and by every writer (so nothing is written that would
 be refused when read). They run in three phases, each before anything costlier happens:

@@ -8,9 +8,9 @@ CPSLinear); a CPS layer's partition (row/column index maps and offsets) is store
 factors.
 
 How the two files are written (a save killed at any moment leaves the last committed save
-loadable) and read: adapter_files. What they must hold: adapter_check, run by save_adapter
-before it writes and by every reader (load_adapter, read_adapter, layers_from_directory, and
-through them compose.load and `soslora_ext info`). PEFT's LoRA format: peft_format.
+loadable) and read: files.py. What they must hold: checks.py, run by save_adapter before it
+writes and by every reader (load_adapter, read_adapter, layers_from_directory, and through
+them compose.load and `soslora_ext info`). PEFT's LoRA format: peft.py.
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@ the cluster ranks for CPS, each cluster's block placed at its rows and columns),
 scales (and the gate) folded into B. ``export_peft`` writes it with lora_alpha = r, so PEFT's
 scaling is 1; ``import_peft`` turns a PEFT LoRA into SOS layers.
 
-Files are written and read as adapter_files describes (the config is PEFT's own, with nothing
-added: the weights' metadata records which config they belong to), and checked by
-adapter_check and peft_check, on the way out as on the way in."""
+Files are written and read as files.py describes (the config is PEFT's own, with nothing
+added: the weights' metadata records which config they belong to), and checked by checks.py
+and peft_checks.py, on the way out as on the way in."""
 from __future__ import annotations
 
 import collections

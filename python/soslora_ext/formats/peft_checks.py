@@ -1,6 +1,6 @@
 """What a PEFT LoRA adapter's config and tensors must satisfy to be imported (or written): the
 fields of PEFT's LoraConfig, its initialisations, and each layer's tensors against r,
-rank_pattern and alpha_pattern. The same phases as adapter_check (config, then header), which
+rank_pattern and alpha_pattern. The same phases as checks.py (config, then header), which
 holds the checks both formats share."""
 from __future__ import annotations
 
