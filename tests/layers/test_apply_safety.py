@@ -78,12 +78,12 @@ def test_a_failing_build_restores_the_model(monkeypatch):
     built = []
     real = sl.layers.model.SOSLinear
 
-    def build(linear, **kwargs):
+    def build(linear, *args, **kwargs):
         if built:
             raise RuntimeError("out of memory")
         built.append(linear)
-        return real(linear, **kwargs)
-    monkeypatch.setattr(sl.model, "SOSLinear", build)
+        return real(linear, *args, **kwargs)
+    monkeypatch.setattr(sl.layers.model, "SOSLinear", build)
     with pytest.raises(RuntimeError, match="out of memory"):
         sl.apply_sos_lora(model, ["a", "b"], num_experts=2, rank=4)
     assert_unchanged(model, before)  # 'a' was built (its base frozen) and is thawed again

@@ -421,7 +421,7 @@ def test_compile_has_no_graph_breaks_and_matches_eager(name, monkeypatch):
         layer.ortho_lambda.fill_(0.01)
     else:
         if name == "cps_cluster":  # the cluster op instead of dense factors
-            monkeypatch.setattr(sl.cps, "DENSE_MAX_RANK", 0)
+            monkeypatch.setattr(sl.layers.cps, "DENSE_MAX_RANK", 0)
         layer = sl.CPSLinear(nn.Linear(24, 16), num_clusters=2, rank=3, dropout=0.2,
                              init_partition="random")
     with torch.no_grad():

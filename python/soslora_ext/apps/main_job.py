@@ -1,4 +1,4 @@
-"""Main job: fine-tune all-MiniLM-L6-v2 on CPU five ways: SOS-LoRA (and on nf4), CPS-LoRA x2, LoRA.
+"""Main job, five CPU runs on all-MiniLM-L6-v2: SOS-LoRA (+nf4), CPS-LoRA (scheduled, static), LoRA.
 
 Five runs, one after the other, on the task ``filekinds`` (apps/data.py: tell Python source,
 C headers, license texts and man pages apart from a 6-line snippet). (1) SOS-LoRA: K=4 experts,
