@@ -1,15 +1,17 @@
 # Set-up and everyday commands. Everything runs in a local virtual environment (.venv).
-#   make main-job - build, then fine-tune the real all-MiniLM-L6-v2 on CPU four ways (SOS-LoRA,
-#                   CPS-LoRA scheduled and static, LoRA); runs/main-job/results.json
+# README.md and docs/building.md describe them.
+#   make main-job - build, then fine-tune the real all-MiniLM-L6-v2 on CPU five ways (SOS-LoRA,
+#                   CPS-LoRA scheduled and static, LoRA, and SOS-LoRA on an nf4 4-bit base);
+#                   runs/main-job/results.json
 #   make test     - lint, build and run the test suite
 #   make lint     - ruff over the package, tests, benchmarks and examples
 #   make demo     - build and run the synthetic example (one CPU thread, seconds)
 #   make bench    - time one adapted layer's training step against the baselines: the tiny step
 #                   (N=8, 64->64, one thread: what a step costs the host), then a small grid
 #   make quality  - the quality benchmark: eight methods, two tasks, 5 seeds, a learning-rate
-#                   sweep (about 35 min on 2 cores): runs/quality/RESULTS.md, results.json, .png
-#   make bench-grid - the CPU targets' grid (N, shapes, ranks, dropout, 1 and 2 threads; an
-#                   hour or more on 2 cores): runs/bench/cpu-grid.json, .png, .md
+#                   sweep (about 45 min on 2 cores): runs/quality/RESULTS.md, results.json, .png
+#   make bench-grid - the CPU targets' grid (N, shapes, ranks, dropout, 1 and 2 threads; about
+#                   55 min on 2 cores): runs/bench/cpu-grid.json, .png, .md
 # TORCH picks the torch build: torch==2.14.1 is a CUDA build (the CUDA sources compile even
 # without a GPU); torch==2.13.0 is the CPU build.
 PYTHON ?= python3
