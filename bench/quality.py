@@ -12,7 +12,7 @@ fine-tuning of the targeted layers as the ceiling. Every method gets the same le
 sweep; the learning rate is chosen on the validation split (mean over seeds) and the test
 split is reported at it; the comparison with LoRA is paired over seeds (bench/quality_stats.py).
 
-    python bench/quality.py --out runs/quality      # the full run (about 35 min, 2 cores)
+    python bench/quality.py --out runs/quality      # the full run (about 45 min, 2 cores)
     python bench/quality.py --tiny --out DIR        # seconds: checks the pipeline, not numbers
 
 Writes results.json (every run, the selection and the statistics), quality.png and RESULTS.md
