@@ -2,6 +2,7 @@
 
     __init__.py   thin wrappers, the public functions of this package
     fakes.py      fake kernels: output shapes for torch.compile and meta tensors
+    checks.py     the C++ ops' input checks, written again for the fake kernels
     autograd.py   the autograd of the differentiable pieces
     dtypes.py     the dtypes the ops take and accumulate in
     reference.py  the pure-PyTorch float64 oracle every fast path is tested against
