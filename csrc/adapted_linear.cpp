@@ -12,6 +12,8 @@
 // here and their gradients returned in their own dtype.
 #include "adapted_linear.h"
 
+#include <numeric>
+
 namespace soslora {
 namespace {
 
@@ -60,6 +62,15 @@ Tensor scale_groups(const Tensor& t, const Tensor& scale, at::ScalarType dtype) 
   return out;
 }
 
+}  // namespace
+
+void check_index_pair(const OptTensor& row_index, const OptTensor& col_index, const char* op) {
+  TORCH_CHECK(!row_index.has_value() || col_index.has_value(), op, ": row_index needs col_index");
+  TORCH_CHECK(!col_index.has_value() || row_index.has_value(), op, ": col_index needs row_index");
+}
+
+namespace {
+
 void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
                    const Layout& layout, const char* op) {
   check_matrix(A, "A", op);
@@ -75,6 +86,7 @@ void check_factors(const Tensor& x, const Tensor& A, const Tensor& B, const Tens
               ", got A of shape ", A.sizes());
   TORCH_CHECK(B.size(1) == A.size(0), op, ": B must be [out, r] with r = A.size(0) = ", A.size(0),
               ", got B of shape ", B.sizes());
+  check_index_pair(layout.row_index, layout.col_index, op);
   if (layout.blocks()) {
     check_cluster_layout(x, A, B, scale, *layout.row_index, *layout.col_index,
                          layout.row_offsets, layout.col_offsets, layout.ranks, op);
@@ -137,15 +149,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
   check_matrix(x, "x", op);
   check_factors(x, A, B, scale, layout, op);
   check_matrix(grad_out, "grad_out", op);
+  check_matrix(hidden, "hidden", op);
+  check_matrix(scaled_B, "scaled_B", op);
   check_same_float_dtype(grad_out, "grad_out", x, "x", op);
   check_same_float_dtype(hidden, "hidden", x, "x", op);
   check_same_float_dtype(scaled_B, "scaled_B", x, "x", op);
-  const int64_t R = scaled_B.size(1);
+  // R: the dense factors' rank, r or the clusters' ranks summed.
+  const int64_t R = layout.blocks() ? std::accumulate(ranks.begin(), ranks.end(), int64_t{0})
+                                    : A.size(0);
   TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == B.size(0) &&
-                  hidden.dim() == 2 && hidden.size(0) == x.size(0) && hidden.size(1) == R &&
-                  scaled_B.dim() == 2 && scaled_B.size(0) == B.size(0),
-              op, ": expected grad_out [N, out], hidden [N, R], scaled_B [out, R]; got ",
-              grad_out.sizes(), ", ", hidden.sizes(), ", ", scaled_B.sizes());
+                  hidden.size(0) == x.size(0) && hidden.size(1) == R &&
+                  scaled_B.size(0) == B.size(0) && scaled_B.size(1) == R,
+              op, ": expected grad_out [N, out], hidden [N, R], scaled_B [out, R] with R = ", R,
+              "; got ", grad_out.sizes(), ", ", hidden.sizes(), ", ", scaled_B.sizes());
   check_base_args(x, weight, std::nullopt, std::nullopt, B.size(0), op);
   check_dropout(dropout_seed, dropout_p, x, op);
   const auto [need_x, need_A, need_B, need_scale] = output_mask;

@@ -22,6 +22,9 @@ void parallel_rows(int64_t rows, int64_t cols, const F& fn) {
 
 // Where the factors' ranks live: plain factors (no row_index), or CPS-LoRA's cluster blocks
 // stored in partition order (see soslora.h, cluster_lowrank_forward).
+// A block layout has both index maps or neither.
+void check_index_pair(const OptTensor& row_index, const OptTensor& col_index, const char* op);
+
 struct Layout {
   const OptTensor& row_index;
   const OptTensor& col_index;

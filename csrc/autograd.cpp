@@ -48,8 +48,10 @@ Step run_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias
   SOSLORA_OP(seed_op, dropout_seed);
   SOSLORA_OP(forward_op, adapted_linear_forward);
   SOSLORA_OP(cluster_op, cluster_lowrank_forward);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
-              "soslora::adapted_linear: dropout_p must be in [0, 1), got ", dropout_p);
+  constexpr const char* op = "soslora::adapted_linear";
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+  check_index_pair(row_index, col_index, op);
   Step step;
   if (dropout_p > 0) step.seed = seed_op.call(x);
   if (!row_index.has_value() || dense_blocks) {
@@ -58,9 +60,12 @@ Step run_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias
                         col_offsets, ranks, opt(step.seed), dropout_p, dropout_on_input);
     return step;
   }
-  TORCH_CHECK(dropout_on_input || dropout_p == 0, "soslora::adapted_linear: the cluster form ",
-              "drops the input (dropout_on_input=True)");
-  check_base_args(x, weight, bias, base_out, B.size(0), "soslora::adapted_linear");
+  TORCH_CHECK(dropout_on_input || dropout_p == 0, op,
+              ": the cluster form drops the input (dropout_on_input=True)");
+  check_base_args(x, weight, bias, base_out, B.size(0), op);
+  for (const auto& [t, name] : {std::pair{&A, "A"}, std::pair{&B, "B"}})  // before the casts
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
+                " must be floating-point, got ", t->scalar_type());
   const auto dtype = x.scalar_type();
   const OptTensor base = weight.has_value() ? OptTensor(at::linear(x, *weight, bias)) : base_out;
   std::tie(step.out, step.hidden) =
@@ -100,14 +105,29 @@ void check_scale_terms(const Tensor& scale, const OptTensor& row_index, const Sc
   if (logits.has_value()) {
     TORCH_CHECK(logits->dim() == 1 && logits->size(0) == G, op, ": gate_logits must be [G] = [",
                 G, "] (one per group of the scale), got ", logits->sizes());
-    TORCH_CHECK(terms.temperature->numel() == 1, op,
-                ": gate_temperature must have one element, got shape ",
+    TORCH_CHECK(terms.temperature->numel() == 1 && terms.temperature->dim() <= 1, op,
+                ": gate_temperature must be 0-d or have one element, got shape ",
                 terms.temperature->sizes());
   }
   if (anchor.has_value())
     TORCH_CHECK(scale.dim() == 2 && anchor->dim() == 1 && anchor->size(0) == G, op,
                 ": anchor_scales must be [G] = [", G, "] with a [G, out] scale, got ",
                 anchor->sizes(), " with scale ", scale.sizes());
+}
+
+// The orthogonality term's arguments, checked in the forward although the backward uses them.
+void check_ortho_term(const Tensor& A, const OptTensor& ortho_lambda, int64_t num_experts) {
+  constexpr const char* op = "soslora::adapted_linear";
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  if (!ortho_lambda.has_value() || num_experts == 1) return;
+  const Tensor& lambda = *ortho_lambda;
+  TORCH_CHECK(lambda.numel() == 1 && at::isFloatingType(lambda.scalar_type()) &&
+                  lambda.device() == A.device(),
+              op, ": ortho_lambda must be a floating-point tensor with one element on A's device ",
+              A.device(), ", got ", lambda.scalar_type(), " of shape ", lambda.sizes(), " on ",
+              lambda.device());
+  TORCH_CHECK(A.dim() != 2 || A.size(0) % num_experts == 0, op, ": A.size(0) = ",
+              A.dim() == 2 ? A.size(0) : 0, " must be divisible by num_experts = ", num_experts);
 }
 
 // The scale the products use: scale times the gate (per expert; broadcast over channels).
@@ -211,6 +231,7 @@ struct AdaptedLinear : public torch::autograd::Function<AdaptedLinear> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     check_scale_terms(scale, row_index,
                       {gate_logits, gate_temperature, anchor_scales, uniform_prior, scale_anchor});
+    check_ortho_term(A, ortho_lambda, num_experts);
     Tensor probs, gate;
     if (gate_logits.has_value()) std::tie(probs, gate) = gate_of(*gate_logits, *gate_temperature);
     Step step = run_forward(x, weight, bias, base_out, A, B,

@@ -185,6 +185,7 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
   TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == B.size(0), kBackward,
               ": grad_out must be [N, out] = [", x.size(0), ", ", B.size(0), "], got ",
               grad_out.sizes());
+  check_same_float_dtype(hidden, "hidden", x, "x", kBackward);
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == x.size(0) &&
                   hidden.size(1) == rank_offsets.back(),
               kBackward, ": hidden must be [N, sum(ranks)] = [", x.size(0), ", ",

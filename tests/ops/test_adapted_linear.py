@@ -257,7 +257,7 @@ def _bad_calls():
         (dict(x=x, A=A, B=B, scale=s, gate_logits=torch.randn(3), gate_temperature=T),
          "gate_logits must be"),
         (dict(x=x, A=A, B=B, scale=s, gate_logits=logits, gate_temperature=torch.ones(2)),
-         "gate_temperature must have one element"),
+         "gate_temperature must be 0-d or have one element"),
         (dict(x=x, A=A, B=B, scale=s, anchor_scales=torch.rand(2), scale_anchor=0.1),
          "anchor_scales must be"),
         (dict(x=x, A=A, B=B, scale=s2, anchor_scales=torch.rand(3), scale_anchor=0.1),

@@ -216,7 +216,12 @@ BAD = [
     bad("adapted_linear_backward", "expected grad_out [N, out], hidden", grad_out=t(3, 5)),
     bad("adapted_linear_backward", "expected grad_out [N, out], hidden", hidden=t(3, 3)),
     bad("adapted_linear_backward", "expected grad_out [N, out], hidden", scaled_B=t(5, 2)),
-    bad("adapted_linear_backward", "Dimension out of range", scaled_B=t(6)),  # an IndexError
+    bad("adapted_linear_backward", "scaled_B must be 2-D", scaled_B=t(6)),
+    bad("adapted_linear_backward", "scaled_B [out, R] with R = 2", scaled_B=t(6, 3), hidden=t(3, 3),
+        output_mask=[False, True, False, False]),  # R checked against A's rank
+    bad("adapted_linear_backward", "row_index needs col_index", BLOCKS, col_index=None),
+    bad("adapted_linear_forward", "row_index needs col_index", BLOCKS, col_index=None),
+    bad("adapted_linear_forward", "col_index needs row_index", col_index=torch.arange(4)),
     bad("adapted_linear_backward", "hidden and x must have the same dtype",
         hidden=t(3, 2, dtype=F64)),
     bad("adapted_linear_backward", "A must be [r, in]", A=t(2, 5)),
@@ -234,10 +239,19 @@ BAD = [
         gate_temperature=torch.tensor(1.5)),
     bad("adapted_linear", "gate_logits must be a floating-point tensor",
         gate_logits=t(2, dtype=I64), gate_temperature=torch.tensor(1.5)),
-    bad("adapted_linear", "gate_temperature must have one element", gate_logits=t(2),
+    bad("adapted_linear", "gate_temperature must be 0-d or have one element", gate_logits=t(2),
         gate_temperature=t(2)),
-    bad("adapted_linear", "got [1, 2]", scale=t(2), gate_logits=t(2),  # gated: [2] * [1, 2]
-        gate_temperature=torch.ones(1, 1)),
+    bad("adapted_linear", "gate_temperature must be 0-d or have one element, got shape [1, 1]",
+        gate_logits=t(2), gate_temperature=torch.ones(1, 1)),
+    bad("adapted_linear", "ortho_lambda must be a floating-point tensor with one element",
+        ortho_lambda=t(3), num_experts=2),
+    bad("adapted_linear", "A.size(0) = 2 must be divisible by num_experts = 3",
+        ortho_lambda=t(), num_experts=3),
+    bad("adapted_linear", "num_experts must be >= 1", num_experts=0),
+    bad("adapted_linear", "A must be floating-point, got Long", CLUSTER_FORM,
+        A=t(2, 4, dtype=I64)),  # checked before the cluster form casts the factors
+    bad("cluster_lowrank_backward", "hidden and x must have the same dtype", BLOCKS,
+        hidden=t(3, 3, dtype=F64)),
     bad("adapted_linear", "anchor_scales must be [G] = [2]", anchor_scales=t(3)),
     bad("adapted_linear", "anchor_scales must be [G] = [2] with a [G, out] scale",
         scale=t(2), anchor_scales=t(2)),
@@ -386,13 +400,6 @@ def test_partition_values_are_left_to_the_op(name):
     with pytest.raises(RuntimeError, match="row_index must be a permutation"):
         getattr(_ops, name)(*args)
     run_fake(name, args)
-
-
-def test_row_index_without_col_index_is_refused():
-    # The C++ reads col_index without checking it (no call here: it crashes the process).
-    args = list({**make("adapted_linear_forward", blocks=True), "col_index": None}.values())
-    with pytest.raises(RuntimeError, match="row_index needs col_index"):
-        run_fake("adapted_linear_forward", args)
 
 
 # ---- good calls: the fakes' outputs are the op's ---------------------------------------------

@@ -170,6 +170,12 @@ def check_ortho_penalty_grad_args(grad_A, A, weight, num_experts):
 
 
 # ---- soslora::adapted_linear and its halves (autograd.cpp, adapted_linear.cpp) ------------------
+def check_index_pair(row_index, col_index, op):
+    """A block layout has both index maps or neither."""
+    check(row_index is None or col_index is not None, op, "row_index needs col_index")
+    check(col_index is None or row_index is not None, op, "col_index needs row_index")
+
+
 def check_factors(x, A, B, scale, layout, op):
     """adapted_linear.cpp's check_factors; returns the rank R of the dense factors."""
     check_matrices(op, A=A, B=B)
@@ -178,9 +184,8 @@ def check_factors(x, A, B, scale, layout, op):
         check(t.device == x.device, op, name, " must be on x's device ", x.device, ", got ",
                t.device)
     check_chain(x, A, B, op)
+    check_index_pair(layout[0], layout[1], op)
     if layout[0] is not None:
-        # The C++ reads col_index unchecked when row_index is given (and crashes without it).
-        check(layout[1] is not None, op, "row_index needs col_index")
         return check_cluster_layout(x, A, B, scale, *layout, op)
     r, G = A.shape[0], scale.shape[0] if scale.dim() else 0
     check((scale.dim() == 1 or scale.dim() == 2 and scale.shape[1] == B.shape[0]) and G >= 1
@@ -206,9 +211,24 @@ def check_scale_terms(scale, row_index, gate_logits, gate_temperature, anchor_sc
     if gate_logits is not None:
         check(gate_logits.shape == (G,), op, "gate_logits must be [G] = [", G,
                "] (one per group of the scale), got ", gate_logits.shape)
-        check(gate_temperature.numel() == 1, op,
-               "gate_temperature must have one element, got shape ", gate_temperature.shape)
+        check(gate_temperature.numel() == 1 and gate_temperature.dim() <= 1, op,
+               "gate_temperature must be 0-d or have one element, got shape ",
+               gate_temperature.shape)
     if anchor_scales is not None:
         check(scale.dim() == 2 and anchor_scales.shape == (G,), op, "anchor_scales must be [G] "
                "= [", G, "] with a [G, out] scale, got ", anchor_scales.shape, " with scale ",
                scale.shape)
+
+
+def check_ortho_term(A, ortho_lambda, num_experts):
+    """autograd.cpp's check_ortho_term: the orthogonality term's arguments, in the forward."""
+    op = "soslora::adapted_linear"
+    check(num_experts >= 1, op, "num_experts must be >= 1, got ", num_experts)
+    if ortho_lambda is None or num_experts == 1:
+        return
+    check(ortho_lambda.numel() == 1 and ortho_lambda.dtype.is_floating_point
+          and ortho_lambda.device == A.device, op, "ortho_lambda must be a floating-point tensor "
+          "with one element on A's device ", A.device, ", got ", ortho_lambda.dtype, " of shape ",
+          ortho_lambda.shape, " on ", ortho_lambda.device)
+    check(A.dim() != 2 or A.shape[0] % num_experts == 0, op, "A.size(0) = ",
+          A.shape[0] if A.dim() == 2 else 0, " must be divisible by num_experts = ", num_experts)

@@ -11,11 +11,13 @@ from .checks import (
     check_base_args,
     check_dropout,
     check_factors,
+    check_index_pair,
     check_lowrank_factors,
     check_matrices,
     check_matrix,
     check_ortho_args,
     check_ortho_penalty_grad_args,
+    check_ortho_term,
     check_partition,
     check_same_float_dtype,
     check_scale,
@@ -33,10 +35,12 @@ def _(x, weight, bias, base_out, A, B, scale, row_index, col_index, row_offsets,
     # valid: so the fake of that op is called without dropout here).
     op = "soslora::adapted_linear"
     check_scale_terms(scale, row_index, gate_logits, gate_temperature, anchor_scales)
+    check_ortho_term(A, ortho_lambda, num_experts)
     if gate_logits is not None:  # the forward gets the gated scale, whose shape may differ
         gate = torch.softmax(gate_logits / gate_temperature, 0)
         scale = scale * (gate if scale.dim() == 1 else gate.unsqueeze(1))
     check(0.0 <= dropout_p < 1.0, op, "dropout_p must be in [0, 1), got ", dropout_p)
+    check_index_pair(row_index, col_index, op)
     layout = (row_index, col_index, row_offsets, col_offsets, ranks)
     if row_index is None or dense_blocks:
         return adapted_linear_forward(x, weight, bias, base_out, A, B, scale, *layout, None, 0.0,
@@ -44,6 +48,8 @@ def _(x, weight, bias, base_out, A, B, scale, row_index, col_index, row_offsets,
     check(dropout_on_input or dropout_p == 0, op,
            "the cluster form drops the input (dropout_on_input=True)")
     check_base_args(x, weight, bias, base_out, B.shape[0], op)
+    for t, name in ((A, "A"), (B, "B")):  # before the casts
+        check(t.dtype.is_floating_point, op, name, " must be floating-point, got ", t.dtype)
     # The cluster op gets the factors cast to x's dtype, and the base (x W^T + bias) as base_out.
     A, B = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (A, B))
     return cluster_lowrank_forward(x, A, B, scale, *layout, base_out, None, 0.0)[0]
@@ -70,15 +76,15 @@ def _(grad_out, x, weight, A, B, scale, hidden, scaled_B, row_index, col_index, 
     op = "soslora::adapted_linear_backward"
     check_matrix(x, "x", op)
     check_factors(x, A, B, scale, (row_index, col_index, row_offsets, col_offsets, ranks), op)
-    check_matrix(grad_out, "grad_out", op)
+    check_matrices(op, grad_out=grad_out, hidden=hidden, scaled_B=scaled_B)
     for t, name in ((grad_out, "grad_out"), (hidden, "hidden"), (scaled_B, "scaled_B")):
         check_same_float_dtype(t, name, x, "x", op)
     N, out_features = x.shape[0], B.shape[0]
-    R = scaled_B.size(1)  # read before scaled_B's rank is checked, as the C++ does
+    R = sum(ranks) if row_index is not None else A.shape[0]  # the dense factors' rank
     check(grad_out.shape == (N, out_features) and hidden.shape == (N, R)
-           and scaled_B.dim() == 2 and scaled_B.shape[0] == out_features, op,
-           "expected grad_out [N, out], hidden [N, R], scaled_B [out, R]; got ", grad_out.shape,
-           ", ", hidden.shape, ", ", scaled_B.shape)
+           and scaled_B.shape == (out_features, R), op,
+           "expected grad_out [N, out], hidden [N, R], scaled_B [out, R] with R = ", R, "; got ",
+           grad_out.shape, ", ", hidden.shape, ", ", scaled_B.shape)
     check_base_args(x, weight, None, None, out_features, op)
     check_dropout(dropout_seed, dropout_p, x, op)
     need_x, need_A, need_B, need_scale = output_mask
@@ -206,6 +212,7 @@ def _(grad_out, x, A, B, scale, hidden, grad_hidden, row_index, col_index, row_o
     check_matrix(grad_out, "grad_out", op)
     N = x.shape[0]
     check_arg(grad_out, "grad_out", x, "x", "N, out", (N, B.shape[0]), op)
+    check_same_float_dtype(hidden, "hidden", x, "x", op)
     check(hidden.shape == (N, R), op, "hidden must be [N, sum(ranks)] = [", N, ", ", R,
            "], got ", hidden.shape)
     if grad_hidden is not None:
