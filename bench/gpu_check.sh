@@ -30,8 +30,12 @@ stage_build() {
   arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)
   export SOSLORA_CUDA_ARCH=${SOSLORA_CUDA_ARCH:-$arch}
   echo "building for sm ${SOSLORA_CUDA_ARCH}"
+  # The lent image's Python and torch (3.12, 2.11 when last seen) are outside the matrix that
+  # `make compat` tests here: this run is the check for them, so their claim is not enforced.
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
   MAX_JOBS=$(nproc) CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    "$PY" -m pip install --no-build-isolation --no-deps . > "$RESULTS/build.log" 2>&1
+    "$PY" -m pip install --no-build-isolation --no-deps --ignore-requires-python . \
+    > "$RESULTS/build.log" 2>&1
   local rc=$?
   tail -25 "$RESULTS/build.log"
   "$PY" -c "import soslora_ext as s; assert s.built_with_cuda, 'built without CUDA'" || rc=1
