@@ -230,13 +230,13 @@ def test_tied_weight_refuses_merge_and_model_stays_intact():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     sl.apply_sos_lora(model, ["lm_head", "q_proj"], num_experts=2, rank=4)
     head = model.lm_head
-    assert head.weight_shared_with == ["model.embed_tokens"]
+    assert head.weight_shared_with == ["model.embed_tokens.weight"]
     with torch.no_grad():
         head.lora_B.normal_()
     embeddings = model.model.embed_tokens.weight.detach().clone()
-    with pytest.raises(RuntimeError, match=r"shared with \['model.embed_tokens'\]"):
+    with pytest.raises(RuntimeError, match=r"shared with \['model.embed_tokens.weight'\]"):
         head.merge()
-    with pytest.raises(RuntimeError, match="'lm_head' shares its base weight"):
+    with pytest.raises(RuntimeError, match="layer 'lm_head': the weight is shared with"):
         sl.merge_and_unload(model)
     assert isinstance(model.model.layers[0].self_attn.q_proj, sl.SOSLinear)  # nothing merged
     assert torch.equal(model.model.embed_tokens.weight, embeddings)

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from ..formats.files import AdapterError
-from ..layers.base import is_conv1d, weight_matrix
+from ..layers.base import AdapterLinear, is_conv1d, weight_matrix
 from ..layers.merge_guard import Target, Term, merge_
+from ..layers.sharing import overlap, shared_with
 from .interference import check_same_base
 from .terms import Adapter, LowRankTerm
 
@@ -58,8 +59,9 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
              weights: Sequence[float] | None = None) -> nn.Module:
     """W += sum_i w_i delta_W_i in place, for every adapted module of `model`, through the merge
     op (float32 accumulation, one rounding per term, no [out, in] temporary). Everything is
-    checked before the first weight changes, including non-finite factors and a sum beyond the
-    weight dtype's range: on any error every weight is bit-identical."""
+    checked before the first weight changes, including non-finite factors, a sum beyond the
+    weight dtype's range, and a weight (or a tensor saved whole) sharing memory with another
+    tensor of `model` (a tie, however made): on any error every weight is bit-identical."""
     weights = _weights(adapters, weights)
     _check_compatible(adapters)
     plans = []
@@ -86,8 +88,11 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
                     raise AdapterError(f"layer {layer!r}: adapter {adapter.name!r}'s scale "
                                        f"{t.scale} times its weight {w} is not a finite float32 "
                                        "number; give smaller weights")
-            plans.append(((layer, weight, target), terms, w))
-    merged_weights = {id(weight) for (_, weight, _), _, _ in plans}
+            # Where the weight lives: an adapted layer's is its base layer's.
+            owner = module.base_layer if isinstance(module, AdapterLinear) else module
+            plans.append(((layer, owner, weight, target), terms, w))
+    merged_weights = [weight for (_, _, weight, _), _, _ in plans]
+    copies = []
     for adapter in adapters:
         for path, tensor in adapter.whole.items():
             module_name, _, param = path.rpartition(".")
@@ -104,23 +109,33 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
                        else type(tensor).__name__)
                 raise AdapterError(f"{path!r} saved whole by {adapter.name!r} does not fit the "
                                    f"model: expected {expected}, got {got}")
-            if id(current) in merged_weights:
+            if any(overlap(current, weight) for weight in merged_weights):
                 raise AdapterError(f"{path!r} saved whole by {adapter.name!r} is a weight that "
                                    "the adapters add into: copying it would undo that sum")
+            copies.append((path, adapter, current, model.get_submodule(module_name), param))
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise AdapterError(f"{path!r} saved whole by {adapter.name!r} has non-finite "
                                    "values; nothing was changed")
+    # A tensor saved whole is written too: not if it shares memory with another tensor.
+    tied = shared_with([(current, (owner, param)) for _, _, current, owner, param in copies],
+                       [model])
+    for (path, adapter, *_), names in zip(copies, tied):
+        if names:
+            raise AdapterError(f"{path!r} saved whole by {adapter.name!r} is shared with "
+                               f"{names[:8]} (the same memory): copying it would change those "
+                               "too; nothing was changed (untie them first)")
     # One merge target per weight (several adapters may add into it): the guard checks the
-    # whole sum for non-finite factors and overflow before the first weight is written.
+    # whole sum for non-finite factors and overflow before the first weight is written, and
+    # refuses a weight that shares memory with another tensor of the model.
     targets: dict[int, Target] = {}
-    for (layer, weight, target), terms, w in plans:
-        entry = targets.setdefault(id(weight), Target(layer, target))
+    for (layer, module, weight, target), terms, w in plans:
+        entry = targets.setdefault(id(weight), Target(layer, target, owner=(module, "weight")))
         for t in terms:
             A, B = t.A.to(target.device), t.B.to(target.device)
             scale = torch.full((A.shape[0],), t.scale * w, device=target.device,
                                dtype=torch.float32)
             entry.terms.append(Term(A, B, scale))
-    merge_(list(targets.values()), "sum_into")
+    merge_(list(targets.values()), "sum_into", [model])
     for adapter in adapters:
         for path, tensor in adapter.whole.items():
             module_name, _, param = path.rpartition(".")

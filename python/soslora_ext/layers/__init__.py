@@ -8,6 +8,8 @@
     config.py       SOSConfig, CPSConfig and the presets
     quantized.py    bitsandbytes 4/8-bit bases
     merge_guard.py  every in-place write of an update into a weight
+    sharing.py      which tensors share memory with a weight; merged-weight fingerprints
+    bypass.py       parents that read an adapted layer's weight instead of calling it
     model.py        apply_sos_lora / apply_cps_lora, merge_and_unload, penalties, counts
     distributed.py  sharded parameters and reductions
 """

@@ -12,6 +12,7 @@ import torch.nn as nn
 from .. import ops
 from ..ops.dtypes import SUPPORTED_DTYPES
 from . import merge_guard, quantized
+from .sharing import ModelRef, fingerprint, scope_of, shared_with
 
 Tensor = torch.Tensor
 
@@ -129,11 +130,13 @@ class AdapterLinear(nn.Module):
         # whatever happened to the parameters since.
         for key in _MERGED_KEYS:
             self.register_buffer("_" + key, None, persistent=False)
-        # Modules that share the base weight (set by apply_*); merging would change them.
-        self.weight_shared_with: list[str] = []
+        self._merged_fingerprint = None  # of the weight merge() wrote: unmerge() checks it
+        self._models: list[ModelRef] = []  # the models it was put into (see _scope)
         # Set by every forward in training mode or with grad enabled; check_adapters_called()
         # reads it to find layers whose parent reads .weight instead of calling them.
         self.used_in_training = False
+        # Set by every forward, and by every read of .weight: bypass.py's watch reads them.
+        self._called = self._weight_read = False
 
     @classmethod
     def from_config(cls, base: nn.Module, config, *, dtype: torch.dtype | None = None):
@@ -154,7 +157,22 @@ class AdapterLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
+        self._weight_read = True  # a parent computing with it instead of calling the layer
         return self.base_layer.weight
+
+    @property
+    def weight_shared_with(self) -> list[str]:
+        """Paths of the tensors sharing memory with the base weight now (searched in _scope)."""
+        return shared_with([(self.base_layer.weight, (self.base_layer, "weight"))],
+                           self._scope())[0]
+
+    def _scope(self) -> list[nn.Module]:
+        """Where merge() and unmerge() look for tensors sharing the base weight: the model it
+        was put into (apply_*, load_adapter, import_peft) while it holds it, else itself."""
+        return scope_of(self, getattr(self, "_models", []))
+
+    def _set_model(self, model: nn.Module) -> None:
+        self._models = ModelRef.added(getattr(self, "_models", []), model)
 
     @property
     def bias(self) -> Tensor | None:
@@ -172,6 +190,7 @@ class AdapterLinear(nn.Module):
         """Checks shared by every forward, and the record of a training forward; returns
         whether the adapter is merged (the forward is then the base layer's)."""
         self._check_input(x)
+        self._called = True
         grad = torch.is_grad_enabled()
         # A forward that can train the adapter: also one in eval mode with grad enabled
         # (e.g. a backbone kept in eval() while its adapters train).
@@ -280,46 +299,62 @@ class AdapterLinear(nn.Module):
             raise RuntimeError(quantized.merge_refusal(self.base_layer, where))
         if self.merged:
             raise RuntimeError(f"{where}: the adapter is already merged; unmerge() first")
-        if self.weight_shared_with:
-            raise RuntimeError(f"{where}: the base weight is shared with "
-                               f"{self.weight_shared_with}; merging would change those modules "
-                               "too. Keep the adapter unmerged (or untie the weights first)")
 
     @torch.no_grad()
     def _merge_target(self, name: str) -> merge_guard.Target:
         """What merge() adds: detached copies of the factors (small), recorded once merged."""
         A, B, scale = (t.detach().clone() for t in self._update_factors())
         term = merge_guard.Term(A, B, scale)
-        return merge_guard.Target(name, weight_matrix(self.base_layer), [term])
+        base = self.base_layer
+        return merge_guard.Target(name, weight_matrix(base), [term], owner=(base, "weight"))
 
     def _record_merged(self, target: merge_guard.Target) -> None:
+        """Record the update `target` wrote and the merged weight's fingerprint."""
         term = target.terms[0]
         self._merged_A, self._merged_B, self._merged_scale = term.A, term.B, term.scale
+        self._merged_fingerprint = fingerprint(self.base_layer.weight)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into the base weight in place (float32 accumulation, one rounding).
-        Refused, with the weight unchanged, if a factor is not finite or the sum would overflow
-        the weight's dtype."""
+        Refused, with the weight unchanged, if a factor is not finite, the sum would overflow
+        the weight's dtype, or another tensor of the model shares the weight's memory (see
+        _scope: a layer built on its own knows only itself)."""
         name = type(self).__name__
         self._check_mergeable(f"{name}.merge")
         target = self._merge_target("")
-        merge_guard.merge_([target], f"{name}.merge")
+        merge_guard.merge_([target], f"{name}.merge", self._scope())
         self._record_merged(target)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract exactly the update merge() added (exact up to one rounding of the weight's
-        dtype), even if the factors or scales changed since."""
+        dtype), even if the factors or scales changed since. Refused, with nothing changed, if
+        the base weight is not the one merge() wrote (its fingerprint differs: restored,
+        reloaded, replaced or cast since) or shares memory with another tensor of the model."""
         name = type(self).__name__
         if self.quantized:
             raise RuntimeError(quantized.merge_refusal(self.base_layer, f"{name}.unmerge"))
         if not self.merged:
             raise RuntimeError(f"{name}.unmerge: the adapter is not merged")
+        base = self.base_layer
+        recorded = getattr(self, "_merged_fingerprint", None)
+        if recorded is not None and fingerprint(base.weight) != recorded:
+            raise RuntimeError(
+                f"{name}.unmerge: the base weight is not the one merge() wrote (restored, "
+                "reloaded, replaced or cast since): subtracting the update would leave it off by "
+                "the whole update. Nothing was changed; if it no longer holds the update, call "
+                "discard_merge()")
         term = merge_guard.Term(self._merged_A, self._merged_B, self._merged_scale, -1.0)
-        merge_guard.merge_([merge_guard.Target("", weight_matrix(self.base_layer), [term])],
-                       f"{name}.unmerge")
+        target = merge_guard.Target("", weight_matrix(base), [term], owner=(base, "weight"))
+        merge_guard.merge_([target], f"{name}.unmerge", self._scope())
+        self.discard_merge()
+
+    def discard_merge(self) -> None:
+        """Forget the merged update without writing the weight: for a base weight that no
+        longer holds it (restored or replaced since merge()). The layer is unmerged after."""
         self._merged_A = self._merged_B = self._merged_scale = None
+        self._merged_fingerprint = None
 
     # ---- state dict: a merged layer's weight comes with the update it holds -----------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -349,6 +384,9 @@ class AdapterLinear(nn.Module):
             device = self.lora_A.device
             merged = [t.detach().clone().to(device) for t in update] or [None] * len(keys)
             self._merged_A, self._merged_B, self._merged_scale = merged
+            loaded = state_dict[f"{prefix}base_layer.weight"]  # copied into the weight's dtype
+            self._merged_fingerprint = fingerprint(loaded.detach().to(
+                self.base_layer.weight.dtype)) if update and isinstance(loaded, Tensor) else None
         elif update:
             error_msgs.append(f"{prefix}base_layer: merged update without base_layer.weight")
 

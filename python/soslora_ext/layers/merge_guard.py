@@ -17,15 +17,23 @@ targets that write one weight are checked as their sum.
 
 A weight that already holds NaN or Inf is refused as well: the merge could not be checked,
 the merged model would be as broken as the base, and nothing is gained by writing into it.
+
+A weight that shares memory with another tensor of the model (a tied module, a Parameter on
+the same storage, a view into it, however and whenever the tie was made) is refused too,
+naming those tensors: writing into it would change them as well (sharing.py). The caller gives
+the modules to search (`scope`) and where each weight lives (`Target.owner`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
+import torch.nn as nn
 
 from .. import ops
+from .sharing import overlap, shared_with
 
 Tensor = torch.Tensor
 
@@ -48,11 +56,13 @@ class Term:
 @dataclass
 class Target:
     """The terms to add, in order, into one [out, in] weight (a transposed view of a weight
-    stored [in, out] is written through); `name` is used in error messages."""
+    stored [in, out] is written through); `name` is used in error messages. `owner` is the
+    module and attribute name that hold the weight: that place is not a tensor sharing it."""
 
     name: str
     weight: Tensor
     terms: list[Term] = field(default_factory=list)
+    owner: tuple[nn.Module, str] | None = None
 
 
 def _label(where: str, target: Target) -> str:
@@ -91,7 +101,8 @@ def _by_weight(targets: list[Target]) -> list[Target]:
     checked as the one sum they add up to."""
     combined: dict[tuple, Target] = {}
     for t in targets:
-        combined.setdefault(_weight_key(t.weight), Target(t.name, t.weight)).terms.extend(t.terms)
+        combined.setdefault(_weight_key(t.weight),
+                            Target(t.name, t.weight, owner=t.owner)).terms.extend(t.terms)
     return list(combined.values())
 
 
@@ -204,7 +215,29 @@ def write(targets: list[Target]) -> None:
             ops.merge_into_(target.weight, t.A, t.B, t.scale, t.alpha)
 
 
-def merge_(targets: list[Target], where: str) -> None:
-    """check() every target, then write() them all: all or nothing."""
+def check_unshared(targets: list[Target], scope: Sequence[nn.Module], where: str) -> None:
+    """Raise RuntimeError, naming them, if a tensor of a module in `scope` shares memory with a
+    target's weight: writing into it would change those too. Without a scope, only the
+    targets' weights are compared with one another."""
+    if scope:
+        shared = shared_with([(t.weight, t.owner) for t in targets], scope)
+    else:
+        shared = [[f"the weight of layer {other.name!r}" for other in targets[i + 1:]
+                   if overlap(target.weight, other.weight)] for i, target in enumerate(targets)]
+    for target, names in zip(targets, shared):
+        if names:
+            raise RuntimeError(
+                f"{_label(where, target)}: the weight is shared with {names[:8]}"
+                f"{' ...' if len(names) > 8 else ''} (the same memory): writing the update into "
+                "it would change those too; nothing was changed. Untie them first (give each "
+                "its own copy, e.g. m.weight = nn.Parameter(m.weight.detach().clone())), or "
+                "keep the update unmerged")
+
+
+def merge_(targets: list[Target], where: str, scope: Sequence[nn.Module] = ()) -> None:
+    """check_unshared() and check() every target, then write() them all: all or nothing.
+    `scope`: the modules whose tensors must not share memory with a weight written (the
+    model); none for a weight made for the purpose."""
+    check_unshared(_by_weight(targets), scope, where)
     check(targets, where)
     write(targets)

@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from . import merge_guard, quantized
+from . import bypass, merge_guard, quantized
 from .base import AdapterLinear, base_features, check_base, is_linear
 from .config import CPSConfig, SOSConfig, check_preset, with_fields
 from .cps import CPSLinear, check_fits
@@ -73,7 +73,9 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
     earlier apply_* call stay trainable. A saved module may not be or hold an adapted layer.
     Every other parameter of the model is frozen. A module registered under several names is
     adapted under all of them. Returns `model`. Every target is checked first: on any error
-    nothing in the model is changed.
+    nothing in the model is changed. A target whose parent is known to compute with its weight
+    instead of calling it (nn.MultiheadAttention's out_proj: bypass.py) is refused; other such
+    parents are reported by a warning on the model's first training forward.
     """
     layer_kwargs = dict(layer_kwargs)
     dtype = layer_kwargs.pop("dtype", None)
@@ -133,6 +135,8 @@ def _apply_adapters(model, target_modules, save_names, owner, build,
             raise TypeError(f"{owner}: module {name!r} matched target_modules but is a "
                             f"{type(module).__name__}, not an nn.Linear or Conv1D")
         check_base(module, f"{owner}: module {name!r}")
+        for alias in names[id(module)]:
+            bypass.check_parent(model, alias, owner)
         check(name, module)
 
     saved = list({id(m): m for name, m in candidates
@@ -154,13 +158,6 @@ def _apply_adapters(model, target_modules, save_names, owner, build,
     earlier = ([m for m in modules_to_save(model).values() if id(m) not in target_ids]
                if inside_adapters else [])
 
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
-    # A weight tied to another module (e.g. lm_head and the embeddings) must not be merged.
-    # (A weight that is a plain tensor, not a Parameter, has no owners to find.)
-    shared = [sorted(set(owners.get(id(module.weight), [])) - set(names[id(module)]))
-              for _, module in targets]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:  # building freezes each base: undone if a later one fails
         replacements = [build(module) for _, module in targets]
@@ -168,8 +165,7 @@ def _apply_adapters(model, target_modules, save_names, owner, build,
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    for (_, module), layer, others in zip(targets, replacements, shared):
-        layer.weight_shared_with = others
+    for (_, module), layer in zip(targets, replacements):
         for name in names[id(module)]:
             replace_module(model, name, layer)
     freeze_all_but_adapters(model, keep_trainable=saved + earlier)
@@ -184,8 +180,13 @@ def _names_by_module(named: list[tuple[str, nn.Module]]) -> dict[int, list[str]]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of module `name`. An adapted layer learns the model it is in (where
+    merging looks for tensors sharing its weight), and the model gets the bypass watch."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
+    if isinstance(new, AdapterLinear):
+        new._set_model(model)
+        bypass.watch(model)
 
 
 def freeze_all_but_adapters(model: nn.Module, keep_trainable: Sequence[nn.Module] = ()) -> None:
@@ -230,8 +231,9 @@ def check_finite(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module, dequantize: bool = False,
                      dtype: torch.dtype | None = None) -> nn.Module:
     """Merge every adapted layer into its base weight and put the base layer back.
-    Every layer is checked (shared weights, non-finite factors, overflow of the weight's
-    dtype) before the first weight changes: on any error the model is unchanged.
+    Every layer is checked (a weight sharing memory with any other tensor of `model`,
+    non-finite factors, overflow of the weight's dtype) before the first weight changes: on any
+    error the model is unchanged.
 
     A quantized (bitsandbytes) base cannot hold the merged weight: refused, unless
     `dequantize`, which puts a new nn.Linear of `dtype` (default: the base's compute dtype)
@@ -252,12 +254,8 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False,
                    for name, layer in on_quantized}
     pending = [(name, layer) for name, layer in layers
                if not layer.merged and not layer.quantized]
-    for name, layer in pending:
-        if layer.weight_shared_with:
-            raise RuntimeError(f"merge_and_unload: layer {name!r} shares its base weight with "
-                               f"{layer.weight_shared_with}; merging would change those too")
     targets = [layer._merge_target(name) for name, layer in pending]
-    merge_guard.merge_(targets, "merge_and_unload")
+    merge_guard.merge_(targets, "merge_and_unload", [model])
     for (_, layer), target in zip(pending, targets):
         layer._record_merged(target)
     names = _names_by_module(list(model.named_modules(remove_duplicate=False)))
@@ -265,6 +263,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False,
         merged = dequantized[id(layer)] if layer.quantized else layer.merge_and_unload()
         for name in names[id(layer)]:  # every name, where one layer is registered under several
             replace_module(model, name, merged)
+    bypass.unwatch(model)
     return model
 
 
