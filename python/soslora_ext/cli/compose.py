@@ -24,6 +24,18 @@ def _adapters(specs, model_dir: str | None = None, combined: bool = True, weight
     return [compose.load(p, name=name) for name, p in named]
 
 
+def _check_weights(adapters, weights) -> None:
+    """--weights so large that a weighted factor overflows float32 are refused naming them
+    (the adapters' own factors are finite: every reader checks them)."""
+    from .. import compose
+
+    bad = compose.concat(adapters, weights).overflowing() if weights is not None else []
+    if bad:
+        raise CliError(f"--weights {' '.join(f'{w:g}' for w in weights)}: too large: the "
+                       f"adapters' factors times these weights overflow float32 (in layer "
+                       f"{bad[0]!r}); give smaller weights")
+
+
 def cmd_compose_report(args) -> int:
     from .. import compose
 
@@ -48,6 +60,7 @@ def cmd_compose_merge(args) -> int:
     from .. import compose
 
     adapters = _adapters(args.adapters, model_dir=args.into, weights=args.weights)
+    _check_weights(adapters, args.weights)
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(model_directory(args.into))
     compose.sum_into(model, adapters, args.weights)
@@ -60,7 +73,11 @@ def cmd_compose_merge(args) -> int:
 def cmd_compose_concat(args) -> int:
     from .. import compose
 
-    total = compose.concat(_adapters(args.adapters, weights=args.weights), args.weights)
+    adapters = _adapters(args.adapters, weights=args.weights)
+    for adapter in adapters:  # the sum keeps no aliases: what PEFT cannot hold is refused here
+        adapter.check_writable(f"compose concat: adapter {adapter.name!r}")
+    _check_weights(adapters, args.weights)
+    total = compose.concat(adapters, args.weights)
     total.save_peft(args.out)
     print(f"exact sum (one PEFT LoRA, ranks {sorted({total.rank(n) for n in total})}) written "
           f"to {args.out}")

@@ -13,6 +13,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from ..formats.checks import other_names
+from ..formats.lock import DEFAULT_LOCK_TIMEOUT
 from ..formats.native import (
     AdapterError,
     folded_factors,
@@ -21,6 +23,7 @@ from ..formats.native import (
     read_peft_lora,
     write_peft_lora,
 )
+from ..formats.peft import check_one_name_each
 
 Tensor = torch.Tensor
 
@@ -41,12 +44,14 @@ class LowRankTerm:
 @dataclass
 class Adapter(Mapping):
     """Module name -> list of LowRankTerm. `fan_in_fan_out` marks adapters of layers whose
-    weight is stored [in, out] (GPT-2's Conv1D); `whole` holds modules saved whole."""
+    weight is stored [in, out] (GPT-2's Conv1D); `whole` holds modules saved whole; `aliases`
+    the other names of modules registered under several ({name: [other names]})."""
 
     layers: dict[str, list[LowRankTerm]]
     name: str = ""
     fan_in_fan_out: bool = False
     whole: dict[str, Tensor] = field(default_factory=dict)
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> list[LowRankTerm]:
         return self.layers[key]
@@ -76,10 +81,33 @@ class Adapter(Mapping):
         A, B = self.factors(layer, dtype)
         return B @ A
 
-    def save_peft(self, directory: str | os.PathLike) -> Path:
+    def overflowing(self, dtype=torch.float32) -> list[str]:
+        """The layers whose terms are finite but whose factors (scales in B) are not in
+        `dtype`: their scales are too large."""
+        def finite(t):
+            return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
+        return [n for n, terms in self.layers.items()
+                if all(finite(t.A) and finite(t.B) for t in terms)
+                and not all(finite(f) for f in self.factors(n, dtype))]
+
+    def check_writable(self, where: str) -> None:
+        """What PEFT's format cannot hold is refused: a module under several names, factors
+        that overflow float32 (terms scaled by too large a weight)."""
+        check_one_name_each(self.aliases, {}, where)
+        bad = self.overflowing()
+        if bad:
+            scales = sorted({t.scale for t in self.layers[bad[0]]})
+            raise AdapterError(f"{where}: layer {bad[0]!r}: its terms' scales {scales} times "
+                               "their factors overflow float32: the scales (the weights of a "
+                               "sum) are too large; give smaller weights; nothing was written")
+
+    def save_peft(self, directory: str | os.PathLike, *,
+                  lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> Path:
         """Write as one PEFT LoRA (rank = sum of the terms' ranks per layer)."""
+        self.check_writable(f"save_peft({str(directory)!r})")
         return write_peft_lora(directory, {n: self.factors(n) for n in self.layers}, self.whole,
-                               fan_in_fan_out=self.fan_in_fan_out)
+                               fan_in_fan_out=self.fan_in_fan_out, lock_timeout=lock_timeout)
 
 
 def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
@@ -91,7 +119,7 @@ def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
     if is_own_format(directory):
         config, layers, whole = read_adapter(directory)
         terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
-        return Adapter(terms, name=name, whole=whole)
+        return Adapter(terms, name=name, whole=whole, aliases=config.get("aliases") or {})
     config, factors, whole = read_peft_lora(directory)
     terms = {n: [LowRankTerm(A, B, scaling)] for n, (A, B, scaling) in factors.items()}
     return Adapter(terms, name=name, fan_in_fan_out=bool(config.get("fan_in_fan_out")),
@@ -107,4 +135,5 @@ def from_model(model: nn.Module, name: str = "model") -> Adapter:
     if not terms:
         raise AdapterError("from_model: the model has no adapted (SOSLinear/CPSLinear) layers")
     return Adapter(terms, name=name,
-                   fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()))
+                   fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
+                   aliases=other_names(model, layers))

@@ -9,6 +9,7 @@ the config (types, names, sizes: before the weights file is opened), the safeten
 tensor or key."""
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,48 @@ def check_names(where: str, adapted, whole=()) -> None:
             outer = ".".join(parts[:i])
             if outer in layers and (outer != name or name in whole):
                 fail(where, f"module {name!r} is, or lies inside, the adapted layer {outer!r}")
+
+
+def names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every module of `model` (one registered twice has two), by id()."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def other_names(model: nn.Module, named: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """{name: the module's other names in `model`} for the modules of `named` registered under
+    several names (what a save records as ``aliases``)."""
+    names = names_by_module(model)
+    others = {name: [n for n in names.get(id(m), []) if n != name] for name, m in named.items()}
+    return {name: o for name, o in others.items() if o}
+
+
+def check_aliases(config: dict, where: str) -> dict[str, list[str]] | None:
+    """The config's ``aliases`` ({recorded name: other names of that module}), checked: each
+    key a layer or a module saved whole, no name given twice (None: a config saved before
+    names were recorded)."""
+    modules, saved = config.get("modules") or {}, config.get("modules_to_save") or {}
+    aliases = config.get("aliases")
+    if aliases is None:
+        return None
+    if not isinstance(aliases, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in aliases.values()):
+        fail(where, f"{CONFIG_NAME}: aliases must map module names to lists of their other "
+                    f"names, got {str(aliases)[:200]}")
+    for name in aliases:
+        if name not in modules and name not in saved:
+            fail(where, f"{CONFIG_NAME}: aliases names {name!r}, which is neither adapted nor "
+                        "saved whole")
+    every = collections.Counter([*modules, *saved, *(n for v in aliases.values() for n in v)])
+    twice = sorted(n for n, count in every.items() if count > 1)
+    if twice:
+        fail(where, f"{CONFIG_NAME}: module names {twice[:5]} are named twice (as layers, "
+                    "modules saved whole or aliases)")
+    check_names(where, [*modules, *(n for m in modules for n in aliases.get(m, []))],
+                [*saved, *(n for m in saved for n in aliases.get(m, []))])
+    return aliases
 
 
 def model_module(model: nn.Module, name: str, where: str, what: str) -> nn.Module:
@@ -137,6 +180,10 @@ class LayerPlan:
 class OwnPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     whole: dict[str, dict] = field(default_factory=dict)  # module -> {param: spec or None}
+    aliases: dict[str, list[str]] | None = None  # None: saved before names were recorded
+
+    def aliases_of(self, name: str) -> list[str]:
+        return list((self.aliases or {}).get(name, []))
 
 
 def check_own_config(config: dict, where: str, model: nn.Module | None = None) -> OwnPlan:
@@ -152,18 +199,19 @@ def check_own_config(config: dict, where: str, model: nn.Module | None = None) -
         fail(where, f"{CONFIG_NAME}: modules_to_save must map module names to lists of distinct "
                     f"parameter names, got {str(saved)[:200]}")
     check_names(where, modules, saved)
+    plan = OwnPlan(aliases=check_aliases(config, where))
     metadata, base = config.get("metadata", {}), config.get("base_model_class")
     if not isinstance(metadata, dict):
         fail(where, f"{CONFIG_NAME}: metadata must be an object, got {str(metadata)[:100]}")
     if not (base is None or isinstance(base, str)):
         fail(where, f"{CONFIG_NAME}: base_model_class must be a string, got {str(base)[:100]}")
-    plan = OwnPlan()
     for name, entry in modules.items():
         if not isinstance(entry, dict):
             fail(where, f"layer {name!r}: bad entry in {CONFIG_NAME} (expected an object)")
         shape = (entry.get("in_features"), entry.get("out_features"))
         if model is not None:
-            check_model_layer(model, name, shape, where)
+            for each in [name] + plan.aliases_of(name):
+                check_model_layer(model, each, shape, where)
         try:
             method = entry.get("method", "sos")  # files written before CPS-LoRA are all SOS
             if method not in METHODS:
@@ -189,12 +237,14 @@ def check_own_config(config: dict, where: str, model: nn.Module | None = None) -
                                       layer_tensors(method, hyper, *shape, dtype))
     for name, params in saved.items():
         own = {}
-        if model is not None:
-            own = dict(model_module(model, name, where, "module to save").named_parameters(
+        for each in [name] + plan.aliases_of(name) if model is not None else []:
+            found = dict(model_module(model, each, where, "module to save").named_parameters(
                 recurse=False))
+            own = own or found  # the first name's; its other names' must be alike
             for p in params:
-                if p not in own:
-                    fail(where, f"module to save {name!r}: parameter {p!r} is missing or has "
+                if p not in found or (found[p].dtype, found[p].shape) != (own[p].dtype,
+                                                                         own[p].shape):
+                    fail(where, f"module to save {each!r}: parameter {p!r} is missing or has "
                                 "the wrong shape")
         plan.whole[name] = {p: (own[p].dtype, tuple(own[p].shape)) if p in own else None
                             for p in params}
@@ -231,3 +281,51 @@ def check_own_values(plan: OwnPlan, tensors: dict[str, torch.Tensor], where: str
                                 "columns")
             except ValueError as e:
                 fail(where, f"layer {name!r}: {e}")
+
+
+# ---- where the layers go -----------------------------------------------------------------------
+def modules_named(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The distinct modules of `model` under `names`, in order."""
+    modules = {}
+    for name in names:
+        module = model.get_submodule(name)
+        modules.setdefault(id(module), module)
+    return list(modules.values())
+
+
+def placements(model: nn.Module, plan: OwnPlan, where: str) -> list[tuple[str, nn.Module, list]]:
+    """(saved layer, base module, the names it goes under) for every layer of a checked plan:
+    one per distinct module of `model` under the layer's names; without recorded names (an
+    adapter saved before they were), the names `model` gives the module. As apply_* does, a
+    module takes its adapter under every name `model` gives it (one left plain would bypass the
+    adapter, and a merge would change it): a module of `model` under a name the adapter does
+    not record for its layer, or two saved layers that are one module of `model`, are refused
+    (the model is not built as the one the adapter was saved from)."""
+    recorded = {*plan.layers, *plan.whole, *(n for v in (plan.aliases or {}).values() for n in v)}
+    every = names_by_module(model)
+    layer_of = {n: layer for layer in plan.layers for n in [layer] + plan.aliases_of(layer)}
+    placed = []
+    for name in plan.layers:
+        names = [name] + plan.aliases_of(name)
+        if plan.aliases is None:
+            names += [n for n in every[id(model.get_submodule(name))]
+                      if n != name and n not in recorded]
+        groups: dict[int, tuple[nn.Module, list[str]]] = {}
+        for each in names:
+            base = model.get_submodule(each)
+            groups.setdefault(id(base), (base, []))[1].append(each)
+        for base, group in groups.values():
+            unnamed = [n for n in every[id(base)] if n not in group]
+            if unnamed and unnamed[0] in layer_of:
+                fail(where, f"layers {group[0]!r} and {unnamed[0]!r} are one module in "
+                            f"{type(model).__name__}, but the adapter holds a layer for each; "
+                            "load it into a model built as the one it was saved from")
+            if unnamed:
+                fail(where, f"layer {group[0]!r}: {type(model).__name__} also registers it as "
+                            f"{unnamed[0]!r}, a name the adapter does not record for it (it was "
+                            "saved from a model where that is another module); the layer would "
+                            "go under every name of the module, which changes what "
+                            f"{unnamed[0]!r} computes: load it into a model built as the one it "
+                            "was saved from")
+            placed.append((name, base, group))
+    return placed

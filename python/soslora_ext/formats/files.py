@@ -8,7 +8,8 @@ of the config written with them (CONFIG_SHA256_KEY). When a PEFT export's config
 byte-identical to the one it replaces, the export is complete once its weights are renamed in.
 
 A save (``save_pair``):
-  1. locks the directory (flock; concurrent saves take turns), deletes temporaries of our naming
+  1. locks the directory (flock, lock.py: concurrent saves take turns; one waiting says whose
+     lock it waits for and gives up after its lock_timeout), deletes temporaries of our naming
      left by interrupted saves, and completes an interrupted save (``_recover``): afterwards the
      weights file holds the weights the config names and PREVIOUS_WEIGHTS_NAME is gone;
   2. writes both files to temporaries (mode 0666 minus the umask, as open() creates files) and
@@ -21,7 +22,8 @@ PREVIOUS_WEIGHTS_NAME. Without flock (some network file systems) saves do not ta
 temporaries are left for the user to delete, since one may belong to a save in progress.
 
 Reading checks the safetensors header (an 8-byte little-endian length, then JSON) and the file
-size it implies before any tensor data is read, hashed or allocated.
+size it implies before any tensor data is read, hashed or allocated. A file that a save deletes
+or changes while it is read (ChangedWhileRead) makes read_pair read the directory again.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .errors import AdapterError
+from .lock import DEFAULT_LOCK_TIMEOUT, locked
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -60,16 +65,8 @@ for _name, _dtype in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
 TensorSpec = tuple  # (torch.dtype, shape tuple)
 
 
-class AdapterError(ValueError):
-    """An adapter directory that cannot be saved, read or applied to this model."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class ChangedWhileRead(AdapterError):
+    """A file vanished or changed while it was read: a save ran beside the reader."""
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -78,6 +75,18 @@ def _require_file(path: Path) -> None:
         raise AdapterError(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise AdapterError(f"{path}: file not found (not an adapter directory?)")
+
+
+def _open(path: Path):
+    """The file open for reading; an OSError is an AdapterError (ChangedWhileRead for a file
+    gone since it was seen: a save beside the reader renamed or deleted it)."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise ChangedWhileRead(f"{path}: deleted while the adapter was read (a save ran beside "
+                               "it)") from None
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _loads(data: bytes, what: str, **kwargs):
@@ -93,7 +102,7 @@ def read_config(directory: Path) -> tuple[bytes, dict]:
     """(bytes, parsed JSON object) of the directory's adapter_config.json."""
     path = Path(directory) / CONFIG_NAME
     _require_file(path)
-    with open(path, "rb") as f:
+    with _open(path) as f:
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not an adapter config")
@@ -129,8 +138,11 @@ def _read_header(f, path: Path) -> Header:
     if size < 8:
         bad(f"{size} bytes, shorter than the 8-byte header length")
     n = int.from_bytes(f.read(8), "little")
-    if n > min(MAX_HEADER_BYTES, size - 8):
+    if n > size - 8:
         bad(f"header length {n} is more than the file's {size - 8} bytes after it")
+    if n > MAX_HEADER_BYTES:
+        bad(f"header length {n} is over the limit of {MAX_HEADER_BYTES} bytes (safetensors' "
+            "own)")
     try:
         raw = _loads(f.read(n), "header", object_pairs_hook=_no_duplicates)
     except AdapterError as e:
@@ -189,7 +201,9 @@ def _choose_weights(directory: Path, config: dict, config_bytes: bytes,
     errors, fallbacks = [], []
     for path in [weights] + ([previous] if previous.is_file() else []):
         try:
-            with open(path, "rb") as f:
+            # A save may delete or replace the previous weights since is_file() saw them:
+            # ChangedWhileRead, and read_pair reads again.
+            with _open(path) as f:
                 header = _read_header(f, path)
                 check_header(header.tensors)
                 contents = []
@@ -199,7 +213,7 @@ def _choose_weights(directory: Path, config: dict, config_bytes: bytes,
                         f.seek(0)
                         contents.append(f.read())
                         if len(contents[0]) != header.size:
-                            raise AdapterError(f"{path}: changed while it was read")
+                            raise ChangedWhileRead(f"{path}: changed while it was read")
                     return contents[0]
 
                 paired = _pairs_with(config, config_bytes, header, data)
@@ -207,6 +221,8 @@ def _choose_weights(directory: Path, config: dict, config_bytes: bytes,
                     return path, data()
                 if not ours:
                     fallbacks.append((paired is False, len(fallbacks), path, data()))
+        except ChangedWhileRead:
+            raise
         except AdapterError as e:
             errors.append(e)
             continue
@@ -230,49 +246,37 @@ def read_weights(directory: Path, config: dict, config_bytes: bytes,
         raise AdapterError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def _files_now(directory: Path) -> tuple | None:
+    """Which config and weights files the directory holds: a save puts new files in (renames)."""
+    try:
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in
+                     (os.stat(directory / CONFIG_NAME), os.stat(directory / WEIGHTS_NAME)))
+    except OSError:
+        return None
+
+
 def read_pair(directory: str | os.PathLike,
               validate: Callable[[dict], Callable[[dict], None]]) -> tuple[dict, dict]:
     """(config, tensors). validate(config) checks the config and returns the check of the
-    weights' header ({name: (dtype, shape)}), which runs before any tensor data is read."""
+    weights' header ({name: (dtype, shape)}), which runs before any tensor data is read. A
+    pair refused while saves ran beside the reader is read again (up to 5 times)."""
     directory = Path(directory)
-    for attempt in range(3):
+    for attempt in range(5):
+        files = _files_now(directory)
         config_bytes, config = read_config(directory)
         check_header = validate(config)
         try:
             return config, read_weights(directory, config, config_bytes, check_header)
-        except AdapterError:
-            # A save that committed while we read pairs a newer config: read that pair.
-            try:
-                changed = read_config(directory)[0] != config_bytes
-            except AdapterError:
-                changed = False
-            if attempt == 2 or not changed:
+        except AdapterError as e:
+            # Saves that renamed files in while we read (even one whose config has the bytes
+            # of the one we read, the weights of another): read the pair they left.
+            if attempt == 4 or not (isinstance(e, ChangedWhileRead)
+                                    or _files_now(directory) != files):
                 raise
     raise AssertionError("unreachable")
 
 
 # ---- writing ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _locked(directory: Path):
-    """Holds an exclusive flock on the directory; yields whether it could be taken."""
-    try:
-        import fcntl
-
-        fd = os.open(directory, os.O_RDONLY)
-    except (ImportError, OSError):
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            locked = True
-        except OSError:
-            locked = False
-        yield locked
-    finally:
-        os.close(fd)
-
-
 def _sync_directory(directory: Path) -> None:
     """Makes the directory's renames durable (a no-op where directories cannot be fsynced)."""
     try:
@@ -345,13 +349,17 @@ def _keep_previous(weights: Path, previous: Path, created: list[Path]) -> None:
         os.replace(copy, previous)
 
 
-def save_pair(directory: str | os.PathLike, config_bytes: bytes, weights_bytes: bytes) -> Path:
+def save_pair(directory: str | os.PathLike, config_bytes: bytes, weights_bytes: bytes,
+              lock_timeout: float = DEFAULT_LOCK_TIMEOUT, where: str | None = None) -> Path:
     """Writes adapter_config.json and adapter_model.safetensors as described above. On any
     error before the commit the previous files stay and no temporaries are left; a file
-    system error (permissions, a full disk, a dangling link) is an AdapterError."""
+    system error (permissions, a full disk, a dangling link) is an AdapterError, and so is
+    waiting longer than `lock_timeout` seconds for the directory's lock (lock.py; `where`
+    names the caller in its messages)."""
     directory = Path(directory)
     try:
-        return _save_pair(directory, config_bytes, weights_bytes)
+        return _save_pair(directory, config_bytes, weights_bytes, lock_timeout,
+                          where or str(directory))
     except OSError as e:
         # Whatever step failed, the protocol leaves the last committed save loadable.
         raise AdapterError(f"{directory}: cannot save the adapter ({e.strerror or e}: "
@@ -359,7 +367,8 @@ def save_pair(directory: str | os.PathLike, config_bytes: bytes, weights_bytes: 
                            "committed save, if any") from None
 
 
-def _save_pair(directory: Path, config_bytes: bytes, weights_bytes: bytes) -> Path:
+def _save_pair(directory: Path, config_bytes: bytes, weights_bytes: bytes, lock_timeout: float,
+               where: str) -> Path:
     if directory.exists() and not directory.is_dir():
         raise AdapterError(f"{directory}: is a file, not a directory; nothing was written")
     if directory.is_symlink() and not directory.exists():
@@ -372,8 +381,8 @@ def _save_pair(directory: Path, config_bytes: bytes, weights_bytes: bytes) -> Pa
             raise AdapterError(f"{path}: is a directory or another non-file, where the save "
                                "writes a file; nothing was written")
     weights, previous = directory / WEIGHTS_NAME, directory / PREVIOUS_WEIGHTS_NAME
-    with _locked(directory) as locked:
-        if locked:  # no other save runs now: every temporary of ours is stale
+    with locked(directory, lock_timeout, where) as held:
+        if held:  # no other save runs now: every temporary of ours is stale
             _remove_stale_temporaries(directory)
         _recover(directory)
         created: list[Path] = []

@@ -1,11 +1,11 @@
 """Saving and loading adapters in this package's format (and the PEFT format's entry points).
 
 Our format: a directory with ``adapter_config.json`` (format version, library version, method,
-each adapted layer's hyperparameters and shapes, the modules saved whole, the SHA-256 of the
-weights and of the config itself) and ``adapter_model.safetensors`` (every adapter tensor under
-its module path). Each layer entry records its method ("sos" for SOSLinear, "cps" for
-CPSLinear); a CPS layer's partition (row/column index maps and offsets) is stored with its
-factors.
+each adapted layer's hyperparameters and shapes, the modules saved whole, the other names of
+modules registered under several (``aliases``), the SHA-256 of the weights and of the config
+itself) and ``adapter_model.safetensors`` (every adapter tensor under its module path). Each
+layer entry records its method ("sos" for SOSLinear, "cps" for CPSLinear); a CPS layer's
+partition (row/column index maps and offsets) is stored with its factors.
 
 How the two files are written (a save killed at any moment leaves the last committed save
 loadable) and read: files.py. What they must hold: checks.py, run by save_adapter before it
@@ -33,11 +33,11 @@ from .files import (
     PREVIOUS_WEIGHTS_NAME,
     WEIGHTS_NAME,
     AdapterError,
-    file_sha256,
     read_config,
     read_pair,
     save_pair,
 )
+from .lock import DEFAULT_LOCK_TIMEOUT, check_lock_timeout
 from .peft import (
     export_peft,
     folded_factors,
@@ -51,11 +51,20 @@ from .peft_checks import PEFT_PREFIX
 
 FORMAT_VERSION = 1
 
-__all__ = ["AdapterError", "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "METHODS", "PEFT_PREFIX",
-           "PREVIOUS_WEIGHTS_NAME", "WEIGHTS_NAME", "export_peft", "folded_factors",
-           "import_peft", "is_own_format", "layers_from_directory", "load_adapter",
-           "read_adapter", "read_adapter_config", "read_peft_lora", "save_adapter",
-           "write_peft_lora", "file_sha256", "config_sha256", "layer_state", "unsharded"]
+__all__ = ["AdapterError", "CONFIG_NAME", "DEFAULT_LOCK_TIMEOUT", "FORMAT", "FORMAT_VERSION",
+           "METHODS", "PEFT_PREFIX", "PREVIOUS_WEIGHTS_NAME", "WEIGHTS_NAME", "export_peft",
+           "folded_factors", "import_peft", "is_own_format", "layers_from_directory",
+           "load_adapter", "read_adapter", "read_adapter_config", "read_peft_lora",
+           "save_adapter", "write_peft_lora", "file_sha256", "config_sha256", "layer_state",
+           "unsharded"]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def config_sha256(config: dict) -> str:
@@ -69,28 +78,60 @@ def _method(layer: AdapterLinear) -> str:
     return next(name for name, cls in METHODS.items() if isinstance(layer, cls))
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike,
-                 metadata: dict | None = None) -> Path:
+def _mixed_keys(value, path: str = "metadata") -> str | None:
+    """Where `value` holds a dict whose keys JSON cannot sort (keys of different types)."""
+    if isinstance(value, dict):
+        try:
+            sorted(value)
+        except TypeError:
+            types = " and ".join(sorted({type(k).__name__ for k in value}))
+            return f"{path} has keys of different types ({types})"
+        children = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        children = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((m for p, v in children if (m := _mixed_keys(v, p))), None)
+
+
+def _check_metadata(metadata, where: str) -> None:
+    try:  # strict JSON (no NaN), with sorted keys, as the config is written and every reader
+        if not isinstance(metadata, dict):  # parses it
+            raise TypeError(f"expected a dict, got {type(metadata).__name__}")
+        json.dumps(metadata, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as e:
+        try:
+            mixed = _mixed_keys(metadata) if isinstance(e, TypeError) else None
+        except RecursionError:
+            mixed = None
+        if mixed:
+            raise TypeError(f"{where}: {mixed}, which JSON cannot write: the config's keys are "
+                            "sorted, and JSON keys are strings (1 and '1' would be one key); "
+                            "give keys of one type, e.g. strings; nothing was written") from None
+        error = TypeError if isinstance(e, TypeError) else AdapterError  # a wrong type or value
+        raise error(f"{where}: metadata must be a JSON-serialisable dict without NaN or "
+                    f"infinity ({e}); nothing was written") from None
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, metadata: dict | None = None,
+                 *, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> Path:
     """Write the model's adapters (SOS and CPS layers, and its modules_to_save) to `directory`.
 
     `metadata` (JSON-serialisable) is stored as is, e.g. how to rebuild the base model.
     What would be refused when loaded (e.g. NaN after a diverged step) is refused here, and
-    the previous adapter stays. In a distributed run every rank calls it: sharded tensors are
-    gathered and rank 0 writes."""
+    the previous adapter stays. A module registered under several names is saved once, with
+    all its names (`aliases`). Another save holding the directory's lock is waited for at most
+    `lock_timeout` seconds (None: no limit; after 5 s a warning says whose lock it is), then
+    AdapterError. In a distributed run every rank calls it: sharded tensors are gathered and
+    rank 0 writes."""
     from safetensors.torch import save
 
     from ..version import __version__
 
     where = f"save_adapter({str(directory)!r})"
     metadata = {} if metadata is None else metadata
-    try:  # strict JSON (no NaN), as every reader parses it
-        if not isinstance(metadata, dict):
-            raise TypeError(f"expected a dict, got {type(metadata).__name__}")
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as e:
-        error = TypeError if isinstance(e, TypeError) else AdapterError  # a wrong type or value
-        raise error(f"{where}: metadata must be a JSON-serialisable dict without NaN or "
-                    f"infinity ({e}); nothing was written") from None
+    _check_metadata(metadata, where)
+    lock_timeout = check_lock_timeout(lock_timeout, where)
     layers = dict(adapter_layers(model))
     if not layers:
         raise AdapterError(f"{where}: the model has no adapted (SOSLinear/CPSLinear) layers")
@@ -101,8 +142,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
                              out_features=layer.out_features,
                              bias=layer.bias is not None, config=layer.config.to_dict(),
                              dtype=str(layer.lora_A.dtype).removeprefix("torch."))
-    saved = {}
-    for name, module in modules_to_save(model).items():
+    saved, whole = {}, modules_to_save(model)
+    for name, module in whole.items():
         params = dict(module.named_parameters(recurse=False))
         tensors.update({f"{name}.{k}": full(v) for k, v in params.items()})
         saved[name] = sorted(params)
@@ -111,7 +152,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
                   method="+".join(sorted({m["method"] for m in modules.values()})),
                   base_model_class=type(model).__name__,
                   target_modules=sorted(layers), modules=modules, modules_to_save=saved,
-                  metadata=metadata)
+                  aliases=check.other_names(model, {**layers, **whole}), metadata=metadata)
     plan = check.check_own_config(config, where)
     check.check_own_header(plan, check.header_of(tensors), where)
     check.check_own_values(plan, tensors, where)
@@ -121,7 +162,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     config["config_sha256"] = config_sha256(config)
     text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return save_pair(Path(directory), text.encode(), weights)
+    return save_pair(Path(directory), text.encode(), weights, lock_timeout, where)
 
 
 def _check_format(config: dict, where: str) -> None:
@@ -189,19 +230,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     Every layer's name, shape, hyperparameters and tensors are checked before the model is
     touched; a mismatch raises AdapterError naming the layer and leaves the model unchanged.
+    A layer saved under several names (one module under each) is put under all of them: one
+    layer where they are one module in `model`, else one copy of it per module. An adapter
+    saved before the names were recorded takes the names `model` gives the module.
     """
     where = f"load_adapter({str(directory)!r})"
     _, plan, tensors = _read_own(directory, where, model)
-    for name, p in plan.layers.items():
-        layer = p.cls(model.get_submodule(name), dtype=p.dtype, **p.kwargs)
+    placed = check.placements(model, plan, where)  # (layer name, base, [names]), all checked
+    built = []
+    for name, base, names in placed:
+        p = plan.layers[name]
+        layer = p.cls(base, dtype=p.dtype, **p.kwargs)
         layer.load_state_dict({k: tensors[f"{name}.{k}"] for k in p.tensors}, strict=False)
-        replace_module(model, name, layer)
+        built.append((layer, names))
+    for layer, names in built:
+        for name in names:
+            replace_module(model, name, layer)
     kept = []
     with torch.no_grad():
         for name, params in plan.whole.items():
-            module = model.get_submodule(name)
-            for param in params:
-                getattr(module, param).copy_(tensors[f"{name}.{param}"])
-            kept.append(module)
+            for module in check.modules_named(model, [name] + plan.aliases_of(name)):
+                for param in params:
+                    getattr(module, param).copy_(tensors[f"{name}.{param}"])
+                kept.append(module)
     freeze_all_but_adapters(model, keep_trainable=kept)
     return model

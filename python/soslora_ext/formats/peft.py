@@ -26,6 +26,7 @@ from ..layers.sos import SOSLinear
 from . import checks as check
 from . import peft_checks
 from .files import CONFIG_SHA256_KEY, AdapterError, read_pair, save_pair
+from .lock import DEFAULT_LOCK_TIMEOUT, check_lock_timeout
 from .peft_checks import PEFT_PREFIX
 
 
@@ -69,7 +70,8 @@ def folded_factors(layer: AdapterLinear) -> tuple[torch.Tensor, torch.Tensor]:
 def write_peft_lora(directory: str | os.PathLike,
                     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                     whole: dict[str, torch.Tensor] | None = None,
-                    fan_in_fan_out: bool = False) -> Path:
+                    fan_in_fan_out: bool = False, *,
+                    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> Path:
     """Write {module: (A [r, in], B [out, r])} as a PEFT LoRA with delta = B A per module.
     `fan_in_fan_out` marks adapters of Conv1D layers (weight [in, out], GPT-2); the factors have
     the same shapes either way, and PEFT decides per layer from its type.
@@ -77,11 +79,13 @@ def write_peft_lora(directory: str | os.PathLike,
     lora_alpha = r for every module, so PEFT's scaling alpha / r is 1 and B carries all scales;
     modules of another rank get rank_pattern / alpha_pattern entries. `whole` holds tensors of
     modules saved whole ("module.param" -> tensor), PEFT's modules_to_save. What is written is
-    checked as read_peft_lora checks it: nothing is written if it would be refused.
+    checked as read_peft_lora checks it: nothing is written if it would be refused. Another
+    save holding the directory's lock is waited for at most `lock_timeout` seconds.
     """
     from safetensors.torch import save
 
     where = f"write_peft_lora({str(directory)!r})"
+    lock_timeout = check_lock_timeout(lock_timeout, where)
     if not factors:
         raise AdapterError(f"{where}: no layers to write")
     whole = whole or {}
@@ -116,30 +120,55 @@ def write_peft_lora(directory: str | os.PathLike,
     check.check_finite(tensors, where)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     metadata = {"format": "pt", CONFIG_SHA256_KEY: hashlib.sha256(config_bytes).hexdigest()}
-    return save_pair(Path(directory), config_bytes, save(tensors, metadata=metadata))
+    return save_pair(Path(directory), config_bytes, save(tensors, metadata=metadata),
+                     lock_timeout, where)
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+def check_one_name_each(aliases: dict[str, list[str]], kinds: dict[str, str], where: str):
+    """Refuse modules registered under several names ({name: other names}; `kinds` says what
+    each is): PEFT adapts, and saves whole, a module only under the first of its names
+    (peft.get_peft_model and PeftModel.from_pretrained walk named_modules(), which yields a
+    module once), so no PEFT adapter gives the outputs of a model that adapts it under all."""
+    if aliases:
+        name, others = next(iter(aliases.items()))
+        raise AdapterError(
+            f"{where}: {kinds.get(name, 'layer')} {name!r} is registered under several names "
+            f"(also {', '.join(map(repr, others))}); PEFT adapts a module only under the first "
+            "of its names (peft.get_peft_model and PeftModel.from_pretrained leave the others "
+            "plain), so no PEFT adapter gives this model's outputs. Save it with save_adapter, "
+            "which records every name, or give each name its own module; nothing was written")
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, *,
+                lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> Path:
     """Write the adapters as a standard PEFT LoRA (scales folded into B; a CPS layer's clusters
     placed at their rows and columns) that ``peft.PeftModel.from_pretrained(base, directory)``
     loads with the same outputs; ``fan_in_fan_out`` is set when the layers are Conv1D (GPT-2).
+    A module registered under several names is refused (check_one_name_each). Another save
+    holding the directory's lock is waited for at most `lock_timeout` seconds (None: no limit).
     In a distributed run every rank calls it; rank 0 writes."""
+    where = f"export_peft({str(directory)!r})"
+    lock_timeout = check_lock_timeout(lock_timeout, where)
     layers = dict(adapter_layers(model))
     if not layers:
         raise AdapterError("export_peft: the model has no adapted (SOSLinear/CPSLinear) layers")
+    saved = modules_to_save(model)
+    check_one_name_each(check.other_names(model, {**layers, **saved}),
+                        {name: "module saved whole" for name in saved}, "export_peft")
     factors = {}
     for name, layer in layers.items():
         if layer.merged:
             raise AdapterError(f"export_peft: layer {name!r} is merged; unmerge() it first")
         factors[name] = folded_factors(unsharded(layer))
-    whole = {f"{name}.{k}": full(v) for name, module in modules_to_save(model).items()
+    whole = {f"{name}.{k}": full(v) for name, module in saved.items()
              for k, v in module.named_parameters(recurse=False)}
     if not is_writer():
         return Path(directory)
     # PEFT reads the flag per layer from its type (and warns where they differ): it is set
     # when the layers are Conv1D, as PEFT's own GPT-2 adapters have it.
     fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
-    return write_peft_lora(directory, factors, whole, fan_in_fan_out=fan_in_fan_out)
+    return write_peft_lora(directory, factors, whole, fan_in_fan_out=fan_in_fan_out,
+                           lock_timeout=lock_timeout)
 
 
 def read_peft_lora(directory: str | os.PathLike
