@@ -46,13 +46,43 @@ def concat(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) 
     _check_compatible(adapters)
     layers: dict[str, list[LowRankTerm]] = {}
     whole: dict[str, Tensor] = {}
+    aliases: dict[str, list[str]] = {}
     for adapter, w in zip(adapters, weights):
         for layer, terms in adapter.items():
             layers.setdefault(layer, []).extend(
                 LowRankTerm(t.A, t.B, t.scale * w) for t in terms)
         whole.update(adapter.whole)
+        for name, others in adapter.aliases.items():
+            known = aliases.setdefault(name, [])
+            known += [n for n in others if n not in known]
     return Adapter(layers, name="+".join(a.name for a in adapters),
-                   fan_in_fan_out=adapters[0].fan_in_fan_out, whole=whole)
+                   fan_in_fan_out=adapters[0].fan_in_fan_out, whole=whole, aliases=aliases)
+
+
+def _every_name(adapter: Adapter, model: nn.Module, name: str, where: str) -> list[str]:
+    """`name` and the other names the adapter recorded for its module, one per distinct
+    module of `model` (the same module under two names is written once)."""
+    names, seen = [], set()
+    for n in [name] + list(adapter.aliases.get(name, [])):
+        try:
+            module = model.get_submodule(n)
+        except AttributeError:
+            if n == name:  # the caller reports its own name missing, as it always has
+                return [name]
+            raise AdapterError(f"{where} {n!r} of adapter {adapter.name!r}: no such module in "
+                               f"{type(model).__name__}") from None
+        if id(module) not in seen:
+            seen.add(id(module))
+            names.append(n)
+    return names
+
+
+def _whole_items(adapter: Adapter, model: nn.Module):
+    """(path, tensor) of the modules the adapter saved whole, under each of their names."""
+    for path, tensor in adapter.whole.items():
+        module_name, _, param = path.rpartition(".")
+        for name in _every_name(adapter, model, module_name, "module"):
+            yield f"{name}.{param}", tensor
 
 
 def sum_into(model: nn.Module, adapters: Sequence[Adapter],
@@ -66,7 +96,10 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
     _check_compatible(adapters)
     plans = []
     for adapter, w in zip(adapters, weights):
-        for layer, terms in adapter.items():
+        # A module saved under several names goes into each of them that is its own module.
+        named = [(name, layer, terms) for name, terms in adapter.items()
+                 for layer in _every_name(adapter, model, name, "layer")]
+        for name, layer, terms in named:
             try:
                 module = model.get_submodule(layer)
             except AttributeError:
@@ -78,9 +111,9 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
             # As in PEFT, the layer's type decides the layout (a Conv1D stores [in, out]), not
             # the adapter's fan_in_fan_out flag, which a model of both kinds cannot honour.
             target = weight_matrix(module) if is_conv1d(module) else weight
-            if tuple(target.shape) != adapter.shape(layer):
+            if tuple(target.shape) != adapter.shape(name):
                 raise AdapterError(f"layer {layer!r}: adapter {adapter.name!r} is for a "
-                                   f"{adapter.shape(layer)} weight, the model's is "
+                                   f"{adapter.shape(name)} weight, the model's is "
                                    f"{tuple(target.shape)}")
             for t in terms:  # the op takes the scale in float32 (the guard refuses NaN/Inf)
                 if (math.isfinite(t.scale)
@@ -94,7 +127,7 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
     merged_weights = [weight for (_, _, weight, _), _, _ in plans]
     copies = []
     for adapter in adapters:
-        for path, tensor in adapter.whole.items():
+        for path, tensor in _whole_items(adapter, model):
             module_name, _, param = path.rpartition(".")
             try:
                 current = getattr(model.get_submodule(module_name), param)
@@ -137,7 +170,7 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
             entry.terms.append(Term(A, B, scale))
     merge_(list(targets.values()), "sum_into", [model])
     for adapter in adapters:
-        for path, tensor in adapter.whole.items():
+        for path, tensor in _whole_items(adapter, model):
             module_name, _, param = path.rpartition(".")
             with torch.no_grad():
                 getattr(model.get_submodule(module_name), param).copy_(tensor)
