@@ -157,7 +157,8 @@ class AdapterLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        self._weight_read = True  # a parent computing with it instead of calling the layer
+        if not self._weight_read:  # a parent computing with it instead of calling the layer
+            self._weight_read = True
         return self.base_layer.weight
 
     @property
@@ -190,7 +191,8 @@ class AdapterLinear(nn.Module):
         """Checks shared by every forward, and the record of a training forward; returns
         whether the adapter is merged (the forward is then the base layer's)."""
         self._check_input(x)
-        self._called = True
+        if not self._called:  # nn.Module's setattr costs a microsecond: only when it changes
+            self._called = True
         grad = torch.is_grad_enabled()
         # A forward that can train the adapter: also one in eval mode with grad enabled
         # (e.g. a backbone kept in eval() while its adapters train).
