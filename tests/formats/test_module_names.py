@@ -103,7 +103,11 @@ def test_loaded_layers_under_two_names_merge_once(tmp_path, tie):
     merged = sl.merge_and_unload(sl.load_adapter(llama(tie), tmp_path))
     attn = merged.model.layers[0].self_attn
     assert type(attn.k_proj) is nn.Linear and (attn.k_proj is attn.q_proj) == tie
-    assert torch.allclose(logits(merged), logits(model), rtol=1e-5, atol=1e-5)
+    # Merged once: within float32 rounding of the unmerged logits (a few 1e-7 here, more with
+    # another reduction order), while the update itself moves them by more than 0.1, and
+    # merging it twice, or not at all, by as much.
+    assert (logits(model) - logits(llama(tie))).abs().max() > 0.1
+    torch.testing.assert_close(logits(merged), logits(model), rtol=0, atol=1e-4)
 
 
 def test_an_alias_that_does_not_fit_is_refused_and_nothing_changes(tmp_path):
