@@ -59,6 +59,13 @@ def run_cli(*args):
     return main([str(a) for a in args])
 
 
+def one_line_error(capsys):
+    """The command's stderr, which must be one line starting with "error:"."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    return err
+
+
 def peft_adapter(path, make, seed, **cfg):
     """An adapter made by the real peft package, with random (non-zero) factors."""
     model = peft.get_peft_model(make(), peft.LoraConfig(**cfg))

@@ -22,23 +22,14 @@ import soslora_ext as sl
 from soslora_ext import compose
 from soslora_ext.apps import finetune
 from soslora_ext.apps.data import build_filekinds, read_training_data, split_rows
-from soslora_ext.cli import build_parser, main
+from soslora_ext.cli import build_parser
 from soslora_ext.cli.args import CliError, name_adapters
 
+from helpers import one_line_error, tiny_dir
 from helpers import peft_adapter as compose_peft_adapter
-from helpers import tiny_dir
+from helpers import run_cli as run
 
 WORDS = ["def", "return", "x", "y", "(", ")", ":", "the", "of", "and", "int", ";"]
-
-
-def run(*args):
-    return main([str(a) for a in args])
-
-
-def one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
-    return err
 
 
 # ---- fixtures: a trained classifier adapter, causal LMs and PEFT adapters ---------------------

@@ -5,17 +5,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import soslora_ext as sl
-from soslora_ext.cli import main
 
-
-def run(*args):
-    return main([str(a) for a in args])
-
-
-def one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
-    return err
+from helpers import one_line_error
+from helpers import run_cli as run
 
 
 @pytest.fixture(scope="module")
