@@ -207,6 +207,11 @@ Tensor dropout_apply_aten(const Tensor& t, const Tensor& seed, double p) {
 
 }  // namespace
 
+double dropout_keep_value(double p, at::ScalarType dtype) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dropout_keep_value",
+                                         [&] { return static_cast<double>(keep_scale<scalar_t>(p)); });
+}
+
 // ---- dispatch: the CUDA kernels, the CPU loops, or ATen ------------------------------------------
 Tensor dropout_apply(const Tensor& t, const OptTensor& seed, double p) {
   if (p == 0) return t;

@@ -6,6 +6,7 @@
 // x: [N, in], A: [r, in], B: [out, r], s: [r] or [out, r]. Experts (and later clusters or
 // summed adapters) are contiguous segments of the r axis; their scales live in s.
 // Written with ATen calls so the same code serves the CPU and CUDA dispatch keys.
+#include "dispatch.h"
 #include "soslora.h"
 
 namespace soslora {
@@ -91,25 +92,41 @@ std::tuple<Tensor, Tensor> linear_lowrank_forward(const Tensor& x, const Tensor&
 Tensor lowrank_hidden(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
                       double dropout_p, bool dropout_on_input) {
   const bool drop = dropout_p > 0;
+  const auto library = [&] {
+    const Tensor x_in = (drop && dropout_on_input) ? dropout_apply(x, dropout_seed, dropout_p) : x;
+    const Tensor hidden = at::mm(x_in, A.t());
+    return (drop && !dropout_on_input) ? dropout_apply(hidden, dropout_seed, dropout_p) : hidden;
+  };
 #ifdef SOSLORA_WITH_CUDA
-  if (use_cuda_kernels(x))
-    return lowrank_hidden_cuda(x, A, dropout_seed, dropout_p, dropout_on_input);
+  return dispatch(
+      "lowrank_hidden", x, {x.size(0), x.size(1), A.size(0), drop + dropout_on_input},
+      [&] { return lowrank_hidden_cuda(x, A, dropout_seed, dropout_p, dropout_on_input); },
+      library);
+#else
+  return library();
 #endif
-  const Tensor x_in = (drop && dropout_on_input) ? dropout_apply(x, dropout_seed, dropout_p) : x;
-  const Tensor hidden = at::mm(x_in, A.t());
-  return (drop && !dropout_on_input) ? dropout_apply(hidden, dropout_seed, dropout_p) : hidden;
 }
 
 void add_product_(Tensor& out, const Tensor& left, const Tensor& right,
                   const OptTensor& dropout_seed, double dropout_p) {
-  const bool drop = dropout_p > 0;
+  const auto library = [&](Tensor& into) {
+    if (dropout_p > 0)
+      dropout_add_(into, at::mm(left, right), dropout_seed, dropout_p);
+    else
+      into.addmm_(left, right);
+  };
 #ifdef SOSLORA_WITH_CUDA
-  if (use_cuda_kernels(out)) return add_product_cuda_(out, left, right, dropout_seed, dropout_p);
+  Tensor scratch;  // the trials add into a copy: out is added to once
+  const Impl impl = choose_impl(
+      "add_product", out, {out.size(0), out.size(1), left.size(1), dropout_p > 0},
+      [&](Impl trial) {
+        if (!scratch.defined()) scratch = out.clone();
+        if (trial == Impl::kKernel) add_product_cuda_(scratch, left, right, dropout_seed, dropout_p);
+        else library(scratch);
+      });
+  if (impl == Impl::kKernel) return add_product_cuda_(out, left, right, dropout_seed, dropout_p);
 #endif
-  if (drop)
-    dropout_add_(out, at::mm(left, right), dropout_seed, dropout_p);
-  else
-    out.addmm_(left, right);
+  library(out);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lowrank_grad_hidden(const Tensor& grad_out, const Tensor& B,
@@ -154,12 +171,18 @@ Tensor lowrank_grad_A(const Tensor& grad_hidden, const Tensor& x, const OptTenso
               " and ", x.sizes());
   check_dropout(dropout_seed, dropout_p, x, op);
   const bool drop_x = dropout_p > 0 && dropout_on_input;
+  const auto library = [&] {
+    const Tensor x_in = drop_x ? dropout_apply(x, dropout_seed, dropout_p) : x;
+    return at::mm(grad_hidden.t(), x_in);
+  };
 #ifdef SOSLORA_WITH_CUDA
-  if (use_cuda_kernels(x))
-    return lowrank_grad_A_cuda(grad_hidden, x, dropout_seed, drop_x ? dropout_p : 0.0);
+  return dispatch(
+      "lowrank_grad_A", x, {x.size(0), x.size(1), grad_hidden.size(1), drop_x},
+      [&] { return lowrank_grad_A_cuda(grad_hidden, x, dropout_seed, drop_x ? dropout_p : 0.0); },
+      library);
+#else
+  return library();
 #endif
-  const Tensor x_in = drop_x ? dropout_apply(x, dropout_seed, dropout_p) : x;
-  return at::mm(grad_hidden.t(), x_in);
 }
 
 Tensor lowrank_grad_x(const Tensor& grad_hidden, const Tensor& A, const OptTensor& grad_x_base,

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "adapted_linear.h"
+#include "dispatch.h"
 
 namespace soslora {
 namespace {
@@ -135,14 +136,44 @@ Tensor ortho_penalty(const Tensor& A, int64_t num_experts) {
 }
 
 
+namespace {
+
+// grad_A += weight * d penalty / dA in ATen: the Gram matrix, its gradient, then back through
+// the normalization, added in the accumulation type and rounded once, as the CUDA kernel does.
+void ortho_penalty_grad_aten_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
+                              int64_t num_experts) {
+  const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
+  const Gram g = cross_gram(A, num_experts);
+  // d/dÂ sum(G²) = 4 G Â (G symmetric); then through Â = A / max(|A|, eps).
+  const Tensor grad_hat = at::mm(g.G, g.A_hat) * (4.0 / g.denom);
+  const Tensor radial = (g.A_hat * grad_hat).sum(1, /*keepdim=*/true);
+  const Tensor above = g.norms.gt(kNormEps);
+  const Tensor grad = at::where(above, (grad_hat - g.A_hat * radial) / g.norms.clamp_min(kNormEps),
+                                grad_hat / kNormEps);
+  const Tensor update = grad * weight.reshape({}).to(grad.scalar_type());
+  if (grad_A.scalar_type() == update.scalar_type())
+    grad_A.add_(update);
+  else
+    grad_A.copy_(grad_A.to(update.scalar_type()).add_(update));
+}
+
+}  // namespace
+
 void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
                          int64_t num_experts) {
   check_ortho_penalty_grad_args(grad_A, A, weight, num_experts);
   if (num_experts == 1 || A.size(0) == 0) return;
 #ifdef SOSLORA_WITH_CUDA
-  if (have_cuda_kernels(A) && cuda_path() != CudaPath::kAten &&
-      grad_A.scalar_type() == A.scalar_type() && grad_A.is_contiguous())
-    return ortho_penalty_grad_cuda_(grad_A, A, weight, num_experts);
+  if (grad_A.scalar_type() == A.scalar_type() && grad_A.is_contiguous()) {
+    Tensor scratch;  // the trials add into a copy: grad_A is added to once
+    const Impl impl = choose_impl(
+        "ortho_penalty_grad", A, {A.size(0), A.size(1), num_experts}, [&](Impl trial) {
+          if (!scratch.defined()) scratch = grad_A.clone();
+          if (trial == Impl::kKernel) ortho_penalty_grad_cuda_(scratch, A, weight, num_experts);
+          else ortho_penalty_grad_aten_(scratch, A, weight, num_experts);
+        });
+    if (impl == Impl::kKernel) return ortho_penalty_grad_cuda_(grad_A, A, weight, num_experts);
+  }
 #endif
   if (weight.is_cpu()) {
     // λ = 0 (a schedule's warm-up) adds nothing. Only a CPU weight is read here: reading a CUDA
@@ -153,20 +184,7 @@ void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weig
         grad_A.scalar_type() == A.scalar_type() && !cpu_takes_cuda_fallback())
       return ortho_penalty_grad_cpu_(grad_A, A, lam, num_experts);
   }
-  const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
-  const Gram g = cross_gram(A, num_experts);
-  // d/dÂ sum(G²) = 4 G Â (G symmetric); then through Â = A / max(|A|, eps).
-  const Tensor grad_hat = at::mm(g.G, g.A_hat) * (4.0 / g.denom);
-  const Tensor radial = (g.A_hat * grad_hat).sum(1, /*keepdim=*/true);
-  const Tensor above = g.norms.gt(kNormEps);
-  const Tensor grad = at::where(above, (grad_hat - g.A_hat * radial) / g.norms.clamp_min(kNormEps),
-                                grad_hat / kNormEps);
-  // Added in the accumulation type and rounded once, as the CUDA kernel does.
-  const Tensor update = grad * weight.reshape({}).to(grad.scalar_type());
-  if (grad_A.scalar_type() == update.scalar_type())
-    grad_A.add_(update);
-  else
-    grad_A.copy_(grad_A.to(update.scalar_type()).add_(update));
+  ortho_penalty_grad_aten_(grad_A, A, weight, num_experts);
 }
 
 }  // namespace soslora

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "adapted_linear.h"
+#include "dispatch.h"
 
 TORCH_LIBRARY(soslora, m) {
   // An adapted layer's training step, one autograd node (autograd.cpp): base (weight and bias,
@@ -162,6 +163,29 @@ PYBIND11_MODULE(_C, m) {
       default: return std::string("auto");
     }
   });
+  m.def(
+      "cuda_choices",
+      [] {
+        pybind11::dict out;
+        for (const auto& [key, c] : soslora::measured_choices())
+          out[pybind11::str(key)] = pybind11::make_tuple(
+              c.impl == soslora::Impl::kKernel ? "kernels" : "aten", c.kernel_ms, c.library_ms);
+        return out;
+      },
+      "The choices 'auto' measured: {shape class: (path, kernel ms, ATen ms)}.");
+  m.def("clear_cuda_choices", &soslora::clear_measured_choices,
+        "Forgets the measured choices (the next call of each shape class measures again).");
+  m.def(
+      "decide_for_tests",
+      [](const std::string& key, bool capturing, const pybind11::function& time_ms) {
+        const soslora::Impl impl =
+            soslora::decide(key, capturing, [&](soslora::Impl i) {
+              return time_ms(i == soslora::Impl::kKernel ? "kernels" : "aten").cast<double>();
+            });
+        return std::string(impl == soslora::Impl::kKernel ? "kernels" : "aten");
+      },
+      "Tests only: the 'auto' rule for a shape class key, as if the kernels served the "
+      "device; time_ms(path) gives one timing.");
   m.def("set_cpu_takes_cuda_fallback", &soslora::set_cpu_takes_cuda_fallback,
         "Tests only: CPU tensors take the ATen paths that CUDA tensors take without the "
         "kernels (the dropout mask in ATen integer ops instead of the CPU loop).");

@@ -76,6 +76,20 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
     at::IntArrayRef col_offsets, at::IntArrayRef ranks, const OptTensor& grad_x_base,
     const OptTensor& dropout_seed, double dropout_p);
 
+// The CPU form of the two ops above (cluster_cpu.cpp): a chunk of rows at a time, read and
+// written through the index maps, no gathered copies. Called after the checks.
+std::tuple<Tensor, Tensor> cluster_lowrank_forward_cpu(
+    const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, at::IntArrayRef ranks, std::vector<int64_t> rank_offsets,
+    const OptTensor& base_out, const OptTensor& dropout_seed, double dropout_p);
+std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& A, const Tensor& B,
+    const Tensor& scale, const Tensor& hidden, const OptTensor& grad_hidden,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, at::IntArrayRef ranks, std::vector<int64_t> rank_offsets,
+    const OptTensor& grad_x_base, const OptTensor& dropout_seed, double dropout_p);
+
 // Checks CPS-LoRA's partition (indices, offsets, ranks, scale [num_clusters]) against x [N, in],
 // A [r_max, in] and B [out, r_max]; returns the rank offsets (cluster.cpp).
 std::vector<int64_t> check_cluster_layout(const Tensor& x, const Tensor& A, const Tensor& B,
@@ -135,10 +149,12 @@ void check_dropout(const OptTensor& dropout_seed, double dropout_p, const Tensor
 using PhiloxWords = void (*)(uint64_t seed, uint64_t offset, uint64_t first, int64_t count,
                              uint32_t* out);
 PhiloxWords cpu_philox_words();
+// 1/(1-p) rounded to `dtype` as every dropout path rounds it (exact in dtype), as a double.
+double dropout_keep_value(double p, at::ScalarType dtype);
 
-// Which CUDA implementation the low-rank ops use (set from Python through _C.set_cuda_path):
-//   kAuto    - whichever was faster on an H100 (README, "CUDA kernels"): cuBLAS through ATen
-//              for the low-rank products, the hand-written kernel for the penalty gradient;
+// Which CUDA implementation the ops use (set from Python through _C.set_cuda_path):
+//   kAuto    - for each op and shape class, the faster of the kernel and ATen, measured on first
+//              use (dispatch.h);
 //   kKernels - the hand-written kernels wherever they exist;  kAten - ATen everywhere except
 //              the dropout masks, whose kernel every path uses.
 enum class CudaPath { kAuto, kKernels, kAten };
@@ -154,8 +170,10 @@ bool cpu_takes_cuda_fallback();
 bool have_cuda_kernels(const Tensor& t);
 
 #ifdef SOSLORA_WITH_CUDA
-// True when the kernels serve t and the current CudaPath picks them for the low-rank products.
-bool use_cuda_kernels(const Tensor& t);
+// What dispatch.cpp's timing needs: wait for t's device; whether t's current stream is
+// capturing a CUDA graph.
+void synchronize_device(const Tensor& t);
+bool stream_capturing(const Tensor& t);
 void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
                       double alpha);
 void ortho_penalty_grad_cuda_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,

@@ -126,11 +126,16 @@ bool have_cuda_kernels(const Tensor& t) {
   return err == cudaSuccess;
 }
 
-bool use_cuda_kernels(const Tensor& t) {
-  // Measured on an H100 (bf16, N = 8192, 4096-wide layers): cuBLAS is faster for every product,
-  // input dropout included (the kernels save a transient [N, in] buffer but take up to 2x the
-  // step), so only an explicit "kernels" choice uses them.
-  return cuda_path() == CudaPath::kKernels && have_cuda_kernels(t);
+void synchronize_device(const Tensor& t) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+bool stream_capturing(const Tensor& t) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+  return status != cudaStreamCaptureStatusNone;
 }
 
 Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,

@@ -22,7 +22,7 @@ from .dtypes import SUPPORTED_DTYPES, accumulate_dtype
 
 __all__ = ["SUPPORTED_DTYPES", "accumulate_dtype", "adapted_linear", "add_ortho_penalty_grad_",
            "cluster_lowrank", "linear_lowrank", "lowrank", "merge_into_", "new_dropout_seed",
-           "ortho_penalty", "set_cuda_path"]
+           "ortho_penalty", "set_cuda_path", "cuda_choices", "clear_cuda_choices"]
 
 Tensor = torch.Tensor
 _ops = torch.ops.soslora
@@ -86,16 +86,28 @@ def linear_lowrank(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B:
 
 
 def set_cuda_path(path: str) -> str:
-    """Chooses how the low-rank ops run on CUDA; returns the previous choice.
+    """Chooses how the ops run on CUDA; returns the previous choice.
 
-    "auto" (default): whichever was measured faster on an H100: cuBLAS through ATen for the
-    low-rank products, the hand-written kernel for the orthogonality-penalty gradient;
-    "kernels": the hand-written kernels wherever they exist (they never form the [N, in]
-    dropped-out input); "aten": ATen everywhere but the dropout-mask kernel, which every
-    choice uses. CPU is unaffected."""
+    "auto" (default): for each op and shape class (the op, device, dtype and sizes, the number
+    of rows rounded up to a power of two), the faster of the hand-written kernel and ATen
+    (cuBLAS), measured on its first call and kept for the process (cuda_choices()), so a kernel
+    can never make a step slower than cuBLAS. Under torch.use_deterministic_algorithms(True),
+    and inside a CUDA-graph capture before any measurement, ATen. "kernels": the hand-written
+    kernels wherever they exist; "aten": ATen everywhere but the dropout-mask kernel, which
+    every choice uses. CPU is unaffected."""
     previous = _C.cuda_path()
     _C.set_cuda_path(path)
     return previous
+
+
+def cuda_choices() -> dict[str, tuple[str, float, float]]:
+    """What "auto" measured so far: {shape class: (chosen path, kernel ms, ATen ms)}."""
+    return dict(_C.cuda_choices())
+
+
+def clear_cuda_choices() -> None:
+    """Forget what "auto" measured: each shape class is measured again on its next call."""
+    _C.clear_cuda_choices()
 
 
 def cluster_lowrank(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, row_index: Tensor,

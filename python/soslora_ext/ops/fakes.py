@@ -220,7 +220,7 @@ def _(grad_out, x, A, B, scale, hidden, grad_hidden, row_index, col_index, row_o
         check(grad_hidden.shape == hidden.shape, op, "grad_hidden must have hidden's shape ",
                hidden.shape, ", got ", grad_hidden.shape)
     check_dropout(dropout_seed, dropout_p, x, op)
-    # The C++ checks grad_x_base after its products, so last.
+    # The C++ checks grad_x_base last.
     check_arg(grad_x_base, "grad_x_base", x, "x", "N, in", x.shape, op)
     return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape)
 
