@@ -453,6 +453,7 @@ def main(argv=None) -> int:
     for row in penalties:
         row["share_of_layer_step"] = row["ms"] / step["ms"] if step else None
 
+    choices = sl.ops.cuda_choices()  # what "auto" measured for each shape class it met
     machine = machine_name(device, threads)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     title = f"Training step (fwd+bwd), {dtype}, K={K}, on {machine}"
@@ -460,7 +461,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(machine=machine, dtype=str(dtype), rows=rows,
-                                             merge=merges, penalty=penalties, targets=targets),
+                                             merge=merges, penalty=penalties, targets=targets,
+                                             auto_choices=choices),
                                         indent=1))
     if args.png:
         plot(rows, methods, args.png, title)
@@ -474,6 +476,10 @@ def main(argv=None) -> int:
         share = f"  ({100 * r['share_of_layer_step']:.1f}% of the SOSLinear step)" \
             if r["share_of_layer_step"] is not None else ""
         print(f"  {r['method']:<18} {r['ms']:8.4f} ms{share}")
+    if choices:
+        print("What 'auto' chose, per shape class (op device dtype N-class x sizes):")
+        for key, (path, kernel_ms, aten_ms) in sorted(choices.items()):
+            print(f"  {key:<52} {path:<8} kernel {kernel_ms:8.4f} ms  ATen {aten_ms:8.4f} ms")
     print("Targets (met / missed, worst ratio):")
     for t in targets:
         state = {True: "met", False: "MISSED", None: "no data"}[t["met"]]

@@ -480,3 +480,29 @@ def test_non_contiguous_seed_accepted_on_every_path(cuda_path):
         got = _ops.lowrank_forward(x, A, B, scale, None, strided, 0.4, on_input)
         want = _ops.lowrank_forward(x, A, B, scale, None, strided.contiguous(), 0.4, on_input)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_auto_measures_each_shape_class_once_and_keeps_the_faster():
+    """'auto' times kernel and ATen on a shape class's first call (ops.cuda_choices()), keeps
+    the faster, and reuses it for every N of the same power-of-two class."""
+    previous = sl.ops.set_cuda_path("auto")
+    sl.ops.clear_cuda_choices()
+    try:
+        layer = make_layer(256, 192, dtype=torch.bfloat16, device="cuda", num_experts=4,
+                           rank=16, dropout=0.1, dropout_position="pre")
+        layer.ortho_lambda.fill_(0.006)
+        for n in (600, 1000, 513):  # one class: 1024
+            x = torch.randn(n, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            layer(x).float().sum().backward()
+            if n == 600:
+                first = sl.ops.cuda_choices()
+        assert first and sl.ops.cuda_choices() == first
+        for key, (path, kernel_ms, aten_ms) in first.items():
+            assert " cuda:" in key and " 1024x" in key
+            assert path == ("kernels" if kernel_ms < aten_ms else "aten"), key
+        x = torch.randn(3000, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        layer(x).float().sum().backward()
+        assert any(" 4096x" in key for key in sl.ops.cuda_choices())
+    finally:
+        sl.ops.set_cuda_path(previous)
+        sl.ops.clear_cuda_choices()
