@@ -365,6 +365,11 @@ def test_train_loop_records_what_each_layer_did():
     for name, layer in sl.cps_layers(wrapped):
         assert last[name]["adopted"] == layer.last_repartition["adopted"]
         assert last[name]["relative_change"] == layer.last_repartition["delta_change"]
+        # Every proposal's gain and loss, adopted or not.
+        for key in ("captured_before", "captured_after", "update_discarded"):
+            assert last[name][key] == layer.last_repartition[key]
+    assert "of the gradient and would discard" in finetune.describe_repartition(
+        fit.repartition_log[-1])
 
 
 # ---- 9: short text -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ eigendecomposition of the smaller side's Gram matrix plus k-means on G - 1 dimen
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -46,6 +47,19 @@ ENERGY_MARGIN = 0.05
 # The best CPS partition's relative error must be below this fraction of one global term's.
 ERROR_RATIO = 0.9
 VERDICTS = ("clustered", "inconclusive", "global")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one CPU thread: these products and decompositions are too small to
+    gain from more, and on a busy 2-core machine two threads made a 0.5 s layer take up to
+    20 s (each parallel region waiting for the busy core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_matrix(W, owner: str) -> Tensor:
@@ -178,12 +192,17 @@ def layer_structure(W: Tensor, num_clusters: int = 4, rank: int = 16, null_draws
     if num_clusters > min(m, n):
         raise ValueError(f"{owner}: num_clusters={num_clusters} is more than the matrix's rows "
                          f"({m}) or columns ({n})")
-    G = num_clusters
+    with one_thread():
+        return _measure(W, num_clusters, rank, null_draws, seed, labels)
+
+
+def _measure(W: Tensor, G: int, rank: int, null_draws: int, seed: int, labels: bool) -> dict:
+    m, n = W.shape
     generator = torch.Generator().manual_seed(seed)
     U, sigma, Vh = _svd(W)
     total = float(sigma.square().sum())
     if total == 0:
-        raise ValueError(f"{owner}: the matrix is zero: nothing to measure")
+        raise ValueError("layer_structure: the matrix is zero: nothing to measure")
     rows, cols = cocluster(W, G, generator)
     energy = diagonal_energy(W, rows, cols, G)
     null = [diagonal_energy(N, *cocluster(N, G, generator), G)
@@ -257,11 +276,7 @@ def check_structure(matrices: Mapping[str, Tensor], num_clusters: int = 4, rank:
         raise ValueError("check_structure: no matrices given")
     start = time.perf_counter()
     layers, skipped = {}, []
-    threads = torch.get_num_threads()
-    # One thread: these products and decompositions are too small to gain from more, and on
-    # a busy 2-core machine two threads made a 0.5 s layer take up to 20 s (barrier waits).
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for name, W in matrices.items():
             if isinstance(W, Tensor) and W.dim() == 2 and not bool(W.any()):
                 skipped.append(name)
@@ -270,8 +285,6 @@ def check_structure(matrices: Mapping[str, Tensor], num_clusters: int = 4, rank:
                 layers[name] = layer_structure(W, num_clusters, rank, null_draws, seed)
             except ValueError as e:
                 raise ValueError(f"check_structure: {name!r}: {e}") from None
-    finally:
-        torch.set_num_threads(threads)
     if not layers:
         raise ValueError(f"check_structure: every matrix is zero ({len(skipped)} given)")
     return dict(num_clusters=num_clusters, rank=rank, null_draws=null_draws, seed=seed,
