@@ -101,6 +101,15 @@ def test_model_bench_runs_every_variant(tmp_path):
     assert out.rstrip().splitlines()[-1].startswith("| soslinear |")
 
 
+def test_structure_bench_tells_planted_blocks_from_their_null(tmp_path):
+    out = run(ROOT / "bench" / "bench_structure.py", "--tiny", "--json", tmp_path / "s.json")
+    rows = json.loads((tmp_path / "s.json").read_text())["planted"]
+    assert [r["verdict"] for r in rows] == ["clustered", "global"] * 2
+    assert all(r["row_ari"] == r["col_ari"] == 1.0 for r in rows if r["matrix"] == "planted")
+    assert out.count("\n| ") == 1 + len(rows)  # the table, printed last
+    assert out.rstrip().splitlines()[-1].startswith("| 40x96 | spectral null | global")
+
+
 def test_gpu_check_stages_run_dry_on_cpu(tmp_path):
     """bench/gpu_check.sh's logic (every stage, the summary) on the CPU with tiny sizes, so that a
     mistake in it cannot waste the rare GPU time."""
