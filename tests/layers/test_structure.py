@@ -155,6 +155,11 @@ def test_cocluster_edge_cases():
     assert one[0].eq(0).all() and one[1].eq(0).all()
     zero = cocluster(torch.zeros(6, 5), 2, g)
     assert zero[0].tolist() == [0, 1, 0, 1, 0, 1]
+    # Rank 1: the energies' only direction is the trivial one; no noise is amplified into
+    # clusters.
+    rank_one = torch.randn(30, 1, generator=g) @ torch.randn(1, 20, generator=g)
+    found = cocluster(rank_one, 3, g)
+    assert found[0].eq(0).all() and found[1].eq(0).all()
 
 
 # ---- the verdict rule, both ways -------------------------------------------------------------

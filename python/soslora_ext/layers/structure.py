@@ -22,8 +22,10 @@ do not fit better (then the global term wins at equal parameters, whatever the e
 and "inconclusive" when they fit better without more block energy than the null's. The
 model's verdict is the layers' strict majority, "mixed" without one.
 
-Everything runs in float64 on the CPU: one SVD per matrix, and per co-clustering one
-eigendecomposition of the smaller side's Gram matrix plus k-means on G - 1 dimensions.
+Everything runs in float64 on the CPU, on one thread: per matrix one eigendecomposition of its
+smaller Gram matrix (its SVD), and per co-clustering (the matrix's and each null's) another
+plus k-means on G - 1 dimensions; about 0.5 s for a 1536 x 384 matrix and 5 null draws on a
+2-core Intel Xeon.
 """
 from __future__ import annotations
 
@@ -64,8 +66,9 @@ def one_thread():
 
 def _check_matrix(W, owner: str) -> Tensor:
     if not (isinstance(W, Tensor) and W.dim() == 2 and W.is_floating_point()):
-        raise ValueError(f"{owner}: a matrix must be a 2-D floating tensor, got "
-                         f"{type(W).__name__ if not isinstance(W, Tensor) else tuple(W.shape)}")
+        got = (f"{W.dtype} of shape {tuple(W.shape)}" if isinstance(W, Tensor)
+               else type(W).__name__)
+        raise ValueError(f"{owner}: a matrix must be a 2-D floating tensor, got {got}")
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"{owner}: the matrix holds non-finite values")
     return W.detach().to("cpu", torch.float64)
@@ -88,7 +91,8 @@ def cocluster(W: Tensor, num_clusters: int, generator: torch.Generator
     """(row_labels [m], col_labels [n]): Dhillon's spectral co-clustering of the energies
     E = W * W (normalized E_n = D_r^-1/2 E D_c^-1/2, its singular vectors 2..G scaled by
     D^-1/2, rows and columns clustered together by k-means), so row cluster c is paired with
-    column cluster c. Rows and columns without energy are dealt out round robin."""
+    column cluster c. Rows and columns without energy are dealt out round robin; energies of
+    rank 1 (W of rank 1) have nothing to split and give one cluster."""
     W = W.double()
     m, n = W.shape
     G = num_clusters
@@ -105,10 +109,16 @@ def cocluster(W: Tensor, num_clusters: int, generator: torch.Generator
     tall = En.shape[0] >= En.shape[1]  # the eigendecomposition of the smaller Gram matrix
     values, vectors = torch.linalg.eigh(En.T @ En if tall else En @ En.T)  # ascending
     values, vectors = values[-k:].flip(0), vectors[:, -k:].flip(1)
-    sigma = values.clamp_min(0).sqrt()
-    other = (En if tall else En.T) @ vectors / sigma.clamp_min(1e-300)
+    # Directions without signal (E of rank below k) are left out rather than amplified; with
+    # none left besides the trivial first, there is nothing to split: one cluster.
+    kept = values > values[0] * torch.finfo(values.dtype).eps * max(En.shape)
+    kept[0] = False
+    if not bool(kept.any()):
+        return rows * 0, cols * 0
+    values, vectors = values[kept], vectors[:, kept]
+    other = (En if tall else En.T) @ vectors / values.sqrt()
     v, u = (vectors, other) if tall else (other, vectors)
-    z = torch.cat([u[:, 1:] / d_rows.sqrt()[:, None], v[:, 1:] / d_cols.sqrt()[:, None]])
+    z = torch.cat([u / d_rows.sqrt()[:, None], v / d_cols.sqrt()[:, None]])
     labels = kmeans(z, G, generator)
     rows[live_r] = labels[:int(live_r.sum())]
     cols[live_c] = labels[int(live_r.sum()):]
