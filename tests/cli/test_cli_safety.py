@@ -23,7 +23,7 @@ from soslora_ext import compose
 from soslora_ext.apps import finetune
 from soslora_ext.apps.data import build_filekinds, read_training_data, split_rows
 from soslora_ext.cli import build_parser
-from soslora_ext.cli.args import CliError, name_adapters
+from soslora_ext.cli.args import CliError, check_outputs, name_adapters
 
 from helpers import one_line_error, tiny_dir
 from helpers import peft_adapter as compose_peft_adapter
@@ -192,6 +192,15 @@ def test_every_output_target_is_checked_first(trained, lms, tmp_path, capsys, ar
     assert (tmp_path / "FILE").read_text() == "keep me" and not any((tmp_path / "DIR").iterdir())
 
 
+def test_an_output_file_that_exists_is_accepted(tmp_path):
+    """A file a previous run wrote (--json, --plot) may be written again: it used to be
+    refused as "not a directory" (its own path was taken for the folder to write in)."""
+    (target := tmp_path / "report.json").write_text("{}")
+    check_outputs(argparse.Namespace(json=str(target), plot=str(tmp_path / "new" / "x.png")))
+    with pytest.raises(CliError, match="is a directory"):
+        check_outputs(argparse.Namespace(json=str(tmp_path)))
+
+
 # ---- 4: only the architecture an adapter was trained on ------------------------------------------
 def test_compose_refuses_a_model_that_is_not_a_causal_lm(trained, lms, tmp_path, capsys):
     bert, _, _ = trained
@@ -356,6 +365,11 @@ def test_train_loop_records_what_each_layer_did():
     for name, layer in sl.cps_layers(wrapped):
         assert last[name]["adopted"] == layer.last_repartition["adopted"]
         assert last[name]["relative_change"] == layer.last_repartition["delta_change"]
+        # Every proposal's gain and loss, adopted or not.
+        for key in ("captured_before", "captured_after", "update_discarded"):
+            assert last[name][key] == layer.last_repartition[key]
+    assert "of the gradient and would discard" in finetune.describe_repartition(
+        fit.repartition_log[-1])
 
 
 # ---- 9: short text -------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -99,6 +101,59 @@ def test_model_bench_runs_every_variant(tmp_path):
     assert rows["frozen_base"]["x_frozen_tokens_per_s"] == 1.0
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
     assert out.rstrip().splitlines()[-1].startswith("| soslinear |")
+
+
+def test_structure_bench_tells_planted_blocks_from_their_null(tmp_path):
+    out = run(ROOT / "bench" / "bench_structure.py", "--tiny", "--json", tmp_path / "s.json")
+    rows = json.loads((tmp_path / "s.json").read_text())["planted"]
+    assert [r["verdict"] for r in rows] == ["clustered", "global"] * 2
+    assert all(r["row_ari"] == r["col_ari"] == 1.0 for r in rows if r["matrix"] == "planted")
+    assert out.count("\n| ") == 1 + len(rows)  # the table, printed last
+    assert out.rstrip().splitlines()[-1].startswith("| 40x96 | spectral null | global")
+
+
+def test_repartition_bench_runs_each_rule(tmp_path):
+    run(ROOT / "bench" / "bench_repartition.py", "--tiny", "--json", tmp_path / "r.json")
+    runs = {r["rule"]: r for r in json.loads((tmp_path / "r.json").read_text())["runs"]}
+    assert list(runs) == ["static", "discard", "carry"]
+    assert runs["static"]["proposals"] == 0 < runs["discard"]["proposals"]
+    assert runs["carry"]["proposals"] == runs["discard"]["proposals"]
+    for r in runs.values():  # every proposal's gain and loss is recorded
+        assert all({"captured_before", "captured_after", "update_discarded"} <= set(v)
+                   for record in r["repartitions"] for v in record["layers"].values())
+
+
+@pytest.mark.parametrize("margin", [0.0, 1e9])  # every proposal adopted, none
+def test_carrying_the_update_over_keeps_the_function(monkeypatch, margin):
+    """An adopted proposal under "carry" moves what the new blocks cannot hold into the base:
+    the layer computes what it did before; a declined one leaves the layer as it was."""
+    import importlib.util
+
+    import torch
+
+    import soslora_ext as sl
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_repartition", ROOT / "bench" / "bench_repartition.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "ADOPTION_MARGIN", margin)
+    torch.manual_seed(0)
+    layer = sl.CPSLinear(torch.nn.Linear(24, 20, dtype=torch.float64), num_clusters=2, rank=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 24, dtype=torch.float64)
+    before = layer(x)
+    A0, rows0 = layer.lora_A.detach().clone(), layer.row_index.clone()
+    layer.collect_statistics()
+    layer(torch.randn(64, 24, dtype=torch.float64)).square().sum().backward()
+    with bench.CarryOver():
+        layer.repartition()
+    assert torch.allclose(layer(x), before, atol=1e-12, rtol=0)
+    assert layer.last_repartition["adopted"] == (margin == 0.0)
+    assert (layer.last_repartition["delta_change"] > 0.1) == (margin == 0.0)
+    if margin:  # declined: the factors and the partition are the ones it had
+        assert torch.equal(layer.lora_A, A0) and torch.equal(layer.row_index, rows0)
 
 
 def test_gpu_check_stages_run_dry_on_cpu(tmp_path):

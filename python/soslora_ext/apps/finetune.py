@@ -23,17 +23,25 @@ class TrainResult:
     seconds: float = 0.0
     # (step, {layer: relative change of dW}) for every CPS-LoRA repartition
     repartitions: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    # one record per repartition step: step, seconds, {layer: adopted, relative_change, no_signal}
+    # one record per repartition step: step, seconds, {layer: adopted, relative_change,
+    # no_signal, and the proposal's gain and loss (_repartition_record)}
     repartition_log: list[dict] = field(default_factory=list)
 
 
 def _repartition_record(step: int, layers: list, seconds: float) -> dict:
+    """What each layer's repartition proposed and decided: the share of the gradient signal
+    its current and its proposed blocks capture (captured_before, captured_after: the gain),
+    the share of its update a re-fit would discard (update_discarded: the loss), adopted, and
+    the relative change of dW (0 when kept); a layer without signal has no proposal."""
     result = {}
     for name, layer in layers:
         info = layer.last_repartition or {}
         result[name] = dict(adopted=bool(info.get("adopted")),
                             relative_change=float(info.get("delta_change", 0.0)),
                             no_signal=bool(info.get("no_signal")))
+        if not info.get("no_signal"):
+            result[name].update({k: float(info[k]) for k in (
+                "captured_before", "captured_after", "update_discarded") if k in info})
     return dict(step=step, seconds=seconds, layers=result)
 
 
@@ -49,6 +57,14 @@ def describe_repartition(record: dict) -> str:
         text += (f" (relative change of dW: mean {sum(adopted) / len(adopted):.3g}, "
                  f"max {max(adopted):.3g})")
     text += f", {kept} kept theirs"
+    proposals = [v for v in layers if "captured_after" in v]
+    if proposals:  # the rule's two sides, as medians over the proposals
+        def median(values):
+            return sorted(values)[len(values) // 2]
+        text += (f"; proposals captured {median([v['captured_before'] for v in proposals]):.2f}"
+                 f" -> {median([v['captured_after'] for v in proposals]):.2f} of the gradient "
+                 f"and would discard {median([v['update_discarded'] for v in proposals]):.2f} "
+                 "of the update (medians)")
     if no_signal:
         text += f", {no_signal} had no signal yet (kept)"
     return text

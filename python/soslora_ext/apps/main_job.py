@@ -270,9 +270,14 @@ def run(out: Path, steps: int = 120, batch_size: int = 16, rank: int = 16, alpha
                                train_seconds=fit.seconds, trainable_parameters=trainable,
                                total_parameters=total, memory=dict(base_weight_bytes=base_bytes))
         if fit.repartitions:
+            # Each repartition step: the changes of dW, and every layer's proposal (its gain
+            # in captured gradient signal, the share of dW it would discard, the decision).
+            log = {record["step"]: record["layers"] for record in fit.repartition_log}
             results[method]["repartitions"] = [
                 dict(step=step, max_relative_change=max(c.values()),
-                     mean_relative_change=sum(c.values()) / len(c)) for step, c in fit.repartitions]
+                     mean_relative_change=sum(c.values()) / len(c),
+                     adopted=sum(v["adopted"] for v in log[step].values()), layers=log[step])
+                for step, c in fit.repartitions]
         note = ""
         if method == QUANTIZED:
             # accuracy: evaluated as a user would (eval()); accuracy_exact_base: the bases on

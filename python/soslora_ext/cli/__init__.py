@@ -1,6 +1,6 @@
 """The command line: ``python -m soslora_ext COMMAND`` or ``soslora COMMAND``.
 
-    commands.py  main, and the train, merge, export-peft and info commands
+    commands.py  main, and the train, cps-check, merge, export-peft and info commands
     parser.py    the parser: every command and option, with its help
     compose.py   the compose commands (report, merge, concat, eval)
     quantize.py  train --quantize and merge --dequantize

@@ -140,7 +140,7 @@ def train_layer_kwargs(args) -> dict:
 # (option, attribute, a directory?) of every output a command writes.
 OUTPUTS = (("--out", "out", True), ("--json", "json", False), ("--plot", "plot", False))
 # Attributes naming what a command reads: an output may not overwrite them.
-INPUTS = ("model_dir", "base", "into", "model", "adapter", "adapters", "text", "data")
+INPUTS = ("model_dir", "base", "into", "model", "adapter", "adapters", "text", "data", "tuned")
 
 
 def _check_target(option: str, path: Path, directory: bool) -> None:
@@ -151,8 +151,10 @@ def _check_target(option: str, path: Path, directory: bool) -> None:
             raise CliError(f"{option} {path}: is a directory; give a file name")
         if not os.access(path, os.W_OK):
             raise CliError(f"{option} {path}: not writable")
-    # The nearest existing folder is where the output (and any missing parents) get created.
-    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    # The nearest existing folder is where the output (and any missing parents) get created;
+    # an existing file is overwritten in its own folder.
+    ancestor = next(p for p in ((path,) if directory else ()) + tuple(path.parents)
+                    if p.exists())
     if not ancestor.is_dir():
         raise CliError(f"{option} {path}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):

@@ -1,5 +1,5 @@
 """What the commands of the command line (``python -m soslora_ext COMMAND``, also installed as
-``soslora``) do: train, merge, export-peft and info here, compose in compose.py; ``main``
+``soslora``) do: train, cps-check, merge, export-peft and info here, compose in compose.py; ``main``
 parses (parser.py, which holds every command's help) and runs one. Errors are reported in one
 line (set SOSLORA_DEBUG=1 for the traceback)."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .args import (
     model_directory,
     quiet_transformers,
     train_layer_kwargs,
+    write_text,
 )
 from .compose import cmd_compose_concat, cmd_compose_eval, cmd_compose_merge, cmd_compose_report
 from .parser import build_parser
@@ -33,23 +34,20 @@ from .quantize import (
 HEADS = ("classifier", "score", "lm_head", "pooler")
 
 
-# ---- train -----------------------------------------------------------------------------------
-def cmd_train(args) -> int:
+# ---- train and cps-check ----------------------------------------------------------------------
+def _load_task(args, quant: dict | None = None):
+    """(task, model, tokenizer, training tensors, held-out rows, label names, model_kwargs,
+    quant) for MODEL_DIR and --data/--task/--seed/--max-length: what train fine-tunes and
+    cps-check takes gradients of. A classifier gets a new head; `quant` (train --quantize)
+    loads the base quantized, keeping the heads whole."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ..apps import finetune
     from ..apps.data import read_training_data
     from ..formats.base_models import causal_lm_architectures
-    from ..formats.native import save_adapter
-    from ..layers.base import is_linear
-    from ..layers.model import apply_cps_lora, apply_sos_lora, trainable_parameters
-    from ..layers.quantized import exact_path
 
     model_dir = model_directory(args.model_dir)
-    layer_kwargs = train_layer_kwargs(args)  # bad values fail before the model loads
-    quant = quantization(args)
-    apply = apply_sos_lora if args.method == "sos" else apply_cps_lora
     try:
         task, payload = read_training_data(args.data, args.task, args.seed)
     except ValueError as e:
@@ -59,6 +57,7 @@ def cmd_train(args) -> int:
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(args.seed)
+    test_rows, names, model_kwargs = [], None, {}
     if task == "classification":
         train_rows, test_rows, names = payload
         quant = keep_heads(quant, AutoModelForSequenceClassification, model_dir, HEADS)
@@ -77,13 +76,37 @@ def cmd_train(args) -> int:
                            f"{args.max_length}: give more text or a smaller --max-length")
         quant = keep_heads(quant, AutoModelForCausalLM, model_dir, HEADS)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs(quant))
-        model_kwargs = {}
         chunks = ids[: n * args.max_length].view(n, args.max_length)
         data = dict(input_ids=chunks, labels=chunks)
+    return task, model, tokenizer, data, test_rows, names, model_kwargs, quant
+
+
+def _targets(model, given: list[str] | None) -> list[str]:
+    """The module names to adapt (or check): those --targets names (as apply_sos_lora matches
+    a list), or by default every Linear (nn.Linear, bitsandbytes', GPT-2's Conv1D) except the
+    heads."""
+    from ..layers.base import is_linear
+
+    return [n for n, m in model.named_modules() if is_linear(m) and (
+        any(n == t or n.endswith("." + t) for t in given) if given
+        else not any(h in n.split(".") for h in HEADS))]
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from ..apps import finetune
+    from ..formats.native import save_adapter
+    from ..layers.model import apply_cps_lora, apply_sos_lora, trainable_parameters
+    from ..layers.quantized import exact_path
+
+    model_dir = model_directory(args.model_dir)
+    layer_kwargs = train_layer_kwargs(args)  # bad values fail before the model loads
+    quant = quantization(args)
+    apply = apply_sos_lora if args.method == "sos" else apply_cps_lora
+    task, model, tokenizer, data, test_rows, names, model_kwargs, quant = _load_task(args, quant)
     quant = describe_base(quant, model)
-    targets = args.targets or [n for n, m in model.named_modules()
-                               if is_linear(m)  # nn.Linear (bitsandbytes' too) or GPT-2's Conv1D
-                               and not any(h in n.split(".") for h in HEADS)]
+    targets = args.targets or _targets(model, None)
     heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in HEADS and n
              and task == "classification"]
     with _memory_for("--rank", layer_kwargs["rank"], "the adapters do not fit"):
@@ -108,7 +131,7 @@ def cmd_train(args) -> int:
             logits = finetune.predict_logits(model, test)
         metrics["accuracy"] = finetune.accuracy(logits, torch.tensor([l for _, l in test_rows]))
         metrics["labels"] = names
-        metrics["split"] = dict(train=len(train_rows), test=len(test_rows), test_per_label={
+        metrics["split"] = dict(train=len(data["labels"]), test=len(test_rows), test_per_label={
             name: sum(l == i for _, l in test_rows) for i, name in enumerate(names)})
     out = Path(args.out)
     save_adapter(model, out / "adapter", metadata=dict(
@@ -125,6 +148,62 @@ def cmd_train(args) -> int:
     print(f"{summary}final loss {sum(fit.losses[-10:]) / len(fit.losses[-10:]):.4f}; "
           f"adapter written to {out / 'adapter'}")
     return 0
+
+
+def cmd_cps_check(args) -> int:
+    import torch
+    from transformers import AutoModel
+
+    from ..apps import finetune
+    from ..apps.cps_check import format_structure, plot_structure
+    from ..compose import require_matplotlib
+    from ..layers.structure import check_structure, gradient_sums, weight_deltas
+
+    if (args.data is None) == (args.tuned is None):
+        raise CliError("give --data (the gradients of a few steps on it) or --tuned (a fine-"
+                       "tuned copy of MODEL_DIR, whose update is checked), one of the two")
+    if args.plot:
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            raise CliError(f"--plot: {e}") from None
+    if args.data is not None:
+        _, model, _, data, *_ = _load_task(args)
+        names = _check_targets(_targets(model, args.targets), args.targets)
+        generator = torch.Generator().manual_seed(args.seed)
+        sample = finetune.sample_batches(data, args.batch_size)
+        model.train()  # dropout as in training: the gradients CPS-LoRA's statistics see
+        matrices = gradient_sums(model, names, lambda step: sample(step, generator), args.steps)
+        source = dict(kind="gradients", steps=args.steps, batch_size=args.batch_size,
+                      data=args.data, max_length=args.max_length)
+    else:
+        base_dir, tuned_dir = model_directory(args.model_dir), model_directory(args.tuned)
+        quiet_transformers()
+        base, tuned = AutoModel.from_pretrained(base_dir), AutoModel.from_pretrained(tuned_dir)
+        if type(base) is not type(tuned):
+            raise CliError(f"--tuned {args.tuned}: a {type(tuned).__name__}, but MODEL_DIR is "
+                           f"a {type(base).__name__}")
+        names = _check_targets(_targets(base, args.targets), args.targets)
+        try:
+            matrices = weight_deltas(base, tuned, names)
+        except ValueError as e:
+            raise CliError(f"--tuned {args.tuned}: {e}") from None
+        source = dict(kind="delta", tuned=args.tuned)
+    report = dict(check_structure(matrices, args.clusters, args.rank, args.null_draws,
+                                  args.seed), source=source, model_dir=args.model_dir)
+    print(format_structure(report))
+    if args.json:
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot_structure(report, args.plot)
+    return 0
+
+
+def _check_targets(names: list[str], given: list[str] | None) -> list[str]:
+    if not names:
+        raise CliError(f"--targets {' '.join(given)}: no Linear module of the model has these "
+                       "names" if given else "the model has no Linear module besides its heads")
+    return names
 
 
 @contextlib.contextmanager
@@ -251,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..apps import demo, main_job
 
     commands = {"demo": lambda a: demo.main(["--steps", str(a.steps), "--seed", str(a.seed)]),
-                "main-job": main_job.main, "train": cmd_train, "merge": cmd_merge,
+                "main-job": main_job.main, "train": cmd_train, "cps-check": cmd_cps_check,
+                "merge": cmd_merge,
                 "export-peft": cmd_export_peft, "info": cmd_info,
                 "compose": lambda a: {"report": cmd_compose_report, "merge": cmd_compose_merge,
                                       "concat": cmd_compose_concat,

@@ -105,6 +105,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the mean loss this often (0: never)")
     add_train_options(p)
 
+    p = sub.add_parser(
+        "cps-check", help="does CPS-LoRA fit this model? block structure against a null",
+        description="Measure, per Linear, whether the update a fine-tuning makes has "
+        "CPS-LoRA's structure (row x column clusters): the energy on the diagonal blocks of a "
+        "spectral co-clustering against spectral nulls (the same singular values, random "
+        "singular vectors), and the error of --clusters blocks of rank --rank against one "
+        "rank --rank term (the same parameters); a verdict per layer and for the model. The "
+        "update is the sum of --steps steps' gradients on --data (no optimizer step), or the "
+        "difference between a fine-tuned copy (--tuned) and MODEL_DIR.")
+    p.add_argument("model_dir", help="a model directory (config.json, weights, tokenizer)")
+    p.add_argument("--data", help="gradients on this data, read as train reads it: "
+                   "'filekinds', a .jsonl file of {\"text\", \"label\"}, or text files")
+    p.add_argument("--tuned", help="a fully fine-tuned copy of MODEL_DIR: its update (tuned - "
+                   "base weights) is checked instead of gradients")
+    p.add_argument("--task", choices=["auto", "classification", "text"], default="auto",
+                   help="with --data: auto: classification for 'filekinds' and .jsonl, text "
+                   "otherwise")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="module names to check (default: every Linear except the heads)")
+    p.add_argument("--clusters", type=positive_int, default=4, help=cps("num_clusters"))
+    p.add_argument("--rank", type=positive_int, default=16, help="CPS: every cluster's rank, "
+                   "and the rank of the global term it is compared with")
+    p.add_argument("--null-draws", type=positive_int, default=5,
+                   help="spectral null matrices per layer")
+    p.add_argument("--steps", type=positive_int, default=8, help="batches of gradients")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=128,
+                   help="tokens per example (classification) or per chunk (text)")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="random seed (the data split, batches, new head, nulls, clustering)")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--plot", help="write a PNG of block energies and errors here (needs "
+                   "matplotlib: pip install matplotlib)")
+
     for name, text in (("merge", "write the merged model to OUT (from_pretrained loads it)"),
                        ("export-peft", "write the adapter in PEFT's LoRA format to OUT")):
         p = sub.add_parser(name, help=text, description=text)

@@ -4,6 +4,7 @@
     sos.py          SOSLinear: SOS-LoRA's K static, always-on experts
     cps.py          CPSLinear: CPS-LoRA's cluster-local blocks
     partition.py    CPS-LoRA's partition: gradient sketch, co-clustering, captured energy
+    structure.py    does an update have CPS-LoRA's structure? block energy against a null
     schedules.py    training schedules: SOS-LoRA's recipe, CPS-LoRA's repartitions
     config.py       SOSConfig, CPSConfig and the presets
     quantized.py    bitsandbytes 4/8-bit bases

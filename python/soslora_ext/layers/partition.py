@@ -70,7 +70,7 @@ def adjusted_rand_index(a: Tensor, b: Tensor) -> float:
     return 1.0 if maximum == expected else float((index - expected) / (maximum - expected))
 
 
-def _kmeans(points: Tensor, k: int, generator: torch.Generator, restarts: int = 4,
+def kmeans(points: Tensor, k: int, generator: torch.Generator, restarts: int = 4,
             iterations: int = 100) -> Tensor:
     """Lloyd's k-means with k-means++ seeding; an emptied cluster is re-seeded with the point
     farthest from its center. Returns labels of the run with the lowest inertia."""
@@ -122,7 +122,7 @@ def _spectral_labels(features: Tensor, k: int, generator: torch.Generator,
         u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
     embedding = spectral_embedding(u, k)
     embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    labels[live] = _kmeans(embedding, k, generator).to(labels.device)
+    labels[live] = kmeans(embedding, k, generator).to(labels.device)
     return labels
 
 
