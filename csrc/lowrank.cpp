@@ -129,11 +129,22 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_grad_hidden(const Tensor& grad_out, c
   check_scale(scale, B, op);
   check_dropout(dropout_seed, dropout_p, grad_out, op);
 
-  // One product over grad_out for each factor: grad wrt the unscaled-B product, then split.
-  const Tensor grad_Bs = at::mm(grad_out.t(), hidden);  // [out, r], gradient of B * scale
-  Tensor grad_hidden = at::mm(grad_out, scaled_B(B, scale));
-  if (dropout_p > 0 && !dropout_on_input)
-    grad_hidden = dropout_apply(grad_hidden, dropout_seed, dropout_p);
+  // The gradients of the hidden and of B * scale ([out, r], then split between the factors).
+  const double p_post = dropout_p > 0 && !dropout_on_input ? dropout_p : 0.0;
+  const Tensor Bs = scaled_B(B, scale);
+  Tensor grad_hidden, grad_Bs;
+#ifdef SOSLORA_WITH_CUDA
+  if (use_cuda_kernels(grad_out))  // one pass over grad_out; grad_Bs in the accumulation dtype
+    std::tie(grad_hidden, grad_Bs) =
+        grad_hidden_and_B_cuda(grad_out, Bs, hidden, dropout_seed, p_post, true, true,
+                               std::nullopt, accumulate_dtype(grad_out.scalar_type()));
+  else
+#endif
+  {
+    grad_Bs = at::mm(grad_out.t(), hidden);
+    grad_hidden = at::mm(grad_out, Bs);
+    if (p_post > 0) grad_hidden = dropout_apply(grad_hidden, dropout_seed, p_post);
+  }
 
   const auto acc = accumulate_dtype(B.scalar_type());
   const Tensor grad_Bs_acc = grad_Bs.to(acc);
