@@ -162,7 +162,8 @@ def test_output_gradient_pass_matches_float64_oracle(case, dtype, dropout, det):
     if det:
         assert all(torch.equal(a, b) for a, b in zip(*runs))
     g64, h64, B64, s64 = (t.double().cpu() for t in (grad_out, hidden, B, scale))
-    Bs = (B.float() * scale.float()).to(dtype).double().cpu()  # scaled_B, rounded as the op does
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    Bs = (B.to(acc) * scale.to(acc)).to(dtype).double().cpu()  # scaled_B, as the op rounds it
     want_h = g64 @ Bs
     if dropout:
         want_h = want_h * _ops.dropout_mask(seed.cpu(), [N, r], dropout, dtype).double()
