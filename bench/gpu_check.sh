@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, in stages that can be run one call at a time (GPU time comes in short slots):
 #
-#   bench/gpu_check.sh                      # every stage: build tests layer model summary
+#   bench/gpu_check.sh                      # every stage: build tests grads layer model summary
 #   bench/gpu_check.sh build tests          # only these, in this order
 #
 #   build    pip-installs the extension for the detected GPU's architecture only
 #   tests    tests/ops/test_cuda.py and tests/system/test_build.py (the build itself: registrations, the C++
 #            runtime it links, an op error raising in a fresh process); FULL_TESTS=1: every test
+#   grads    bench/bench_output_grads.py: the one-pass output-gradient kernel against its two
+#            cuBLAS products, N=8192, out 4096 and 11008, r=64, bf16 (about a minute)
 #   layer    bench/bench_layer.py (LAYER_ARGS adds arguments, e.g. "--n 8192 --iters 10")
 #   model    bench/bench_model.py
 #   summary  bench/gpu_summary.py: one JSON + markdown naming the machine, each stage's time and
@@ -50,6 +52,14 @@ stage_tests() {
   return "${PIPESTATUS[0]}"
 }
 
+stage_grads() {
+  local args=()
+  [ "$DRY" = 1 ] && args=(--device cpu --n 64 --outs 40 --ranks 8 --warmup 1 --iters 2)
+  "$PY" bench/bench_output_grads.py "${args[@]}" --json "$RESULTS/bench_output_grads.json" 2>&1 \
+    | tee "$RESULTS/bench_output_grads.log" | tail -12
+  return "${PIPESTATUS[0]}"
+}
+
 stage_layer() {
   local args=()
   [ "$DRY" = 1 ] && args=(--device cpu --n 64 --shapes 48x40 --ranks 8 --dropout 0.1
@@ -73,9 +83,9 @@ stage_summary() {
 }
 
 stages=("$@")
-[ ${#stages[@]} = 0 ] && stages=(build tests layer model summary)
+[ ${#stages[@]} = 0 ] && stages=(build tests grads layer model summary)
 for s in "${stages[@]}"; do
-  declare -F "stage_$s" > /dev/null || { echo "unknown stage '$s' (build tests layer model summary)"; exit 2; }
+  declare -F "stage_$s" > /dev/null || { echo "unknown stage '$s' (build tests grads layer model summary)"; exit 2; }
 done
 if [ "$DRY" != 1 ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
@@ -93,8 +103,8 @@ for s in "${stages[@]}"; do
   [ "$rc" = 0 ] || status=1
 done
 if [ -n "${OUT:-}" ]; then  # what the caller takes back (at most a few files)
-  for f in stages.tsv tests.log build.log bench_layer.json bench_layer.png bench_model.json \
-           summary.json summary.md; do
+  for f in stages.tsv tests.log build.log bench_output_grads.json bench_layer.json \
+           bench_layer.png bench_model.json summary.json summary.md; do
     [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/"
   done
 fi

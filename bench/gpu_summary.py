@@ -8,7 +8,10 @@ Targets (each a ratio measured in one run, so the machine's speed cancels):
   memory, and within 1.05x of the best plain-PyTorch form with the same dropout placement;
   CPSLinear at most 1.1x PEFT's time and at most its peak extra memory;
 - merge: SOSLinear.merge at most 1.2x one addmm_ of the folded factors into W;
-- model step: SOSLinear's tokens/s at least PEFT's, its peak memory at most PEFT's.
+- model step: SOSLinear's tokens/s at least PEFT's, its peak memory at most PEFT's;
+- output-gradient pass: `lowrank_grad_hidden` on the one-pass kernel at most its time on the two
+  cuBLAS products (ATen path), each replayed from a CUDA graph: the measurement the per-shape
+  choice between them rests on.
 """
 from __future__ import annotations
 
@@ -92,12 +95,27 @@ def model_targets(data: dict) -> list[dict]:
                   [("model", sos["peak_gib"], peft["peak_gib"])], 1.0)]
 
 
+def grads_targets(data: dict) -> list[dict]:
+    cells: dict[tuple, dict] = {}
+    for row in data["rows"]:
+        key = (row["N"], row["out"], row["r_tot"], row["dropout"])
+        cells.setdefault(key, {})[row["method"]] = row
+
+    def ms(row):
+        return row["graph_ms"] if row["graph_ms"] is not None else row["ms"]
+
+    kernel, aten = "lowrank_grad_hidden kernel", "lowrank_grad_hidden ATen"
+    return [check("output-gradient pass <= its two cuBLAS products",
+                  [(f"N={k[0]} out={k[1]} r={k[2]} p={k[3]}", ms(c[kernel]), ms(c[aten]))
+                   for k, c in cells.items() if kernel in c and aten in c], 1.0)]
+
+
 def summarize(results: Path) -> dict:
     summary = dict(gpu=None, machine=None, stages=stage_records(results), targets=[])
     if (results / "gpu.txt").exists():
         summary["gpu"] = (results / "gpu.txt").read_text().strip()
-    for name, targets in (("bench_layer.json", layer_targets), ("bench_model.json",
-                                                                  model_targets)):
+    for name, targets in (("bench_layer.json", layer_targets), ("bench_model.json", model_targets),
+                          ("bench_output_grads.json", grads_targets)):
         path = results / name
         if path.exists():
             data = json.loads(path.read_text())

@@ -11,6 +11,7 @@
 // may have another dtype than x (float32 adapters on a bf16 base): they are cast to x's dtype
 // here and their gradients returned in their own dtype.
 #include "adapted_linear.h"
+#include "dispatch.h"
 
 #include <numeric>
 
@@ -110,6 +111,82 @@ Factors dense_factors(const Tensor& A, const Tensor& B, const Tensor& scale,
               : scale_groups(B, scale, dtype)};
 }
 
+namespace {
+
+// Everything the backward computes from grad_out besides the base's input gradient:
+//   grad_hidden = D_post(grad_out Bs)  and, from the dense factors' gradient grad_outᵀ hidden,
+//   grad_B (the cluster blocks gathered, or the group scale applied) and grad_scale.
+// kernels() and aten() give the same results up to rounding (the kernel rounds each sum once).
+struct OutputGrads {
+  const Tensor& grad_out;
+  const Tensor& hidden;
+  const Tensor& scaled_B;
+  const Tensor& B;
+  const Tensor& scale;
+  const Layout& layout;
+  const OptTensor& dropout_seed;
+  double p_post;  // the hidden's dropout, or 0
+  bool need_hidden, need_B, need_scale;
+
+  using Result = std::tuple<Tensor, Tensor, Tensor>;  // grad_hidden, grad_B, grad_scale
+
+  // grad_B and grad_scale from the gradient of the dense B * scale (any floating dtype).
+  std::pair<Tensor, Tensor> factor_grads(const Tensor& grad_Bs) const {
+    if (layout.blocks())
+      return {gather_blocks(grad_Bs, *layout.row_index, layout.row_offsets, layout.ranks,
+                            B.size(1), scale, B.scalar_type()),
+              Tensor()};
+    Tensor grad_B, grad_scale;
+    if (need_B) grad_B = scale_groups(grad_Bs, scale, B.scalar_type());
+    if (need_scale) {
+      const auto acc = accumulate_dtype(B.scalar_type());
+      const int64_t out = B.size(0), G = scale.size(0), r = B.size(1);
+      const Tensor g3 = cast(grad_Bs, acc).view({out, G, r / G});
+      grad_scale = (g3 * cast(B, acc).view({out, G, r / G})).sum(-1);  // [out, G]
+      grad_scale = scale.dim() == 1 ? grad_scale.sum(0) : grad_scale.t().contiguous();
+      grad_scale = cast(grad_scale, scale.scalar_type());
+    }
+    return {grad_B, grad_scale};
+  }
+
+  Result aten() const {
+    Tensor grad_hidden;
+    if (need_hidden) {
+      grad_hidden = grad_out.mm(scaled_B);
+      if (p_post > 0) grad_hidden = dropout_apply(grad_hidden, dropout_seed, p_post);
+    }
+    if (!need_B && !need_scale) return {grad_hidden, Tensor(), Tensor()};
+    auto [grad_B, grad_scale] = factor_grads(grad_out.t().mm(hidden));
+    return {grad_hidden, grad_B, grad_scale};
+  }
+
+  Result kernels() const {
+#ifdef SOSLORA_WITH_CUDA
+    const auto dtype = grad_out.scalar_type(), acc = accumulate_dtype(dtype);
+    const auto b_dtype = B.scalar_type();
+    // grad_B straight from the kernel (scale and rounding in its epilogue) where its dtype
+    // allows; else the unscaled sum in the accumulation dtype, finished as aten() does.
+    if (need_B && !need_scale && !layout.blocks() && (b_dtype == dtype || b_dtype == acc)) {
+      auto [grad_hidden, grad_B] = grad_hidden_and_B_cuda(
+          grad_out, scaled_B, hidden, dropout_seed, p_post, need_hidden, true, scale, b_dtype);
+      return {grad_hidden, grad_B, Tensor()};
+    }
+    const bool need_sum = need_B || need_scale;
+    auto [grad_hidden, grad_Bs] = grad_hidden_and_B_cuda(
+        grad_out, scaled_B, hidden, dropout_seed, p_post, need_hidden, need_sum, std::nullopt,
+        acc);
+    if (!need_sum) return {grad_hidden, Tensor(), Tensor()};
+    auto [grad_B, grad_scale] = factor_grads(grad_Bs);
+    return {grad_hidden, grad_B, grad_scale};
+#else
+    TORCH_INTERNAL_ASSERT(false, "soslora: built without the CUDA kernels");
+    return {};
+#endif
+  }
+};
+
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> adapted_linear_forward(
     const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& base_out,
     const Tensor& A, const Tensor& B, const Tensor& scale, const OptTensor& row_index,
@@ -169,31 +246,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adapted_linear_backward(
 
   // The base's input gradient first: the largest product, issued before the small ones.
   Tensor grad_x = need_x && weight.has_value() ? grad_out.mm(*weight) : Tensor();
-  Tensor grad_A, grad_B, grad_scale;
+  Tensor grad_A;
   const bool need_factors = need_x || need_A;
-  Tensor grad_hidden;
-  if (need_factors) {
-    grad_hidden = grad_out.mm(scaled_B);
-    if (dropout_p > 0 && !dropout_on_input)
-      grad_hidden = dropout_apply(grad_hidden, dropout_seed, dropout_p);
-  }
-  if (need_B || need_scale) {
-    const Tensor grad_Bs = grad_out.t().mm(hidden);  // gradient of the dense B * scale
-    if (layout.blocks()) {
-      grad_B = gather_blocks(grad_Bs, *layout.row_index, layout.row_offsets, layout.ranks,
-                             B.size(1), scale, B.scalar_type());
-    } else {
-      if (need_B) grad_B = scale_groups(grad_Bs, scale, B.scalar_type());
-      if (need_scale) {
-        const auto acc = accumulate_dtype(B.scalar_type());
-        const int64_t out = B.size(0), G = scale.size(0), r = B.size(1);
-        const Tensor g3 = cast(grad_Bs, acc).view({out, G, r / G});
-        grad_scale = (g3 * cast(B, acc).view({out, G, r / G})).sum(-1);  // [out, G]
-        grad_scale = scale.dim() == 1 ? grad_scale.sum(0) : grad_scale.t().contiguous();
-        grad_scale = cast(grad_scale, scale.scalar_type());
-      }
-    }
-  }
+  const OutputGrads grads{grad_out, hidden, scaled_B, B, scale, layout, dropout_seed,
+                          dropout_p > 0 && !dropout_on_input ? dropout_p : 0.0, need_factors,
+                          need_B, need_scale};
+  // The products over grad_out: one hand-written pass, or two cuBLAS products.
+  auto [grad_hidden, grad_B, grad_scale] =
+      dispatch("output_grads", grad_out,
+               {grad_out.size(0), grad_out.size(1), hidden.size(1), grads.p_post > 0,
+                need_factors, need_B + 2 * need_scale, layout.blocks()},
+               [&] { return grads.kernels(); }, [&] { return grads.aten(); });
   if (need_factors) {
     const Tensor A_c = dense_factors_A(A, layout, x.scalar_type());
     const bool drop_in = dropout_p > 0 && dropout_on_input;

@@ -146,11 +146,29 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_grad_hidden(const Tensor& grad_out, c
   check_scale(scale, B, op);
   check_dropout(dropout_seed, dropout_p, grad_out, op);
 
-  // One product over grad_out for each factor: grad wrt the unscaled-B product, then split.
-  const Tensor grad_Bs = at::mm(grad_out.t(), hidden);  // [out, r], gradient of B * scale
-  Tensor grad_hidden = at::mm(grad_out, scaled_B(B, scale));
-  if (dropout_p > 0 && !dropout_on_input)
-    grad_hidden = dropout_apply(grad_hidden, dropout_seed, dropout_p);
+  // The gradients of the hidden and of B * scale ([out, r], then split between the factors).
+  const double p_post = dropout_p > 0 && !dropout_on_input ? dropout_p : 0.0;
+  const Tensor Bs = scaled_B(B, scale);
+  const auto library = [&] {
+    Tensor grad_hidden = at::mm(grad_out, Bs);
+    if (p_post > 0) grad_hidden = dropout_apply(grad_hidden, dropout_seed, p_post);
+    return std::make_tuple(grad_hidden, at::mm(grad_out.t(), hidden));
+  };
+#ifdef SOSLORA_WITH_CUDA
+  // One pass over grad_out for both; grad_Bs in the accumulation dtype.
+  auto [grad_hidden, grad_Bs] = dispatch(
+      "lowrank_grad_hidden", grad_out,
+      {grad_out.size(0), grad_out.size(1), hidden.size(1), p_post > 0},
+      [&] {
+        auto [gh, gb] = grad_hidden_and_B_cuda(grad_out, Bs, hidden, dropout_seed, p_post, true,
+                                               true, std::nullopt,
+                                               accumulate_dtype(grad_out.scalar_type()));
+        return std::make_tuple(gh, gb);
+      },
+      library);
+#else
+  auto [grad_hidden, grad_Bs] = library();
+#endif
 
   const auto acc = accumulate_dtype(B.scalar_type());
   const Tensor grad_Bs_acc = grad_Bs.to(acc);

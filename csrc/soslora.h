@@ -185,6 +185,17 @@ void add_product_cuda_(Tensor& out, const Tensor& left, const Tensor& right,
 // grad_A = grad_hiddenᵀ D_in(x), D_in with dropout_p (0: none).
 Tensor lowrank_grad_A_cuda(const Tensor& grad_hidden, const Tensor& x,
                            const OptTensor& dropout_seed, double dropout_p);
+// One pass over grad_out [N, out] (fused_kernels.cu): (grad_hidden, grad_B) with
+//   grad_hidden = D(grad_out scaled_B)  [N, r], D with dropout_p (0: none), in grad_out's dtype;
+//   grad_B = (grad_outᵀ hidden) ∘ scale [out, r] in grad_B_dtype: grad_out's dtype or its
+//   accumulation dtype; scale [G] or [G, out] per group of r / G ranks, or none.
+// Each is undefined unless asked for (need_hidden, need_B); shapes checked by the caller.
+std::tuple<Tensor, Tensor> grad_hidden_and_B_cuda(const Tensor& grad_out, const Tensor& scaled_B,
+                                                  const Tensor& hidden,
+                                                  const OptTensor& dropout_seed,
+                                                  double dropout_p, bool need_hidden,
+                                                  bool need_B, const OptTensor& scale,
+                                                  at::ScalarType grad_B_dtype);
 Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double p,
                                at::ScalarType dtype);
 Tensor dropout_apply_cuda(const Tensor& t, const Tensor& seed, double p);

@@ -1,5 +1,6 @@
 // The glue that turns tensors into launches of the hand-written kernels (kernels.cu,
-// lowrank_kernels.cu), and the check that they serve a device (have_cuda_kernels).
+// lowrank_kernels.cu, fused_kernels.cu), and the check that they serve a device
+// (have_cuda_kernels).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -62,6 +63,18 @@ void launch_product(at::ScalarType dtype, const cuda::Matrix& left, const cuda::
                         out.cols == right.cols);
   C10_CUDA_CHECK(cuda::launch_product(kernel_dtype(dtype), left, right, out, combine, splits,
                                       c10::cuda::getCurrentCUDAStream()));
+}
+
+// The device's SM count, asked once per device (the calls read it lock-free).
+int64_t sm_count(const c10::Device& device) {
+  static std::array<std::atomic<int>, 64> known{};
+  const int index = device.index();
+  TORCH_INTERNAL_ASSERT(index >= 0 && index < static_cast<int>(known.size()));
+  if (const int n = known[index].load(std::memory_order_relaxed)) return n;
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, index));
+  known[index].store(n, std::memory_order_relaxed);
+  return n;
 }
 
 }  // namespace
@@ -178,6 +191,58 @@ Tensor lowrank_grad_A_cuda(const Tensor& grad_hidden, const Tensor& x,
   launch_product(x.scalar_type(), matrix(gh_t), matrix(x_c, seed, dropout_p), matrix(grad_A),
                  cuda::Combine::kAtomicAdd, splits);
   return grad_A.to(x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> grad_hidden_and_B_cuda(const Tensor& grad_out, const Tensor& scaled_B,
+                                                  const Tensor& hidden,
+                                                  const OptTensor& dropout_seed,
+                                                  double dropout_p, bool need_hidden,
+                                                  bool need_B, const OptTensor& scale,
+                                                  at::ScalarType grad_B_dtype) {
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const auto dtype = grad_out.scalar_type(), acc = accumulate_dtype(dtype);
+  TORCH_INTERNAL_ASSERT(grad_B_dtype == dtype || grad_B_dtype == acc);
+  const int64_t N = grad_out.size(0), out = grad_out.size(1), r = hidden.size(1);
+  const OptTensor seed = contiguous_seed(dropout_seed);
+  Tensor grad_hidden, grad_B, scale_acc, workspace;
+  cuda::Matrix grad_h;  // data nullptr: not computed
+  if (need_hidden) {
+    grad_hidden = at::empty({N, r}, grad_out.options());
+    grad_h = matrix(grad_hidden, seed, dropout_p);
+  }
+  cuda::GradBOutput grad_b;
+  // Blocks along N: at least one per SM where N allows. Deterministic: each block writes and
+  // the reduction reads a [out, r] slice of the workspace, so half as many blocks as SMs (each
+  // summing several bands; about where the slower read of grad_out by fewer blocks meets the
+  // slices' traffic at N = 8192, r = 64), and at most 256 MiB of slices.
+  const int64_t sms = sm_count(grad_out.device());
+  const bool det = deterministic();
+  const int64_t slice_bytes = std::max<int64_t>(out * r * c10::elementSize(acc), 1);
+  const int64_t max_splits =
+      det ? std::max<int64_t>(1, std::min<int64_t>(sms / 2, (int64_t{256} << 20) / slice_bytes))
+          : 0;
+  if (need_B) {
+    grad_B = at::empty({out, r}, grad_out.options().dtype(grad_B_dtype));
+    grad_b.data = grad_B.data_ptr();
+    grad_b.stride0 = grad_B.stride(0);
+    grad_b.stride1 = grad_B.stride(1);
+    grad_b.acc_type = grad_B_dtype != dtype;
+    if (scale.has_value()) {  // [G] or [G, out]: one scale per group of r / G ranks
+      scale_acc = scale->to(acc);
+      grad_b.scale.data = scale_acc.data_ptr();
+      grad_b.scale.group = r / scale_acc.size(0);
+      grad_b.scale.group_stride = scale_acc.stride(0);
+      grad_b.scale.row_stride = scale_acc.dim() == 2 ? scale_acc.stride(1) : 0;
+    }
+    workspace = at::empty({cuda::grad_hidden_and_B_workspace(kernel_dtype(dtype), N, out, r, sms,
+                                                             max_splits, det)},
+                          grad_out.options().dtype(acc));
+  }
+  C10_CUDA_CHECK(cuda::launch_grad_hidden_and_B(
+      kernel_dtype(dtype), matrix(grad_out), matrix(scaled_B), matrix(hidden), grad_h, grad_b,
+      need_B ? workspace.data_ptr() : nullptr, sms, max_splits, det,
+      c10::cuda::getCurrentCUDAStream()));
+  return {grad_hidden, grad_B};
 }
 
 Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double p,

@@ -70,3 +70,53 @@ cudaError_t launch_ortho_penalty_grad(DType dtype, void* grad_A, const void* A, 
                                       void* workspace, bool deterministic, cudaStream_t stream);
 
 }  // namespace soslora::cuda
+
+namespace soslora::cuda {
+
+// ---- one pass over the output gradient (fused_kernels.cu) ---------------------------------------
+// From g = dL/dy [N, out], Bs = B * scale [out, r] and the saved hidden h [N, r], reading each
+// element of g once (LoRAFusion, arXiv 2510.00206):
+//   grad_h = D(g Bs)       [N, r]    D: grad_h's dropout (the hidden's mask), if any
+//   grad_B = (gᵀ h) ∘ S    [out, r]  S: the group scale below, if any
+// in the accumulation type (float, or double for float64 data), each rounded once.
+// N is split evenly into bands of at most 64 rows: as many as `min_blocks` asks (pass the SM
+// count), but of at least 32 rows where N allows. A block owns a band (or several) and walks
+// `out`: grad_h for its rows is complete there; its part of grad_B is added atomically into
+// one [out, r] sum (the order of the adds varies between runs), or, `deterministic`, into the
+// block's own [out, r] slice of the workspace, summed in a fixed order by a second kernel
+// (bitwise reproducible). `max_splits` > 0 caps the blocks along N (each then owns several
+// bands): the deterministic workspace's slices. A block takes 128 ranks (16-bit types; float
+// 64, double 32): larger ranks take more blocks (they count towards `min_blocks`), each
+// reading g.
+// g, Bs and h: strided views without dropout (g always; Bs with grad_h, h with grad_B).
+// grad_h: a [N, r] Matrix in `dtype` whose dropout, if any, applies to the result.
+// grad_B: [out, r] in `dtype`, or in the accumulation type when `acc_type`. An output with
+// data == nullptr is not computed.
+struct GroupScale {  // S(o, j) = data[o * row_stride + (j / group) * group_stride]
+  const void* data = nullptr;  // in the accumulation type; nullptr: no scale
+  int64_t row_stride = 0, group_stride = 0, group = 1;
+};
+
+struct GradBOutput {
+  void* data = nullptr;
+  int64_t stride0 = 0, stride1 = 0;
+  bool acc_type = false;
+  GroupScale scale;
+};
+
+// The workspace grad_B needs, in elements of the accumulation type: [out, r] for the atomic
+// sum (zeroed by the launch), [splits, out, r] when deterministic (no initial value needed;
+// splits: the bands, at most max_splits).
+int64_t grad_hidden_and_B_workspace(DType dtype, int64_t N, int64_t out, int64_t r,
+                                    int64_t min_blocks, int64_t max_splits, bool deterministic);
+
+// Up to three launches: the atomic sum's zeroing, the pass over g, and grad_B's reduction with
+// its scale and rounding. Refuses (cudaErrorInvalidValue) dropout on g, Bs or h, shapes that do
+// not match, a grad_B without workspace, and a scale group below 1.
+cudaError_t launch_grad_hidden_and_B(DType dtype, const Matrix& g, const Matrix& Bs,
+                                     const Matrix& h, const Matrix& grad_h,
+                                     const GradBOutput& grad_B, void* workspace,
+                                     int64_t min_blocks, int64_t max_splits, bool deterministic,
+                                     cudaStream_t stream);
+
+}  // namespace soslora::cuda

@@ -114,19 +114,64 @@ def test_kernels_and_aten_paths_agree(dtype, on_input):
     x, A = torch.randn(515, 200, **g), torch.randn(24, 200, **g) / 15
     B, scale = torch.randn(77, 24, **g), torch.rand(24, device="cuda")
     seed = torch.tensor([31337, 0], device="cuda")
+    grad_out = torch.randn(515, 77, **g)
     results = []
     for path in ("kernels", "aten"):
         previous = sl.ops.set_cuda_path(path)
         try:
             out, hidden = _ops.lowrank_forward(x, A, B, scale, None, seed, 0.3, on_input)
             grad_A = _ops.lowrank_grad_A(hidden, x, seed, 0.3, on_input)
+            # The one pass over grad_out (fused kernel) against the two cuBLAS products.
+            grads = _ops.lowrank_grad_hidden(grad_out, B, scale, hidden, seed, 0.3, on_input)
         finally:
             sl.ops.set_cuda_path(previous)
-        results.append((out, hidden, grad_A))
+        results.append((out, hidden, grad_A, *grads))
     for a, b in zip(*results):
         assert rel_err(a, b) < TOL[dtype]
     if not on_input:  # dropped hidden entries are exactly zero in both: the same Philox mask
         assert torch.equal(results[0][1] == 0, results[1][1] == 0)
+
+
+# N, out, r: one band of rows and hundreds, `out` under one step and ragged, r = 1 and ranks
+# beyond one block's share (128 for 16-bit types, 64 float32, 32 float64).
+OUTPUT_GRAD_CASES = [(1, 7, 1), (70, 33, 16), (257, 140, 9), (3001, 96, 130), (515, 4100, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", OUTPUT_GRAD_CASES, ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_output_gradient_pass_matches_float64_oracle(case, dtype, dropout, det):
+    """lowrank_grad_hidden on the kernels path: grad_hidden and grad_B from one pass over
+    grad_out (fused_kernels.cu), the hidden's dropout applied to grad_hidden; deterministic
+    sums repeat bit for bit."""
+    N, out, r = case
+    g = dict(device="cuda", dtype=dtype)
+    grad_out, hidden = torch.randn(N, out, **g), torch.randn(N, r, **g)
+    B, scale = torch.randn(out, r, **g) / r**0.5, torch.rand(out, r, **g) + 0.5
+    seed = torch.tensor([424242, 17], device="cuda") if dropout else None
+    previous = sl.ops.set_cuda_path("kernels")
+    torch.use_deterministic_algorithms(det)
+    try:
+        poison_cuda_cache()
+        runs = [_ops.lowrank_grad_hidden(grad_out, B, scale, hidden, seed, dropout, False)
+                for _ in range(2 if det else 1)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        sl.ops.set_cuda_path(previous)
+    if det:
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    g64, h64, B64, s64 = (t.double().cpu() for t in (grad_out, hidden, B, scale))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    Bs = (B.to(acc) * scale.to(acc)).to(dtype).double().cpu()  # scaled_B, as the op rounds it
+    want_h = g64 @ Bs
+    if dropout:
+        want_h = want_h * _ops.dropout_mask(seed.cpu(), [N, r], dropout, dtype).double()
+    grad_Bs = g64.T @ h64
+    tol = TOL.get(dtype, 1e-12)
+    for name, got, want in zip(["grad_hidden", "grad_B", "grad_scale"], runs[0],
+                               [want_h, grad_Bs * s64, grad_Bs * B64]):
+        assert rel_err(got, want) < tol, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -363,7 +408,7 @@ def test_fused_dropout_equals_cpu_bitwise(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_cps_layer_on_cuda_matches_float64_oracle(dtype, dropout):
+def test_cps_layer_on_cuda_matches_float64_oracle(dtype, dropout, cuda_path):
     from helpers import layer_oracle_delta
 
     base = torch.nn.Linear(40, 36, dtype=dtype, device="cuda")
@@ -442,13 +487,18 @@ def deterministic():
 
 def test_deterministic_mode_gives_bitwise_repeatable_gradients(deterministic):
     """Split-K atomics are off under torch.use_deterministic_algorithms(True): the kernels'
-    lora_A gradient and the penalty gradient repeat bit for bit."""
+    lora_A gradient, the penalty gradient and the output-gradient pass's grad_B repeat bit for
+    bit."""
     previous = sl.ops.set_cuda_path("kernels")
     try:
         x = torch.randn(4099, 300, device="cuda")
         grad_h = torch.randn(4099, 24, device="cuda")
         seed = torch.tensor([5, 9], device="cuda")
         runs = [_ops.lowrank_grad_A(grad_h, x, seed, 0.1, True) for _ in range(3)]
+        grad_out, B = torch.randn(4099, 300, device="cuda"), torch.randn(300, 24, device="cuda")
+        scale = torch.rand(24, device="cuda")
+        output_grads = [_ops.lowrank_grad_hidden(grad_out, B, scale, grad_h, seed, 0.1, False)
+                        for _ in range(3)]
         A = torch.randn(24, 4096, device="cuda")
         penalties = []
         for _ in range(3):
@@ -459,6 +509,7 @@ def test_deterministic_mode_gives_bitwise_repeatable_gradients(deterministic):
         sl.ops.set_cuda_path(previous)
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     assert all(torch.equal(penalties[0], p) for p in penalties[1:])
+    assert all(torch.equal(a, b) for run in output_grads[1:] for a, b in zip(output_grads[0], run))
 
 
 def test_penalty_kernel_with_zero_weight_leaves_grad_untouched():

@@ -47,7 +47,7 @@ def test_kernels_on_host_emulator(variant):
     extra = ["--big"] if variant == "opt" else []
     run(str(out / "driver"), "--shuffle", "12345", *extra)
     # The kernels as compiled for sm_60: 16-bit tiles on the FMA path instead of tensor cores.
-    run(str(out / "driver_sm60"), "--only", "product,penalty", "--dtypes", "fp16,bf16")
+    run(str(out / "driver_sm60"), "--only", "product,penalty,fused", "--dtypes", "fp16,bf16")
 
 
 @pytest.mark.parametrize("plant", ["missing barrier after the tile loads",

@@ -165,10 +165,11 @@ def test_gpu_check_stages_run_dry_on_cpu(tmp_path):
                             text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [s for s in summary["stages"]] == ["build", "tests", "layer", "model"]
+    assert [s for s in summary["stages"]] == ["build", "tests", "grads", "layer", "model"]
     assert all(s["rc"] == 0 for s in summary["stages"].values())
     targets = {t["target"]: t for t in summary["targets"]}
     assert "SOSLinear step time <= PEFT LoRA" in targets and "merge <= 1.2x one addmm_" in targets
+    assert "output-gradient pass <= its two cuBLAS products" in targets
     assert all(t["met"] in (True, False) for t in targets.values() if t["rows"])
     assert (tmp_path / "summary.md").read_text().startswith("# GPU check on CPU")
     bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "tests", "typo"],

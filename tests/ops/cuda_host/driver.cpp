@@ -1,6 +1,7 @@
 // Calls every launcher of csrc/cuda/kernels.h on the host emulator and compares with a long
 // double reference written from the formulas in kernels.h (see README.md for the bounds).
-//   driver [--shuffle SEED] [--only dropout,merge,product,penalty,status] [--dtypes fp32,...]
+//   driver [--shuffle SEED] [--only dropout,merge,product,penalty,fused,status]
+//          [--dtypes fp32,...]
 #include <cstdlib>
 #include <set>
 #include <sstream>
@@ -11,6 +12,7 @@ namespace cu = soslora::cuda;
 
 void product_cases(const std::set<std::string>& dtypes);
 void penalty_cases(const std::set<std::string>& dtypes);
+void fused_cases(const std::set<std::string>& dtypes);
 
 Results& results() {
   static Results r;
@@ -224,6 +226,7 @@ int main(int argc, char** argv) {
   }
   if (want("product")) product_cases(dtypes);
   if (want("penalty")) penalty_cases(dtypes);
+  if (want("fused")) fused_cases(dtypes);
 
   const Results& r = results();
   for (const auto& [key, t] : r.table)

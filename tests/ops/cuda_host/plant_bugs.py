@@ -18,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 TP, LK, KC = "cuda/tile_product.cuh", "cuda/lowrank_kernels.cu", "cuda/kernels.cu"
+FK = "cuda/fused_kernels.cu"
 
 # (name, file, old text, new text): `old` must occur exactly once in the file.
 PLANTS = [
@@ -65,9 +66,35 @@ PLANTS = [
     ("grid-stride loop stepping by one block (dropout_apply)", KC,
      "       i += int64_t(gridDim.x) * blockDim.x) {\n    const bool keep",
      "       i += blockDim.x) {\n    const bool keep"),
+    ("missing barrier after a step's tile stores (fused, wmma path)", FK,
+     "    __syncthreads();\n    if (o0 + S::kCols < p.out) {  // the next step's tiles",
+     "    if (o0 + S::kCols < p.out) {  // the next step's tiles"),
+    ("missing barrier at the end of a step (fused, FMA path)", FK,
+     "    __syncthreads();  // the tiles are overwritten next step\n  }\n  if (!want_h) return;\n"
+     "#pragma unroll\n  for (int i = 0; i < kHI; ++i)",
+     "  }\n  if (!want_h) return;\n#pragma unroll\n  for (int i = 0; i < kHI; ++i)"),
+    ("band boundary off by one (each band's last row dropped)", FK,
+     "n_end = (band + 1) * p.N / p.bands;", "n_end = (band + 1) * p.N / p.bands - 1;"),
+    ("bands taller than the 64-row tile (their count without the round-up)", FK,
+     "std::max((N + kRows - 1) / kRows,", "std::max(N / kRows,"),
+    ("deterministic grad_B sums added atomically (order follows the schedule)", FK,
+     "const bool per_split = deterministic && split.bands > 0;", "const bool per_split = false;"),
+    ("deterministic reduction skips the last split's slice", FK,
+     "for (int64_t k = 1; k < slices; ++k)", "for (int64_t k = 1; k < slices - 1; ++k)"),
+    ("grad_h dropout mask indexed transposed", FK,
+     "p.grad_h_dropout.apply(n, j, v)", "p.grad_h_dropout.apply(j, n, v)"),
+    ("scale read per rank instead of per group of ranks", FK,
+     "j / scale.group * scale.group_stride", "j * scale.group_stride"),
+    ("128-bit loads on rows that are not 16-byte aligned", FK,
+     "m.stride1 == 1 && m.stride0 % kVec == 0 &&", "m.stride1 == 1 &&"),
+    ("grad_B part fragments chosen by thread instead of warp (divergent warp)", FK,
+     "p_col = warp % 2,", "p_col = threadIdx.x % 2,"),
+    ("grad_h row bound off by one (n > N)", FK,
+     "if (n >= p.N || j >= p.r) return;", "if (n > p.N || j >= p.r) return;"),
 ]
 
-DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "emu.o", "warp.o"]
+DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "fused.test.o", "emu.o",
+                  "warp.o"]
 
 
 def make(out: Path, csrc: Path, variant: str) -> subprocess.CompletedProcess:
@@ -81,7 +108,8 @@ def make(out: Path, csrc: Path, variant: str) -> subprocess.CompletedProcess:
 def run_drivers(out: Path, timeout: float) -> tuple[bool, str]:
     """(caught, first line saying why)."""
     for cmd in ([str(out / "driver")],
-                [str(out / "driver_sm60"), "--only", "product,penalty", "--dtypes", "fp16,bf16"]):
+                [str(out / "driver_sm60"), "--only", "product,penalty,fused", "--dtypes",
+                 "fp16,bf16"]):
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -101,6 +101,11 @@ Stats stats();
 // same __syncthreads() (same call site), else the emulator stops with an error.
 void __syncthreads(std::source_location where = std::source_location::current());
 
+// Lanes of a warp run one after another between barriers, and every lane holds the whole wmma
+// tile (mma.h): a lane reads back only what it stored itself, so the warp barrier has nothing to
+// order here (whether one is missing cannot be shown: README.md).
+inline void __syncwarp(unsigned = 0xffffffffu) {}
+
 // Threads of a block run one at a time, so a plain read-modify-write is atomic.
 inline float atomicAdd(float* address, float value) {
   const float old = *address;
