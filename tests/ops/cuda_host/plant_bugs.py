@@ -77,7 +77,7 @@ PLANTS = [
      "n_end = (band + 1) * p.N / p.bands;", "n_end = (band + 1) * p.N / p.bands - 1;"),
     ("bands taller than the 64-row tile (their count without the round-up)", FK,
      "std::max((N + kRows - 1) / kRows,", "std::max(N / kRows,"),
-    ("deterministic grad_B sums added atomically (order follows the schedule)", FK,
+    ("deterministic grad_B sums added atomically (schedule-dependent order)", FK,
      "const bool per_split = deterministic && split.bands > 0;", "const bool per_split = false;"),
     ("deterministic reduction skips the last split's slice", FK,
      "for (int64_t k = 1; k < slices; ++k)", "for (int64_t k = 1; k < slices - 1; ++k)"),
@@ -87,10 +87,10 @@ PLANTS = [
      "j / scale.group * scale.group_stride", "j * scale.group_stride"),
     ("128-bit loads on rows that are not 16-byte aligned", FK,
      "m.stride1 == 1 && m.stride0 % kVec == 0 &&", "m.stride1 == 1 &&"),
-    ("grad_B part fragments chosen by thread instead of warp (divergent warp)", FK,
+    ("grad_B part fragment chosen per thread, not per warp (divergent warp)", FK,
      "p_col = warp % 2,", "p_col = threadIdx.x % 2,"),
-    ("grad_h row bound off by one (n > N)", FK,
-     "if (n >= p.N || j >= p.r) return;", "if (n > p.N || j >= p.r) return;"),
+    ("grad_h row bound off by one (n <= the band's end)", FK,
+     "if (n >= n_end || j >= p.r) return;", "if (n > n_end || j >= p.r) return;"),
 ]
 
 DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "fused.test.o", "emu.o",
