@@ -150,6 +150,12 @@ std::tuple<Tensor, Tensor> cluster_lowrank_forward(
                 "], got ", base_out->sizes());
   }
   check_dropout(dropout_seed, dropout_p, x, kForward);
+#ifdef SOSLORA_WITH_CUDA
+  if (use_cuda_kernels(x))
+    return cluster_lowrank_forward_cuda(x, A, B, scale, row_index, col_index, row_offsets,
+                                        col_offsets, rank_offsets, base_out, dropout_seed,
+                                        dropout_p);
+#endif
 
   const bool cols_in_order = is_identity(col_index), rows_in_order = is_identity(row_index);
   const Tensor x_perm =
@@ -197,6 +203,17 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
                 grad_hidden->sizes());
   }
   check_dropout(dropout_seed, dropout_p, x, kBackward);
+  if (grad_x_base.has_value()) {
+    check_same_float_dtype(*grad_x_base, "grad_x_base", x, "x", kBackward);
+    TORCH_CHECK(grad_x_base->sizes() == x.sizes(), kBackward, ": grad_x_base must be [N, in] = ",
+                x.sizes(), ", got ", grad_x_base->sizes());
+  }
+#ifdef SOSLORA_WITH_CUDA
+  if (use_cuda_kernels(x))
+    return cluster_lowrank_backward_cuda(grad_out, x, A, B, scale, hidden, grad_hidden,
+                                         row_index, col_index, row_offsets, col_offsets,
+                                         rank_offsets, grad_x_base, dropout_seed, dropout_p);
+#endif
 
   const bool cols_in_order = is_identity(col_index), rows_in_order = is_identity(row_index);
   const Tensor x_perm =
@@ -226,12 +243,7 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
       cols_in_order ? grad_x_parts_cat
                     : at::zeros_like(x).index_add_(1, col_index, grad_x_parts_cat);
   Tensor grad_x = dropout_apply(grad_x_drop, dropout_seed, dropout_p);
-  if (grad_x_base.has_value()) {
-    check_same_float_dtype(*grad_x_base, "grad_x_base", x, "x", kBackward);
-    TORCH_CHECK(grad_x_base->sizes() == x.sizes(), kBackward, ": grad_x_base must be [N, in] = ",
-                x.sizes(), ", got ", grad_x_base->sizes());
-    grad_x.add_(*grad_x_base);
-  }
+  if (grad_x_base.has_value()) grad_x.add_(*grad_x_base);
   return {grad_x, grad_A, grad_B};
 }
 

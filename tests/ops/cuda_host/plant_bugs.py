@@ -67,7 +67,7 @@ PLANTS = [
      "       i += blockDim.x) {\n    const bool keep"),
 ]
 
-DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "emu.o", "warp.o"]
+DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "emu.o", "warp.o", "pipeline.o"]
 
 
 def make(out: Path, csrc: Path, variant: str) -> subprocess.CompletedProcess:

@@ -86,7 +86,8 @@ void collective_check(const void* first, const void* mine, size_t bytes, const c
 void set_shuffle_seed(uint64_t seed);
 void set_case(const std::string& description);
 struct Stats {
-  uint64_t launches = 0, blocks = 0, threads = 0, barriers = 0, switches = 0, wmma_ops = 0;
+  uint64_t launches = 0, blocks = 0, threads = 0, barriers = 0, switches = 0, wmma_ops = 0,
+           async_copies = 0;
 };
 Stats stats();
 
@@ -111,6 +112,11 @@ inline double atomicAdd(double* address, double value) {
   const double old = *address;
   *address = old + value;
   return old;
+}
+
+// A trap stops the kernel (on a GPU: a launch failure); here it stops the run with the site.
+[[noreturn]] inline void __trap(std::source_location where = std::source_location::current()) {
+  ::soslora_emu::fatal_at(where, "__trap() called");
 }
 
 // The C++ overload that cuda_runtime.h declares for nvcc (__CUDACC__) only.

@@ -156,6 +156,7 @@ void run_block(const dim3& b) {
   rt.shared.clear();
   rt.shared_bytes = 0;
   warps_begin_block(rt.threads);
+  pipelines_begin_block(rt.threads);
   std::vector<int> order(rt.threads);
   std::iota(order.begin(), order.end(), 0);
   if (rt.seed != 0) std::shuffle(order.begin(), order.end(), rt.rng);
@@ -173,6 +174,7 @@ void run_block(const dim3& b) {
     run_fibers(order);
   }
   warps_end_block();
+  pipelines_end_block();
   ++rt.stats.blocks;
 }
 
@@ -258,6 +260,15 @@ void shared_array(void* data, size_t bytes, const char* name) {
   std::memset(data, 0xFF, bytes);
 }
 
+bool in_shared(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  for (const auto& s : rt.shared) {
+    const auto* base = static_cast<const unsigned char*>(s.first);
+    if (c >= base && c + bytes <= base + s.second) return true;
+  }
+  return false;
+}
+
 void set_shuffle_seed(uint64_t seed) {
   rt.seed = seed;
   rt.rng.seed(seed);
@@ -268,6 +279,7 @@ void set_case(const std::string& description) { rt.case_description = descriptio
 Stats stats() {
   Stats s = rt.stats;
   s.wmma_ops = wmma_ops();
+  s.async_copies = pipeline_copies();
   return s;
 }
 
