@@ -237,10 +237,12 @@ int main(int argc, char** argv) {
                 t.failed ? "FAILED" : "ok");
   const auto s = soslora_emu::stats();
   std::printf("emulated %llu launches, %llu blocks, %llu threads, %llu barriers, %llu warp-level "
-              "wmma operations, %llu cp.async copies%s\n", (unsigned long long)s.launches,
+              "wmma operations, %llu cp.async copies; %llu launches checked for races between "
+              "blocks (%llu too large)%s\n", (unsigned long long)s.launches,
               (unsigned long long)s.blocks, (unsigned long long)s.threads,
               (unsigned long long)s.barriers, (unsigned long long)s.wmma_ops,
-              (unsigned long long)s.async_copies, r.shuffle ? " (every case also shuffled)" : "");
+              (unsigned long long)s.async_copies, (unsigned long long)s.race_checked,
+              (unsigned long long)s.race_skipped, r.shuffle ? " (every case also shuffled)" : "");
   if (r.failures.empty()) {
     std::printf("%d cases, all passed\n", r.total);
     return 0;

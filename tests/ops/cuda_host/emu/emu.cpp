@@ -152,6 +152,7 @@ void run_fibers(std::vector<int>& order) {
 }
 
 void run_block(const dim3& b) {
+  races_begin_block(b);
   g_builtins.block_idx = {b.x, b.y, b.z};
   rt.shared.clear();
   rt.shared_bytes = 0;
@@ -175,6 +176,7 @@ void run_block(const dim3& b) {
   }
   warps_end_block();
   pipelines_end_block();
+  races_end_block();
   ++rt.stats.blocks;
 }
 
@@ -232,6 +234,7 @@ void run_grid(const LaunchConfig& c, const LaunchSite& site, void (*thread_main)
   g_builtins.grid_dim = c.grid;
   if (rt.fibers.size() < threads) rt.fibers.resize(threads);
   const uint64_t blocks = uint64_t(c.grid.x) * c.grid.y * c.grid.z;
+  races_begin_launch(blocks);
   std::vector<uint64_t> order;
   if (rt.seed != 0) {
     order.resize(blocks);
@@ -280,6 +283,8 @@ Stats stats() {
   Stats s = rt.stats;
   s.wmma_ops = wmma_ops();
   s.async_copies = pipeline_copies();
+  s.race_checked = race_checked_launches();
+  s.race_skipped = race_skipped_launches();
   return s;
 }
 
