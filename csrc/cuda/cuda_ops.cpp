@@ -76,6 +76,17 @@ int64_t sum_splits(int64_t tiles, int64_t n) {
                              std::max<int64_t>((n + 255) / 256, 1));
 }
 
+// The device's multiprocessor count, asked once per device.
+int64_t sm_count(const Tensor& t) {
+  static std::array<std::atomic<int>, 64> known{};
+  const int device = t.device().index();  // < 64: have_cuda_kernels checked it
+  if (const int n = known[device].load(std::memory_order_relaxed)) return n;
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  known[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
 }  // namespace
 
 // Arguments checked by merge_into_ (merge.cpp).
@@ -151,8 +162,22 @@ Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dr
   const double p_in = dropout_on_input ? dropout_p : 0.0, p_out = dropout_on_input ? 0.0 : dropout_p;
   const Tensor x_c = p_in > 0 ? x.contiguous() : x;
   const OptTensor seed = contiguous_seed(dropout_seed);
-  Tensor hidden = at::empty({x.size(0), A.size(0)}, x.options());
+  const int64_t n = x.size(0), r = A.size(0), in = x.size(1);
   const Tensor A_t = A.t();
+  // [N, r] is skinny (N = 8192, r = 64: 128 tiles): where that leaves SMs idle, the sum over
+  // `in` is split into a float sum (atomics), rounded and dropped afterwards as ATen does.
+  const int64_t sms = sm_count(x);
+  const int64_t splits = deterministic() ? 1
+                                         : std::clamp<int64_t>((2 * sms + tiles(n, r) - 1) /
+                                                                   std::max<int64_t>(tiles(n, r), 1),
+                                                               1, std::max<int64_t>(in / 512, 1));
+  if (splits > 1) {
+    Tensor sum = at::zeros({n, r}, x.options().dtype(accumulate_dtype(x.scalar_type())));
+    launch_product(x.scalar_type(), matrix(x_c, seed, p_in), matrix(A_t), matrix(sum),
+                   cuda::Combine::kAtomicAdd, splits);
+    return dropout_apply(sum.to(x.scalar_type()), seed, p_out);
+  }
+  Tensor hidden = at::empty({n, r}, x.options());
   launch_product(x.scalar_type(), matrix(x_c, seed, p_in), matrix(A_t),
                  matrix(hidden, seed, p_out), cuda::Combine::kStore);
   return hidden;

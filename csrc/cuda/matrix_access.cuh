@@ -2,6 +2,7 @@
 // dropout regenerated per element): shared by the low-rank and the cluster kernels.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "../philox.h"
 #include "kernels.h"
@@ -69,12 +70,17 @@ template <typename T, typename Acc> struct MatrixLoad {
   DeviceDropout<Acc> dropout;
 
   __host__ __device__ __forceinline__ bool cols_contiguous() const { return place.stride1 == 1; }
-  // Plain data (no map, no mask) with a unit stride along the inner dimension: byte-copyable.
+  // Unmapped data with a unit stride along the inner dimension: byte-copyable (the tile engine
+  // then applies the dropout, adjust(), to the copies).
   __device__ __forceinline__ const T* raw(bool cols_inner, int64_t& ld) const {
-    if (dropout.active() || place.mapped()) return nullptr;
-    if ((cols_inner ? place.stride1 : place.stride0) != 1) return nullptr;
+    if (place.mapped() || (cols_inner ? place.stride1 : place.stride0) != 1) return nullptr;
     ld = cols_inner ? place.stride0 : place.stride1;
     return data;
+  }
+  __device__ __forceinline__ bool exact() const { return !dropout.active(); }
+  __device__ __forceinline__ Acc adjust(int64_t r, int64_t c, Acc v) const {
+    if (!dropout.active()) return v;
+    return dropout.kept(r, c) ? v * dropout.keep : Acc(0);
   }
   __device__ __forceinline__ Acc operator()(int64_t i, int64_t j) const {
     const int64_t r = place.row(i), c = place.col(j);
@@ -88,6 +94,11 @@ template <typename T, typename Acc> MatrixLoad<T, Acc> loader(const Matrix& m) {
   return {static_cast<const T*>(m.data), place_of(m), device_dropout<T, Acc>(m)};
 }
 
+// One 16-byte load or store (both pointers 16-byte aligned).
+__device__ __forceinline__ void copy16(void* to, const void* from) {
+  memcpy(__builtin_assume_aligned(to, 16), __builtin_assume_aligned(from, 16), 16);
+}
+
 // out(m, n) = [addend(m, n) +] D(alpha * v), rounded once to T; alpha is a device scalar (or
 // none: 1), the addend a tensor of out's shape read through out's maps (or out itself).
 template <typename T, typename Acc, bool kAdd> struct WriteEpilogue {
@@ -98,12 +109,42 @@ template <typename T, typename Acc, bool kAdd> struct WriteEpilogue {
   const T* addend = nullptr;
   int64_t addend_stride0 = 0, addend_stride1 = 0;
 
+  __device__ __forceinline__ Acc value(int64_t r, int64_t c, Acc v, Acc scale) const {
+    v *= scale;
+    if (dropout.active()) v = dropout.kept(r, c) ? v * dropout.keep : Acc(0);
+    return v;
+  }
   __device__ __forceinline__ void operator()(int64_t m, int64_t n, Acc v) const {
     const int64_t r = place.row(m), c = place.col(n);
-    if (alpha != nullptr) v *= *alpha;
-    if (dropout.active()) v = dropout.kept(r, c) ? v * dropout.keep : Acc(0);
+    v = value(r, c, v, alpha != nullptr ? *alpha : Acc(1));
     if constexpr (kAdd) v += to_acc<Acc>(addend[r * addend_stride0 + c * addend_stride1]);
     data[place.offset(r, c)] = round_to<T>(v);
+  }
+  // Results (m, n .. n + count - 1): 16 bytes at a time where the output (and the addend) is
+  // unmapped, with unit column stride, 16-byte aligned.
+  template <typename V>
+  __device__ __forceinline__ void row(int64_t m, int64_t n, const V* v, int count) const {
+    constexpr int kVec = 16 / sizeof(T);
+    T* out = data + m * place.stride0 + n * place.stride1;
+    const T* add = kAdd ? addend + m * addend_stride0 + n * addend_stride1 : nullptr;
+    const bool wide = count == 8 && 8 % kVec == 0 && !place.mapped() && place.stride1 == 1 &&
+                      reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                      (!kAdd || (addend_stride1 == 1 && reinterpret_cast<uintptr_t>(add) % 16 == 0));
+    if (!wide) {
+      for (int e = 0; e < count; ++e) (*this)(m, n + e, Acc(v[e]));
+      return;
+    }
+    const Acc scale = alpha != nullptr ? *alpha : Acc(1);
+    for (int part = 0; part < 8; part += kVec) {
+      alignas(16) T chunk[kVec];
+      if constexpr (kAdd) copy16(chunk, add + part);
+      for (int e = 0; e < kVec; ++e) {
+        Acc w = value(m, n + part + e, Acc(v[part + e]), scale);
+        if constexpr (kAdd) w += to_acc<Acc>(chunk[e]);
+        chunk[e] = round_to<T>(w);
+      }
+      copy16(out + part, chunk);
+    }
   }
 };
 

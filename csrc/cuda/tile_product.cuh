@@ -25,12 +25,17 @@
 //           using Element = ...;                                 // the type it reads
 //           __host__ __device__ bool cols_contiguous() const;   // chooses the tile layout
 //           __device__ const Element* raw(bool cols_inner, int64_t& ld) const;
-//               // non-null when element (r, c) is p[r * ld + c] (cols_inner) or p[c * ld + r]
-//               // (else) with no transformation: the tiles may then be copied as bytes
+//               // non-null when element (r, c) is adjust(r, c, p[r * ld + c]) (cols_inner) or
+//               // adjust(r, c, p[c * ld + r]) (else): the tiles are then copied as bytes and
+//               // adjusted in shared memory, by the thread that copied them, after its wait
+//           __device__ bool exact() const;  // adjust is the identity (no pass over the copies)
+//           __device__ Acc adjust(int64_t row, int64_t col, Acc raw_value) const;
 //           optionally static constexpr bool kColsContiguous (fixed: only that layout is
 //           compiled). A loader without Element is read element by element, as if its
 //           columns were contiguous.
 // Epilogue: __device__ void operator()(int64_t m, int64_t n, Acc value) const;
+//           optionally __device__ void row(int64_t m, int64_t n, const float* values, int count)
+//           const: results (m, n .. n + count - 1), count <= 8 (tensor-core tiles)
 //           optionally __device__ bool active() const: when false, every block returns at once
 //           (a switch read on the device, so the host never waits to decide)
 #pragma once
@@ -42,11 +47,10 @@
 #include <type_traits>
 
 #include "numeric.cuh"
+#include "tile_load.cuh"
 
 namespace soslora::cuda {
 
-constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kTileThreads = 256;
-static_assert(kTileM == kTileN, "both operands share one tile layout");
 // Kernel parameters are limited to 4 KiB on every architecture (more only from sm_70 with
 // CUDA 12.1): a batch of problems passed by value is sized to fit.
 constexpr size_t kParamBytes = 4096;
@@ -67,179 +71,174 @@ constexpr bool kTensorCoreTile =
     std::is_same_v<Tile, __half> || std::is_same_v<Tile, __nv_bfloat16>;
 #endif
 
-// Loaders that name their Element type and can hand out raw data of the tile type.
-template <class Load, typename Tile>
-constexpr bool kByteCopyable = [] {
-  if constexpr (requires { typename Load::Element; }) return std::is_same_v<typename Load::Element, Tile>;
-  else return false;
-}();
-
-// A loader's column contiguity when its type fixes it: 1 or 0, else -1 (known at run time).
-template <class Load> constexpr int kFixedColsContiguous = [] {
-  if constexpr (requires { Load::kColsContiguous; }) return Load::kColsContiguous ? 1 : 0;
-  else if constexpr (requires { typename Load::Element; }) return -1;
-  else return 1;
-}();
-
-// One operand's tile in shared memory: 64 rows of the product (M for the left operand, N for
-// the right) by kTileK, stored [mn][k] when kKMajor, else [k][mn]. Rows are padded by 16 bytes
-// against bank conflicts; that keeps them 16-byte aligned for cp.async, wmma's ldm a multiple
-// of 16 bytes and its 16 x 16 fragments 32-byte aligned.
-template <typename Tile, bool kKMajor> struct OperandTile {
-  static constexpr int kVec = 16 / sizeof(Tile);  // elements per 16-byte copy
-  static constexpr int kOuter = kKMajor ? kTileM : kTileK;
-  static constexpr int kInner = kKMajor ? kTileK : kTileM;
-  static constexpr int kLd = kInner + kVec;
-  static constexpr int kElements = kOuter * kLd;
-  static_assert(kElements * sizeof(Tile) % 32 == 0, "stage buffers must stay 32-byte aligned");
-  __device__ static constexpr int at(int mn, int k) { return kKMajor ? mn * kLd + k : k * kLd + mn; }
-};
-
-__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
-}
-
-// Issues the loads of one operand tile: element (mn, k) for mn in [mn0, mn0 + 64) and k in
-// [k0, k0 + kTileK), zero outside [0, mn_end) x [0, k_end). The left operand's element is
-// load(mn, k), the right's load(k, mn). Byte copies are asynchronous (complete after
-// __pipeline_wait_prior), element loads are stored at once.
-template <typename Tile, bool kKMajor, bool kLeft, class Load>
-__device__ __forceinline__ void issue_tile(Tile* smem, const Load& load, int64_t mn0, int64_t k0,
-                                           int64_t mn_end, int64_t k_end) {
-  using T = OperandTile<Tile, kKMajor>;
-  const int64_t outer0 = kKMajor ? mn0 : k0, inner0 = kKMajor ? k0 : mn0;
-  const int64_t outer_end = kKMajor ? mn_end : k_end, inner_end = kKMajor ? k_end : mn_end;
-  // The inner (contiguous) dimension is the operand's columns for a k-major left operand (k)
-  // and an mn-major right one (n).
-  constexpr bool kColsInner = kLeft == kKMajor;
-  if constexpr (kByteCopyable<Load, Tile>) {
-    int64_t ld = 0;
-    const Tile* raw = load.raw(kColsInner, ld);
-    if (raw != nullptr && reinterpret_cast<uintptr_t>(raw) % 16 == 0 && ld % T::kVec == 0) {
-      constexpr int kChunksPerRow = T::kInner / T::kVec;
-      for (int c = threadIdx.x; c < T::kOuter * kChunksPerRow; c += kTileThreads) {
-        const int o = c / kChunksPerRow, i = c % kChunksPerRow * T::kVec;
-        const int64_t go = outer0 + o, gi = inner0 + i;
-        const int64_t valid = go < outer_end ? clamp64(inner_end - gi, 0, T::kVec) : 0;
-        __pipeline_memcpy_async(smem + o * T::kLd + i, valid > 0 ? raw + go * ld + gi : raw, 16,
-                                (T::kVec - valid) * sizeof(Tile));
-      }
-      return;
-    }
-  }
-  using Acc = decltype(load(int64_t(0), int64_t(0)));
-  for (int idx = threadIdx.x; idx < T::kOuter * T::kInner; idx += kTileThreads) {
-    const int o = idx / T::kInner, i = idx % T::kInner;
-    const int64_t go = outer0 + o, gi = inner0 + i;
-    Acc v = Acc(0);
-    if (go < outer_end && gi < inner_end) v = kColsInner ? load(go, gi) : load(gi, go);
-    smem[o * T::kLd + i] = round_to<Tile>(v);
-  }
-}
-
-// The tile at (m0, n0) over K in [k_begin, k_end) of one problem.
-template <typename Tile, bool kLeftK, bool kRightK, class Left, class Right, class Epilogue>
-__device__ __forceinline__ void tile_block(int64_t M, int64_t N, int64_t m0, int64_t n0,
-                                           int64_t k_begin, int64_t k_end, const Left& left,
-                                           const Right& right, const Epilogue& epilogue) {
+// A k step's math on the tensor cores: 8 warps, warp w owns rows 16*(w%4) and the two
+// 16-column fragments at 32*(w/4) of the tile.
+template <typename Tile, bool kLeftK, bool kRightK> struct WmmaStep {
   using LT = OperandTile<Tile, kLeftK>;
   using RT = OperandTile<Tile, kRightK>;
-  constexpr int kStageElements = LT::kElements + RT::kElements;
-  constexpr int kFit = int(kStageBudget / (kStageElements * sizeof(Tile)));
-  constexpr int kStages = kFit < 1 ? 1 : (kFit > kMaxStages ? kMaxStages : kFit);
-  constexpr bool kWmma = kTensorCoreTile<Tile>;
-  constexpr int kLdC = kTileN + 4;  // the wmma result tile, floats (reuses the stage buffers)
-  constexpr size_t kStageBytes = kStages * kStageElements * sizeof(Tile);
-  constexpr size_t kResultBytes = kWmma ? kTileM * kLdC * sizeof(float) : 0;
-  __shared__ __align__(128) unsigned char smem[kStageBytes > kResultBytes ? kStageBytes : kResultBytes];
-  Tile* const stages = reinterpret_cast<Tile*>(smem);
+  using LayoutA = std::conditional_t<kLeftK, nvcuda::wmma::row_major, nvcuda::wmma::col_major>;
+  using LayoutB = std::conditional_t<kRightK, nvcuda::wmma::col_major, nvcuda::wmma::row_major>;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+  int warp_m, warp_n;
 
-  const int64_t steps = (k_end - k_begin + kTileK - 1) / kTileK;
-  const auto issue = [&](int64_t step) {
+  __device__ __forceinline__ WmmaStep()
+      : warp_m(int(threadIdx.x) / 32 % 4 * 16), warp_n(int(threadIdx.x) / 32 / 4 * 32) {
+    nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.0f);
+  }
+  __device__ __forceinline__ void operator()(const Tile* stage) {
+    namespace wmma = nvcuda::wmma;
+    const Tile* ls = stage;
+    const Tile* rs = stage + LT::kElements;
+    for (int kk = 0; kk < kTileK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, Tile, LayoutA> a;
+      wmma::load_matrix_sync(a, ls + LT::at(warp_m, kk), LT::kLd);
+      SOSLORA_UNROLL
+      for (int f = 0; f < 2; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, Tile, LayoutB> b;
+        wmma::load_matrix_sync(b, rs + RT::at(warp_n + 16 * f, kk), RT::kLd);
+        wmma::mma_sync(acc[f], a, b, acc[f]);
+      }
+    }
+  }
+};
+
+// A k step's math as FMAs in the accumulation type: each thread owns a 4 x 4 block of the tile,
+// rows and columns strided by 16 so that a warp reads spread-out banks.
+template <typename Tile, bool kLeftK, bool kRightK> struct FmaStep {
+  using LT = OperandTile<Tile, kLeftK>;
+  using RT = OperandTile<Tile, kRightK>;
+  using Acc = acc_t<Tile>;
+  static constexpr int kPer = 4;
+  Acc acc[kPer][kPer] = {};
+  int ty = int(threadIdx.x) / (kTileN / kPer), tx = int(threadIdx.x) % (kTileN / kPer);
+
+  __device__ __forceinline__ void operator()(const Tile* stage) {
+    const Tile* ls = stage;
+    const Tile* rs = stage + LT::kElements;
+    for (int kk = 0; kk < kTileK; ++kk) {
+      Acc a[kPer], b[kPer];
+      SOSLORA_UNROLL
+      for (int i = 0; i < kPer; ++i) a[i] = to_acc<Acc>(ls[LT::at(ty + 16 * i, kk)]);
+      SOSLORA_UNROLL
+      for (int j = 0; j < kPer; ++j) b[j] = to_acc<Acc>(rs[RT::at(tx + 16 * j, kk)]);
+      SOSLORA_UNROLL
+      for (int i = 0; i < kPer; ++i)
+        SOSLORA_UNROLL
+        for (int j = 0; j < kPer; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+};
+
+// The k loop of one tile through kStages shared-memory stages: step s's tiles are issued
+// kStages - 1 steps before its math.
+template <typename Tile, bool kLeftK, bool kRightK, class Left, class Right> struct Pipeline {
+  using LT = OperandTile<Tile, kLeftK>;
+  using RT = OperandTile<Tile, kRightK>;
+  using LeftTile = TileLoad<Tile, kLeftK, true, Left>;
+  using RightTile = TileLoad<Tile, kRightK, false, Right>;
+  static constexpr int kStageElements = LT::kElements + RT::kElements;
+  static constexpr int kFit = int(kStageBudget / (kStageElements * sizeof(Tile)));
+  static constexpr int kStages = kFit < 1 ? 1 : (kFit > kMaxStages ? kMaxStages : kFit);
+  static constexpr size_t kBytes = kStages * kStageElements * sizeof(Tile);
+
+  Tile* stages;
+  const Left& left;
+  const Right& right;
+  int64_t M, N, m0, n0, k_begin, k_end, steps;
+
+  __device__ __forceinline__ Pipeline(Tile* s, const Left& l, const Right& r, int64_t M_,
+                                      int64_t N_, int64_t m0_, int64_t n0_, int64_t k_begin_,
+                                      int64_t k_end_)
+      : stages(s), left(l), right(r), M(M_), N(N_), m0(m0_), n0(n0_), k_begin(k_begin_),
+        k_end(k_end_), steps((k_end_ - k_begin_ + kTileK - 1) / kTileK) {}
+
+  __device__ __forceinline__ Tile* stage(int64_t step) const {
+    return stages + (step % kStages) * kStageElements;
+  }
+  __device__ __forceinline__ void issue(int64_t step) const {
     if (step < steps) {
-      Tile* s = stages + (step % kStages) * kStageElements;
       const int64_t k0 = k_begin + step * kTileK;
-      issue_tile<Tile, kLeftK, true>(s, left, m0, k0, M, k_end);
-      issue_tile<Tile, kRightK, false>(s + LT::kElements, right, n0, k0, N, k_end);
+      LeftTile(left, m0, k0, M, k_end).issue(stage(step));
+      RightTile(right, n0, k0, N, k_end).issue(stage(step) + LT::kElements);
     }
     __pipeline_commit();  // one group per step, empty or not, so the wait counts stay fixed
-  };
-  // Runs the pipeline; compute(stage) does the math on one k step's tiles.
-  const auto pipeline = [&](const auto& compute) {
+  }
+  __device__ __forceinline__ void finish(int64_t step) const {
+    const int64_t k0 = k_begin + step * kTileK;
+    LeftTile(left, m0, k0, M, k_end).finish(stage(step));
+    RightTile(right, n0, k0, N, k_end).finish(stage(step) + LT::kElements);
+  }
+  template <class Math> __device__ __forceinline__ void run(Math& math) const {
     if constexpr (kStages == 1) {
       for (int64_t step = 0; step < steps; ++step) {
         issue(step);
         __pipeline_wait_prior(0);
+        finish(step);
         __syncthreads();
-        compute(stages);
+        math(stages);
         __syncthreads();
       }
     } else {
       for (int s = 0; s < kStages - 1; ++s) issue(s);
       for (int64_t step = 0; step < steps; ++step) {
         __pipeline_wait_prior(kStages - 2);  // this thread's copies of `step` have landed
+        finish(step);
         // Everyone's copies of `step` are visible, and everyone is done with step - 1, whose
         // buffer the next issue refills.
         __syncthreads();
         issue(step + kStages - 1);
-        compute(stages + (step % kStages) * kStageElements);
+        math(stage(step));
       }
     }
-  };
+  }
+};
+
+// The tile at (m0, n0) over K in [k_begin, k_end) of one problem.
+template <typename Tile, bool kLeftK, bool kRightK, class Left, class Right, class Epilogue>
+__device__ __forceinline__ void tile_block(int64_t M, int64_t N, int64_t m0, int64_t n0,
+                                           int64_t k_begin, int64_t k_end, const Left& left,
+                                           const Right& right, const Epilogue& epilogue) {
+  using P = Pipeline<Tile, kLeftK, kRightK, Left, Right>;
+  constexpr bool kWmma = kTensorCoreTile<Tile>;
+  constexpr int kLdC = kTileN + 4;  // the wmma result tile, floats (reuses the stage buffers)
+  constexpr size_t kResultBytes = kWmma ? kTileM * kLdC * sizeof(float) : 0;
+  __shared__ __align__(128) unsigned char smem[P::kBytes > kResultBytes ? P::kBytes : kResultBytes];
+  const P pipeline(reinterpret_cast<Tile*>(smem), left, right, M, N, m0, n0, k_begin, k_end);
 
   if constexpr (kWmma) {
-    namespace wmma = nvcuda::wmma;
-    using LayoutA = std::conditional_t<kLeftK, wmma::row_major, wmma::col_major>;
-    using LayoutB = std::conditional_t<kRightK, wmma::col_major, wmma::row_major>;
-    // 8 warps: warp w owns rows 16*(w%4) and the two 16-column fragments at 32*(w/4).
-    const int warp = threadIdx.x / 32, warp_m = (warp % 4) * 16, warp_n = (warp / 4) * 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.0f);
-    wmma::fill_fragment(acc[1], 0.0f);
-    pipeline([&](const Tile* s) {
-      const Tile* ls = s;
-      const Tile* rs = s + LT::kElements;
-      for (int kk = 0; kk < kTileK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, Tile, LayoutA> a;
-        wmma::load_matrix_sync(a, ls + LT::at(warp_m, kk), LT::kLd);
-        for (int f = 0; f < 2; ++f) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, Tile, LayoutB> b;
-          wmma::load_matrix_sync(b, rs + RT::at(warp_n + 16 * f, kk), RT::kLd);
-          wmma::mma_sync(acc[f], a, b, acc[f]);
-        }
-      }
-    });
+    WmmaStep<Tile, kLeftK, kRightK> math;
+    pipeline.run(math);
     float* result = reinterpret_cast<float*>(smem);
     __syncthreads();  // every warp is done with the stage buffers the result reuses
+    SOSLORA_UNROLL
     for (int f = 0; f < 2; ++f)
-      wmma::store_matrix_sync(result + warp_m * kLdC + warp_n + 16 * f, acc[f], kLdC,
-                              wmma::mem_row_major);
+      nvcuda::wmma::store_matrix_sync(result + math.warp_m * kLdC + math.warp_n + 16 * f,
+                                      math.acc[f], kLdC, nvcuda::wmma::mem_row_major);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kTileThreads) {
-      const int r = idx / kTileN, c = idx % kTileN;
-      if (m0 + r < M && n0 + c < N) epilogue(m0 + r, n0 + c, result[r * kLdC + c]);
+    if constexpr (requires { epilogue.row(m0, n0, result, 8); }) {
+      // 8 consecutive results per thread: the epilogue may write them 16 bytes at a time.
+      for (int idx = threadIdx.x; idx < kTileM * kTileN / 8; idx += kTileThreads) {
+        const int r = idx / (kTileN / 8), c = idx % (kTileN / 8) * 8;
+        if (m0 + r < M && n0 + c < N)
+          epilogue.row(m0 + r, n0 + c, result + r * kLdC + c, int(N - n0 - c < 8 ? N - n0 - c : 8));
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kTileThreads) {
+        const int r = idx / kTileN, c = idx % kTileN;
+        if (m0 + r < M && n0 + c < N) epilogue(m0 + r, n0 + c, result[r * kLdC + c]);
+      }
     }
   } else {
-    using Acc = acc_t<Tile>;
-    constexpr int kPer = 4;  // each thread: a 4 x 4 block of the 64 x 64 tile
-    const int ty = threadIdx.x / (kTileN / kPer), tx = threadIdx.x % (kTileN / kPer);
-    Acc acc[kPer][kPer] = {};
-    pipeline([&](const Tile* s) {
-      const Tile* ls = s;
-      const Tile* rs = s + LT::kElements;
-      for (int kk = 0; kk < kTileK; ++kk) {
-        Acc a[kPer], b[kPer];
-        // Rows and columns strided by 16 so that a warp reads spread-out banks.
-        for (int i = 0; i < kPer; ++i) a[i] = to_acc<Acc>(ls[LT::at(ty + 16 * i, kk)]);
-        for (int j = 0; j < kPer; ++j) b[j] = to_acc<Acc>(rs[RT::at(tx + 16 * j, kk)]);
-        for (int i = 0; i < kPer; ++i)
-          for (int j = 0; j < kPer; ++j) acc[i][j] += a[i] * b[j];
-      }
-    });
-    for (int i = 0; i < kPer; ++i)
-      for (int j = 0; j < kPer; ++j) {
-        const int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-        if (m < M && n < N) epilogue(m, n, acc[i][j]);
+    using Step = FmaStep<Tile, kLeftK, kRightK>;
+    Step math;
+    pipeline.run(math);
+    SOSLORA_UNROLL
+    for (int i = 0; i < Step::kPer; ++i)
+      SOSLORA_UNROLL
+      for (int j = 0; j < Step::kPer; ++j) {
+        const int64_t m = m0 + math.ty + 16 * i, n = n0 + math.tx + 16 * j;
+        if (m < M && n < N) epilogue(m, n, math.acc[i][j]);
       }
   }
 }

@@ -172,6 +172,11 @@ template <class T> void product_dtype() {
       run({{37, 45, 29}}, {.transposed = lt, .shift = 1, .align = true}, r, plain, S);
       run({{37, 45, 29}}, l, {.transposed = rt, .shift = 1, .align = true}, plain, Add);
       product_case<T, A>(40, 300, 36, l, r, plain, At, 4);
+      // Dropout on copied operands: applied to the copies in shared memory.
+      run({{72, 40, 136}, {37, 45, 29}}, {.transposed = lt, .p = 0.3, .align = true},
+          {.transposed = rt, .p = 0.6, .align = true}, plain, S);
+      product_case<T, A>(40, 300, 72, {.transposed = lt, .align = true},
+                         {.transposed = rt, .p = 0.5, .align = true}, plain, At, 3);
     }
   // Split K with atomic adds into the accumulation type, as lowrank_grad_A (left = gh.t(),
   // right = x with dropout).
