@@ -159,18 +159,19 @@ bool use_cuda_kernels(const Tensor& t) {
 Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
                            double dropout_p, bool dropout_on_input) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const double p_in = dropout_on_input ? dropout_p : 0.0, p_out = dropout_on_input ? 0.0 : dropout_p;
+  const double p_in = dropout_on_input ? dropout_p : 0.0;
+  const double p_out = dropout_on_input ? 0.0 : dropout_p;
   const Tensor x_c = p_in > 0 ? x.contiguous() : x;
   const OptTensor seed = contiguous_seed(dropout_seed);
   const int64_t n = x.size(0), r = A.size(0), in = x.size(1);
   const Tensor A_t = A.t();
   // [N, r] is skinny (N = 8192, r = 64: 128 tiles): where that leaves SMs idle, the sum over
   // `in` is split into a float sum (atomics), rounded and dropped afterwards as ATen does.
-  const int64_t sms = sm_count(x);
-  const int64_t splits = deterministic() ? 1
-                                         : std::clamp<int64_t>((2 * sms + tiles(n, r) - 1) /
-                                                                   std::max<int64_t>(tiles(n, r), 1),
-                                                               1, std::max<int64_t>(in / 512, 1));
+  const int64_t out_tiles = std::max<int64_t>(tiles(n, r), 1);
+  const int64_t splits =
+      deterministic() ? 1
+                      : std::clamp<int64_t>((2 * sm_count(x) + out_tiles - 1) / out_tiles, 1,
+                                            std::max<int64_t>(in / 512, 1));
   if (splits > 1) {
     Tensor sum = at::zeros({n, r}, x.options().dtype(accumulate_dtype(x.scalar_type())));
     launch_product(x.scalar_type(), matrix(x_c, seed, p_in), matrix(A_t), matrix(sum),

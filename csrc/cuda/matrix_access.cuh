@@ -37,8 +37,12 @@ struct MatrixPlace {
     if (v < 0 || v >= extent) __trap();  // never read or write outside the tensor
     return v;
   }
-  __device__ __forceinline__ int64_t row(int64_t i) const { return through(row_map, i, row_extent); }
-  __device__ __forceinline__ int64_t col(int64_t j) const { return through(col_map, j, col_extent); }
+  __device__ __forceinline__ int64_t row(int64_t i) const {
+    return through(row_map, i, row_extent);
+  }
+  __device__ __forceinline__ int64_t col(int64_t j) const {
+    return through(col_map, j, col_extent);
+  }
   __device__ __forceinline__ int64_t offset(int64_t row, int64_t col) const {
     return row * stride0 + col * stride1;
   }
@@ -129,7 +133,8 @@ template <typename T, typename Acc, bool kAdd> struct WriteEpilogue {
     const T* add = kAdd ? addend + m * addend_stride0 + n * addend_stride1 : nullptr;
     const bool wide = count == 8 && 8 % kVec == 0 && !place.mapped() && place.stride1 == 1 &&
                       reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-                      (!kAdd || (addend_stride1 == 1 && reinterpret_cast<uintptr_t>(add) % 16 == 0));
+                      (!kAdd || (addend_stride1 == 1 &&
+                                 reinterpret_cast<uintptr_t>(add) % 16 == 0));
     if (!wide) {
       for (int e = 0; e < count; ++e) (*this)(m, n + e, Acc(v[e]));
       return;

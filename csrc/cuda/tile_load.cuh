@@ -52,7 +52,9 @@ template <typename Tile, bool kKMajor> struct OperandTile {
   static constexpr int kLd = kInner + kVec;
   static constexpr int kElements = kOuter * kLd;
   static_assert(kElements * sizeof(Tile) % 32 == 0, "stage buffers must stay 32-byte aligned");
-  __device__ static constexpr int at(int mn, int k) { return kKMajor ? mn * kLd + k : k * kLd + mn; }
+  __device__ static constexpr int at(int mn, int k) {
+    return kKMajor ? mn * kLd + k : k * kLd + mn;
+  }
 };
 
 __device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
