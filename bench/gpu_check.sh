@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check, in stages that can be run one call at a time (GPU time comes in short slots):
 #
-#   bench/gpu_check.sh                      # every stage: build tests grads layer model summary
+#   bench/gpu_check.sh                      # every stage: build tests grads layer model products summary
 #   bench/gpu_check.sh build tests          # only these, in this order
 #
 #   build    pip-installs the extension for the detected GPU's architecture only
-#   tests    tests/ops/test_cuda.py and tests/system/test_build.py (the build itself: registrations, the C++
-#            runtime it links, an op error raising in a fresh process); FULL_TESTS=1: every test
+#   tests    tests/ops/test_cuda.py, test_cuda_cluster.py and tests/system/test_build.py (the
+#            build itself: registrations, the C++ runtime it links, an op error raising in a
+#            fresh process); FULL_TESTS=1: every test
 #   grads    bench/bench_output_grads.py: the one-pass output-gradient kernel against its two
 #            cuBLAS products, N=8192, out 4096 and 11008, r=64, bf16 (about a minute)
 #   layer    bench/bench_layer.py (LAYER_ARGS adds arguments, e.g. "--n 8192 --iters 10")
 #   model    bench/bench_model.py
+#   products bench/bench_products.py: each product kernel and the cluster op against its cuBLAS
+#            composition (4096x4096, 4096<->11008, N = 8192, r = 64, bf16; PRODUCTS_ARGS adds)
 #   summary  bench/gpu_summary.py: one JSON + markdown naming the machine, each stage's time and
 #            status, and each performance target met or not
 #
@@ -45,7 +48,8 @@ stage_build() {
 }
 
 stage_tests() {
-  local tests=("$PWD/tests/ops/test_cuda.py" "$PWD/tests/system/test_build.py")
+  local tests=("$PWD/tests/ops/test_cuda.py" "$PWD/tests/ops/test_cuda_cluster.py"
+               "$PWD/tests/system/test_build.py")
   [ "${FULL_TESTS:-0}" = 1 ] && tests=("$PWD/tests")
   (cd /tmp && "$PY" -m pytest -q -rfE -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
     "${tests[@]}") 2>&1 | tee "$RESULTS/tests.log" | tail -60
@@ -78,14 +82,23 @@ stage_model() {
   return "${PIPESTATUS[0]}"
 }
 
+stage_products() {
+  local args=()
+  [ "$DRY" = 1 ] && args=(--device cpu --n 64 --shapes 48x40 --r 8 --warmup 1 --iters 1)
+  # shellcheck disable=SC2206
+  "$PY" bench/bench_products.py "${args[@]}" ${PRODUCTS_ARGS:-} \
+    --json "$RESULTS/bench_products.json" 2>&1 | tee "$RESULTS/bench_products.log" | grep -v "^done "
+  return "${PIPESTATUS[0]}"
+}
+
 stage_summary() {
   "$PY" bench/gpu_summary.py "$RESULTS"
 }
 
 stages=("$@")
-[ ${#stages[@]} = 0 ] && stages=(build tests grads layer model summary)
+[ ${#stages[@]} = 0 ] && stages=(build tests grads layer model products summary)
 for s in "${stages[@]}"; do
-  declare -F "stage_$s" > /dev/null || { echo "unknown stage '$s' (build tests grads layer model summary)"; exit 2; }
+  declare -F "stage_$s" > /dev/null || { echo "unknown stage '$s' (build tests grads layer model products summary)"; exit 2; }
 done
 if [ "$DRY" != 1 ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
@@ -104,7 +117,7 @@ for s in "${stages[@]}"; do
 done
 if [ -n "${OUT:-}" ]; then  # what the caller takes back (at most a few files)
   for f in stages.tsv tests.log build.log bench_output_grads.json bench_layer.json \
-           bench_layer.png bench_model.json summary.json summary.md; do
+           bench_layer.png bench_model.json bench_products.json summary.json summary.md; do
     [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/"
   done
 fi

@@ -1,9 +1,8 @@
 // Cluster-local low-rank terms (CPS-LoRA), forward and backward; see soslora.h for the layout.
 //
-// The input is gathered once into partition order (x[:, col_index]) so that every cluster's
-// columns are one contiguous range, each cluster is two small matmuls on views, and the output
-// is scattered back with one index_add; a partition in index order skips both. Written with
-// ATen calls so it serves CPU and CUDA.
+// The checks, then one of three forms: the CPU loops (cluster_cpu.cpp), the grouped CUDA kernels
+// (cluster_kernels.cu) where "auto" finds them faster, or the gather/scatter form in ATen calls.
+#include "dispatch.h"
 #include "soslora.h"
 
 namespace soslora {
@@ -133,6 +132,74 @@ Tensor scatter_add_columns(const Tensor& start, const Tensor& index, const Tenso
   return identity ? start.add(parts) : at::index_add(start, 1, index, parts);
 }
 
+// The gather/scatter form in ATen calls (devices without the CPU loops or the CUDA kernels):
+// the input gathered once into partition order (x[:, col_index]) so that every cluster's
+// columns are one contiguous range, each cluster two small matmuls on views, the output
+// scattered back with one index_add; a partition in index order skips both.
+std::tuple<Tensor, Tensor> forward_aten(
+    const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, at::IntArrayRef ranks, const OptTensor& base_out,
+    const OptTensor& dropout_seed, double dropout_p) {
+  const bool cols_in_order = is_identity(col_index), rows_in_order = is_identity(row_index);
+  const Tensor x_perm =
+      gather_columns(dropout_apply(x, dropout_seed, dropout_p), col_index, cols_in_order);
+  const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
+  // Per-cluster products go to fresh tensors and are concatenated: matmuls into strided
+  // views of one buffer take a slow path in ATen.
+  std::vector<Tensor> hidden_parts, out_parts;
+  for (size_t c = 0; c < ranks.size(); ++c) {
+    const Tensor h = at::mm(x_perm.narrow(1, col_offsets[c], col_offsets[c + 1] - col_offsets[c]),
+                            block_A(A, col_offsets, ranks, c).t());
+    out_parts.push_back(at::mm(h, block_Bs(B, scale_acc, row_offsets, ranks, c).t()));
+    hidden_parts.push_back(h);
+  }
+  const Tensor hidden = at::cat(hidden_parts, 1);
+  const Tensor out_perm = at::cat(out_parts, 1);  // adapter output in partition order
+  if (base_out.has_value())
+    return {scatter_add_columns(*base_out, row_index, out_perm, rows_in_order), hidden};
+  if (rows_in_order) return {out_perm, hidden};
+  return {at::index_add(at::zeros_like(out_perm), 1, row_index, out_perm), hidden};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_aten(
+    const Tensor& grad_out, const Tensor& x, const Tensor& A, const Tensor& B,
+    const Tensor& scale, const Tensor& hidden, const OptTensor& grad_hidden,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, at::IntArrayRef ranks, const std::vector<int64_t>& rank_offsets,
+    const OptTensor& grad_x_base, const OptTensor& dropout_seed, double dropout_p) {
+  const bool cols_in_order = is_identity(col_index), rows_in_order = is_identity(row_index);
+  const Tensor x_perm =
+      gather_columns(dropout_apply(x, dropout_seed, dropout_p), col_index, cols_in_order);
+  const Tensor grad_perm = gather_columns(grad_out, row_index, rows_in_order);
+  const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
+  // Rank slots beyond a cluster's rank (and clusters' unused blocks) get zero gradient.
+  Tensor grad_A = at::zeros_like(A);
+  Tensor grad_B = at::zeros_like(B);
+  std::vector<Tensor> grad_x_parts;
+  for (size_t c = 0; c < ranks.size(); ++c) {
+    const int64_t rows = row_offsets[c + 1] - row_offsets[c];
+    const int64_t cols = col_offsets[c + 1] - col_offsets[c];
+    const Tensor g = grad_perm.narrow(1, row_offsets[c], rows);
+    const Tensor h = hidden.narrow(1, rank_offsets[c], ranks[c]);
+    // grad_B = scale * g^T h, rounded once from the accumulation dtype.
+    grad_B.narrow(0, row_offsets[c], rows).narrow(1, 0, ranks[c]).copy_(
+        at::mm(g.t(), h).to(scale_acc.scalar_type()) * scale_acc[c]);
+    Tensor grad_h = at::mm(g, block_Bs(B, scale_acc, row_offsets, ranks, c));
+    if (grad_hidden.has_value()) grad_h.add_(grad_hidden->narrow(1, rank_offsets[c], ranks[c]));
+    const Tensor x_c = x_perm.narrow(1, col_offsets[c], cols);
+    grad_A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], cols).copy_(at::mm(grad_h.t(), x_c));
+    grad_x_parts.push_back(at::mm(grad_h, block_A(A, col_offsets, ranks, c)));
+  }
+  const Tensor grad_x_parts_cat = at::cat(grad_x_parts, 1);
+  const Tensor grad_x_drop =
+      cols_in_order ? grad_x_parts_cat
+                    : at::zeros_like(x).index_add_(1, col_index, grad_x_parts_cat);
+  Tensor grad_x = dropout_apply(grad_x_drop, dropout_seed, dropout_p);
+  if (grad_x_base.has_value()) grad_x.add_(*grad_x_base);
+  return {grad_x, grad_A, grad_B};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> cluster_lowrank_forward(
@@ -154,26 +221,24 @@ std::tuple<Tensor, Tensor> cluster_lowrank_forward(
     return cluster_lowrank_forward_cpu(x, A, B, scale, row_index, col_index, row_offsets,
                                        col_offsets, ranks, rank_offsets, base_out, dropout_seed,
                                        dropout_p);
-
-  const bool cols_in_order = is_identity(col_index), rows_in_order = is_identity(row_index);
-  const Tensor x_perm =
-      gather_columns(dropout_apply(x, dropout_seed, dropout_p), col_index, cols_in_order);
-  const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
-  // Per-cluster products go to fresh tensors and are concatenated: matmuls into strided
-  // views of one buffer take a slow path in ATen.
-  std::vector<Tensor> hidden_parts, out_parts;
-  for (size_t c = 0; c < ranks.size(); ++c) {
-    const Tensor h = at::mm(x_perm.narrow(1, col_offsets[c], col_offsets[c + 1] - col_offsets[c]),
-                            block_A(A, col_offsets, ranks, c).t());
-    out_parts.push_back(at::mm(h, block_Bs(B, scale_acc, row_offsets, ranks, c).t()));
-    hidden_parts.push_back(h);
-  }
-  const Tensor hidden = at::cat(hidden_parts, 1);
-  const Tensor out_perm = at::cat(out_parts, 1);  // adapter output in partition order
-  if (base_out.has_value())
-    return {scatter_add_columns(*base_out, row_index, out_perm, rows_in_order), hidden};
-  if (rows_in_order) return {out_perm, hidden};
-  return {at::index_add(at::zeros_like(out_perm), 1, row_index, out_perm), hidden};
+  const auto aten = [&] {
+    return forward_aten(x, A, B, scale, row_index, col_index, row_offsets, col_offsets, ranks,
+                        base_out, dropout_seed, dropout_p);
+  };
+#ifdef SOSLORA_WITH_CUDA
+  return dispatch(
+      "cluster_forward", x,
+      {x.size(0), x.size(1), B.size(0), rank_offsets.back(), static_cast<int64_t>(ranks.size()),
+       dropout_p > 0, base_out.has_value()},
+      [&] {
+        return cluster_lowrank_forward_cuda(x, A, B, scale, row_index, col_index, row_offsets,
+                                            col_offsets, rank_offsets, base_out, dropout_seed,
+                                            dropout_p);
+      },
+      aten);
+#else
+  return aten();
+#endif
 }
 
 std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
@@ -210,37 +275,25 @@ std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward(
     return cluster_lowrank_backward_cpu(grad_out, x, A, B, scale, hidden, grad_hidden,
                                         row_index, col_index, row_offsets, col_offsets, ranks,
                                         rank_offsets, grad_x_base, dropout_seed, dropout_p);
-
-  const bool cols_in_order = is_identity(col_index), rows_in_order = is_identity(row_index);
-  const Tensor x_perm =
-      gather_columns(dropout_apply(x, dropout_seed, dropout_p), col_index, cols_in_order);
-  const Tensor grad_perm = gather_columns(grad_out, row_index, rows_in_order);
-  const Tensor scale_acc = scale.to(accumulate_dtype(B.scalar_type()));
-  // Rank slots beyond a cluster's rank (and clusters' unused blocks) get zero gradient.
-  Tensor grad_A = at::zeros_like(A);
-  Tensor grad_B = at::zeros_like(B);
-  std::vector<Tensor> grad_x_parts;
-  for (size_t c = 0; c < ranks.size(); ++c) {
-    const int64_t rows = row_offsets[c + 1] - row_offsets[c];
-    const int64_t cols = col_offsets[c + 1] - col_offsets[c];
-    const Tensor g = grad_perm.narrow(1, row_offsets[c], rows);
-    const Tensor h = hidden.narrow(1, rank_offsets[c], ranks[c]);
-    // grad_B = scale * g^T h, rounded once from the accumulation dtype.
-    grad_B.narrow(0, row_offsets[c], rows).narrow(1, 0, ranks[c]).copy_(
-        at::mm(g.t(), h).to(scale_acc.scalar_type()) * scale_acc[c]);
-    Tensor grad_h = at::mm(g, block_Bs(B, scale_acc, row_offsets, ranks, c));
-    if (grad_hidden.has_value()) grad_h.add_(grad_hidden->narrow(1, rank_offsets[c], ranks[c]));
-    const Tensor x_c = x_perm.narrow(1, col_offsets[c], cols);
-    grad_A.narrow(0, 0, ranks[c]).narrow(1, col_offsets[c], cols).copy_(at::mm(grad_h.t(), x_c));
-    grad_x_parts.push_back(at::mm(grad_h, block_A(A, col_offsets, ranks, c)));
-  }
-  const Tensor grad_x_parts_cat = at::cat(grad_x_parts, 1);
-  const Tensor grad_x_drop =
-      cols_in_order ? grad_x_parts_cat
-                    : at::zeros_like(x).index_add_(1, col_index, grad_x_parts_cat);
-  Tensor grad_x = dropout_apply(grad_x_drop, dropout_seed, dropout_p);
-  if (grad_x_base.has_value()) grad_x.add_(*grad_x_base);
-  return {grad_x, grad_A, grad_B};
+  const auto aten = [&] {
+    return backward_aten(grad_out, x, A, B, scale, hidden, grad_hidden, row_index, col_index,
+                         row_offsets, col_offsets, ranks, rank_offsets, grad_x_base,
+                         dropout_seed, dropout_p);
+  };
+#ifdef SOSLORA_WITH_CUDA
+  return dispatch(
+      "cluster_backward", x,
+      {x.size(0), x.size(1), B.size(0), rank_offsets.back(), static_cast<int64_t>(ranks.size()),
+       dropout_p > 0, grad_hidden.has_value(), grad_x_base.has_value()},
+      [&] {
+        return cluster_lowrank_backward_cuda(grad_out, x, A, B, scale, hidden, grad_hidden,
+                                             row_index, col_index, row_offsets, col_offsets,
+                                             rank_offsets, grad_x_base, dropout_seed, dropout_p);
+      },
+      aten);
+#else
+  return aten();
+#endif
 }
 
 }  // namespace soslora

@@ -62,7 +62,10 @@ void merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Ten
 // A[:ranks[c], col_offsets[c]:col_offsets[c+1]] and B[row_offsets[c]:row_offsets[c+1], :ranks[c]]
 // (A's columns and B's rows are stored in partition order), its scale is scale[c].
 //   out[:, R_c] = base_out[:, R_c] + (drop(x)[:, C_c] A_c^T) (scale[c] B_c)^T
-// hidden is [N, sum(ranks)], cluster c's part at its rank offset.
+// hidden is [N, sum(ranks)], cluster c's part at its rank offset. The indices must be
+// permutations: checked where they live on the CPU; on a GPU that would cost a host sync, so an
+// entry out of range stops the kernel (a trap, or ATen's device assert) and a repeated one
+// leaves output columns unwritten.
 std::tuple<Tensor, Tensor> cluster_lowrank_forward(
     const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
     const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
@@ -199,6 +202,20 @@ std::tuple<Tensor, Tensor> grad_hidden_and_B_cuda(const Tensor& grad_out, const 
 Tensor dropout_scale_mask_cuda(const Tensor& seed, at::IntArrayRef sizes, double p,
                                at::ScalarType dtype);
 Tensor dropout_apply_cuda(const Tensor& t, const Tensor& seed, double p);
+// CPS-LoRA's cluster form on the grouped kernels (the ops' arguments, checked by them, and the
+// rank offsets): the same results as cluster.cpp's ATen path, without gathering x or
+// grad_out's columns and without scattering out's or grad_x's.
+std::tuple<Tensor, Tensor> cluster_lowrank_forward_cuda(
+    const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, const std::vector<int64_t>& rank_offsets,
+    const OptTensor& base_out, const OptTensor& dropout_seed, double dropout_p);
+std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward_cuda(
+    const Tensor& grad_out, const Tensor& x, const Tensor& A, const Tensor& B,
+    const Tensor& scale, const Tensor& hidden, const OptTensor& grad_hidden,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, const std::vector<int64_t>& rank_offsets,
+    const OptTensor& grad_x_base, const OptTensor& dropout_seed, double dropout_p);
 #endif
 
 }  // namespace soslora

@@ -65,6 +65,18 @@ void launch_product(at::ScalarType dtype, const cuda::Matrix& left, const cuda::
                                       c10::cuda::getCurrentCUDAStream()));
 }
 
+// Output tiles of an M x N product on the tile engine (64 x 64).
+int64_t tiles(int64_t M, int64_t N) { return ((M + 63) / 64) * ((N + 63) / 64); }
+
+// How many ways to split a sum over n rows that fills only `tiles` output tiles: until the grid
+// has a few blocks per SM (512 blocks), at least 256 rows per split; one split (a fixed order)
+// when torch.use_deterministic_algorithms(True) is on.
+int64_t sum_splits(int64_t tiles, int64_t n) {
+  if (deterministic()) return 1;
+  return std::clamp<int64_t>(512 / std::max<int64_t>(tiles, 1), 1,
+                             std::max<int64_t>((n + 255) / 256, 1));
+}
+
 // The device's SM count, asked once per device (the calls read it lock-free).
 int64_t sm_count(const c10::Device& device) {
   static std::array<std::atomic<int>, 64> known{};
@@ -154,11 +166,26 @@ bool stream_capturing(const Tensor& t) {
 Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,
                            double dropout_p, bool dropout_on_input) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const double p_in = dropout_on_input ? dropout_p : 0.0, p_out = dropout_on_input ? 0.0 : dropout_p;
+  const double p_in = dropout_on_input ? dropout_p : 0.0;
+  const double p_out = dropout_on_input ? 0.0 : dropout_p;
   const Tensor x_c = p_in > 0 ? x.contiguous() : x;
   const OptTensor seed = contiguous_seed(dropout_seed);
-  Tensor hidden = at::empty({x.size(0), A.size(0)}, x.options());
+  const int64_t n = x.size(0), r = A.size(0), in = x.size(1);
   const Tensor A_t = A.t();
+  // [N, r] is skinny (N = 8192, r = 64: 128 tiles): where that leaves SMs idle, the sum over
+  // `in` is split into a float sum (atomics), rounded and dropped afterwards as ATen does.
+  const int64_t out_tiles = std::max<int64_t>(tiles(n, r), 1);
+  const int64_t splits =
+      deterministic() ? 1
+                      : std::clamp<int64_t>((2 * sm_count(x.device()) + out_tiles - 1) / out_tiles, 1,
+                                            std::max<int64_t>(in / 512, 1));
+  if (splits > 1) {
+    Tensor sum = at::zeros({n, r}, x.options().dtype(accumulate_dtype(x.scalar_type())));
+    launch_product(x.scalar_type(), matrix(x_c, seed, p_in), matrix(A_t), matrix(sum),
+                   cuda::Combine::kAtomicAdd, splits);
+    return dropout_apply(sum.to(x.scalar_type()), seed, p_out);
+  }
+  Tensor hidden = at::empty({n, r}, x.options());
   launch_product(x.scalar_type(), matrix(x_c, seed, p_in), matrix(A_t),
                  matrix(hidden, seed, p_out), cuda::Combine::kStore);
   return hidden;
@@ -181,11 +208,7 @@ Tensor lowrank_grad_A_cuda(const Tensor& grad_hidden, const Tensor& x,
   const Tensor gh_t = grad_hidden.t();
   // [r, in] is small: split the sum over N until the grid has a few blocks per SM.
   const int64_t r = grad_hidden.size(1), in = x.size(1), n = x.size(0);
-  const int64_t tiles = ((r + 63) / 64) * ((in + 63) / 64);
-  const int64_t splits =
-      deterministic() ? 1
-                      : std::clamp<int64_t>(512 / std::max<int64_t>(tiles, 1), 1,
-                                            std::max<int64_t>((n + 255) / 256, 1));
+  const int64_t splits = sum_splits(tiles(r, in), n);
   const OptTensor seed = contiguous_seed(dropout_seed);
   Tensor grad_A = at::zeros({r, in}, x.options().dtype(acc));
   launch_product(x.scalar_type(), matrix(gh_t), matrix(x_c, seed, dropout_p), matrix(grad_A),
@@ -266,6 +289,90 @@ Tensor dropout_apply_cuda(const Tensor& t, const Tensor& seed, double p) {
                                             seed_c.data_ptr<int64_t>(), p,
                                             c10::cuda::getCurrentCUDAStream()));
   return out;
+}
+
+// ---- CPS-LoRA's cluster form (cluster_kernels.cu) -----------------------------------------------
+namespace {
+
+// The partition as the kernels read it: the index tensors contiguous, the scale in the
+// accumulation type on the device (no sync), the offsets on the host.
+struct Partition {
+  Tensor row_index, col_index, scale;
+  std::vector<int64_t> row_offsets, col_offsets;
+  const std::vector<int64_t>& rank_offsets;
+
+  Partition(const Tensor& scale_, const Tensor& row_index_, const Tensor& col_index_,
+            at::IntArrayRef row_offsets_, at::IntArrayRef col_offsets_,
+            const std::vector<int64_t>& rank_offsets_, at::ScalarType dtype)
+      : row_index(row_index_.contiguous()), col_index(col_index_.contiguous()),
+        scale(scale_.to(accumulate_dtype(dtype)).contiguous()), row_offsets(row_offsets_.vec()),
+        col_offsets(col_offsets_.vec()), rank_offsets(rank_offsets_) {}
+  cuda::ClusterPartition view() const {
+    return {static_cast<int64_t>(rank_offsets.size()) - 1, row_index.data_ptr<int64_t>(),
+            col_index.data_ptr<int64_t>(), row_offsets.data(), col_offsets.data(),
+            rank_offsets.data(), scale.data_ptr()};
+  }
+};
+
+}  // namespace
+
+// Arguments checked by cluster_lowrank_forward (cluster.cpp).
+std::tuple<Tensor, Tensor> cluster_lowrank_forward_cuda(
+    const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& scale,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, const std::vector<int64_t>& rank_offsets,
+    const OptTensor& base_out, const OptTensor& dropout_seed, double dropout_p) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Partition p(scale, row_index, col_index, row_offsets, col_offsets, rank_offsets,
+                    x.scalar_type());
+  const Tensor x_c = dropout_p > 0 ? x.contiguous() : x;
+  const OptTensor seed = contiguous_seed(dropout_seed);
+  Tensor hidden = at::empty({x.size(0), rank_offsets.back()}, x.options());
+  // Every output column is written once (row_index is a permutation), added to the base.
+  Tensor out = base_out.has_value() ? at::empty({x.size(0), B.size(0)}, x.options())
+                                    : at::zeros({x.size(0), B.size(0)}, x.options());
+  const cuda::Matrix base = base_out.has_value() ? matrix(*base_out) : cuda::Matrix{};
+  C10_CUDA_CHECK(cuda::launch_cluster_forward(
+      kernel_dtype(x.scalar_type()), p.view(), matrix(x_c, seed, dropout_p), matrix(A), matrix(B),
+      matrix(hidden), matrix(out), base_out.has_value() ? &base : nullptr,
+      c10::cuda::getCurrentCUDAStream()));
+  return {out, hidden};
+}
+
+// Arguments checked by cluster_lowrank_backward (cluster.cpp).
+std::tuple<Tensor, Tensor, Tensor> cluster_lowrank_backward_cuda(
+    const Tensor& grad_out, const Tensor& x, const Tensor& A, const Tensor& B,
+    const Tensor& scale, const Tensor& hidden, const OptTensor& grad_hidden,
+    const Tensor& row_index, const Tensor& col_index, at::IntArrayRef row_offsets,
+    at::IntArrayRef col_offsets, const std::vector<int64_t>& rank_offsets,
+    const OptTensor& grad_x_base, const OptTensor& dropout_seed, double dropout_p) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Partition p(scale, row_index, col_index, row_offsets, col_offsets, rank_offsets,
+                    x.scalar_type());
+  const auto acc = accumulate_dtype(x.scalar_type());
+  const Tensor x_c = dropout_p > 0 ? x.contiguous() : x;
+  const OptTensor seed = contiguous_seed(dropout_seed);
+  const int64_t n = x.size(0), in = x.size(1), out = B.size(0), r_max = A.size(0);
+  Tensor grad_h = at::empty({n, rank_offsets.back()}, x.options());
+  Tensor grad_A = at::zeros({r_max, in}, x.options().dtype(acc));  // atomic sums
+  Tensor grad_B = at::zeros({out, r_max}, x.options().dtype(acc));
+  Tensor grad_x = grad_x_base.has_value() ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                                          : at::zeros_like(x, at::MemoryFormat::Contiguous);
+  int64_t sum_tiles = 0;  // the factor gradients' output tiles, all clusters
+  for (size_t c = 0; c + 1 < rank_offsets.size(); ++c) {
+    const int64_t r = rank_offsets[c + 1] - rank_offsets[c];
+    sum_tiles += tiles(row_offsets[c + 1] - row_offsets[c], r) +
+                 tiles(r, col_offsets[c + 1] - col_offsets[c]);
+  }
+  const cuda::Matrix gh_in = grad_hidden.has_value() ? matrix(*grad_hidden) : cuda::Matrix{};
+  const cuda::Matrix gx_base = grad_x_base.has_value() ? matrix(*grad_x_base) : cuda::Matrix{};
+  C10_CUDA_CHECK(cuda::launch_cluster_backward(
+      kernel_dtype(x.scalar_type()), p.view(), matrix(grad_out), matrix(x_c, seed, dropout_p),
+      matrix(A), matrix(B), matrix(hidden), matrix(grad_h),
+      grad_hidden.has_value() ? &gh_in : nullptr, grad_A.data_ptr(), grad_B.data_ptr(),
+      matrix(grad_x, seed, dropout_p), grad_x_base.has_value() ? &gx_base : nullptr,
+      sum_splits(sum_tiles, n), c10::cuda::getCurrentCUDAStream()));
+  return {grad_x, grad_A.to(x.scalar_type()), grad_B.to(x.scalar_type())};
 }
 
 }  // namespace soslora

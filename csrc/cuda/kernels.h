@@ -34,20 +34,28 @@ cudaError_t launch_merge(void* weight, DType dtype, int64_t rows, int64_t cols,
 namespace soslora::cuda {
 
 // ---- low-rank products (lowrank_kernels.cu) -----------------------------------------------------
-// A [rows, cols] matrix in the kernel's dtype, element (i, j) at i*stride0 + j*stride1.
-// With a dropout seed, element (i, j) is zeroed or scaled by 1/(1-p) as
-// dropout_keep(seed, i * cols + j) decides: the mask of a [rows, cols] tensor, regenerated.
+// A [rows, cols] matrix in the kernel's dtype, element (i, j) at I*stride0 + J*stride1 with
+// I = row_map[i] and J = col_map[j] where a map is given (device int64 arrays of rows / cols
+// entries, each in [0, row_extent) / [0, col_extent): an entry outside stops the kernel with a
+// trap, as ATen's index ops stop at a device assert), else I = i and J = j. So a gathered set of
+// a tensor's rows or columns is read or written in place. With a dropout seed, element (i, j) is
+// zeroed or scaled by 1/(1-p) as dropout_keep(seed, I * C + J) decides, C = col_extent with a
+// column map, else cols: the mask of the [row_extent, C] tensor the matrix addresses.
 struct Matrix {
   const void* data = nullptr;
   int64_t rows = 0, cols = 0, stride0 = 0, stride1 = 0;
   const int64_t* dropout_seed = nullptr;  // device {seed, offset}
   double dropout_p = 0.0;
+  const int64_t* row_map = nullptr;
+  const int64_t* col_map = nullptr;
+  int64_t row_extent = 0, col_extent = 0;  // the maps' bounds (0: rows / cols)
 };
 
 enum class Combine {
   kStore,      // out = D(left @ right)            (out in dtype)
   kAdd,        // out += D(left @ right) in place  (out in dtype, one rounding)
-  kAtomicAdd,  // out += left @ right, split over K (out in the accumulation type: float/double)
+  kAtomicAdd,  // out += left @ right, split over K (out in the accumulation type: float/double,
+               // unit column stride, no dropout, no map)
 };
 
 // left [M, K] @ right [K, N] combined into out [M, N]; D is out's dropout, a transposed operand
@@ -118,5 +126,50 @@ cudaError_t launch_grad_hidden_and_B(DType dtype, const Matrix& g, const Matrix&
                                      const GradBOutput& grad_B, void* workspace,
                                      int64_t min_blocks, int64_t max_splits, bool deterministic,
                                      cudaStream_t stream);
+
+// ---- CPS-LoRA's cluster form (cluster_kernels.cu) -----------------------------------------------
+// The partition (soslora.h, cluster_lowrank_forward): cluster c owns the output rows
+// row_index[row_offsets[c]:row_offsets[c+1]] and the input columns
+// col_index[col_offsets[c]:col_offsets[c+1]]; its factors are A_c = A[:r_c, col_offsets[c]:...]
+// and B_c = B[row_offsets[c]:..., :r_c], its hidden columns hidden[:, rank_offsets[c]:...]
+// (r_c = rank_offsets[c+1] - rank_offsets[c]), its scale scale[c]. Each launcher runs every
+// cluster's products as one grouped launch per product (more where the clusters exceed what
+// one launch's parameters hold); x and the gradients are read and written through the index
+// maps in place, never gathered.
+struct ClusterPartition {
+  int64_t clusters = 0;
+  const int64_t* row_index = nullptr;     // device [out]
+  const int64_t* col_index = nullptr;     // device [in]
+  const int64_t* row_offsets = nullptr;   // host [clusters + 1]
+  const int64_t* col_offsets = nullptr;   // host [clusters + 1]
+  const int64_t* rank_offsets = nullptr;  // host [clusters + 1]
+  const void* scale = nullptr;            // device [clusters], accumulation type
+};
+
+// x [N, in] (its dropout: the input's), A [r_max, in], B [out, r_max], hidden [N, sum r_c],
+// out [N, out], all in `dtype` (plain matrices: the launcher adds the maps):
+//   hidden_c = D(x)[:, C_c] A_cᵀ                       (stored)
+//   out[:, R_c] = base[:, R_c] + s_c hidden_c B_cᵀ     (base: [N, out] or null for 0; may be out)
+cudaError_t launch_cluster_forward(DType dtype, const ClusterPartition& partition,
+                                   const Matrix& x, const Matrix& A, const Matrix& B,
+                                   const Matrix& hidden, const Matrix& out, const Matrix* base,
+                                   cudaStream_t stream);
+
+// grad_out [N, out], x [N, in] (with the input's dropout), A, B, hidden as above:
+//   grad_hidden_c = grad_hidden_in_c + s_c grad_out[:, R_c] B_c    (grad_hidden_in: or null)
+//   grad_B_acc[R_c block, :r_c] += s_c grad_out[:, R_c]ᵀ hidden_c
+//   grad_A_acc[:r_c, C_c block] += grad_hidden_cᵀ D(x)[:, C_c]
+//   grad_x[:, C_c] = grad_x_base[:, C_c] + D(grad_hidden_c A_c)   (grad_x's dropout: the input's;
+//                                                                  grad_x_base: or null for 0)
+// grad_A_acc [r_max, in] and grad_B_acc [out, r_max] are contiguous in the accumulation type and
+// zeroed by the caller; their sums over N are split `splits` ways between blocks (float
+// atomics: bitwise reproducible with splits = 1 only).
+cudaError_t launch_cluster_backward(DType dtype, const ClusterPartition& partition,
+                                    const Matrix& grad_out, const Matrix& x, const Matrix& A,
+                                    const Matrix& B, const Matrix& hidden,
+                                    const Matrix& grad_hidden, const Matrix* grad_hidden_in,
+                                    void* grad_A_acc, void* grad_B_acc, const Matrix& grad_x,
+                                    const Matrix* grad_x_base, int64_t splits,
+                                    cudaStream_t stream);
 
 }  // namespace soslora::cuda

@@ -4,8 +4,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../philox.h"
 #include "kernels.h"
+#include "matrix_access.cuh"
 #include "numeric.cuh"
 #include "tile_product.cuh"
 
@@ -13,67 +13,6 @@ namespace soslora::cuda {
 namespace {
 
 constexpr double kNormEps = 1e-6;  // as ortho.cpp (F.normalize's eps in the reference code)
-
-// The dropout of a physical [*, cols] tensor, regenerated per element.
-template <typename Acc> struct DeviceDropout {
-  const int64_t* seed = nullptr;
-  uint32_t threshold = 0;
-  Acc keep = 1;  // 1/(1-p) rounded to the element type, as the CPU path multiplies
-  int64_t cols = 0;
-
-  __device__ __forceinline__ bool active() const { return seed != nullptr; }
-  __device__ __forceinline__ bool kept(int64_t i, int64_t j) const {
-    return dropout_keep(static_cast<uint64_t>(seed[0]), static_cast<uint64_t>(seed[1]),
-                        static_cast<uint64_t>(i * cols + j), threshold);
-  }
-};
-
-template <typename T, typename Acc>
-DeviceDropout<Acc> device_dropout(const Matrix& m) {
-  DeviceDropout<Acc> d;
-  if (m.dropout_seed == nullptr || m.dropout_p <= 0) return d;
-  d.seed = m.dropout_seed;
-  d.threshold = dropout_threshold(m.dropout_p);
-  d.keep = static_cast<Acc>(static_cast<double>(from_double<T>(1.0 / (1.0 - m.dropout_p))));
-  d.cols = m.cols;
-  return d;
-}
-
-// Loads element (i, j) of a Matrix (a transposed operand is a Matrix with swapped strides).
-template <typename T, typename Acc> struct MatrixLoad {
-  const T* data;
-  int64_t stride0, stride1;
-  DeviceDropout<Acc> dropout;
-
-  __device__ __forceinline__ bool cols_contiguous() const { return stride1 == 1; }
-  __device__ __forceinline__ Acc operator()(int64_t i, int64_t j) const {
-    if (dropout.active() && !dropout.kept(i, j)) return Acc(0);
-    const Acc v = to_acc<Acc>(data[i * stride0 + j * stride1]);
-    return dropout.active() ? v * dropout.keep : v;
-  }
-};
-
-// out(m, n) = D(v) or out(m, n) += D(v), rounded once to T.
-template <typename T, typename Acc, bool kAccumulate> struct WriteEpilogue {
-  T* data;
-  int64_t stride0, stride1;
-  DeviceDropout<Acc> dropout;
-
-  __device__ __forceinline__ void operator()(int64_t m, int64_t n, Acc v) const {
-    T* p = data + m * stride0 + n * stride1;
-    if (dropout.active()) v = dropout.kept(m, n) ? v * dropout.keep : Acc(0);
-    if constexpr (kAccumulate) v += to_acc<Acc>(*p);
-    *p = round_to<T>(v);
-  }
-};
-
-template <typename Acc> struct AtomicAddEpilogue {
-  Acc* data;
-  int64_t stride0;
-  __device__ __forceinline__ void operator()(int64_t m, int64_t n, Acc v) const {
-    atomicAdd(data + m * stride0 + n, v);
-  }
-};
 
 // An epilogue that is switched off while a device scalar is zero (see tile_product.cuh).
 template <typename Acc, class Epilogue> struct UnlessZero {
@@ -83,10 +22,6 @@ template <typename Acc, class Epilogue> struct UnlessZero {
   __device__ __forceinline__ void operator()(int64_t m, int64_t n, Acc v) const { inner(m, n, v); }
 };
 
-template <typename T, typename Acc> MatrixLoad<T, Acc> loader(const Matrix& m) {
-  return {static_cast<const T*>(m.data), m.stride0, m.stride1, device_dropout<T, Acc>(m)};
-}
-
 template <typename T>
 cudaError_t product_typed(const Matrix& left, const Matrix& right, const Matrix& out,
                           Combine combine, int64_t splits, cudaStream_t stream) {
@@ -94,20 +29,17 @@ cudaError_t product_typed(const Matrix& left, const Matrix& right, const Matrix&
   const int64_t M = left.rows, K = left.cols, N = right.cols;
   const auto L = loader<T, Acc>(left);
   const auto R = loader<T, Acc>(right);
-  T* out_data = static_cast<T*>(const_cast<void*>(out.data));
   switch (combine) {
     case Combine::kStore:
-      return launch_tile_product<T>(M, N, K, 1, L, R,
-          WriteEpilogue<T, Acc, false>{out_data, out.stride0, out.stride1,
-                                       device_dropout<T, Acc>(out)}, stream);
+      return launch_tile_product<T>(M, N, K, 1, L, R, writer<T, Acc, false>(out), stream);
     case Combine::kAdd:
-      return launch_tile_product<T>(M, N, K, 1, L, R,
-          WriteEpilogue<T, Acc, true>{out_data, out.stride0, out.stride1,
-                                      device_dropout<T, Acc>(out)}, stream);
+      return launch_tile_product<T>(M, N, K, 1, L, R, writer<T, Acc, true>(out), stream);
     case Combine::kAtomicAdd:
-      if (out.dropout_seed != nullptr || out.stride1 != 1)
+      if (out.dropout_seed != nullptr || out.stride1 != 1 || out.row_map != nullptr ||
+          out.col_map != nullptr)
         return cudaErrorInvalidValue;
-      return launch_tile_product<T>(M, N, K, splits, L, R,
+      return launch_tile_product<T>(
+          M, N, K, splits, L, R,
           AtomicAddEpilogue<Acc>{static_cast<Acc*>(const_cast<void*>(out.data)), out.stride0},
           stream);
   }
@@ -173,12 +105,10 @@ cudaError_t ortho_penalty_grad_typed(void* grad_A, const void* A, int64_t r_tot,
       static_cast<Acc>(1.0 / (k * (k - 1) * r * r)));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // Launch 3: grad_A += L A, in the accumulation type (L is not rounded to T).
-  const Matrix l{L, r_tot, r_tot, r_tot, 1};
+  const Matrix l{L, r_tot, r_tot, r_tot, 1}, g{grad_A, r_tot, in, in, 1};
   return launch_tile_product<Acc>(
       r_tot, in, r_tot, 1, loader<Acc, Acc>(l), loader<T, Acc>(a),
-      UnlessZero<Acc, WriteEpilogue<T, Acc, true>>{{static_cast<T*>(grad_A), in, 1, {}},
-                                                   w},
-      stream);
+      UnlessZero<Acc, WriteEpilogue<T, Acc, true>>{writer<T, Acc, true>(g), w}, stream);
 }
 
 }  // namespace

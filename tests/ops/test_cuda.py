@@ -74,9 +74,11 @@ def test_layer_on_cuda_matches_float64_oracle(case, dtype, cuda_path):
         assert rel_err(g, w) < TOL[dtype], name
 
 
-# N, in, out, r, dropout p, on input: several tiles in every direction, ragged edges, r > in.
+# N, in, out, r, dropout p, on input: several tiles in every direction, ragged edges, r > in;
+# in >= 1024 with few [N, r] tiles: x Aᵀ split over `in` (float atomics), then dropped.
 KERNEL_CASES = [(1, 13, 7, 3, 0.0, False), (130, 70, 45, 67, 0.2, True),
-                (257, 33, 140, 9, 0.1, False), (3001, 96, 64, 128, 0.05, True)]
+                (257, 33, 140, 9, 0.1, False), (3001, 96, 64, 128, 0.05, True),
+                (1000, 1536, 40, 16, 0.1, False), (700, 2056, 30, 8, 0.2, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -47,13 +47,22 @@ def test_kernels_on_host_emulator(variant):
     extra = ["--big"] if variant == "opt" else []
     run(str(out / "driver"), "--shuffle", "12345", *extra)
     # The kernels as compiled for sm_60: 16-bit tiles on the FMA path instead of tensor cores.
-    run(str(out / "driver_sm60"), "--only", "product,penalty,fused", "--dtypes", "fp16,bf16")
+    run(str(out / "driver_sm60"), "--only", "product,penalty,fused,cluster", "--dtypes", "fp16,bf16")
 
 
-@pytest.mark.parametrize("plant", ["missing barrier after the tile loads",
-                                   "misaligned leading dimension"])
+def test_bad_index_map_stops_the_kernel():
+    """A cluster launch whose column map points past x: the kernel traps (no read outside x)."""
+    r = subprocess.run([str(build("opt") / "driver"), "--trap"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "__trap() called" in r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("plant", ["missing barrier after the pipeline wait",
+                                   "misaligned leading dimension",
+                                   "split-K partial sums stored without atomics"])
 def test_emulator_catches_planted_bug(plant, tmp_path):
-    """Two of plant_bugs.py's bugs, planted in a copy of the sources, fail the driver."""
+    """Three of plant_bugs.py's bugs, planted in a copy of the sources, fail the driver (the
+    last one only through the check for races between blocks)."""
     sys.path.insert(0, str(HERE))
     try:
         import plant_bugs

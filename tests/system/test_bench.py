@@ -165,13 +165,18 @@ def test_gpu_check_stages_run_dry_on_cpu(tmp_path):
                             text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [s for s in summary["stages"]] == ["build", "tests", "grads", "layer", "model"]
+    assert [s for s in summary["stages"]] == ["build", "tests", "grads", "layer", "model",
+                                              "products"]
     assert all(s["rc"] == 0 for s in summary["stages"].values())
     targets = {t["target"]: t for t in summary["targets"]}
     assert "SOSLinear step time <= PEFT LoRA" in targets and "merge <= 1.2x one addmm_" in targets
     assert "output-gradient pass <= its two cuBLAS products" in targets
     assert all(t["met"] in (True, False) for t in targets.values() if t["rows"])
     assert (tmp_path / "summary.md").read_text().startswith("# GPU check on CPU")
+    products = json.loads((tmp_path / "bench_products.json").read_text())["rows"]
+    assert {r["product"] for r in products} >= {"h = D(x) Aᵀ", "grad_A = grad_hᵀ D(x)",
+                                                 "cluster fwd, G=4", "cluster bwd, G=4"}
+    assert all(r["kernels_ms"] > 0 and r["aten_ms"] > 0 for r in products)
     bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "tests", "typo"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "unknown stage 'typo'" in bad.stdout

@@ -1,7 +1,7 @@
 // Calls every launcher of csrc/cuda/kernels.h on the host emulator and compares with a long
 // double reference written from the formulas in kernels.h (see README.md for the bounds).
-//   driver [--shuffle SEED] [--only dropout,merge,product,penalty,fused,status]
-//          [--dtypes fp32,...]
+//   driver [--shuffle SEED] [--only dropout,merge,product,penalty,fused,cluster,status]
+//          [--dtypes fp32,...] [--big] [--trap]   (--trap: a bad index map must stop the kernel)
 #include <cstdlib>
 #include <set>
 #include <sstream>
@@ -13,6 +13,8 @@ namespace cu = soslora::cuda;
 void product_cases(const std::set<std::string>& dtypes);
 void penalty_cases(const std::set<std::string>& dtypes);
 void fused_cases(const std::set<std::string>& dtypes);
+void cluster_cases(const std::set<std::string>& dtypes);
+void cluster_bad_index();
 
 Results& results() {
   static Results r;
@@ -201,7 +203,8 @@ int main(int argc, char** argv) {
     else if (a == "--only") only = list();
     else if (a == "--dtypes") dtypes = list();
     else if (a == "--big") big = true;
-    else { std::fprintf(stderr, "usage: %s [--shuffle SEED] [--only LIST] [--dtypes LIST] [--big]\n", argv[0]); return 64; }
+    else if (a == "--trap") return cluster_bad_index(), 1;
+    else { std::fprintf(stderr, "usage: %s [--shuffle SEED] [--only LIST] [--dtypes LIST] [--big] [--trap]\n", argv[0]); return 64; }
   }
   const auto want = [&](const char* what) { return only.empty() || only.count(what); };
   if (want("status"))
@@ -227,6 +230,7 @@ int main(int argc, char** argv) {
   if (want("product")) product_cases(dtypes);
   if (want("penalty")) penalty_cases(dtypes);
   if (want("fused")) fused_cases(dtypes);
+  if (want("cluster")) cluster_cases(dtypes);
 
   const Results& r = results();
   for (const auto& [key, t] : r.table)
@@ -235,10 +239,12 @@ int main(int argc, char** argv) {
                 t.failed ? "FAILED" : "ok");
   const auto s = soslora_emu::stats();
   std::printf("emulated %llu launches, %llu blocks, %llu threads, %llu barriers, %llu warp-level "
-              "wmma operations%s\n", (unsigned long long)s.launches,
+              "wmma operations, %llu cp.async copies; %llu launches checked for races between "
+              "blocks (%llu too large)%s\n", (unsigned long long)s.launches,
               (unsigned long long)s.blocks, (unsigned long long)s.threads,
               (unsigned long long)s.barriers, (unsigned long long)s.wmma_ops,
-              r.shuffle ? " (every case also shuffled)" : "");
+              (unsigned long long)s.async_copies, (unsigned long long)s.race_checked,
+              (unsigned long long)s.race_skipped, r.shuffle ? " (every case also shuffled)" : "");
   if (r.failures.empty()) {
     std::printf("%d cases, all passed\n", r.total);
     return 0;

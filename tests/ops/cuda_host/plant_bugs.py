@@ -19,50 +19,109 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 TP, LK, KC = "cuda/tile_product.cuh", "cuda/lowrank_kernels.cu", "cuda/kernels.cu"
 FK = "cuda/fused_kernels.cu"
+TL, MA, CK = "cuda/tile_load.cuh", "cuda/matrix_access.cuh", "cuda/cluster_kernels.cu"
 
 # (name, file, old text, new text): `old` must occur exactly once in the file.
 PLANTS = [
-    ("missing barrier after the tile loads (wmma path)", TP,
-     "      __syncthreads();\n      for (int kk = 0; kk < kTileK; kk += 16) {",
-     "      for (int kk = 0; kk < kTileK; kk += 16) {"),
-    ("missing barrier at the end of a k step (wmma path)", TP,
-     "      __syncthreads();\n    }\n    for (int f = 0; f < 2; ++f)",
-     "    }\n    for (int f = 0; f < 2; ++f)"),
+    # The pipeline and its barriers.
+    ("missing barrier after the pipeline wait (copies not visible, stage refilled early)", TP,
+     "        __syncthreads();\n        issue(step + kStages - 1);",
+     "        issue(step + kStages - 1);"),
+    ("pipeline waits for one group too few (a stage read before its copies land)", TP,
+     "__pipeline_wait_prior(kStages - 2);", "__pipeline_wait_prior(kStages - 1);"),
+    ("one-stage pipeline without its wait (fp64)", TP,
+     "        issue(step);\n        __pipeline_wait_prior(0);\n", "        issue(step);\n"),
+    ("missing barrier at the end of a k step (one-stage pipeline)", TP,
+     "        math(stages);\n        __syncthreads();\n", "        math(stages);\n"),
+    ("missing barrier before the wmma result reuses the stage buffers", TP,
+     "    __syncthreads();  // every warp is done with the stage buffers the result reuses\n", ""),
     ("missing barrier before the epilogue (wmma path)", TP,
-     "    __syncthreads();\n    for (int idx = threadIdx.x; idx < kTileM * kTileN;",
-     "    for (int idx = threadIdx.x; idx < kTileM * kTileN;"),
-    ("missing barrier at the end of a k step (FMA path)", TP,
-     "      __syncthreads();\n    }\n    for (int i = 0; i < kPer; ++i)",
-     "    }\n    for (int i = 0; i < kPer; ++i)"),
+     "    __syncthreads();\n    if constexpr (requires { epilogue.row(",
+     "    if constexpr (requires { epilogue.row("),
     ("barrier in divergent code (before the wmma epilogue)", TP,
-     "    __syncthreads();\n    for (int idx = threadIdx.x; idx < kTileM * kTileN;",
-     "    if (threadIdx.x < 128) __syncthreads();\n"
-     "    for (int idx = threadIdx.x; idx < kTileM * kTileN;"),
-    ("barriers at different call sites (FMA path, divergent)", TP,
-     "      __syncthreads();\n    }\n    for (int i = 0; i < kPer; ++i)",
-     "      if (threadIdx.x < 128) __syncthreads();\n      else __syncthreads();\n    }\n"
-     "    for (int i = 0; i < kPer; ++i)"),
-    ("off-by-one tile row bound (gr <= rows_end)", TP, "gr < rows_end", "gr <= rows_end"),
-    ("out-of-bounds read one column past the tile (gc <= cols_end)", TP,
-     "gc < cols_end", "gc <= cols_end"),
-    ("misaligned leading dimension (kLdL = kTileK + 4)", TP,
-     "kLdL = kTileK + 8", "kLdL = kTileK + 4"),
-    ("short grid (grid_m without the round-up)", TP,
-     "grid_m = (M + kTileM - 1) / kTileM", "grid_m = M / kTileM"),
-    ("unrounded split-K chunk", TP,
-     "  k_chunk = ((k_chunk + kTileK - 1) / kTileK) * kTileK;\n", ""),
-    ("tile loader skips the tile's last element (unwritten shared memory)", TP,
-     "idx < kRows * kCols;", "idx < kRows * kCols - 1;"),
+     "    __syncthreads();\n    if constexpr (requires { epilogue.row(",
+     "    if (threadIdx.x < 128) __syncthreads();\n    if constexpr (requires { epilogue.row("),
+    ("barriers at different call sites (pipeline, divergent)", TP,
+     "        __syncthreads();\n        issue(step + kStages - 1);",
+     "        if (threadIdx.x < 128) __syncthreads();\n        else __syncthreads();\n"
+     "        issue(step + kStages - 1);"),
+    # Tile loads.
+    ("off-by-one tile bound in element loads (go <= outer_end)", TL,
+     "if (go < outer_end && gi < inner_end)", "if (go <= outer_end && gi < inner_end)"),
+    ("out-of-bounds read one past the tile (gi <= inner_end)", TL,
+     "go < outer_end && gi < inner_end", "go < outer_end && gi <= inner_end"),
+    ("16-byte copies past the edge (no zero fill)", TL,
+     "clamp64(inner_end - gi, 0, T::kVec)", "T::kVec"),
+    ("16-byte copies of a misaligned leading dimension", TL,
+     " && ld % T::kVec == 0) return p;", ") return p;"),
+    ("copies into the stage without its row padding", TL,
+     "__pipeline_memcpy_async(smem + o * T::kLd + i,",
+     "__pipeline_memcpy_async(smem + o * T::kInner + i,"),
+    ("dropout not applied to copied tiles", TL,
+     "if (load.exact() || raw(ld) == nullptr) return;", "return;"),
+    ("dropout applied to copies before they land", TP,
+     "        __pipeline_wait_prior(kStages - 2);  // this thread's copies of `step` have landed\n"
+     "        finish(step);\n",
+     "        finish(step);\n        __pipeline_wait_prior(kStages - 2);\n"),
+    ("misaligned leading dimension (kLd = kInner + kVec / 2)", TL,
+     "kLd = kInner + kVec;", "kLd = kInner + kVec / 2;"),
+    ("tile loader skips the tile's last element (unwritten shared memory)", TL,
+     "idx < T::kOuter * T::kInner;", "idx < T::kOuter * T::kInner - 1;"),
+    ("k-major left tile read with a column-major fragment", TP,
+     "std::conditional_t<kLeftK, nvcuda::wmma::row_major, nvcuda::wmma::col_major>",
+     "std::conditional_t<kLeftK, nvcuda::wmma::col_major, nvcuda::wmma::row_major>"),
     ("wmma tile chosen by thread instead of warp (divergent warp)", TP,
-     "warp_m = (warp % 4) * 16", "warp_m = (threadIdx.x % 4) * 16"),
-    ("epilogue column bound off by one (n0 + c <= N)", TP,
-     "n0 + c < N)", "n0 + c <= N)"),
-    ("dropout mask indexed by the column alone", LK,
-     "!dropout.kept(i, j)) return Acc(0);", "!dropout.kept(0, j)) return Acc(0);"),
-    ("split-K partial sums stored without atomics", LK,
-     "atomicAdd(data + m * stride0 + n, v);", "data[m * stride0 + n] += v;"),
+     "warp_m(int(threadIdx.x) / 32 % 4 * 16)", "warp_m(int(threadIdx.x) % 4 * 16)"),
+    ("epilogue column bound off by one (wmma path, n0 + c <= N)", TP,
+     "n0 + c < N) epilogue(", "n0 + c <= N) epilogue("),
+    ("epilogue row bound off by one (FMA path, m <= M)", TP,
+     "if (m < M && n < N) epilogue(m, n, math.acc[i][j]);",
+     "if (m <= M && n < N) epilogue(m, n, math.acc[i][j]);"),
+    # The grid and the batch.
+    ("short grid (m tiles without the round-up)", TP,
+     "tiles += ((p.M + kTileM - 1) / kTileM)", "tiles += (p.M / kTileM)"),
+    ("unrounded split-K chunk", TP,
+     "        chunk = (chunk + kTileK - 1) / kTileK * kTileK;\n", ""),
+    ("problem lookup off by one (a tile runs the next problem)", TP,
+     "batch.first_tile[q + 1] <= blockIdx.x", "batch.first_tile[q + 1] < blockIdx.x"),
+    ("batches overrun: the window ignores the batch capacity", TP,
+     "const int64_t window = count - begin < kCap ? count - begin : kCap;",
+     "const int64_t window = count - begin;"),
+    # Matrices, maps, dropout, atomics.
+    ("dropout mask indexed by the column alone", MA,
+     "if (dropout.active() && !dropout.kept(r, c)) return Acc(0);",
+     "if (dropout.active() && !dropout.kept(0, c)) return Acc(0);"),
+    ("dropout through a column map indexed by the logical column count", MA,
+     "d.cols = m.col_map != nullptr && m.col_extent ? m.col_extent : m.cols;", "d.cols = m.cols;"),
+    ("epilogue writes the unmapped column", MA,
+     "const int64_t r = place.row(m), c = place.col(n);",
+     "const int64_t r = place.row(m), c = n;"),
+    ("16-byte epilogue without the output dropout", MA,
+     "Acc w = value(m, n + part + e, Acc(v[part + e]), scale);",
+     "Acc w = Acc(v[part + e]) * scale;"),
+    ("16-byte epilogue on a strided output", MA,
+     "!place.mapped() && place.stride1 == 1 &&", "!place.mapped() &&"),
+    ("addend read at the logical position, not through the maps", MA,
+     "addend[r * addend_stride0 + c * addend_stride1]",
+     "addend[m * addend_stride0 + n * addend_stride1]"),
+    ("index map bound off by one (an entry equal to the extent passes)", MA,
+     "if (v < 0 || v >= extent) __trap();", "if (v < 0 || v > extent) __trap();"),
+    ("split-K partial sums stored without atomics", MA,
+     "atomicAdd(data + m * stride0 + n, alpha != nullptr ? v * *alpha : v);",
+     "data[m * stride0 + n] += alpha != nullptr ? v * *alpha : v;"),
     ("penalty without the cross-expert mask", LK,
      "if (i / rows_per_expert != j / rows_per_expert) {", "if (i != j) {"),
+    # The cluster form.
+    ("cluster's x columns from the first cluster's offset", CK,
+     "columns(x, p.col_index + k.col0, k.cols)", "columns(x, p.col_index, k.cols)"),
+    ("transpose keeps the maps on their old dimensions", CK,
+     "  t.row_map = m.col_map;\n  t.col_map = m.row_map;\n", ""),
+    ("grad_B without the cluster's scale", CK,
+     "AtomicAddEpilogue<Acc>{gB + k.row0 * r_max, r_max, scale + c}",
+     "AtomicAddEpilogue<Acc>{gB + k.row0 * r_max, r_max, nullptr}"),
+    ("grad_A placed at the cluster's row offset instead of its column offset", CK,
+     "AtomicAddEpilogue<Acc>{gA + k.col0, in, nullptr}",
+     "AtomicAddEpilogue<Acc>{gA + k.row0, in, nullptr}"),
     ("grid-stride loop stepping by one block (dropout_apply)", KC,
      "       i += int64_t(gridDim.x) * blockDim.x) {\n    const bool keep",
      "       i += blockDim.x) {\n    const bool keep"),
@@ -93,8 +152,8 @@ PLANTS = [
      "if (n >= n_end || j >= p.r) return;", "if (n > n_end || j >= p.r) return;"),
 ]
 
-DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "fused.test.o", "emu.o",
-                  "warp.o"]
+DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "fused.test.o",
+                  "cluster.test.o", "emu.o", "warp.o", "pipeline.o", "races.o"]
 
 
 def make(out: Path, csrc: Path, variant: str) -> subprocess.CompletedProcess:
@@ -108,12 +167,17 @@ def make(out: Path, csrc: Path, variant: str) -> subprocess.CompletedProcess:
 def run_drivers(out: Path, timeout: float) -> tuple[bool, str]:
     """(caught, first line saying why)."""
     for cmd in ([str(out / "driver")],
-                [str(out / "driver_sm60"), "--only", "product,penalty,fused", "--dtypes",
-                 "fp16,bf16"]):
+                [str(out / "driver_sm60"), "--only", "product,penalty,fused,cluster", "--dtypes",
+                 "fp16,bf16"],
+                [str(out / "driver"), "--trap"]):
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return True, f"{Path(cmd[0]).name}: hang (>{timeout:.0f} s)"
+        if cmd[-1] == "--trap":  # must stop at the trap, nothing else
+            if r.returncode != 2 or "__trap() called" not in r.stderr:
+                return True, "driver --trap: the bad index map was not trapped"
+            continue
         if r.returncode != 0:
             lines = (r.stderr + r.stdout).splitlines()
             keys = ("EMULATOR ERROR", "ERROR: AddressSanitizer", "runtime error", "FAIL")

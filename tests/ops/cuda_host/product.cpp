@@ -16,14 +16,18 @@ struct Spec {            // the layout of one test matrix
   bool transposed = false;  // column-major storage: the Matrix has swapped strides
   int64_t pad = 0;       // unused elements after each row (column when transposed)
   double p = 0;          // dropout probability
+  int64_t shift = 0;     // unused elements before the first (1: a misaligned start)
+  bool align = false;    // pad rows (columns) to a multiple of 16 bytes: 16-byte tile copies
 };
 
 std::string describe(const char* name, const Spec& s) {
   std::ostringstream o;
-  if (!s.transposed && s.pad == 0 && s.p == 0) return "";
+  if (!s.transposed && s.pad == 0 && s.p == 0 && s.shift == 0 && !s.align) return "";
   o << " " << name << "[";
   if (s.transposed) o << "T ";
   if (s.pad) o << "pad" << s.pad << " ";
+  if (s.align) o << "aligned ";
+  if (s.shift) o << "shift" << s.shift << " ";
   if (s.p > 0) o << "p" << s.p;
   o << "]";
   return o.str();
@@ -38,9 +42,12 @@ template <class U> struct Operand {
   Dropout drop;
 
   Operand(int64_t r, int64_t c, const Spec& s, int64_t seed_value) : rows(r), cols(c), spec(s) {
-    stride0 = s.transposed ? 1 : cols + s.pad;
-    stride1 = s.transposed ? rows + s.pad : 1;
-    data = Buffer<U>(rows && cols ? (rows - 1) * stride0 + (cols - 1) * stride1 + 1 : 0);
+    const int64_t inner = s.transposed ? rows : cols, vec = 16 / int64_t(sizeof(U));
+    const int64_t pad = s.align ? s.pad + (vec - (inner + s.pad) % vec) % vec : s.pad;
+    stride0 = s.transposed ? 1 : cols + pad;
+    stride1 = s.transposed ? rows + pad : 1;
+    data = Buffer<U>(rows && cols ? s.shift + (rows - 1) * stride0 + (cols - 1) * stride1 + 1
+                                  : 0);
     data.fill_nan();
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j) data[offset(i, j)] = round_to<U>(uniform());
@@ -50,11 +57,11 @@ template <class U> struct Operand {
       drop = {seed[0], seed[1], s.p};
     }
   }
-  int64_t offset(int64_t i, int64_t j) const { return i * stride0 + j * stride1; }
+  int64_t offset(int64_t i, int64_t j) const { return spec.shift + i * stride0 + j * stride1; }
   bool kept(int64_t i, int64_t j) const { return drop.kept(uint64_t(i * cols + j)); }
   cu::Matrix matrix() const {
     cu::Matrix m;
-    m.data = data.data();
+    m.data = data.size() ? data.data() + spec.shift : nullptr;
     m.rows = rows, m.cols = cols, m.stride0 = stride0, m.stride1 = stride1;
     m.dropout_seed = spec.p > 0 ? seed.data() : nullptr;
     m.dropout_p = spec.p;
@@ -154,6 +161,23 @@ template <class T> void product_dtype() {
   run({{65, 33, 70}, {130, 100, 17}}, {false, 0, 0.3}, {true, 0, 0.6}, {false, 0, 0.9}, Add);
   run({{65, 33, 70}}, {.p = 0.9}, tr0, plain, S);
   product_case<T, T>(65, 100, 70, plain, plain, plain, Add, 8);  // splits ignored without atomics
+  // Each shared-memory layout (either operand k- or mn-major) with rows padded to 16 bytes, so
+  // tiles are copied 16 bytes at a time (partial copies zero-filled at ragged edges), and with
+  // a misaligned start, which falls back to element loads.
+  for (const bool lt : {false, true})
+    for (const bool rt : {false, true}) {
+      const Spec l{.transposed = lt, .align = true}, r{.transposed = rt, .align = true};
+      run({{72, 40, 136}, {37, 45, 29}, {64, 96, 64}, {1, 33, 9}}, l, r, plain, S);
+      run({{72, 40, 136}}, l, r, {.align = true}, Add);
+      run({{37, 45, 29}}, {.transposed = lt, .shift = 1, .align = true}, r, plain, S);
+      run({{37, 45, 29}}, l, {.transposed = rt, .shift = 1, .align = true}, plain, Add);
+      product_case<T, A>(40, 300, 36, l, r, plain, At, 4);
+      // Dropout on copied operands: applied to the copies in shared memory.
+      run({{72, 40, 136}, {37, 45, 29}}, {.transposed = lt, .p = 0.3, .align = true},
+          {.transposed = rt, .p = 0.6, .align = true}, plain, S);
+      product_case<T, A>(40, 300, 72, {.transposed = lt, .align = true},
+                         {.transposed = rt, .p = 0.5, .align = true}, plain, At, 3);
+    }
   // Split K with atomic adds into the accumulation type, as lowrank_grad_A (left = gh.t(),
   // right = x with dropout).
   for (int64_t splits : {1, 2, 3, 7, 64})

@@ -85,7 +85,21 @@ template <class T> class Buffer {
  public:
   explicit Buffer(size_t n = 0) : n_(n), bytes_(n * sizeof(T) + 2 * kGuardBytes) {
     if (!bytes_.empty()) std::memset(bytes_.data(), 0xFF, bytes_.size());
+    if (n_) soslora_emu::device_memory(data(), n_ * sizeof(T), true);
   }
+  // Registered with the emulator by address (races.cpp): moved, never copied.
+  Buffer(Buffer&& o) noexcept : n_(o.n_), bytes_(std::move(o.bytes_)) { o.n_ = 0; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      n_ = o.n_, bytes_ = std::move(o.bytes_);
+      o.n_ = 0;
+    }
+    return *this;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { release(); }
   T* data() { return n_ ? reinterpret_cast<T*>(bytes_.data() + kGuardBytes) : nullptr; }
   const T* data() const { return const_cast<Buffer*>(this)->data(); }
   size_t size() const { return n_; }
@@ -108,6 +122,11 @@ template <class T> class Buffer {
   }
 
  private:
+  void release() {
+    if (n_) soslora_emu::device_memory(data(), n_ * sizeof(T), false);
+    n_ = 0;
+    bytes_.clear();
+  }
   size_t n_;
   std::vector<unsigned char> bytes_;
 };

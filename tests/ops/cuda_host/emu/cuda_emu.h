@@ -86,7 +86,8 @@ void collective_check(const void* first, const void* mine, size_t bytes, const c
 void set_shuffle_seed(uint64_t seed);
 void set_case(const std::string& description);
 struct Stats {
-  uint64_t launches = 0, blocks = 0, threads = 0, barriers = 0, switches = 0, wmma_ops = 0;
+  uint64_t launches = 0, blocks = 0, threads = 0, barriers = 0, switches = 0, wmma_ops = 0,
+           async_copies = 0, race_checked = 0, race_skipped = 0;
 };
 Stats stats();
 
@@ -106,16 +107,30 @@ void __syncthreads(std::source_location where = std::source_location::current())
 // order here (whether one is missing cannot be shown: README.md).
 inline void __syncwarp(unsigned = 0xffffffffu) {}
 
-// Threads of a block run one at a time, so a plain read-modify-write is atomic.
+// Threads run one at a time, so a plain read-modify-write is atomic; the bytes are noted so
+// that the race check between blocks (races.cpp) accepts other blocks' atomics on them.
+namespace soslora_emu {
+void note_atomic(const void* address, size_t bytes);
+// Registers (add) or forgets device memory: the driver's buffers, whose changes per block are
+// compared between the blocks of a launch.
+void device_memory(void* data, size_t bytes, bool add);
+}  // namespace soslora_emu
 inline float atomicAdd(float* address, float value) {
+  soslora_emu::note_atomic(address, sizeof(float));
   const float old = *address;
   *address = old + value;
   return old;
 }
 inline double atomicAdd(double* address, double value) {
+  soslora_emu::note_atomic(address, sizeof(double));
   const double old = *address;
   *address = old + value;
   return old;
+}
+
+// A trap stops the kernel (on a GPU: a launch failure); here it stops the run with the site.
+[[noreturn]] inline void __trap(std::source_location where = std::source_location::current()) {
+  ::soslora_emu::fatal_at(where, "__trap() called");
 }
 
 // The C++ overload that cuda_runtime.h declares for nvcc (__CUDACC__) only.

@@ -152,10 +152,12 @@ void run_fibers(std::vector<int>& order) {
 }
 
 void run_block(const dim3& b) {
+  races_begin_block(b);
   g_builtins.block_idx = {b.x, b.y, b.z};
   rt.shared.clear();
   rt.shared_bytes = 0;
   warps_begin_block(rt.threads);
+  pipelines_begin_block(rt.threads);
   std::vector<int> order(rt.threads);
   std::iota(order.begin(), order.end(), 0);
   if (rt.seed != 0) std::shuffle(order.begin(), order.end(), rt.rng);
@@ -173,6 +175,8 @@ void run_block(const dim3& b) {
     run_fibers(order);
   }
   warps_end_block();
+  pipelines_end_block();
+  races_end_block();
   ++rt.stats.blocks;
 }
 
@@ -230,6 +234,7 @@ void run_grid(const LaunchConfig& c, const LaunchSite& site, void (*thread_main)
   g_builtins.grid_dim = c.grid;
   if (rt.fibers.size() < threads) rt.fibers.resize(threads);
   const uint64_t blocks = uint64_t(c.grid.x) * c.grid.y * c.grid.z;
+  races_begin_launch(blocks);
   std::vector<uint64_t> order;
   if (rt.seed != 0) {
     order.resize(blocks);
@@ -258,6 +263,15 @@ void shared_array(void* data, size_t bytes, const char* name) {
   std::memset(data, 0xFF, bytes);
 }
 
+bool in_shared(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  for (const auto& s : rt.shared) {
+    const auto* base = static_cast<const unsigned char*>(s.first);
+    if (c >= base && c + bytes <= base + s.second) return true;
+  }
+  return false;
+}
+
 void set_shuffle_seed(uint64_t seed) {
   rt.seed = seed;
   rt.rng.seed(seed);
@@ -268,6 +282,9 @@ void set_case(const std::string& description) { rt.case_description = descriptio
 Stats stats() {
   Stats s = rt.stats;
   s.wmma_ops = wmma_ops();
+  s.async_copies = pipeline_copies();
+  s.race_checked = race_checked_launches();
+  s.race_skipped = race_skipped_launches();
   return s;
 }
 
