@@ -82,7 +82,9 @@ def test_gradients_on_data_with_table_json_and_plot(models, tmp_path, capsys):
         f"bert.{n}" for n in LAYERS if n.endswith(("query", "value")))
     assert report["model"]["verdict"] in ("clustered", "global", "mixed")
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "the sum of 2 steps' gradients" in capsys.readouterr().out
+    assert report["source"]["seconds"] > 0
+    printed = capsys.readouterr().out
+    assert "the sum of 2 steps' gradients" in printed and " s of gradients" in printed
 
 
 @pytest.mark.parametrize("args,message", [

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .args import (
@@ -173,9 +174,11 @@ def cmd_cps_check(args) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         sample = finetune.sample_batches(data, args.batch_size)
         model.train()  # dropout as in training: the gradients CPS-LoRA's statistics see
+        start = time.perf_counter()
         matrices = gradient_sums(model, names, lambda step: sample(step, generator), args.steps)
         source = dict(kind="gradients", steps=args.steps, batch_size=args.batch_size,
-                      data=args.data, max_length=args.max_length)
+                      data=args.data, max_length=args.max_length,
+                      seconds=time.perf_counter() - start)
     else:
         base_dir, tuned_dir = model_directory(args.model_dir), model_directory(args.tuned)
         quiet_transformers()
