@@ -93,7 +93,9 @@ def test_gradients_on_data_with_table_json_and_plot(models, tmp_path, capsys):
     (["--tuned", "NOWHERE"], "not a model directory"),
     (["--tuned", "GPT2"], "a GPT2Model, but MODEL_DIR is a BertModel"),
     (["--data", "DATA", "--targets", "nothing"], "--targets nothing: no Linear module"),
-    (["--tuned", "PLANTED", "--clusters", "100"], "num_clusters=100 is more than the matrix"),
+    (["--tuned", "PLANTED", "--clusters", "33"], "--clusters 33: more than the rows or columns "
+     "of encoder.layer.0.attention.self.query (32 -> 32)"),
+    (["--data", "DATA", "--clusters", "33"], "--clusters 33: more than"),
     (["--data", "NOWHERE"], "--data"),
     (["--tuned", "PLANTED", "--rank", "0"], "--rank: must be a positive integer"),
     (["--tuned", "PLANTED", "--json", "DIR"], "--json"),
