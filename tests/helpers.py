@@ -100,6 +100,21 @@ def oracle_delta(A, B, scale, row_index, col_index, row_offsets, col_offsets, ra
                                       scale.double().tolist())
 
 
+def planted_blocks(m, n, clusters, rank, noise, generator):
+    """(W [m, n] float64, row labels, column labels): `clusters` shuffled blocks of rank
+    `rank` (zero off the blocks) plus Gaussian noise of `noise` times ||blocks||_F."""
+    rows = torch.randperm(m, generator=generator) % clusters
+    cols = torch.randperm(n, generator=generator) % clusters
+    W = torch.zeros(m, n, dtype=torch.float64)
+    for c in range(clusters):
+        r, k = (rows == c).nonzero()[:, 0], (cols == c).nonzero()[:, 0]
+        W[r[:, None], k[None, :]] = (
+            torch.randn(len(r), rank, generator=generator, dtype=torch.float64)
+            @ torch.randn(rank, len(k), generator=generator, dtype=torch.float64))
+    N = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    return W + noise * W.norm() / N.norm() * N, rows, cols
+
+
 def layer_oracle_delta(layer):
     row_offsets, col_offsets = layer._offsets
     return oracle_delta(layer.lora_A, layer.lora_B, layer.cluster_scales, layer.row_index,

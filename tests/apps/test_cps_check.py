@@ -20,6 +20,7 @@ def test_table_rows_medians_skipped_and_verdict():
         assert rows[name].endswith(layer["verdict"])
         assert f"{layer['error']['best']:.3f}" in rows[name]
     assert "skipped (zero): unused" in lines
+    assert any(line.startswith("2 layers measured in ") for line in lines)
     assert lines[-1] == f"model: {report['model']['text']}"
     assert "the given matrices" in lines[0]
 

@@ -45,6 +45,12 @@ def test_results_record_data_hashes_and_environment(tmp_path):
     # The four full-precision runs first, in their order (their random streams unchanged).
     assert list(saved["results"]) == ["SOS-LoRA", "CPS-LoRA", "CPS-LoRA static", "LoRA",
                                       "SOS-LoRA nf4"]
+    # Every repartition proposal's gain and loss, and the decision, per layer.
+    (record,) = saved["results"]["CPS-LoRA"]["repartitions"]
+    assert len(record["layers"]) == 36
+    assert record["adopted"] == sum(v["adopted"] for v in record["layers"].values())
+    assert all({"captured_before", "captured_after", "update_discarded"} <= set(v)
+               for v in record["layers"].values())
 
 
 def test_help_names_the_five_runs():

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from soslora_ext.layers.structure import spectral_null
 
-from helpers import classification_data, one_line_error, tiny_dir
+from helpers import classification_data, one_line_error, planted_blocks, tiny_dir
 from helpers import run_cli as run
 
 LAYERS = [f"encoder.layer.{i}.{name}" for i in range(2)
@@ -32,7 +32,7 @@ def models(tmp_path_factory):
         with torch.no_grad():
             for name in LAYERS:
                 weight = modules[f"bert.{name}"].weight
-                update = planted_blocks(*weight.shape, g)
+                update = 0.1 * planted_blocks(*weight.shape, 4, 2, 0.0, g)[0]
                 if kind == "null":
                     update = spectral_null(torch.linalg.svdvals(update), update.shape, g)
                 weight += update.float()
@@ -41,17 +41,6 @@ def models(tmp_path_factory):
         tuned[kind] = tmp / kind
     gpt2, _ = tiny_dir(tmp, "gpt2")
     return dict(bert=bert, gpt2=gpt2, data=classification_data(tmp / "data.jsonl"), **tuned)
-
-
-def planted_blocks(m, n, g, clusters=4, rank=2):
-    rows = torch.randperm(m, generator=g) % clusters
-    cols = torch.randperm(n, generator=g) % clusters
-    W = torch.zeros(m, n, dtype=torch.float64)
-    for c in range(clusters):
-        r, k = (rows == c).nonzero()[:, 0], (cols == c).nonzero()[:, 0]
-        W[r[:, None], k[None, :]] = (torch.randn(len(r), rank, generator=g, dtype=torch.float64)
-                                     @ torch.randn(rank, len(k), generator=g, dtype=torch.float64))
-    return 0.1 * W
 
 
 @pytest.mark.parametrize("kind,verdict", [("planted", "clustered"), ("null", "global")])
@@ -82,7 +71,9 @@ def test_gradients_on_data_with_table_json_and_plot(models, tmp_path, capsys):
         f"bert.{n}" for n in LAYERS if n.endswith(("query", "value")))
     assert report["model"]["verdict"] in ("clustered", "global", "mixed")
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "the sum of 2 steps' gradients" in capsys.readouterr().out
+    assert report["source"]["seconds"] > 0
+    printed = capsys.readouterr().out
+    assert "the sum of 2 steps' gradients" in printed and " s of gradients" in printed
 
 
 @pytest.mark.parametrize("args,message", [
@@ -91,7 +82,9 @@ def test_gradients_on_data_with_table_json_and_plot(models, tmp_path, capsys):
     (["--tuned", "NOWHERE"], "not a model directory"),
     (["--tuned", "GPT2"], "a GPT2Model, but MODEL_DIR is a BertModel"),
     (["--data", "DATA", "--targets", "nothing"], "--targets nothing: no Linear module"),
-    (["--tuned", "PLANTED", "--clusters", "100"], "num_clusters=100 is more than the matrix"),
+    (["--tuned", "PLANTED", "--clusters", "33"], "--clusters 33: more than the rows or columns "
+     "of encoder.layer.0.attention.self.query (32 -> 32)"),
+    (["--data", "DATA", "--clusters", "33"], "--clusters 33: more than"),
     (["--data", "NOWHERE"], "--data"),
     (["--tuned", "PLANTED", "--rank", "0"], "--rank: must be a positive integer"),
     (["--tuned", "PLANTED", "--json", "DIR"], "--json"),

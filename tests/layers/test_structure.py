@@ -23,21 +23,11 @@ from soslora_ext.layers.structure import (
 )
 
 from conftest import rel_err
+from helpers import planted_blocks
 
 
 def planted(m, n, clusters, rank, noise, seed):
-    """(W [m, n], row labels, column labels): `clusters` shuffled blocks of rank `rank` (zero
-    off the blocks) plus Gaussian noise of `noise` times ||blocks||_F."""
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(m, generator=g) % clusters
-    cols = torch.randperm(n, generator=g) % clusters
-    W = torch.zeros(m, n, dtype=torch.float64)
-    for c in range(clusters):
-        r, k = (rows == c).nonzero()[:, 0], (cols == c).nonzero()[:, 0]
-        W[r[:, None], k[None, :]] = (torch.randn(len(r), rank, generator=g, dtype=torch.float64)
-                                     @ torch.randn(rank, len(k), generator=g, dtype=torch.float64))
-    N = torch.randn(m, n, generator=g, dtype=torch.float64)
-    return W + noise * W.norm() / N.norm() * N, rows, cols
+    return planted_blocks(m, n, clusters, rank, noise, torch.Generator().manual_seed(seed))
 
 
 # ---- validated both ways ---------------------------------------------------------------------

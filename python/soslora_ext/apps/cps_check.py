@@ -41,6 +41,10 @@ def format_structure(report: dict) -> str:
                  f"{m['cps_error']:>8.3f} {m['global_error']:>7.3f}")
     if report.get("skipped"):
         lines.append(f"skipped (zero): {', '.join(report['skipped'])}")
+    timing = f"{len(report['layers'])} layers measured in {report['seconds']:.1f} s"
+    if "seconds" in (report.get("source") or {}):
+        timing += f", after {report['source']['seconds']:.1f} s of gradients"
+    lines.append(timing)
     lines += ["", "top-r: share of ||W||^2 in the top r singular values; blocks: share on the "
               "diagonal blocks of the co-clustering; excess: blocks - the nulls' mean; CPS err: "
               "relative error of the best of the contiguous, CPS-LoRA's and the co-clustered "

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
 from ..layers.model import apply_sos_lora, merge_and_unload, sos_layers, trainable_parameters
 from ..layers.schedules import GateSchedule, OrthoSchedule
+from ..layers.structure import one_thread  # its products are 64 wide
 
 
 def mlp(width: int, depth: int) -> nn.Sequential:
@@ -25,19 +25,6 @@ def mlp(width: int, depth: int) -> nn.Sequential:
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.GELU()]
     return nn.Sequential(*layers, nn.Linear(width, width))
-
-
-@contextmanager
-def one_thread():
-    """Run on one thread, then restore the thread count. The products here are 64 wide: split
-    across threads they gain nothing, and on a busy machine every step waits for the slowest
-    thread (two threads made the demo take minutes instead of a second)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(steps: int = 600, width: int = 64, batch: int = 128, seed: int = 0,

@@ -6,6 +6,7 @@ drive the schedules without transformers.Trainer.
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,12 +60,11 @@ def describe_repartition(record: dict) -> str:
     text += f", {kept} kept theirs"
     proposals = [v for v in layers if "captured_after" in v]
     if proposals:  # the rule's two sides, as medians over the proposals
-        def median(values):
-            return sorted(values)[len(values) // 2]
-        text += (f"; proposals captured {median([v['captured_before'] for v in proposals]):.2f}"
-                 f" -> {median([v['captured_after'] for v in proposals]):.2f} of the gradient "
-                 f"and would discard {median([v['update_discarded'] for v in proposals]):.2f} "
-                 "of the update (medians)")
+        def median(key):
+            return statistics.median(v[key] for v in proposals)
+        text += (f"; proposals captured {median('captured_before'):.2f} -> "
+                 f"{median('captured_after'):.2f} of the gradient and would discard "
+                 f"{median('update_discarded'):.2f} of the update (medians)")
     if no_signal:
         text += f", {no_signal} had no signal yet (kept)"
     return text

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .args import (
@@ -169,13 +170,15 @@ def cmd_cps_check(args) -> int:
             raise CliError(f"--plot: {e}") from None
     if args.data is not None:
         _, model, _, data, *_ = _load_task(args)
-        names = _check_targets(_targets(model, args.targets), args.targets)
+        names = _check_targets(model, args)
         generator = torch.Generator().manual_seed(args.seed)
         sample = finetune.sample_batches(data, args.batch_size)
         model.train()  # dropout as in training: the gradients CPS-LoRA's statistics see
+        start = time.perf_counter()
         matrices = gradient_sums(model, names, lambda step: sample(step, generator), args.steps)
         source = dict(kind="gradients", steps=args.steps, batch_size=args.batch_size,
-                      data=args.data, max_length=args.max_length)
+                      data=args.data, max_length=args.max_length,
+                      seconds=time.perf_counter() - start)
     else:
         base_dir, tuned_dir = model_directory(args.model_dir), model_directory(args.tuned)
         quiet_transformers()
@@ -183,7 +186,7 @@ def cmd_cps_check(args) -> int:
         if type(base) is not type(tuned):
             raise CliError(f"--tuned {args.tuned}: a {type(tuned).__name__}, but MODEL_DIR is "
                            f"a {type(base).__name__}")
-        names = _check_targets(_targets(base, args.targets), args.targets)
+        names = _check_targets(base, args)
         try:
             matrices = weight_deltas(base, tuned, names)
         except ValueError as e:
@@ -199,10 +202,22 @@ def cmd_cps_check(args) -> int:
     return 0
 
 
-def _check_targets(names: list[str], given: list[str] | None) -> list[str]:
+def _check_targets(model, args) -> list[str]:
+    """The layers cps-check measures, checked against --clusters before any work."""
+    from ..layers.base import base_features
+
+    names = _targets(model, args.targets)
     if not names:
-        raise CliError(f"--targets {' '.join(given)}: no Linear module of the model has these "
-                       "names" if given else "the model has no Linear module besides its heads")
+        raise CliError(f"--targets {' '.join(args.targets)}: no Linear module of the model has "
+                       "these names" if args.targets
+                       else "the model has no Linear module besides its heads")
+    modules = dict(model.named_modules())
+    for name in names:
+        in_features, out_features = base_features(modules[name])
+        if args.clusters > min(in_features, out_features):
+            raise CliError(f"--clusters {args.clusters}: more than the rows or columns of "
+                           f"{name} ({in_features} -> {out_features}); give fewer clusters or "
+                           "other --targets")
     return names
 
 

@@ -53,9 +53,10 @@ VERDICTS = ("clustered", "inconclusive", "global")
 
 @contextlib.contextmanager
 def one_thread():
-    """Run the block on one CPU thread: these products and decompositions are too small to
-    gain from more, and on a busy 2-core machine two threads made a 0.5 s layer take up to
-    20 s (each parallel region waiting for the busy core)."""
+    """Run the block on one CPU thread, then restore the thread count. For small products and
+    decompositions (these, the demo's 64-wide steps), which gain nothing from more threads: on
+    a busy 2-core machine two threads made a 0.5 s layer take up to 20 s, and the demo
+    minutes instead of a second, each parallel region waiting for the busy core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
