@@ -47,7 +47,8 @@ def test_kernels_on_host_emulator(variant):
     extra = ["--big"] if variant == "opt" else []
     run(str(out / "driver"), "--shuffle", "12345", *extra)
     # The kernels as compiled for sm_60: 16-bit tiles on the FMA path instead of tensor cores.
-    run(str(out / "driver_sm60"), "--only", "product,penalty,fused,cluster", "--dtypes", "fp16,bf16")
+    run(str(out / "driver_sm60"), "--only", "product,penalty,fused,cluster",
+        "--dtypes", "fp16,bf16")
 
 
 def test_bad_index_map_stops_the_kernel():
