@@ -12,9 +12,14 @@
 //
 // Loader:   __device__ Acc operator()(int64_t row, int64_t col) const;
 //           __device__ bool cols_contiguous() const;  // chooses the coalesced read order
-// Epilogue: __device__ void operator()(int64_t m, int64_t n, Acc value) const;
+// Epilogue: __device__ void operator()(int64_t m, int64_t n, Acc value);  (each thread has its
+//           own copy, so it may keep per-thread state)
 //           optionally __device__ bool active() const: when false, every block returns at once
-//           (a switch read on the device, so the host never waits to decide)
+//           (a switch read on the device, so the host never waits to decide);
+//           optionally the whole tile or none of it: __device__ bool accepts(m, n, value) const
+//           for every element first; if all accept, operator() for each, else refuse(count)
+//           once per block (count: the elements refused); then finish() on every thread (may
+//           hold barriers: the block's reduction of what the threads gathered)
 #pragma once
 #include <mma.h>
 
@@ -54,10 +59,32 @@ __device__ __forceinline__ void load_tile(Tile* smem, const Load& load, int64_t 
   }
 }
 
+// Hands this thread's results of the tile (for_each(f) calls f(m, n, value) for each) to the
+// epilogue: element by element, or the whole tile or none of it (see above).
+template <class Epilogue, class ForEach>
+__device__ __forceinline__ void finish_tile(Epilogue& epilogue, const ForEach& for_each) {
+  if constexpr (requires { epilogue.refuse(1); }) {
+    __shared__ int refused_s[1];
+    if (threadIdx.x == 0) refused_s[0] = 0;
+    __syncthreads();
+    int mine = 0;
+    for_each([&](int64_t m, int64_t n, auto v) { mine += !epilogue.accepts(m, n, v); });
+    if (mine != 0) atomicAdd(refused_s, mine);
+    __syncthreads();
+    const int refused = refused_s[0];
+    if (refused == 0) for_each([&](int64_t m, int64_t n, auto v) { epilogue(m, n, v); });
+    else if (threadIdx.x == 0) epilogue.refuse(refused);
+    epilogue.finish();
+  } else {
+    for_each([&](int64_t m, int64_t n, auto v) { epilogue(m, n, v); });
+  }
+}
+
 template <typename Tile, class Left, class Right, class Epilogue>
 __global__ void __launch_bounds__(kTileThreads)
     tile_product_kernel(int64_t M, int64_t N, int64_t K, int64_t k_chunk, Left left,
-                        Right right, Epilogue epilogue) {
+                        Right right, Epilogue epilogue_in) {
+  Epilogue epilogue = epilogue_in;  // this thread's copy
   if constexpr (requires { epilogue.active(); }) {
     if (!epilogue.active()) return;
   }
@@ -97,10 +124,12 @@ __global__ void __launch_bounds__(kTileThreads)
       wmma::store_matrix_sync(result_s + warp_m * kLdC + warp_n + 16 * f, acc[f], kLdC,
                               wmma::mem_row_major);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kTileThreads) {
-      const int r = idx / kTileN, c = idx % kTileN;
-      if (m0 + r < M && n0 + c < N) epilogue(m0 + r, n0 + c, result_s[r * kLdC + c]);
-    }
+    finish_tile(epilogue, [&](auto&& f) {
+      for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kTileThreads) {
+        const int r = idx / kTileN, c = idx % kTileN;
+        if (m0 + r < M && n0 + c < N) f(m0 + r, n0 + c, result_s[r * kLdC + c]);
+      }
+    });
   } else {
     using Acc = acc_t<Tile>;
     constexpr int kPer = 4;  // each thread: a 4 x 4 block of the 64 x 64 tile
@@ -122,11 +151,13 @@ __global__ void __launch_bounds__(kTileThreads)
       }
       __syncthreads();
     }
-    for (int i = 0; i < kPer; ++i)
-      for (int j = 0; j < kPer; ++j) {
-        const int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-        if (m < M && n < N) epilogue(m, n, acc[i][j]);
-      }
+    finish_tile(epilogue, [&](auto&& f) {
+      for (int i = 0; i < kPer; ++i)
+        for (int j = 0; j < kPer; ++j) {
+          const int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+          if (m < M && n < N) f(m, n, acc[i][j]);
+        }
+    });
   }
 }
 

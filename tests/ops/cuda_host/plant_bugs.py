@@ -28,19 +28,19 @@ PLANTS = [
      "      __syncthreads();\n    }\n    for (int f = 0; f < 2; ++f)",
      "    }\n    for (int f = 0; f < 2; ++f)"),
     ("missing barrier before the epilogue (wmma path)", TP,
-     "    __syncthreads();\n    for (int idx = threadIdx.x; idx < kTileM * kTileN;",
-     "    for (int idx = threadIdx.x; idx < kTileM * kTileN;"),
+     "    __syncthreads();\n    finish_tile(epilogue, [&](auto&& f) {\n      for (int idx",
+     "    finish_tile(epilogue, [&](auto&& f) {\n      for (int idx"),
     ("missing barrier at the end of a k step (FMA path)", TP,
-     "      __syncthreads();\n    }\n    for (int i = 0; i < kPer; ++i)",
-     "    }\n    for (int i = 0; i < kPer; ++i)"),
+     "      __syncthreads();\n    }\n    finish_tile(epilogue, [&](auto&& f) {\n      for (int i",
+     "    }\n    finish_tile(epilogue, [&](auto&& f) {\n      for (int i"),
     ("barrier in divergent code (before the wmma epilogue)", TP,
-     "    __syncthreads();\n    for (int idx = threadIdx.x; idx < kTileM * kTileN;",
+     "    __syncthreads();\n    finish_tile(epilogue, [&](auto&& f) {\n      for (int idx",
      "    if (threadIdx.x < 128) __syncthreads();\n"
-     "    for (int idx = threadIdx.x; idx < kTileM * kTileN;"),
+     "    finish_tile(epilogue, [&](auto&& f) {\n      for (int idx"),
     ("barriers at different call sites (FMA path, divergent)", TP,
-     "      __syncthreads();\n    }\n    for (int i = 0; i < kPer; ++i)",
+     "      __syncthreads();\n    }\n    finish_tile(epilogue, [&](auto&& f) {\n      for (int i",
      "      if (threadIdx.x < 128) __syncthreads();\n      else __syncthreads();\n    }\n"
-     "    for (int i = 0; i < kPer; ++i)"),
+     "    finish_tile(epilogue, [&](auto&& f) {\n      for (int i"),
     ("off-by-one tile row bound (gr <= rows_end)", TP, "gr < rows_end", "gr <= rows_end"),
     ("out-of-bounds read one column past the tile (gc <= cols_end)", TP,
      "gc < cols_end", "gc <= cols_end"),
@@ -62,12 +62,21 @@ PLANTS = [
      "atomicAdd(data + m * stride0 + n, v);", "data[m * stride0 + n] += v;"),
     ("penalty without the cross-expert mask", LK,
      "if (i / rows_per_expert != j / rows_per_expert) {", "if (i != j) {"),
+    ("merge tile written without its range check", TP,
+     "    if (mine != 0) atomicAdd(refused_s, mine);", "    (void)mine;"),
+    ("merge takes the update back from a refused tile too", KC,
+     "    if (refused[blockIdx.x * gridDim.y + blockIdx.y]) return;\n", ""),
+    ("fingerprint without the pairs' column weights", KC,
+     "(pairs ? W(2) * W(j >> 1) + 1 : W(2) * W(j) + 1)", "(W(2) * W(j) + 1)"),
+    ("stats reduction reads before every thread wrote (missing barrier)", KC,
+     "    reduce_s[t] = mine[field];\n    __syncthreads();", "    reduce_s[t] = mine[field];"),
     ("grid-stride loop stepping by one block (dropout_apply)", KC,
      "       i += int64_t(gridDim.x) * blockDim.x) {\n    const bool keep",
      "       i += blockDim.x) {\n    const bool keep"),
 ]
 
-DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "emu.o", "warp.o"]
+DRIVER_OBJECTS = ["driver.test.o", "merge.test.o", "product.test.o", "penalty.test.o", "emu.o",
+                  "warp.o"]
 
 
 def make(out: Path, csrc: Path, variant: str) -> subprocess.CompletedProcess:

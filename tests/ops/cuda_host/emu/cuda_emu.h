@@ -112,6 +112,26 @@ inline double atomicAdd(double* address, double value) {
   *address = old + value;
   return old;
 }
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  const unsigned long long old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned long long atomicMax(unsigned long long* address, unsigned long long value) {
+  const unsigned long long old = *address;
+  *address = old > value ? old : value;
+  return old;
+}
 
 // The C++ overload that cuda_runtime.h declares for nvcc (__CUDACC__) only.
 template <class T> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, T* entry) {
