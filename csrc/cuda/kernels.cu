@@ -71,32 +71,36 @@ template <typename T> struct Gathered {
 template <typename T>
 __device__ __forceinline__ void block_stats(const Gathered<T>& g, unsigned long long* stats) {
   __shared__ unsigned long long reduce_s[kTileThreads];
-  const int t = threadIdx.x;
-  unsigned long long max_bits;
-  const double m = g.max_abs;
-  memcpy(&max_bits, &m, 8);
-  const unsigned long long mine[3] = {g.row_sum, g.col_sum, max_bits};
-  for (int field = 0; field < 3; ++field) {  // blockDim.x == kTileThreads
-    reduce_s[t] = mine[field];
+  const int t = threadIdx.x;  // blockDim.x == kTileThreads
+  // The block's total (or max) of one value into reduce_s[0].
+  const auto reduce = [&](unsigned long long mine, bool is_max) {
+    reduce_s[t] = mine;
     __syncthreads();
     for (int half = kTileThreads / 2; half > 0; half /= 2) {
       if (t < half) {
         const unsigned long long a = reduce_s[t], b = reduce_s[t + half];
-        reduce_s[t] = field == 2 ? (a > b ? a : b) : a + b;
+        reduce_s[t] = is_max ? (a > b ? a : b) : a + b;
       }
       __syncthreads();
     }
-    if (t == 0) {
-      const unsigned long long v = reduce_s[0];
-      if (field == 2) {
-        if (v != 0) atomicMax(stats + 2, v);
-      } else if constexpr (sizeof(T) == 8) {
-        atomicAdd(stats + field, v);
-      } else {  // the low half of the int64 (little-endian): the high half stays 0
-        atomicAdd(reinterpret_cast<unsigned*>(stats + field), unsigned(v));
-      }
-    }
-    __syncthreads();
+    const unsigned long long total = reduce_s[0];
+    __syncthreads();  // reduce_s is reused
+    return total;
+  };
+  const auto add = [&](int field, unsigned long long v) {
+    if constexpr (sizeof(T) == 8) atomicAdd(stats + field, v);
+    else  // the low half of the int64 (little-endian): the high half stays 0
+      atomicAdd(reinterpret_cast<unsigned*>(stats + field), unsigned(v));
+  };
+  const unsigned long long rows = reduce(g.row_sum, false), cols = reduce(g.col_sum, false);
+  unsigned long long max_bits;
+  const double m = g.max_abs;
+  memcpy(&max_bits, &m, 8);
+  max_bits = reduce(max_bits, true);
+  if (t == 0) {
+    add(0, rows);
+    add(1, cols);
+    if (max_bits != 0) atomicMax(stats + 2, max_bits);
   }
   if (g.count != 0) atomicAdd(stats + 3, g.count);
 }

@@ -69,7 +69,7 @@ PLANTS = [
     ("fingerprint without the pairs' column weights", KC,
      "(pairs ? W(2) * W(j >> 1) + 1 : W(2) * W(j) + 1)", "(W(2) * W(j) + 1)"),
     ("stats reduction reads before every thread wrote (missing barrier)", KC,
-     "    reduce_s[t] = mine[field];\n    __syncthreads();", "    reduce_s[t] = mine[field];"),
+     "    reduce_s[t] = mine;\n    __syncthreads();", "    reduce_s[t] = mine;"),
     ("grid-stride loop stepping by one block (dropout_apply)", KC,
      "       i += int64_t(gridDim.x) * blockDim.x) {\n    const bool keep",
      "       i += blockDim.x) {\n    const bool keep"),
