@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -114,33 +115,46 @@ template <> struct Simd<double> {
 #undef SOSLORA_SIMD_REGION
 #endif  // SOSLORA_X86
 
-template <typename T, bool kRowPairs>
+// f(std::integral_constant<Words, ...>) for the way the weight's values enter its words.
+template <typename T, class F> decltype(auto) with_words(const Geometry& g, const F& f) {
+  using lines::Words;
+  if constexpr (sizeof(T) == 2) {
+    switch (lines::words_of<T>(g)) {
+      case Words::kRowPairs: return f(std::integral_constant<Words, Words::kRowPairs>{});
+      case Words::kColumnPairs: return f(std::integral_constant<Words, Words::kColumnPairs>{});
+      default: break;
+    }
+  }
+  return f(std::integral_constant<Words, Words::kSingle>{});
+}
+
+template <typename T>
 void read_lines(CpuIsa isa, const Geometry& g, const T* w, int64_t first, int64_t last,
                 Tally<T>& t) {
+  with_words<T>(g, [&](auto words) {
+    constexpr lines::Words kWords = decltype(words)::value;
 #ifdef SOSLORA_X86
-  if (isa == CpuIsa::kAvx512) return avx512::read<T, kRowPairs>(g, w, first, last, t);
-  if (isa == CpuIsa::kAvx2) return avx2::read<T, kRowPairs>(g, w, first, last, t);
+    if (isa == CpuIsa::kAvx512) return avx512::read<T, kWords>(g, w, first, last, t);
+    if (isa == CpuIsa::kAvx2) return avx2::read<T, kWords>(g, w, first, last, t);
 #endif
-  scalar::read<T, kRowPairs>(g, w, first, last, t);
+    scalar::read<T, kWords>(g, w, first, last, t);
+  });
 }
 
 // Adds d into values [first, first + n) of lines [line0, line0 + count) (see scalar::add).
 template <typename T, typename Acc>
 int64_t add_lines(CpuIsa isa, const Geometry& g, T* w, int64_t line0, int64_t count,
                   int64_t first, int64_t n, Acc* d, int64_t ld, Acc alpha, Tally<T>& t) {
-  const auto run = [&](auto row_pairs) -> int64_t {
-    constexpr bool kRowPairs = decltype(row_pairs)::value;
+  return with_words<T>(g, [&](auto words) -> int64_t {
+    constexpr lines::Words kWords = decltype(words)::value;
 #ifdef SOSLORA_X86
     if (isa == CpuIsa::kAvx512)
-      return avx512::add<T, Acc, kRowPairs>(g, w, line0, count, first, n, d, ld, alpha, t);
+      return avx512::add<T, Acc, kWords>(g, w, line0, count, first, n, d, ld, alpha, t);
     if (isa == CpuIsa::kAvx2)
-      return avx2::add<T, Acc, kRowPairs>(g, w, line0, count, first, n, d, ld, alpha, t);
+      return avx2::add<T, Acc, kWords>(g, w, line0, count, first, n, d, ld, alpha, t);
 #endif
-    return scalar::add<T, Acc, kRowPairs>(g, w, line0, count, first, n, d, ld, alpha, t);
-  };
-  if constexpr (sizeof(T) == 2)
-    if (g.rows && g.pairs) return run(std::true_type{});
-  return run(std::false_type{});
+    return scalar::add<T, Acc, kWords>(g, w, line0, count, first, n, d, ld, alpha, t);
+  });
 }
 
 template <typename T> Tensor weight_stats_typed(const Tensor& weight) {
@@ -152,12 +166,7 @@ template <typename T> Tensor weight_stats_typed(const Tensor& weight) {
   const int64_t grain = std::max<int64_t>(1, kBandElements / std::max<int64_t>(g.length, 1));
   at::parallel_for(0, g.count, grain, [&](int64_t first, int64_t last) {
     Tally<T> t;
-    if constexpr (sizeof(T) == 2) {
-      if (g.rows && g.pairs) read_lines<T, true>(isa, g, w, first, last, t);
-      else read_lines<T, false>(isa, g, w, first, last, t);
-    } else {
-      read_lines<T, false>(isa, g, w, first, last, t);
-    }
+    read_lines<T>(isa, g, w, first, last, t);
     const std::lock_guard<std::mutex> lock(mutex);  // wrapping sums and a max: any order
     total.add(t);
   });
@@ -369,24 +378,26 @@ Tensor merge_typed(Tensor& weight, const Tensor& A_acc, const Tensor& Bs_acc, do
 }
 
 template <typename Acc>
-double update_bound_typed(const Tensor& A, const Tensor& Bs, double alpha) {
-  // max_i sum_k Bs_ik^2 and max_j sum_k A_kj^2 in double; NaN if any sum is.
+double update_bound_typed(const Tensor& A_in, const Tensor& Bs_in, double alpha) {
+  // max_i sum_k Bs_ik^2 and max_j sum_k A_kj^2 in double (rows of adjacent values: the loops
+  // vectorize); NaN if any sum is.
+  const Tensor A = A_in.contiguous(), Bs = Bs_in.contiguous();
   const int64_t r = A.size(0), in = A.size(1), out = Bs.size(0);
   const Acc* a = A.const_data_ptr<Acc>();
   const Acc* bs = Bs.const_data_ptr<Acc>();
-  const int64_t a0 = A.stride(0), a1 = A.stride(1), b0 = Bs.stride(0), b1 = Bs.stride(1);
   bool nan = false;
   double rows = 0, cols = 0;
   for (int64_t i = 0; i < out; ++i) {
     double s = 0;
-    for (int64_t k = 0; k < r; ++k) s += double(bs[i * b0 + k * b1]) * double(bs[i * b0 + k * b1]);
+    for (int64_t k = 0; k < r; ++k) s += double(bs[i * r + k]) * double(bs[i * r + k]);
     nan |= std::isnan(s);
     rows = std::max(rows, s);
   }
   std::vector<double> col(in, 0.0);
-  for (int64_t k = 0; k < r; ++k)
-    for (int64_t j = 0; j < in; ++j)
-      col[j] += double(a[k * a0 + j * a1]) * double(a[k * a0 + j * a1]);
+  for (int64_t k = 0; k < r; ++k) {
+    const Acc* row = a + k * in;
+    for (int64_t j = 0; j < in; ++j) col[j] += double(row[j]) * double(row[j]);
+  }
   for (const double c : col) {
     nan |= std::isnan(c);
     cols = std::max(cols, c);

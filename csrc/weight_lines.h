@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -46,17 +47,62 @@ template <typename T> double magnitude_to_double(Bits<T> b) {
   else return double(std::bit_cast<T>(b));
 }
 
-template <typename Acc, typename T> SOSLORA_ALWAYS_INLINE Acc widen(T v) {
-  return static_cast<Acc>(static_cast<std::conditional_t<sizeof(T) == 2, float, T>>(v));
+// The 16-bit conversions without branches, so that the sweeps vectorize: bit for bit those of
+// c10 (and F16C's), NaN's payload aside (FP16's reference algorithm; no flush of subnormals).
+SOSLORA_ALWAYS_INLINE float half_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+  const float normal = std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) *
+                       std::bit_cast<float>(15u << 23);
+  const float subnormal = std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f;
+  return std::bit_cast<float>(sign | (two_w < (1u << 27) ? std::bit_cast<uint32_t>(subnormal)
+                                                         : std::bit_cast<uint32_t>(normal)));
+}
+SOSLORA_ALWAYS_INLINE uint16_t float_to_half(float f) {
+  const uint32_t w = std::bit_cast<uint32_t>(f), shl1_w = w + w, sign = w & 0x80000000u;
+  float base = (std::abs(f) * std::bit_cast<float>(239u << 23)) * std::bit_cast<float>(17u << 23);
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = std::bit_cast<float>((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = std::bit_cast<uint32_t>(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+SOSLORA_ALWAYS_INLINE float bfloat16_to_float(uint16_t b) {
+  return std::bit_cast<float>(uint32_t(b) << 16);
+}
+SOSLORA_ALWAYS_INLINE uint16_t float_to_bfloat16(float f) {  // round to nearest even
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint16_t rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? uint16_t(0x7FC0) : rounded;
+}
+
+// Values are loaded and stored as their bits (memcpy: the 16-bit classes would not vectorize).
+template <typename T> SOSLORA_ALWAYS_INLINE Bits<T> load_bits(const T* p) {
+  Bits<T> b;
+  std::memcpy(&b, p, sizeof(T));
+  return b;
+}
+template <typename T> SOSLORA_ALWAYS_INLINE void store_bits(T* p, Bits<T> b) {
+  std::memcpy(p, &b, sizeof(T));
+}
+
+// The value of bits b of T in the accumulation type.
+template <typename Acc, typename T> SOSLORA_ALWAYS_INLINE Acc widen(Bits<T> b) {
+  if constexpr (std::is_same_v<T, c10::Half>) return static_cast<Acc>(half_to_float(b));
+  else if constexpr (std::is_same_v<T, c10::BFloat16>) return static_cast<Acc>(bfloat16_to_float(b));
+  else return static_cast<Acc>(std::bit_cast<T>(b));
 }
 // T's largest finite value in the accumulation type.
 template <typename T, typename Acc> SOSLORA_ALWAYS_INLINE Acc max_value() {
-  return widen<Acc>(std::numeric_limits<T>::max());
+  return widen<Acc, T>(bits_of(std::numeric_limits<T>::max()));
 }
-// Rounds to T as torch's conversions do (a double rounded to float first for 16-bit T).
-template <typename T, typename Acc> SOSLORA_ALWAYS_INLINE T narrow(Acc v) {
-  if constexpr (sizeof(T) == 2) return T(static_cast<float>(v));
-  else return static_cast<T>(v);
+// The bits of v rounded to T as torch's conversions round (a double rounded to float first
+// for 16-bit T).
+template <typename T, typename Acc> SOSLORA_ALWAYS_INLINE Bits<T> narrow(Acc v) {
+  if constexpr (std::is_same_v<T, c10::Half>) return float_to_half(static_cast<float>(v));
+  else if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return float_to_bfloat16(static_cast<float>(v));
+  else return std::bit_cast<Bits<T>>(static_cast<T>(v));
 }
 
 // What a sweep gathers: the fingerprint sums (see soslora.h, weight_stats), the largest
@@ -98,40 +144,46 @@ SOSLORA_ALWAYS_INLINE void add_sums(const Geometry& g, Word<T> by_line, Word<T> 
   (g.rows ? t.col_sum : t.row_sum) += by_position;
 }
 
-// The word value k of line `line` adds, and the weight of its position along the line, for
-// the three ways a value enters the sums: a 16-bit value of a row of pairs is the low or high
-// half of word k / 2 (kRowPairs); in a column of pairs the line's parity gives the half; other
-// 16-bit values count sign-extended (as int16 summed into int32), wider ones as they are.
-template <typename T, bool kRowPairs> struct WordOf {
+// How a value enters the fingerprint's words: 16-bit values of a row of pairs are the low or
+// high half of word k / 2 (kRowPairs); in a column of pairs the line's parity gives the half
+// (kColumnPairs); other 16-bit values count sign-extended (as int16 summed into int32), wider
+// ones as they are (kSingle).
+enum class Words { kSingle, kRowPairs, kColumnPairs };
+
+template <typename T> Words words_of(const Geometry& g) {
+  if (sizeof(T) != 2 || !g.pairs) return Words::kSingle;
+  return g.rows ? Words::kRowPairs : Words::kColumnPairs;
+}
+
+// The word value k of line `line` adds, and the weight of its position along the line.
+template <typename T, Words kWords> struct WordOf {
   using W = Word<T>;
-  bool pairs;
   unsigned shift;
-  SOSLORA_ALWAYS_INLINE WordOf(const Geometry& g, int64_t line)
-      : pairs(g.pairs), shift(16u * unsigned(line & 1)) {}
+  SOSLORA_ALWAYS_INLINE explicit WordOf(int64_t line) : shift(16u * unsigned(line & 1)) {}
   SOSLORA_ALWAYS_INLINE W operator()(Bits<T> b, W k) const {
-    if constexpr (kRowPairs) return W(b) << ((k & 1) * 16);
-    else if constexpr (sizeof(T) == 2)
-      return pairs ? W(W(b) << shift) : W(uint32_t(int32_t(int16_t(b))));
+    if constexpr (kWords == Words::kRowPairs) return W(b) << ((k & 1) * 16);
+    else if constexpr (kWords == Words::kColumnPairs) return W(b) << shift;
+    else if constexpr (sizeof(T) == 2) return W(uint32_t(int32_t(int16_t(b))));
     else return W(b);
   }
   static SOSLORA_ALWAYS_INLINE W weight(W k) {
-    if constexpr (kRowPairs) return (k >> 1) * 2 + 1;
+    if constexpr (kWords == Words::kRowPairs) return (k >> 1) * 2 + 1;
     else return 2 * k + 1;
   }
 };
 
 // Sums of one line's values (read only): the fingerprint, max magnitude, non-finite count.
-template <typename T, bool kRowPairs>
+template <typename T, Words kWords>
 SOSLORA_ALWAYS_INLINE void read_line(const Geometry& g, int64_t line, const T* __restrict w,
                                      Tally<T>& t) {
   using W = Word<T>;
   using B = Bits<T>;
-  const WordOf<T, kRowPairs> word(g, line);
+  const WordOf<T, kWords> word(line);
   W s = 0, p = 0, bad = 0, k = 0;
   B m = t.max_bits;
   const int64_t n = g.length, step = g.step;
   for (int64_t i = 0; i < n; ++i, ++k) {
-    const B b = bits_of(w[i * step]);
+    const B b = load_bits(w + i * step);
     const B a = b & kMagnitude<T>;
     m = std::max(m, a);
     bad += a >= kInfBits<T>;
@@ -149,25 +201,24 @@ SOSLORA_ALWAYS_INLINE void read_line(const Geometry& g, int64_t line, const T* _
 // values (so a refused tile can be put back exactly) and the written values are tallied.
 // Returns the number of sums beyond T's finite range (the values are written anyway: the
 // caller puts them back when there are any).
-template <typename T, typename Acc, bool kRowPairs>
+template <typename T, typename Acc, Words kWords>
 SOSLORA_ALWAYS_INLINE int64_t add_segment(const Geometry& g, int64_t line, int64_t first,
                                           int64_t n, T* __restrict w, Acc* __restrict d,
                                           Acc alpha, Tally<T>& t) {
   using W = Word<T>;
   using B = Bits<T>;
   const Acc limit = max_value<T, Acc>();
-  const WordOf<T, kRowPairs> word(g, line);
+  const WordOf<T, kWords> word(line);
   W s = 0, p = 0, bad = 0, k = W(first);
   B m = t.max_bits;
   const int64_t step = g.step;
   for (int64_t i = 0; i < n; ++i, ++k) {
-    const T old = w[i * step];
-    const Acc sum = widen<Acc>(old) + alpha * d[i];
+    const Acc old = widen<Acc, T>(load_bits(w + i * step));
+    const Acc sum = old + alpha * d[i];
     bad += !(std::abs(sum) <= limit);
-    const T out = narrow<T>(sum);
-    d[i] = widen<Acc>(old);
-    w[i * step] = out;
-    const B b = bits_of(out);
+    const B b = narrow<T>(sum);
+    d[i] = old;
+    store_bits(w + i * step, b);
     m = std::max<B>(m, b & kMagnitude<T>);
     const W v = word(b, k);
     s += v;
@@ -181,7 +232,7 @@ SOSLORA_ALWAYS_INLINE int64_t add_segment(const Geometry& g, int64_t line, int64
 // Puts n values back from the old values add_segment left in d.
 template <typename T, typename Acc>
 SOSLORA_ALWAYS_INLINE void restore_segment(const Geometry& g, int64_t n, T* w, const Acc* d) {
-  for (int64_t k = 0; k < n; ++k) w[k * g.step] = narrow<T>(d[k]);
+  for (int64_t k = 0; k < n; ++k) store_bits(w + k * g.step, narrow<T>(d[k]));
 }
 
 // w := round(w + alpha d) for n values, kept within T's finite range: takes back an update
@@ -192,8 +243,8 @@ SOSLORA_ALWAYS_INLINE void subtract_segment(const Geometry& g, int64_t n, T* w, 
                                             Acc alpha) {
   const Acc limit = max_value<T, Acc>();
   for (int64_t k = 0; k < n; ++k) {
-    const Acc sum = widen<Acc>(w[k * g.step]) + alpha * d[k];
-    w[k * g.step] = narrow<T>(std::clamp(sum, -limit, limit));
+    const Acc sum = widen<Acc, T>(load_bits(w + k * g.step)) + alpha * d[k];
+    store_bits(w + k * g.step, narrow<T>(std::clamp(sum, -limit, limit)));
   }
 }
 
