@@ -87,9 +87,14 @@ def test_merge_and_weight_stats_on_fallback_paths_equal_the_cpu_loop_bitwise(dty
     A = torch.randn(5, 301, generator=g, dtype=factor)
     B = torch.randn(77, 5, generator=g, dtype=factor)
     scale = torch.rand(77, 5, generator=g, dtype=factor)
-    for w0 in (torch.randn(77, 301, generator=g).to(dtype),
+    weights = [torch.randn(77, 301, generator=g).to(dtype),
                torch.randn(301, 77, generator=g).to(dtype).t(),
-               torch.randn(154, 602, generator=g).to(dtype)[::2, ::2]):
+               torch.randn(154, 602, generator=g).to(dtype)[::2, ::2]]
+    if dtype.itemsize == 2:  # every finite 16-bit value, subnormals included
+        every = torch.arange(-2**15, 2**15, dtype=torch.int16).view(dtype)
+        every = every.where(every.isfinite(), 0)
+        weights.append(every[torch.randperm(every.numel(), generator=g)[:77 * 301]].view(77, 301))
+    for w0 in weights:
         def merge():
             w = w0.clone()
             return _ops.merge_into_(w, A, B, scale, 0.7), w, _ops.weight_stats(w0)
