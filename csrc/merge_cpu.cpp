@@ -171,7 +171,7 @@ template <typename T> Tensor weight_stats_typed(const Tensor& weight) {
     total.add(t);
   });
   if (total.count > 0) total.max_bits = lines::kInfBits<T>;
-  return stats_of(total.row_sum, total.col_sum, lines::magnitude_to_double<T>(total.max_bits),
+  return stats_of(total.row_sum, total.col_sum, lines::widen<double, T>(total.max_bits),
                   total.count);
 }
 
@@ -356,7 +356,7 @@ Tensor merge_typed(Tensor& weight, const Tensor& A_acc, const Tensor& Bs_acc, do
   for (const int64_t r : beyond) out_of_range += r;
   if (out_of_range == 0)
     return stats_of(total.row_sum, total.col_sum,
-                    lines::magnitude_to_double<T>(total.max_bits), 0);
+                    lines::widen<double, T>(total.max_bits), 0);
   at::parallel_for(0, bands, grain, [&](int64_t b0, int64_t b1) {
     const c10::NoGradGuard no_grad;
     Tensor buffer = updates.buffer();

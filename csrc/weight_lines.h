@@ -40,12 +40,7 @@ template <typename T> constexpr Bits<T> kInfBits =
     : sizeof(T) == 4 ? Bits<T>(0x7F800000u)
     : std::is_same_v<T, c10::Half> ? Bits<T>(0x7C00u) : Bits<T>(0x7F80u);
 
-template <typename T> double magnitude_to_double(Bits<T> b) {
-  if constexpr (std::is_same_v<T, c10::Half>) return double(float(c10::Half(b, c10::Half::from_bits())));
-  else if constexpr (std::is_same_v<T, c10::BFloat16>)
-    return double(float(c10::BFloat16(b, c10::BFloat16::from_bits())));
-  else return double(std::bit_cast<T>(b));
-}
+
 
 // The 16-bit conversions without branches, so that the sweeps vectorize: bit for bit those of
 // c10 (and F16C's), NaN's payload aside (FP16's reference algorithm; no flush of subnormals).
@@ -89,7 +84,8 @@ template <typename T> SOSLORA_ALWAYS_INLINE void store_bits(T* p, Bits<T> b) {
 // The value of bits b of T in the accumulation type.
 template <typename Acc, typename T> SOSLORA_ALWAYS_INLINE Acc widen(Bits<T> b) {
   if constexpr (std::is_same_v<T, c10::Half>) return static_cast<Acc>(half_to_float(b));
-  else if constexpr (std::is_same_v<T, c10::BFloat16>) return static_cast<Acc>(bfloat16_to_float(b));
+  else if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return static_cast<Acc>(bfloat16_to_float(b));
   else return static_cast<Acc>(std::bit_cast<T>(b));
 }
 // T's largest finite value in the accumulation type.

@@ -222,7 +222,8 @@ cudaError_t merge_typed(void* weight, int64_t rows, int64_t cols, int64_t row_st
                         int64_t col_stride, const void* Bs, const void* A, int64_t rank,
                         double alpha, const bool* write, int64_t* stats, unsigned char* refused,
                         cudaStream_t stream) {
-  const DenseLoad<Acc> left{static_cast<const Acc*>(Bs), rank}, right{static_cast<const Acc*>(A), cols};
+  const DenseLoad<Acc> left{static_cast<const Acc*>(Bs), rank};
+  const DenseLoad<Acc> right{static_cast<const Acc*>(A), cols};
   auto* s = reinterpret_cast<unsigned long long*>(stats);
   const Acc limit = static_cast<Acc>(max_of<T>());
   const bool pairs = sizeof(T) == 2 && cols % 2 == 0;
