@@ -202,9 +202,41 @@ def bench_config(N, n_in, n_out, r_tot, dropout, dtype, device, warmup, iters,
     return rows
 
 
+def time_pair(first, second, device, warmup: int, iters: int, budget_s: float = 2.0
+              ) -> list[tuple[float, float]]:
+    """time_step() for each of two steps run in turn (the second undoes the first): [(median
+    ms, spread)] of each."""
+    for _ in range(warmup):
+        first()
+        second()
+    times: list[list[float]] = [[], []]
+    deadline = time.perf_counter() + budget_s
+    while len(times[0]) < iters and (len(times[0]) < 5 or time.perf_counter() < deadline):
+        for fn, out in ((first, times[0]), (second, times[1])):
+            if device.type == "cuda":
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                out.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+    result = []
+    for t in times:
+        q1, median, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else t * 3
+        result.append((median, (q3 - q1) / median))
+    return result
+
+
 def bench_merge(n_in, n_out, r_tot, dtype, device, warmup, iters) -> list[dict]:
-    """SOSLinear.merge() + unmerge() against one addmm_ of the folded factors into W (the floor)
-    and the reference code's dense per-expert update; ms per merge and peak extra memory."""
+    """SOSLinear.merge() and unmerge() against one addmm_ of the folded factors into W (the
+    floor) and the reference code's dense per-expert update; ms per merge and peak extra
+    memory. merge() is timed as it runs after an unmerge() (the weight's max |W| known, one
+    pass over it), the first merge of a weight (cold: its max read first) on its own, and
+    unmerge() (its fingerprint read, then the write)."""
     layer = sl.SOSLinear(nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype),
                          num_experts=K, rank=r_tot, dtype=dtype)
     with torch.no_grad():
@@ -214,30 +246,55 @@ def bench_merge(n_in, n_out, r_tot, dtype, device, warmup, iters) -> list[dict]:
     scale = layer._rank_scale().detach()
 
     @torch.no_grad()
-    def merge_unmerge():
+    def addmm(sign):
+        W.addmm_(B * scale.to(B.dtype), A, alpha=sign)
+
+    @torch.no_grad()
+    def cold_merge():
+        W.add_(0.0)  # an in-place write torch counts: the kept max |W| no longer holds
+        sync(device)
+        t0 = time.perf_counter()
         layer.merge()
+        sync(device)
+        ms = (time.perf_counter() - t0) * 1e3
         layer.unmerge()
+        return ms
 
-    @torch.no_grad()
-    def addmm_twice():
-        Bs = B * scale.to(B.dtype)
-        W.addmm_(Bs, A)
-        W.addmm_(Bs, A, alpha=-1)
-
-    @torch.no_grad()
-    def reference_twice():
-        for sign in (1, -1):
+    def reference(sign):
+        with torch.no_grad():
             for k in range(K):
                 sl_k = slice(k * r, (k + 1) * r)
                 W.add_(sign * (B[:, sl_k] * scale[sl_k].to(B.dtype)) @ A[sl_k])
 
+    shape = f"{n_in}x{n_out}"
+    timed = {
+        "addmm_ into W": time_pair(lambda: addmm(1), lambda: addmm(-1), device, warmup, iters),
+        "SOSLinear.merge": time_pair(layer.merge, layer.unmerge, device, warmup, iters),
+        "reference dense update": time_pair(lambda: reference(1), lambda: reference(-1),
+                                            device, warmup, iters),
+    }
+    colds = sorted(cold_merge() for _ in range(max(3, min(iters, 15))))
     rows = []
-    for name, fn in (("addmm_ into W", addmm_twice), ("SOSLinear.merge", merge_unmerge),
-                     ("reference dense update", reference_twice)):
-        rows.append(dict(shape=f"{n_in}x{n_out}", r_tot=r_tot, method=name,
-                         ms=time_step(fn, device, warmup, iters)[0] / 2,
-                         peak_extra_mib=peak_extra_mib(fn, device)))
+    for method, ((ms, spread), (undo_ms, undo_spread)) in timed.items():
+        pair = {"addmm_ into W": lambda: (addmm(1), addmm(-1)),
+                "SOSLinear.merge": lambda: (layer.merge(), layer.unmerge()),
+                "reference dense update": lambda: (reference(1), reference(-1))}[method]
+        rows.append(dict(shape=shape, r_tot=r_tot, method=method, ms=ms, spread=spread,
+                         peak_extra_mib=peak_extra_mib(pair, device)))
+        if method == "SOSLinear.merge":
+            rows.append(dict(shape=shape, r_tot=r_tot, method="SOSLinear.unmerge", ms=undo_ms,
+                             spread=undo_spread, peak_extra_mib=None))
+            rows.append(dict(shape=shape, r_tot=r_tot, method="SOSLinear.merge (cold)",
+                             ms=colds[len(colds) // 2], spread=None, peak_extra_mib=None))
+    base = rows[0]["ms"]
+    for row in rows:
+        row["x_addmm"] = row["ms"] / base
     return rows
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def bench_penalty(N, n_in, n_out, r_tot, dtype, device, warmup, iters) -> list[dict]:
@@ -467,9 +524,11 @@ def main(argv=None) -> int:
     if args.png:
         plot(rows, methods, args.png, title)
 
-    print("\nIn-place merge (per merge; peak extra memory):")
+    print("\nIn-place merge (per merge or unmerge, x one addmm_; peak extra memory of a merge "
+          "and unmerge):")
     for r in merges:
-        print(f"  {r['shape']:>10} r={r['r_tot']:<4} {r['method']:<24} {r['ms']:8.4f} ms"
+        print(f"  {r['shape']:>10} r={r['r_tot']:<4} {r['method']:<24} {r['ms']:8.4f} ms "
+              f"{r['x_addmm']:5.2f}x"
               + (f"  +{r['peak_extra_mib']:.1f} MiB" if r["peak_extra_mib"] is not None else ""))
     print(f"Orthogonality-penalty gradient at N={N_pen} {shape_pen} r={r_pen}:")
     for r in penalties:

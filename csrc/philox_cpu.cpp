@@ -183,29 +183,35 @@ __attribute__((target("avx512f"))) void words_avx512(uint64_t seed, uint64_t off
 
 }  // namespace
 
-// The widest form this CPU runs, or the one SOSLORA_CPU_ISA names (an unknown name, or one
-// this CPU cannot run, is an error rather than a silent fallback). Asked once per op call.
-PhiloxWords cpu_philox_words() {
+// The widest instruction set this CPU runs, or the one SOSLORA_CPU_ISA names (an unknown name,
+// or one this CPU cannot run, is an error rather than a silent fallback). Asked once per op call.
+CpuIsa cpu_isa() {
   const char* forced = std::getenv("SOSLORA_CPU_ISA");
 #ifdef SOSLORA_X86_SIMD
-  const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
+             avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
 #else
   const bool avx512 = false, avx2 = false;
 #endif
-  if (forced == nullptr || forced[0] == '\0') {
-#ifdef SOSLORA_X86_SIMD
-    if (avx512) return words_avx512;
-    if (avx2) return words_avx2;
-#endif
-    return words_scalar;
-  }
-  if (std::strcmp(forced, "scalar") == 0) return words_scalar;
-#ifdef SOSLORA_X86_SIMD
-  if (std::strcmp(forced, "avx2") == 0 && avx2) return words_avx2;
-  if (std::strcmp(forced, "avx512") == 0 && avx512) return words_avx512;
-#endif
+  if (forced == nullptr || forced[0] == '\0')
+    return avx512 ? CpuIsa::kAvx512 : avx2 ? CpuIsa::kAvx2 : CpuIsa::kScalar;
+  if (std::strcmp(forced, "scalar") == 0) return CpuIsa::kScalar;
+  if (std::strcmp(forced, "avx2") == 0 && avx2) return CpuIsa::kAvx2;
+  if (std::strcmp(forced, "avx512") == 0 && avx512) return CpuIsa::kAvx512;
   TORCH_CHECK(false, "SOSLORA_CPU_ISA=", forced,
               ": expected scalar, avx2 or avx512, one this CPU supports");
+}
+
+PhiloxWords cpu_philox_words() {
+  switch (cpu_isa()) {
+#ifdef SOSLORA_X86_SIMD
+    case CpuIsa::kAvx512: return words_avx512;
+    case CpuIsa::kAvx2: return words_avx2;
+#endif
+    default: return words_scalar;
+  }
 }
 
 }  // namespace soslora

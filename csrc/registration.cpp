@@ -75,7 +75,6 @@ TORCH_LIBRARY(soslora, m) {
   m.def("ortho_penalty(Tensor A, int num_experts) -> Tensor");
   // grad_A += weight * d(ortho_penalty)/dA; weight is a one-element tensor (read on device).
   m.def("ortho_penalty_grad_(Tensor(a!) grad_A, Tensor A, Tensor weight, int num_experts) -> ()");
-  // weight += alpha * (B*scale) @ A, accumulated in float32, rounded once.
   // CPS-LoRA: low-rank terms local to clusters of rows and columns (see soslora.h).
   m.def(
       "cluster_lowrank_forward(Tensor x, Tensor A, Tensor B, Tensor scale, Tensor row_index, "
@@ -86,7 +85,13 @@ TORCH_LIBRARY(soslora, m) {
       "Tensor hidden, Tensor? grad_hidden, Tensor row_index, Tensor col_index, int[] row_offsets, int[] col_offsets, "
       "int[] ranks, Tensor? grad_x_base, Tensor? dropout_seed, float dropout_p) "
       "-> (Tensor, Tensor, Tensor)");
-  m.def("merge_into_(Tensor(a!) weight, Tensor A, Tensor B, Tensor scale, float alpha) -> ()");
+  // weight += alpha * (B*scale) @ A, accumulated in float32, rounded once; returns the stats of
+  // the weight written (soslora.h). With max_abs, only where the guard's bound holds.
+  m.def(
+      "merge_into_(Tensor(a!) weight, Tensor A, Tensor B, Tensor scale, float alpha, "
+      "float? max_abs=None) -> Tensor");
+  // A weight's max |w| and fingerprint (soslora.h), in one read.
+  m.def("weight_stats(Tensor weight) -> Tensor");
 }
 
 namespace soslora {
@@ -124,6 +129,7 @@ void register_kernels(torch::Library& m) {
   m.impl("ortho_penalty", &ortho_penalty);
   m.impl("ortho_penalty_grad_", &ortho_penalty_grad_);
   m.impl("merge_into_", &merge_into_);
+  m.impl("weight_stats", &weight_stats);
 }
 }  // namespace
 }  // namespace soslora
@@ -137,6 +143,7 @@ TORCH_LIBRARY_IMPL(soslora, CUDA, m) { soslora::register_kernels(m); }
 TORCH_LIBRARY_IMPL(soslora, Autograd, m) {
   m.impl("ortho_penalty_grad_", torch::CppFunction::makeFallthrough());
   m.impl("merge_into_", torch::CppFunction::makeFallthrough());
+  m.impl("weight_stats", torch::CppFunction::makeFallthrough());
   m.impl("input_dropout_grads_", torch::CppFunction::makeFallthrough());
   // The halves of adapted_linear, whose autograd node (autograd.cpp) calls them.
   m.impl("adapted_linear_forward", torch::CppFunction::makeFallthrough());

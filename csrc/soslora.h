@@ -53,8 +53,30 @@ Tensor ortho_penalty(const Tensor& A, int64_t num_experts);
 void ortho_penalty_grad_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
                          int64_t num_experts);
 // ---- merge: weight += alpha * (B * scale) @ A -------------------------------------------------
-void merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
-                 double alpha);
+// Both return a weight's stats, an int64 tensor [4] on its device:
+//   [0], [1]  its fingerprint: sum_ij (2i+1) b_ij and sum_ij (2j+1) b_ij in wrapping arithmetic,
+//             b_ij the bits of w_ij (16-bit values with an even number of columns: 32-bit words
+//             of two adjacent values of a row, the odd column's value high, j the word's index;
+//             otherwise 16-bit values sign-extended), mod 2^64 for float64, else mod 2^32 (in
+//             [0, 2^32)): sharing.fingerprint's sums;
+//   [2]       max |w_ij| as the bits of a float64 (+inf if a value is not finite);
+//   [3]       weight_stats: how many values are not finite. merge_into_: 0 when it merged;
+//             else nothing is merged and [0..2] are 0: -1 when the bound below did not hold,
+//             or how many sums left the dtype's finite range (none of them is written, and
+//             the rest of the update is taken back: the weight is as before, within one
+//             rounding where the update had been written).
+// weight is [out, in] in float32, float64, float16 or bfloat16, any strides.
+Tensor weight_stats(const Tensor& weight);
+// The update accumulated in float32 (float64 for float64 weights or factors) and rounded once;
+// the stats are those of the weight written, gathered in the same pass. With max_abs (a
+// known max |weight|) it first checks the merge guard's bound, that
+//   (max_abs + |alpha| max_i ||(B scale)_i|| max_j ||A_:,j||) (1 + 2^-10) < the dtype's max
+// (every sum within the range; Cauchy-Schwarz), and writes nothing where it does not hold.
+Tensor merge_into_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
+                   double alpha, std::optional<double> max_abs);
+// The bound's update term, |alpha| max_i ||Bs_i|| max_j ||A_:,j||, in float64 (A [r, in] and
+// Bs [out, r] in the accumulation dtype): a 0-d tensor on their device (ATen; any device).
+Tensor update_bound(const Tensor& A_acc, const Tensor& Bs_acc, double alpha);
 
 // ---- cluster-local low-rank terms (CPS-LoRA) ---------------------------------------------------
 // Cluster c owns the output rows row_index[row_offsets[c]:row_offsets[c+1]] and the input
@@ -154,6 +176,10 @@ using PhiloxWords = void (*)(uint64_t seed, uint64_t offset, uint64_t first, int
 PhiloxWords cpu_philox_words();
 // 1/(1-p) rounded to `dtype` as every dropout path rounds it (exact in dtype), as a double.
 double dropout_keep_value(double p, at::ScalarType dtype);
+// The widest instruction set the CPU loops may use here (philox_cpu.cpp):
+// SOSLORA_CPU_ISA=scalar|avx2|avx512 forces one (an error where the CPU lacks it).
+enum class CpuIsa { kScalar, kAvx2, kAvx512 };
+CpuIsa cpu_isa();
 
 // Which CUDA implementation the ops use (set from Python through _C.set_cuda_path):
 //   kAuto    - for each op and shape class, the faster of the kernel and ATen, measured on first
@@ -177,8 +203,10 @@ bool have_cuda_kernels(const Tensor& t);
 // capturing a CUDA graph.
 void synchronize_device(const Tensor& t);
 bool stream_capturing(const Tensor& t);
-void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
-                      double alpha);
+// `write`: a 0-d bool on the device, whether to merge (the bound's verdict), or undefined.
+Tensor merge_into_cuda_(at::Tensor& weight, const Tensor& A_acc, const Tensor& Bs_acc,
+                        double alpha, const Tensor& write);
+Tensor weight_stats_cuda(const Tensor& weight);
 void ortho_penalty_grad_cuda_(at::Tensor& grad_A, const Tensor& A, const Tensor& weight,
                               int64_t num_experts);
 Tensor lowrank_hidden_cuda(const Tensor& x, const Tensor& A, const OptTensor& dropout_seed,

@@ -7,6 +7,13 @@ import soslora_ext as sl
 from soslora_ext.ops import reference
 
 
+def isa_runs_here(isa: str) -> bool:
+    """Whether this CPU runs the SOSLORA_CPU_ISA form `isa` (scalar, avx2, avx512)."""
+    capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2 or AVX512
+    return {"scalar": True, "avx2": capability in ("AVX2", "AVX512"),
+            "avx512": capability == "AVX512"}[isa]
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """|actual - expected| / |expected| in float64 (0 when both are 0)."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()

@@ -91,22 +91,32 @@ int64_t sm_count(const c10::Device& device) {
 
 }  // namespace
 
-// Arguments checked by merge_into_ (merge.cpp).
-void merge_into_cuda_(at::Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& scale,
-                      double alpha) {
-  const c10::NoGradGuard no_grad;  // updates a gradient or frozen weight: not differentiable
+// Arguments checked by merge_into_ (merge.cpp), which forms the factors in the accumulation
+// dtype: the rule is the CPU's (float32, or float64 for float64 weights or factors).
+Tensor merge_into_cuda_(at::Tensor& weight, const Tensor& A_acc, const Tensor& Bs_acc,
+                        double alpha, const Tensor& write) {
   const c10::cuda::CUDAGuard guard(weight.device());
-  // The CPU rule (merge.cpp): accumulate in float32, or float64 for float64 weights or factors.
-  const auto acc = at::promote_types(accumulate_dtype(weight.scalar_type()),
-                                     at::promote_types(A.scalar_type(), B.scalar_type()));
-  // The factors are small ([r, in], [out, r]): fold the scale once, in the accumulation type.
-  const Tensor A_acc = A.to(acc).contiguous();
-  const Tensor Bs_acc = (B.to(acc) * scale.to(acc)).contiguous();
-  C10_CUDA_CHECK(cuda::launch_merge(weight.data_ptr(), kernel_dtype(weight.scalar_type()),
-                                    weight.size(0), weight.size(1), weight.stride(0),
-                                    weight.stride(1), Bs_acc.data_ptr(), A_acc.data_ptr(),
-                                    A.size(0), acc == at::kDouble, alpha,
-                                    c10::cuda::getCurrentCUDAStream()));
+  const Tensor A_c = A_acc.contiguous(), Bs_c = Bs_acc.contiguous();
+  Tensor stats = at::zeros({4}, weight.options().dtype(at::kLong));
+  Tensor refused = at::zeros({cuda::merge_tiles(weight.size(0), weight.size(1))},
+                             weight.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::launch_merge(
+      weight.data_ptr(), kernel_dtype(weight.scalar_type()), weight.size(0), weight.size(1),
+      weight.stride(0), weight.stride(1), Bs_c.data_ptr(), A_c.data_ptr(), A_c.size(0),
+      A_c.scalar_type() == at::kDouble, alpha, write.defined() ? write.data_ptr<bool>() : nullptr,
+      stats.data_ptr<int64_t>(), refused.data_ptr<uint8_t>(),
+      c10::cuda::getCurrentCUDAStream()));
+  return stats;
+}
+
+Tensor weight_stats_cuda(const Tensor& weight) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  Tensor stats = at::zeros({4}, weight.options().dtype(at::kLong));
+  C10_CUDA_CHECK(cuda::launch_weight_stats(
+      weight.data_ptr(), kernel_dtype(weight.scalar_type()), weight.size(0), weight.size(1),
+      weight.stride(0), weight.stride(1), stats.data_ptr<int64_t>(),
+      c10::cuda::getCurrentCUDAStream()));
+  return stats;
 }
 
 // Arguments checked, and the kernels chosen, by ortho_penalty_grad_ (ortho.cpp).

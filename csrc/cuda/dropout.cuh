@@ -1,5 +1,6 @@
-// Dropout regenerated inside a kernel: the mask of a [rows, cols] tensor (kernels.h, Matrix)
-// decided per element from the Philox seed (philox.h), never stored.
+// Dropout regenerated inside a kernel: the mask of a physical [*, cols] tensor (kernels.h,
+// Matrix; through its index maps, the tensor they address) decided per element from the Philox
+// seed (philox.h), never stored.
 #pragma once
 #include <cstdint>
 
@@ -34,7 +35,7 @@ template <typename T, typename Acc> DeviceDropout<Acc> device_dropout(const Matr
   d.seed = m.dropout_seed;
   d.threshold = dropout_threshold(m.dropout_p);
   d.keep = static_cast<Acc>(static_cast<double>(from_double<T>(1.0 / (1.0 - m.dropout_p))));
-  d.cols = m.cols;
+  d.cols = m.col_map != nullptr && m.col_extent ? m.col_extent : m.cols;
   return d;
 }
 

@@ -24,10 +24,24 @@ cudaError_t launch_dropout_apply(void* out, const void* in, DType dtype, int64_t
 // weight[o, c] += alpha * sum_j Bs[o, j] * A[j, c], one rounding into weight's dtype.
 // Bs [rows, rank] and A [rank, cols] are contiguous in the accumulation type (float, or double
 // when acc_double: always for float64 weights, and for any weight with float64 factors);
-// weight is strided (row_stride, col_stride) in `dtype`.
+// weight is strided (row_stride, col_stride) in `dtype`. stats (device int64 [4], zeroed by
+// the caller) gets the stats of the weight written (soslora.h): the fingerprint's sums, max
+// |w|. Each 64 x 64 tile is written only if all its sums are within the dtype's finite range;
+// otherwise stats[3] counts the sums beyond it, the tile is flagged in refused (device bytes,
+// merge_tiles(rows, cols) of them, zeroed by the caller), and a second launch takes the update
+// back from every tile written (one more rounding) and zeroes stats[0..2]. write (device bool,
+// or null): while false, nothing is written and stats[3] becomes -1.
 cudaError_t launch_merge(void* weight, DType dtype, int64_t rows, int64_t cols,
                          int64_t row_stride, int64_t col_stride, const void* Bs, const void* A,
-                         int64_t rank, bool acc_double, double alpha, cudaStream_t stream);
+                         int64_t rank, bool acc_double, double alpha, const bool* write,
+                         int64_t* stats, unsigned char* refused, cudaStream_t stream);
+int64_t merge_tiles(int64_t rows, int64_t cols);
+
+// The stats of a weight [rows, cols] (strided) into stats (device int64 [4], zeroed by the
+// caller; soslora.h): one read.
+cudaError_t launch_weight_stats(const void* weight, DType dtype, int64_t rows, int64_t cols,
+                                int64_t row_stride, int64_t col_stride, int64_t* stats,
+                                cudaStream_t stream);
 
 }  // namespace soslora::cuda
 

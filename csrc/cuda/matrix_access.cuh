@@ -4,25 +4,11 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../philox.h"
+#include "dropout.cuh"
 #include "kernels.h"
 #include "numeric.cuh"
 
 namespace soslora::cuda {
-
-// The dropout of a physical [*, cols] tensor, regenerated per element.
-template <typename Acc> struct DeviceDropout {
-  const int64_t* seed = nullptr;
-  uint32_t threshold = 0;
-  Acc keep = 1;  // 1/(1-p) rounded to the element type, as the CPU path multiplies
-  int64_t cols = 0;
-
-  __device__ __forceinline__ bool active() const { return seed != nullptr; }
-  __device__ __forceinline__ bool kept(int64_t i, int64_t j) const {
-    return dropout_keep(static_cast<uint64_t>(seed[0]), static_cast<uint64_t>(seed[1]),
-                        static_cast<uint64_t>(i * cols + j), threshold);
-  }
-};
 
 // Where element (i, j) of a Matrix lives: its physical row and column through the maps.
 struct MatrixPlace {
@@ -54,16 +40,6 @@ struct MatrixPlace {
 inline MatrixPlace place_of(const Matrix& m) {
   return {m.stride0, m.stride1, m.row_map, m.col_map, m.row_extent ? m.row_extent : m.rows,
           m.col_extent ? m.col_extent : m.cols};
-}
-
-template <typename T, typename Acc> DeviceDropout<Acc> device_dropout(const Matrix& m) {
-  DeviceDropout<Acc> d;
-  if (m.dropout_seed == nullptr || m.dropout_p <= 0) return d;
-  d.seed = m.dropout_seed;
-  d.threshold = dropout_threshold(m.dropout_p);
-  d.keep = static_cast<Acc>(static_cast<double>(from_double<T>(1.0 / (1.0 - m.dropout_p))));
-  d.cols = m.col_map != nullptr && m.col_extent ? m.col_extent : m.cols;
-  return d;
 }
 
 // Loads element (i, j) of a Matrix (a transposed operand is a Matrix with swapped strides).

@@ -33,11 +33,16 @@
 //           optionally static constexpr bool kColsContiguous (fixed: only that layout is
 //           compiled). A loader without Element is read element by element, as if its
 //           columns were contiguous.
-// Epilogue: __device__ void operator()(int64_t m, int64_t n, Acc value) const;
+// Epilogue: __device__ void operator()(int64_t m, int64_t n, Acc value);  (each thread has its
+//           own copy, so it may keep per-thread state)
 //           optionally __device__ void row(int64_t m, int64_t n, const float* values, int count)
 //           const: results (m, n .. n + count - 1), count <= 8 (tensor-core tiles)
 //           optionally __device__ bool active() const: when false, every block returns at once
-//           (a switch read on the device, so the host never waits to decide)
+//           (a switch read on the device, so the host never waits to decide);
+//           optionally the whole tile or none of it: __device__ bool accepts(m, n, value) const
+//           for every element first; if all accept, operator() for each, else refuse(count)
+//           once per block (count: the elements refused); then finish() on every thread (may
+//           hold barriers: the block's reduction of what the threads gathered)
 #pragma once
 #include <cuda_pipeline_primitives.h>
 #include <mma.h>
@@ -194,11 +199,33 @@ template <typename Tile, bool kLeftK, bool kRightK, class Left, class Right> str
   }
 };
 
+// Hands this thread's results of the tile (for_each(f) calls f(m, n, value) for each) to the
+// epilogue: element by element, or the whole tile or none of it (see above).
+template <class Epilogue, class ForEach>
+__device__ __forceinline__ void finish_tile(Epilogue& epilogue, const ForEach& for_each) {
+  if constexpr (requires { epilogue.refuse(1); }) {
+    __shared__ int refused_s[1];
+    if (threadIdx.x == 0) refused_s[0] = 0;
+    __syncthreads();
+    int mine = 0;
+    for_each([&](int64_t m, int64_t n, auto v) { mine += !epilogue.accepts(m, n, v); });
+    if (mine != 0) atomicAdd(refused_s, mine);
+    __syncthreads();
+    const int refused = refused_s[0];
+    if (refused == 0) for_each([&](int64_t m, int64_t n, auto v) { epilogue(m, n, v); });
+    else if (threadIdx.x == 0) epilogue.refuse(refused);
+    epilogue.finish();
+  } else {
+    for_each([&](int64_t m, int64_t n, auto v) { epilogue(m, n, v); });
+  }
+}
+
 // The tile at (m0, n0) over K in [k_begin, k_end) of one problem.
 template <typename Tile, bool kLeftK, bool kRightK, class Left, class Right, class Epilogue>
 __device__ __forceinline__ void tile_block(int64_t M, int64_t N, int64_t m0, int64_t n0,
                                            int64_t k_begin, int64_t k_end, const Left& left,
-                                           const Right& right, const Epilogue& epilogue) {
+                                           const Right& right, const Epilogue& epilogue_in) {
+  Epilogue epilogue = epilogue_in;  // this thread's copy
   using P = Pipeline<Tile, kLeftK, kRightK, Left, Right>;
   constexpr bool kWmma = kTensorCoreTile<Tile>;
   constexpr int kLdC = kTileN + 4;  // the wmma result tile, floats (reuses the stage buffers)
@@ -216,7 +243,8 @@ __device__ __forceinline__ void tile_block(int64_t M, int64_t N, int64_t m0, int
       nvcuda::wmma::store_matrix_sync(result + math.warp_m * kLdC + math.warp_n + 16 * f,
                                       math.acc[f], kLdC, nvcuda::wmma::mem_row_major);
     __syncthreads();
-    if constexpr (requires { epilogue.row(m0, n0, result, 8); }) {
+    if constexpr (requires { epilogue.row(m0, n0, result, 8); } &&
+                  !requires { epilogue.refuse(1); }) {
       // 8 consecutive results per thread: the epilogue may write them 16 bytes at a time.
       for (int idx = threadIdx.x; idx < kTileM * kTileN / 8; idx += kTileThreads) {
         const int r = idx / (kTileN / 8), c = idx % (kTileN / 8) * 8;
@@ -224,22 +252,26 @@ __device__ __forceinline__ void tile_block(int64_t M, int64_t N, int64_t m0, int
           epilogue.row(m0 + r, n0 + c, result + r * kLdC + c, int(N - n0 - c < 8 ? N - n0 - c : 8));
       }
     } else {
-      for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kTileThreads) {
-        const int r = idx / kTileN, c = idx % kTileN;
-        if (m0 + r < M && n0 + c < N) epilogue(m0 + r, n0 + c, result[r * kLdC + c]);
-      }
+      finish_tile(epilogue, [&](auto&& f) {
+        for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kTileThreads) {
+          const int r = idx / kTileN, c = idx % kTileN;
+          if (m0 + r < M && n0 + c < N) f(m0 + r, n0 + c, result[r * kLdC + c]);
+        }
+      });
     }
   } else {
     using Step = FmaStep<Tile, kLeftK, kRightK>;
     Step math;
     pipeline.run(math);
-    SOSLORA_UNROLL
-    for (int i = 0; i < Step::kPer; ++i)
+    finish_tile(epilogue, [&](auto&& f) {
       SOSLORA_UNROLL
-      for (int j = 0; j < Step::kPer; ++j) {
-        const int64_t m = m0 + math.ty + 16 * i, n = n0 + math.tx + 16 * j;
-        if (m < M && n < N) epilogue(m, n, math.acc[i][j]);
-      }
+      for (int i = 0; i < Step::kPer; ++i)
+        SOSLORA_UNROLL
+        for (int j = 0; j < Step::kPer; ++j) {
+          const int64_t m = m0 + math.ty + 16 * i, n = n0 + math.tx + 16 * j;
+          if (m < M && n < N) f(m, n, math.acc[i][j]);
+        }
+    });
   }
 }
 

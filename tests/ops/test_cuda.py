@@ -308,6 +308,43 @@ def test_merge_kernel_matches_cpu(w_dtype, transposed, factor_dtype):
         sl.ops.merge_into_(expanded, A.float().cuda(), B.float().cuda(), scale.cuda(), 1.0)
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_merge_and_weight_stats_kernels_return_the_cpu_stats(w_dtype, layout):
+    """Fingerprint sums and max |w| from the CUDA passes equal sharing.fingerprint's and the
+    max of what was written, bit for bit; a sum beyond the range is never written; the
+    guard's bound, checked on the device, keeps the merge out."""
+    from soslora_ext.layers.sharing import fingerprint
+    torch.manual_seed(0)
+    n_out, n_in, r = 141, 78, 9  # ragged tiles; an even width pairs 16-bit values
+    full = torch.randn(2 * n_out, 2 * n_in).to(w_dtype)
+    W = {"contiguous": full[:n_out, :n_in].contiguous(),
+         "transposed": full[:n_in, :n_out].contiguous().t(),
+         "strided": full[::2, ::2]}[layout].cuda()
+    factor = torch.float64 if w_dtype == torch.float64 else torch.float32
+    A, B = (torch.randn(r, n_in, dtype=factor, device="cuda"),
+            torch.randn(n_out, r, dtype=factor, device="cuda"))
+    scale = torch.rand(r, dtype=factor, device="cuda")
+    read = sl.ops.weight_stats(W)
+    assert read.sums == fingerprint(W)[2:] and read.max_abs == W.double().abs().max().item()
+    stats = sl.ops.merge_into_(W, A, B, scale, 0.5)
+    assert stats.sums == fingerprint(W)[2:] and stats.count == 0
+    assert stats.max_abs == W.double().abs().max().item()
+    assert stats == sl.ops.weight_stats(W.cpu())
+    before = W.clone()
+    limit = torch.finfo(w_dtype).max
+    assert sl.ops.merge_into_(W, A, B, scale, 1.0, max_abs=limit) == (0.0, (0, 0), -1)
+    assert torch.equal(W, before)
+    W[5, 7], A[0, 7], B[:, 0], B[5, 0], scale[0] = 0.75 * limit, 0.5 * limit, 0, 1, 1
+    before = W.clone()
+    assert sl.ops.merge_into_(W, A, B, scale, 1.0) == (0.0, (0, 0), 1)
+    assert torch.isfinite(W).all() and W[5, 7] == before[5, 7]
+    update = (B.double() * scale.double()) @ A.double()
+    eps = torch.finfo(w_dtype).eps
+    assert ((W.double() - before.double()).abs()
+            <= 4 * eps * (before.double().abs() + update.abs())).all()
+
+
 def test_dropout_mask_kernel_equals_reference_everywhere():
     # More elements than one grid covers, so the grid-stride loop runs.
     n = 65536 * 256 + 12345
@@ -339,6 +376,8 @@ def test_opcheck_on_cuda(cuda_path):
     opcheck(_ops.ortho_penalty_grad_, (torch.randn(8, 9, **g), torch.randn(8, 9, **g),
                                        torch.tensor(0.5, **g), 4))
     opcheck(_ops.merge_into_, (torch.randn(5, 9, **g), Ad, Bd, sd, 1.0))
+    opcheck(_ops.merge_into_, (torch.randn(5, 9, **g), Ad, Bd, sd, 1.0, 100.0))
+    opcheck(_ops.weight_stats, (torch.randn(5, 9, **g),))
     W, bias = torch.randn(5, 9, **g), torch.randn(5, **g)
     for on_input in (False, True):
         opcheck(_ops.linear_lowrank_forward, (x, W, bias, A, B, scale, seed, 0.3, on_input))

@@ -7,7 +7,7 @@ import torch
 import soslora_ext as sl
 from soslora_ext.ops import reference
 
-from conftest import make_layer
+from conftest import isa_runs_here, make_layer
 
 _ops = torch.ops.soslora
 
@@ -115,17 +115,11 @@ def test_non_contiguous_seed_gives_the_same_mask():
                        _ops.dropout_mask(strided.contiguous(), [9, 7], 0.4, torch.float32))
 
 
-def _isa_runs_here(isa: str) -> bool:
-    capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2 or AVX512
-    return {"scalar": True, "avx2": capability in ("AVX2", "AVX512"),
-            "avx512": capability == "AVX512"}[isa]
-
-
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_every_simd_form_of_the_cpu_mask_equals_the_reference(isa, monkeypatch):
     # The SIMD forms draw 8 or 16 elements at once in runs of 512 per thread chunk: sizes on
     # and around every boundary, and one split across threads.
-    if not _isa_runs_here(isa):
+    if not isa_runs_here(isa):
         pytest.skip(f"this CPU does not run {isa}")
     monkeypatch.setenv("SOSLORA_CPU_ISA", isa)
     generator = torch.Generator().manual_seed(5)

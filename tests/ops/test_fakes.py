@@ -76,7 +76,9 @@ def make(name, N=3, n_in=4, n_out=6, r=2, dtype=F32, p=0.3, on_input=False, bloc
                     weight=torch.tensor(0.5), num_experts=2)
     if name == "merge_into_":
         return dict(weight=t(n_out, n_in, dtype=dtype), A=A, B=B, scale=lowrank["scale"],
-                    alpha=0.5)
+                    alpha=0.5, max_abs=None)
+    if name == "weight_stats":
+        return dict(weight=t(n_out, n_in, dtype=dtype))
     base = dict(weight=t(n_out, n_in, dtype=dtype), bias=t(n_out, dtype=dtype))
     if name == "adapted_linear_forward":
         return dict(x=x, **base, base_out=None, A=A, B=B, scale=scale, **layout, **drop,
@@ -288,6 +290,11 @@ BAD = [
     bad("merge_into_", "weight, A and B must be floating-point", A=t(2, 4, dtype=I64)),
     bad("merge_into_", "scale must be [r]", scale=t(3)),
     bad("merge_into_", "share memory", weight=t(1, 4).expand(6, 4)),
+    bad("merge_into_", "weight must be float32, float64, float16 or bfloat16",
+        weight=t(6, 4).to(torch.float8_e4m3fn)),
+    bad("weight_stats", "weight must be a 2-D [out, in] matrix", weight=t(6)),
+    bad("weight_stats", "weight must be float32, float64, float16 or bfloat16",
+        weight=t(6, 4, dtype=I64)),
 ]
 
 

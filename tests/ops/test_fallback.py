@@ -75,3 +75,37 @@ def test_cps_layer_on_fallback_paths_equals_cpu_bitwise():
     normal, fallback = both_paths(step)
     for a, b in zip(normal, fallback):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_and_weight_stats_on_fallback_paths_equal_the_cpu_loop_bitwise(dtype, monkeypatch):
+    """The ATen merge forms the update with at::mm in the CPU loop's bands: equal to its scalar
+    form bit for bit (the SIMD forms sum with their own kernel), the stats too."""
+    monkeypatch.setenv("SOSLORA_CPU_ISA", "scalar")
+    g = torch.Generator().manual_seed(8)
+    factor = torch.float64 if dtype == torch.float64 else torch.float32
+    A = torch.randn(5, 301, generator=g, dtype=factor)
+    B = torch.randn(77, 5, generator=g, dtype=factor)
+    scale = torch.rand(77, 5, generator=g, dtype=factor)
+    weights = [torch.randn(77, 301, generator=g).to(dtype),
+               torch.randn(301, 77, generator=g).to(dtype).t(),
+               torch.randn(154, 602, generator=g).to(dtype)[::2, ::2]]
+    if dtype.itemsize == 2:  # every finite 16-bit value, subnormals included
+        every = torch.arange(-2**15, 2**15, dtype=torch.int16).view(dtype)
+        every = every.where(every.isfinite(), 0)
+        weights.append(every[torch.randperm(every.numel(), generator=g)[:77 * 301]].view(77, 301))
+    for w0 in weights:
+        def merge():
+            w = w0.clone()
+            return _ops.merge_into_(w, A, B, scale, 0.7), w, _ops.weight_stats(w0)
+        normal, fallback = both_paths(merge)
+        for a, b in zip(normal, fallback):
+            assert torch.equal(a, b)
+    # A sum beyond the range: the fallback checks them all first and writes nothing.
+    w0[3, 4] = 0.75 * torch.finfo(dtype).max
+    A[:, 4], B[3], B[:, 0] = 0, 0, 0  # the update at (3, 4) alone is of the dtype's range
+    A[0, 4], B[3, 0], scale[3, 0] = 0.5 * torch.finfo(dtype).max, 1, 1
+    normal, fallback = both_paths(lambda: (lambda w: (_ops.merge_into_(w, A, B, scale, 1.0), w))(
+        w0.clone()))
+    assert normal[0].tolist() == fallback[0].tolist() == [0, 0, 0, 1]
+    assert torch.equal(fallback[1], w0) and torch.isfinite(normal[1]).all()

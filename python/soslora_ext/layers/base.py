@@ -12,7 +12,7 @@ import torch.nn as nn
 from .. import ops
 from ..ops.dtypes import SUPPORTED_DTYPES
 from . import merge_guard, quantized
-from .sharing import ModelRef, fingerprint, scope_of, shared_with
+from .sharing import ModelRef, fingerprint, from_sums, scope_of, shared_with
 
 Tensor = torch.Tensor
 
@@ -310,52 +310,60 @@ class AdapterLinear(nn.Module):
         base = self.base_layer
         return merge_guard.Target(name, weight_matrix(base), [term], owner=(base, "weight"))
 
-    def _record_merged(self, target: merge_guard.Target) -> None:
-        """Record the update `target` wrote and the merged weight's fingerprint."""
+    def _record_merged(self, target: merge_guard.Target, stats: ops.WeightStats | None) -> None:
+        """Record the update `target` wrote and the fingerprint of the weight it left (`stats`,
+        from the pass that wrote it; None for a weight without values, on the meta device)."""
         term = target.terms[0]
-        self._merged_A, self._merged_B, self._merged_scale = term.A, term.B, term.scale
-        self._merged_fingerprint = fingerprint(self.base_layer.weight)
+        self._set_merged(term.A, term.B, term.scale)
+        self._merged_fingerprint = None if stats is None else from_sums(target.weight, stats.sums)
+
+    def _set_merged(self, A: Tensor | None, B: Tensor | None, scale: Tensor | None) -> None:
+        # Straight into the buffers' dict: nn.Module's setattr costs microseconds a name.
+        self._buffers.update(_merged_A=A, _merged_B=B, _merged_scale=scale)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into the base weight in place (float32 accumulation, one rounding).
         Refused, with the weight unchanged, if a factor is not finite, the sum would overflow
         the weight's dtype, or another tensor of the model shares the weight's memory (see
-        _scope: a layer built on its own knows only itself)."""
+        _scope: a layer built on its own knows only itself). One pass over the weight when its
+        max |W| is known (merge_guard), two otherwise."""
         name = type(self).__name__
         self._check_mergeable(f"{name}.merge")
         target = self._merge_target("")
-        merge_guard.merge_([target], f"{name}.merge", self._scope())
-        self._record_merged(target)
+        (stats,) = merge_guard.merge_([target], f"{name}.merge", self._scope())
+        self._record_merged(target, stats)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract exactly the update merge() added (exact up to one rounding of the weight's
         dtype), even if the factors or scales changed since. Refused, with nothing changed, if
         the base weight is not the one merge() wrote (its fingerprint differs: restored,
-        reloaded, replaced or cast since) or shares memory with another tensor of the model."""
+        reloaded, replaced or cast since) or shares memory with another tensor of the model.
+        Two passes over the weight: its fingerprint (and max |W|) read, then the write."""
         name = type(self).__name__
         if self.quantized:
             raise RuntimeError(quantized.merge_refusal(self.base_layer, f"{name}.unmerge"))
         if not self.merged:
             raise RuntimeError(f"{name}.unmerge: the adapter is not merged")
         base = self.base_layer
+        weight = weight_matrix(base)
         recorded = getattr(self, "_merged_fingerprint", None)
-        if recorded is not None and fingerprint(base.weight) != recorded:
+        if recorded is not None and from_sums(weight, merge_guard.read(weight).sums) != recorded:
             raise RuntimeError(
                 f"{name}.unmerge: the base weight is not the one merge() wrote (restored, "
                 "reloaded, replaced or cast since): subtracting the update would leave it off by "
                 "the whole update. Nothing was changed; if it no longer holds the update, call "
                 "discard_merge()")
         term = merge_guard.Term(self._merged_A, self._merged_B, self._merged_scale, -1.0)
-        target = merge_guard.Target("", weight_matrix(base), [term], owner=(base, "weight"))
+        target = merge_guard.Target("", weight, [term], owner=(base, "weight"))
         merge_guard.merge_([target], f"{name}.unmerge", self._scope())
         self.discard_merge()
 
     def discard_merge(self) -> None:
         """Forget the merged update without writing the weight: for a base weight that no
         longer holds it (restored or replaced since merge()). The layer is unmerged after."""
-        self._merged_A = self._merged_B = self._merged_scale = None
+        self._set_merged(None, None, None)
         self._merged_fingerprint = None
 
     # ---- state dict: a merged layer's weight comes with the update it holds -----------------
@@ -386,9 +394,14 @@ class AdapterLinear(nn.Module):
             device = self.lora_A.device
             merged = [t.detach().clone().to(device) for t in update] or [None] * len(keys)
             self._merged_A, self._merged_B, self._merged_scale = merged
-            loaded = state_dict[f"{prefix}base_layer.weight"]  # copied into the weight's dtype
-            self._merged_fingerprint = fingerprint(loaded.detach().to(
-                self.base_layer.weight.dtype)) if update and isinstance(loaded, Tensor) else None
+            # The fingerprint of the [out, in] weight the load copies in (in the weight's dtype).
+            loaded = state_dict[f"{prefix}base_layer.weight"]
+            if update and isinstance(loaded, Tensor):
+                loaded = loaded.detach().to(self.base_layer.weight.dtype)
+                self._merged_fingerprint = fingerprint(loaded.t() if self.fan_in_fan_out
+                                                       else loaded)
+            else:
+                self._merged_fingerprint = None
         elif update:
             error_msgs.append(f"{prefix}base_layer: merged update without base_layer.weight")
 

@@ -12,6 +12,17 @@ each entry of D = (B s) A) settles the common case. Only where the bound cannot 
 overflow is the merge replayed band by band in the accumulation dtype, as the op computes it
 (small temporaries), before anything is written.
 
+max|W| costs no read of W where it is known: the merge op returns the max of the weight it
+wrote (and its fingerprint) from the pass that wrote it, weight_stats reads both in one pass,
+and the guard keeps the last max of each weight it saw, valid while the weight is the same
+tensor with the same memory, layout and dtype and torch's count of its in-place writes
+(`_version`) is unchanged (copy_, load_state_dict, in-place ops and the merge op count).
+Writes torch does not count (through .data, numpy or DLPack) leave that max stale; the op
+still checks every sum it writes against the dtype's range, writes none beyond it, and then
+takes back what it wrote (within one rounding, as unmerging): the guard forgets the max and
+raises FloatingPointError, after taking back the other weights of the same merge. So a merge
+reads the weight once (twice the first time), and an unmerge twice (its fingerprint check).
+
 Terms of a dtype or shape the op cannot take are refused here too, and the terms of all
 targets that write one weight are checked as their sum.
 
@@ -26,6 +37,7 @@ the modules to search (`scope`) and where each weight lives (`Target.owner`).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -39,8 +51,9 @@ Tensor = torch.Tensor
 
 # Rows per band of the exact check: about 2^20 elements per temporary.
 _BAND_ELEMENTS = 1 << 20
-# Slack on the bound for the rounding of the float32 (float64) accumulation.
-_BOUND_SLACK = 1.0 + 1e-3
+# Slack on the bound for the rounding of the float32 (float64) accumulation (the op's, in
+# merge_cpu.h, is the same).
+_BOUND_SLACK = 1.0 + 2.0 ** -10
 
 
 @dataclass
@@ -113,28 +126,102 @@ def _weight_key(weight: Tensor) -> tuple:
     return id(base), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride())
 
 
+# ---- the last known max |W| of each weight ------------------------------------------------------
+# id(base tensor) -> (weak reference to it, the weight's _key, max |W|).
+_known: dict[int, tuple] = {}
+
+
+def _key(weight: Tensor) -> tuple | None:
+    """What must not change for a recorded max |W| to hold: the memory, layout, dtype and
+    torch's count of in-place writes of `weight`. None where no max is kept (meta, subclasses,
+    inference tensors, which count no writes)."""
+    if weight.device.type == "meta" or type(weight) not in (Tensor, nn.Parameter):
+        return None
+    try:
+        version = weight._version
+    except RuntimeError:
+        return None
+    return (weight.data_ptr(), weight.device, tuple(weight.shape), tuple(weight.stride()),
+            weight.dtype, version)
+
+
+def _base(weight: Tensor) -> Tensor:
+    return weight._base if weight._base is not None else weight
+
+
+def known_max(weight: Tensor) -> float | None:
+    """The max |W| recorded for `weight` if it still holds, else None."""
+    entry = _known.get(id(_base(weight)))
+    if entry is None or entry[0]() is not _base(weight):
+        return None
+    key = _key(weight)
+    return entry[2] if key is not None and entry[1] == key else None
+
+
+def _remember(weight: Tensor, stats: ops.WeightStats) -> None:
+    """Keep max |W| from `stats`, just read or written (finite values only)."""
+    key = _key(weight)
+    if key is None or stats.count or not math.isfinite(stats.max_abs):
+        return _forget(weight)
+    base = _base(weight)
+    i = id(base)
+
+    def gone(ref):  # the tensor was freed: its id may be reused
+        if _known.get(i, (None,))[0] is ref:
+            del _known[i]
+
+    _known[i] = (weakref.ref(base, gone), key, stats.max_abs)
+
+
+def _forget(weight: Tensor) -> None:
+    _known.pop(id(_base(weight)), None)
+
+
+def read(weight: Tensor) -> ops.WeightStats:
+    """The weight's stats (max |W|, fingerprint sums) in one read, the max kept for the next
+    check."""
+    stats = ops.weight_stats(weight.detach())
+    _remember(weight, stats)
+    return stats
+
+
+def _validate(target: Target, where: str) -> bool:
+    """TypeError/ValueError if the weight or a term's dtype or shape cannot be merged; returns
+    whether there are values to check (terms, and a weight with values)."""
+    weight = target.weight
+    if not target.terms:
+        return False
+    if not weight.dtype.is_floating_point or weight.dim() != 2:
+        raise TypeError(f"{_label(where, target)}: the weight is {weight.dtype} "
+                        f"{list(weight.shape)}, not a floating-point matrix")
+    for t in target.terms:
+        _check_term(target, t, where)
+    return weight.device.type != "meta" and weight.numel() > 0
+
+
 @torch.no_grad()
 def check(targets: list[Target], where: str) -> None:
     """Raise FloatingPointError naming the weight (and `where`) if adding any target's terms
     would write a non-finite value, or if a factor, scale or the weight itself is not finite;
-    TypeError/ValueError if a term's dtype or shape cannot be merged. Writes nothing."""
+    TypeError/ValueError if a term's dtype or shape cannot be merged. Writes nothing. Reads a
+    weight only where its max |W| is not known (or the bound needs the exact check)."""
     for target in _by_weight(targets):
+        if not _validate(target, where):
+            continue
         weight = target.weight
-        if not target.terms:
-            continue
-        if not weight.dtype.is_floating_point or weight.dim() != 2:
-            raise TypeError(f"{_label(where, target)}: the weight is {weight.dtype} "
-                            f"{list(weight.shape)}, not a floating-point matrix")
-        for t in target.terms:
-            _check_term(target, t, where)
-        if weight.device.type == "meta" or weight.numel() == 0:
-            continue
-        # One host sync: max|W| and each term's bound. A non-finite factor or scale makes its
-        # bound NaN or Inf; only then are its tensors inspected, to name the culprit.
-        lo, hi = torch.aminmax(weight.detach())
-        values = [torch.maximum(lo.abs(), hi.abs()).double()]
-        values += [_term_bound(t) for t in target.terms]
-        weight_max, *bounds = torch.stack([v.to(weight.device) for v in values]).tolist()
+        # One host sync: each term's bound, and the weight's stats unless max |W| is known. A
+        # non-finite factor or scale makes its bound NaN or Inf; only then are its tensors
+        # inspected, to name the culprit.
+        weight_max = known_max(weight)
+        parts = [] if weight_max is not None else [torch.ops.soslora.weight_stats(weight.detach())]
+        parts += [_term_bound(t).to(weight.device).reshape(1).view(torch.int64)
+                  for t in target.terms]
+        values = torch.cat(parts).tolist()
+        if weight_max is None:
+            stats = ops.WeightStats.of(values[:4], weight.dtype)
+            _remember(weight, stats)
+            weight_max, values = stats.max_abs, values[4:]
+        bounds = [ops.float_of_bits(v) for v in values]
         for t, term_bound in zip(target.terms, bounds):
             if not math.isfinite(term_bound):
                 _refuse_non_finite(target, t, where)
@@ -150,14 +237,18 @@ def check(targets: list[Target], where: str) -> None:
 
 
 def _term_bound(term: Term) -> Tensor:
-    """|alpha| max_i |(B s)_i| max_j |A_:,j| in float64 (0-d, on the factors' device): bounds
-    every entry of the term's update (Cauchy-Schwarz). NaN or Inf if a factor or the scale is
-    not finite (or, for float64 factors beyond 1e154, if a square overflows)."""
+    """|alpha| max_i |(B s)_i| max_j |A_:,j| (0-d float64, on the factors' device): bounds
+    every entry of the term's update (Cauchy-Schwarz). Computed in the factors' dtype (float32
+    at least): its rounding is far inside the bound's slack, and a square beyond the dtype's
+    range only makes the bound Inf (then the exact check decides). NaN or Inf if a factor or
+    the scale is not finite."""
     if term.A.numel() == 0 or term.B.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=term.A.device)
-    rows = _folded_B(term, torch.float64).square().sum(dim=1).amax()
-    cols = term.A.double().square().sum(dim=0).amax()
-    return abs(float(term.alpha)) * (rows * cols).sqrt()
+    dtype = torch.promote_types(torch.promote_types(term.A.dtype, term.B.dtype),
+                                torch.promote_types(term.scale.dtype, torch.float32))
+    rows = _folded_B(term, dtype).square_().sum(dim=1).amax()
+    cols = term.A.to(dtype).square().sum(dim=0).amax()
+    return (rows.double() * cols.double()).sqrt_().mul_(abs(float(term.alpha)))
 
 
 def _refuse_non_finite(target: Target, term: Term, where: str) -> None:
@@ -208,11 +299,44 @@ def update_problem(term: Term, out: int, in_: int, dtype: torch.dtype) -> str | 
 
 
 @torch.no_grad()
-def write(targets: list[Target]) -> None:
-    """Add every target's terms into its weight (after check())."""
+def write(targets: list[Target], where: str = "merge") -> list[ops.WeightStats | None]:
+    """Add every target's terms into its weight (after check()); returns the stats of each
+    target's weight as the last write into it left it (None where nothing wrote it, or on the
+    meta device). Should a sum leave the dtype's range all the same (a weight changed where
+    torch does not count writes, since its max was kept), the op writes none of it and takes
+    its term back; the terms written before are taken back here too (within one rounding, as
+    unmerging), and FloatingPointError is raised."""
+    done: list[tuple[Target, Term]] = []
+    last: dict[tuple, ops.WeightStats | None] = {}
     for target in targets:
         for t in target.terms:
-            ops.merge_into_(target.weight, t.A, t.B, t.scale, t.alpha)
+            last[_weight_key(target.weight)] = _write_term(target, t, where, done)
+    return [last.get(_weight_key(target.weight)) for target in targets]
+
+
+def _write_term(target: Target, term: Term, where: str, done: list[tuple[Target, Term]],
+                max_abs: float | None = None) -> ops.WeightStats | None:
+    """One term into its weight (with max_abs: only if the bound holds, else count -1 and
+    nothing written); appended to `done`. A sum beyond the range: everything in `done` taken
+    back, FloatingPointError (see write)."""
+    stats = ops.merge_into_(target.weight, term.A, term.B, term.scale, term.alpha, max_abs)
+    if stats is None or stats.count == -1:
+        return stats
+    if stats.count:
+        _forget(target.weight)
+        for earlier, t in reversed(done):
+            ops.merge_into_(earlier.weight, t.A, t.B, t.scale, -t.alpha)
+            _forget(earlier.weight)
+        raise FloatingPointError(
+            f"{_label(where, target)}: {stats.count} sums of the merge would exceed the range "
+            f"of {target.weight.dtype}, although the weight's recorded maximum excluded it: "
+            "the weight was changed where torch does not count writes (through .data, numpy "
+            "or DLPack) since it was last read. Nothing was merged: what had been written was "
+            "taken back (within one rounding, as unmerging). Merge into a wider dtype, or "
+            "scale the adapter down")
+    done.append((target, term))
+    _remember(target.weight, stats)
+    return stats
 
 
 def check_unshared(targets: list[Target], scope: Sequence[nn.Module], where: str) -> None:
@@ -234,10 +358,21 @@ def check_unshared(targets: list[Target], scope: Sequence[nn.Module], where: str
                 "keep the update unmerged")
 
 
-def merge_(targets: list[Target], where: str, scope: Sequence[nn.Module] = ()) -> None:
+def merge_(targets: list[Target], where: str, scope: Sequence[nn.Module] = ()
+           ) -> list[ops.WeightStats | None]:
     """check_unshared() and check() every target, then write() them all: all or nothing.
     `scope`: the modules whose tensors must not share memory with a weight written (the
-    model); none for a weight made for the purpose."""
+    model); none for a weight made for the purpose. Returns write()'s stats."""
     check_unshared(_by_weight(targets), scope, where)
+    if len(targets) == 1 and len(targets[0].terms) == 1 and _validate(targets[0], where):
+        # One term into one weight whose max |W| is known (a layer's merge and unmerge): the
+        # op checks the bound itself, from the factors it reads anyway, and writes nothing
+        # where it does not hold; then the full check below says why, or replays the merge.
+        target = targets[0]
+        weight_max = known_max(target.weight)
+        if weight_max is not None:
+            stats = _write_term(target, target.terms[0], where, [], weight_max)
+            if stats is not None and stats.count != -1:
+                return [stats]
     check(targets, where)
-    write(targets)
+    return write(targets, where)

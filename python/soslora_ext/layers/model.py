@@ -255,9 +255,9 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False,
     pending = [(name, layer) for name, layer in layers
                if not layer.merged and not layer.quantized]
     targets = [layer._merge_target(name) for name, layer in pending]
-    merge_guard.merge_(targets, "merge_and_unload", [model])
-    for (_, layer), target in zip(pending, targets):
-        layer._record_merged(target)
+    written = merge_guard.merge_(targets, "merge_and_unload", [model])
+    for (_, layer), target, stats in zip(pending, targets, written):
+        layer._record_merged(target, stats)
     names = _names_by_module(list(model.named_modules(remove_duplicate=False)))
     for _, layer in layers:
         merged = dequantized[id(layer)] if layer.quantized else layer.merge_and_unload()

@@ -143,7 +143,11 @@ def fingerprint(weight: Tensor) -> tuple | None:
     arithmetic (mod 2^32; 2^64 for float64), which no summation order changes. Equal for equal
     tensors on any device; a change to any value changes it but for a chance of about 2^-32
     (changes that cancel in both sums). Two integer reductions and one host sync. None for a
-    tensor with no values to read (meta) or that is not a plain tensor."""
+    tensor with no values to read (meta) or that is not a plain tensor.
+
+    The merge op gathers the same sums in the pass that writes the weight, and weight_stats
+    in one read (ops.WeightStats.sums, csrc/soslora.h): from_sums() makes this tuple of them.
+    This is their definition in torch ops."""
     if weight.device.type == "meta" or type(weight) not in (Tensor, nn.Parameter):
         return None
     w = weight.detach()
@@ -164,7 +168,15 @@ def fingerprint(weight: Tensor) -> tuple | None:
         lines = bits.sum(dim, dtype=acc)
         odd = torch.arange(1, 2 * lines.numel(), 2, device=lines.device, dtype=acc)
         sums.append((lines * odd).sum(dtype=acc))
-    return (str(w.dtype), tuple(w.shape), *torch.stack(sums).tolist())
+    mask = (1 << (8 * acc.itemsize)) - 1
+    return (str(w.dtype), tuple(w.shape), *(v & mask for v in torch.stack(sums).tolist()))
+
+
+def from_sums(weight: Tensor, sums: tuple[int, int]) -> tuple:
+    """fingerprint(weight) from the sums the merge op or weight_stats read (WeightStats.sums)."""
+    if weight.numel() == 0:
+        return str(weight.dtype), tuple(weight.shape)
+    return (str(weight.dtype), tuple(weight.shape), *sums)
 
 
 class ModelRef:

@@ -14,15 +14,19 @@ the backward pass, never stored.
 """
 from __future__ import annotations
 
+import struct
+from typing import NamedTuple
+
 import torch
 
 from .. import _C  # noqa: F401  loads the library that registers torch.ops.soslora
 from . import autograd, fakes  # noqa: F401  registered with torch.library on import
 from .dtypes import SUPPORTED_DTYPES, accumulate_dtype
 
-__all__ = ["SUPPORTED_DTYPES", "accumulate_dtype", "adapted_linear", "add_ortho_penalty_grad_",
-           "cluster_lowrank", "linear_lowrank", "lowrank", "merge_into_", "new_dropout_seed",
-           "ortho_penalty", "set_cuda_path", "cuda_choices", "clear_cuda_choices"]
+__all__ = ["SUPPORTED_DTYPES", "WeightStats", "accumulate_dtype", "adapted_linear",
+           "add_ortho_penalty_grad_", "clear_cuda_choices", "cluster_lowrank", "cuda_choices",
+           "linear_lowrank", "lowrank", "merge_into_", "new_dropout_seed", "ortho_penalty",
+           "set_cuda_path", "weight_stats"]
 
 Tensor = torch.Tensor
 _ops = torch.ops.soslora
@@ -134,9 +138,50 @@ def add_ortho_penalty_grad_(grad_A: Tensor, A: Tensor, weight: Tensor, num_exper
     _ops.ortho_penalty_grad_(grad_A, A, weight, int(num_experts))
 
 
-def merge_into_(weight: Tensor, A: Tensor, B: Tensor, scale: Tensor, alpha: float = 1.0) -> None:
-    """weight += alpha * (B*scale) @ A in place, float32 accumulation, one rounding."""
-    _ops.merge_into_(weight, A, B, scale, float(alpha))
+class WeightStats(NamedTuple):
+    """A weight's stats, as merge_into_ and weight_stats read them in the pass they make over
+    it (csrc/soslora.h). `max_abs`: max |w| (inf if a value is not finite); `sums`: the two sums
+    of its fingerprint (layers/sharing.py), mod 2^32 (2^64 for float64); `count`: how many
+    values are not finite (weight_stats); for merge_into_, 0 when it merged, else nothing was
+    merged and the other fields are 0: -1 when the bound with max_abs did not hold, or how
+    many sums left the dtype's finite range (the merge was taken back)."""
+
+    max_abs: float
+    sums: tuple[int, int]
+    count: int
+
+    @staticmethod
+    def of(values: list[int], dtype: torch.dtype) -> WeightStats:
+        """From the op's int64 [4] as host integers, for a weight of `dtype`."""
+        mask = (1 << (64 if dtype.itemsize == 8 else 32)) - 1
+        return WeightStats(float_of_bits(values[2]), (values[0] & mask, values[1] & mask),
+                           values[3])
+
+
+def float_of_bits(bits: int) -> float:
+    """The float64 whose bits, as an int64, are `bits`."""
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def merge_into_(weight: Tensor, A: Tensor, B: Tensor, scale: Tensor, alpha: float = 1.0,
+                max_abs: float | None = None) -> WeightStats | None:
+    """weight += alpha * (B*scale) @ A in place, float32 accumulation (float64 for float64),
+    one rounding; returns the stats of the weight written, gathered in the same pass (one host
+    sync; None on the meta device). With max_abs (max |weight|, known), the merge guard's
+    bound is checked first, and nothing is written where it does not hold (count -1). A sum
+    beyond the weight dtype's range is never written: count > 0 then, and the weight is as
+    before (bit for bit where the merge had not written, within one rounding, as unmerging,
+    where it had). The op itself, torch.ops.soslora.merge_into_, returns the stats as an
+    int64 tensor [4] on the weight's device, without a sync."""
+    stats = _ops.merge_into_(weight, A, B, scale, float(alpha),
+                             None if max_abs is None else float(max_abs))
+    return None if stats.device.type == "meta" else WeightStats.of(stats.tolist(), weight.dtype)
+
+
+def weight_stats(weight: Tensor) -> WeightStats:
+    """max |w|, the fingerprint's sums and the count of non-finite values of a 2-D float32,
+    float64, float16 or bfloat16 weight (any strides), in one read and one host sync."""
+    return WeightStats.of(_ops.weight_stats(weight).tolist(), weight.dtype)
 
 
 def new_dropout_seed(device: torch.device) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 _DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
                 torch.float64: "Double", torch.uint8: "Byte", torch.int8: "Char",
                 torch.int16: "Short", torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
-                torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+                torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+                torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2"}
 
 
 def _str(v) -> str:
@@ -26,7 +27,7 @@ def check(cond, op: str, *parts) -> None:
     torch._check(cond, lambda: f"{op}: " + "".join(map(_str, parts)))
 
 
-# ---- helpers (lowrank.cpp, dropout.cpp, adapted_linear.cpp, cluster.cpp, ortho.cpp) -------------
+# ---- helpers (lowrank.cpp, dropout.cpp, adapted_linear.cpp, cluster.cpp, ortho.cpp, merge.cpp) -
 def check_matrix(t, name, op):
     check(t.dim() == 2, op, name, " must be 2-D, got shape ", t.shape)
 
@@ -61,6 +62,14 @@ def check_scale(scale, B, op):
            scale.device)
     check(scale.shape in ((rank,), (out_features, rank)), op, "scale must be [r] = [", rank,
            "] or [out, r] = [", out_features, ", ", rank, "], got ", scale.shape)
+
+
+def check_weight(weight, op):
+    """The merge's weight (merge.cpp): a matrix of a dtype its stats are defined for."""
+    check(weight.dim() == 2, op, "weight must be a 2-D [out, in] matrix, got shape ",
+           weight.shape)
+    check(weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16), op,
+           "weight must be float32, float64, float16 or bfloat16, got ", weight.dtype)
 
 
 def check_lowrank_factors(x, A, B, scale, op):

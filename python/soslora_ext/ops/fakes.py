@@ -22,6 +22,7 @@ from .checks import (
     check_same_float_dtype,
     check_scale,
     check_scale_terms,
+    check_weight,
 )
 from .dtypes import accumulate_dtype
 
@@ -246,7 +247,7 @@ def _(grad_A, A, weight, num_experts):
 
 
 @torch.library.register_fake("soslora::merge_into_")
-def _(weight, A, B, scale, alpha):
+def _(weight, A, B, scale, alpha, max_abs=None):
     op = "soslora::merge_into_"
     check(weight.dim() == 2 and A.dim() == 2 and B.dim() == 2, op, "weight [out, in], A [r, in]"
            " and B [out, r] must be 2-D, got ", weight.shape, ", ", A.shape, ", ", B.shape)
@@ -256,6 +257,7 @@ def _(weight, A, B, scale, alpha):
     for t in (weight, A, B):
         check(t.dtype.is_floating_point, op, "weight, A and B must be floating-point, got ",
                t.dtype)
+    check_weight(weight, op)
     check(A.device == weight.device and B.device == weight.device, op, "weight, A and B must "
            "be on one device, got ", weight.device, ", ", A.device, ", ", B.device)
     check_scale(scale, B, op)
@@ -263,3 +265,10 @@ def _(weight, A, B, scale, alpha):
     check(torch._debug_has_internal_overlap(weight) != 1, op, "weight has elements that share "
            "memory (an expanded or overlapping view, strides ", list(weight.stride()),
            "); merge into a tensor that owns its elements")
+    return weight.new_empty(4, dtype=torch.int64)
+
+
+@torch.library.register_fake("soslora::weight_stats")
+def _(weight):
+    check_weight(weight, "soslora::weight_stats")
+    return weight.new_empty(4, dtype=torch.int64)

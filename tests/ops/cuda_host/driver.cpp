@@ -10,6 +10,7 @@
 
 namespace cu = soslora::cuda;
 
+void merge_cases(const std::set<std::string>& dtypes);
 void product_cases(const std::set<std::string>& dtypes);
 void penalty_cases(const std::set<std::string>& dtypes);
 void fused_cases(const std::set<std::string>& dtypes);
@@ -125,69 +126,6 @@ template <class T> void dropout_cases(bool big) {
   }
 }
 
-// ---- merge: weight[o, c] += alpha * sum_j Bs[o, j] A[j, c], one rounding to T ----------------------
-template <class T, class A> void merge_cases() {
-  const bool acc_double = std::is_same_v<A, double>;
-  struct Shape { int64_t rows, cols, rank; };
-  const Shape shapes[] = {{1, 1, 1},     {1, 70, 3},    {70, 1, 5},  {65, 130, 7}, {64, 64, 32},
-                          {100, 37, 33}, {3, 5, 0},     {130, 65, 70}, {17, 200, 16}};
-  const double alphas[] = {1.0, -0.5, 2.25, -1.0, 0.3};
-  int n = 0;
-  for (const Shape& s : shapes)
-    for (int layout = 0; layout < 4; ++layout, ++n) {
-      // 0 contiguous, 1 transposed, 2 padded rows, 3 transposed and padded
-      const bool t = layout & 1;
-      const int64_t pad = layout >= 2 ? 3 + layout : 0;
-      const int64_t rs = t ? 1 : s.cols + pad, cs = t ? s.rows + pad : 1;
-      const int64_t size = (s.rows - 1) * rs + (s.cols - 1) * cs + 1;
-      const double alpha = alphas[n % 5];
-      const ld alpha_acc = ld(A(alpha));
-      Buffer<T> w(size);
-      Buffer<A> Bs(s.rows * s.rank), Af(s.rank * s.cols);
-      const double scale = 1.0 / std::sqrt(double(std::max<int64_t>(s.rank, 1)));
-      for (size_t i = 0; i < Bs.size(); ++i) Bs[i] = A(uniform() * scale);
-      for (size_t i = 0; i < Af.size(); ++i) Af[i] = A(uniform());
-      w.fill_nan();
-      for (int64_t o = 0; o < s.rows; ++o)
-        for (int64_t c = 0; c < s.cols; ++c) w[o * rs + c * cs] = round_to<T>(uniform());
-      const auto initial = w.contents();
-      std::ostringstream desc;
-      desc << "acc=" << (acc_double ? "fp64" : "fp32") << " " << s.rows << "x" << s.cols
-           << " rank=" << s.rank << " strides=(" << rs << "," << cs << ") alpha=" << alpha;
-      const auto check = [&] {
-        Check c;
-        if (!w.guards_intact()) c.fail("write outside the buffer");
-        std::vector<bool> logical(size, false);
-        const ld gamma = (s.rank + 4) * unit_roundoff<A>();
-        for (int64_t o = 0; o < s.rows; ++o)
-          for (int64_t cc = 0; cc < s.cols; ++cc) {
-            const int64_t off = o * rs + cc * cs;
-            logical[off] = true;
-            T w0;
-            std::memcpy((void*)&w0, initial.data() + off * sizeof(T), sizeof(T));
-            ld sum = 0, abs_sum = 0;
-            for (int64_t j = 0; j < s.rank; ++j) {
-              const ld term = ld(Bs[o * s.rank + j]) * ld(Af[j * s.cols + cc]);
-              sum += term, abs_sum += std::fabs(term);
-            }
-            const ld ref = to_ld(w0) + alpha_acc * sum;
-            const ld e = gamma * (std::fabs(to_ld(w0)) + std::fabs(alpha_acc) * abs_sum);
-            c.element(to_ld(w[off]), ref, e + ulp<T>(std::fabs(ref) + e) / 2,
-                      "(" + std::to_string(o) + "," + std::to_string(cc) + ")");
-          }
-        for (int64_t i = 0; i < size && c.ok; ++i)
-          if (!logical[i] && !same_bits(&w[i], initial.data() + i * sizeof(T), sizeof(T)))
-            c.fail("padding element " + std::to_string(i) + " written");
-        return c;
-      };
-      run_case("launch_merge", Type<T>::name, desc.str(), true, [&] { w.restore(initial); },
-               [&] { return cu::launch_merge(w.data(), Type<T>::dtype, s.rows, s.cols, rs, cs,
-                                             Bs.data(), Af.data(), s.rank, acc_double, alpha,
-                                             nullptr); },
-               check, [&] { return w.contents(); });
-    }
-}
-
 int main(int argc, char** argv) {
   std::set<std::string> only, dtypes = {"fp32", "fp64", "fp16", "bf16"};
   bool big = false;
@@ -216,17 +154,7 @@ int main(int argc, char** argv) {
     if (dtypes.count("fp16")) dropout_cases<__half>(false);
     if (dtypes.count("bf16")) dropout_cases<__nv_bfloat16>(false);
   }
-  if (want("merge")) {
-    if (dtypes.count("fp32")) merge_cases<float, float>(), merge_cases<float, double>();
-    if (dtypes.count("fp64")) merge_cases<double, double>();
-    if (dtypes.count("fp16")) merge_cases<__half, float>(), merge_cases<__half, double>();
-    if (dtypes.count("bf16"))
-      merge_cases<__nv_bfloat16, float>(), merge_cases<__nv_bfloat16, double>();
-    double w = 0, f = 0;
-    expect_error("launch_merge", "fp64 weight with float accumulation", cudaErrorInvalidValue,
-                 [&] { return cu::launch_merge(&w, DType::kFloat64, 1, 1, 1, 1, &f, &f, 1,
-                                               false, 1.0, nullptr); });
-  }
+  if (want("merge")) merge_cases(dtypes);
   if (want("product")) product_cases(dtypes);
   if (want("penalty")) penalty_cases(dtypes);
   if (want("fused")) fused_cases(dtypes);

@@ -20,6 +20,7 @@ REPO = HERE.parents[2]
 TP, LK, KC = "cuda/tile_product.cuh", "cuda/lowrank_kernels.cu", "cuda/kernels.cu"
 FK = "cuda/fused_kernels.cu"
 TL, MA, CK = "cuda/tile_load.cuh", "cuda/matrix_access.cuh", "cuda/cluster_kernels.cu"
+DR = "cuda/dropout.cuh"
 
 # (name, file, old text, new text): `old` must occur exactly once in the file.
 PLANTS = [
@@ -91,7 +92,7 @@ PLANTS = [
     ("dropout mask indexed by the column alone", MA,
      "if (dropout.active() && !dropout.kept(r, c)) return Acc(0);",
      "if (dropout.active() && !dropout.kept(0, c)) return Acc(0);"),
-    ("dropout through a column map indexed by the logical column count", MA,
+    ("dropout through a column map indexed by the logical column count", DR,
      "d.cols = m.col_map != nullptr && m.col_extent ? m.col_extent : m.cols;", "d.cols = m.cols;"),
     ("epilogue writes the unmapped column", MA,
      "const int64_t r = place.row(m), c = place.col(n);",
@@ -122,6 +123,14 @@ PLANTS = [
     ("grad_A placed at the cluster's row offset instead of its column offset", CK,
      "AtomicAddEpilogue<Acc>{gA + k.col0, in, nullptr}",
      "AtomicAddEpilogue<Acc>{gA + k.row0, in, nullptr}"),
+    ("merge tile written without its range check", TP,
+     "    if (mine != 0) atomicAdd(refused_s, mine);", "    (void)mine;"),
+    ("merge takes the update back from a refused tile too", KC,
+     "    if (refused[blockIdx.x]) return;\n", ""),
+    ("fingerprint without the pairs' column weights", KC,
+     "(pairs ? W(2) * W(j >> 1) + 1 : W(2) * W(j) + 1)", "(W(2) * W(j) + 1)"),
+    ("stats reduction reads before every thread wrote (missing barrier)", KC,
+     "    reduce_s[t] = mine;\n    __syncthreads();", "    reduce_s[t] = mine;"),
     ("grid-stride loop stepping by one block (dropout_apply)", KC,
      "       i += int64_t(gridDim.x) * blockDim.x) {\n    const bool keep",
      "       i += blockDim.x) {\n    const bool keep"),
@@ -152,8 +161,8 @@ PLANTS = [
      "if (n >= n_end || j >= p.r) return;", "if (n > n_end || j >= p.r) return;"),
 ]
 
-DRIVER_OBJECTS = ["driver.test.o", "product.test.o", "penalty.test.o", "fused.test.o",
-                  "cluster.test.o", "emu.o", "warp.o", "pipeline.o", "races.o"]
+DRIVER_OBJECTS = ["driver.test.o", "merge.test.o", "product.test.o", "penalty.test.o",
+                  "fused.test.o", "cluster.test.o", "emu.o", "warp.o", "pipeline.o", "races.o"]
 
 
 def make(out: Path, csrc: Path, variant: str) -> subprocess.CompletedProcess:

@@ -23,21 +23,25 @@ template <> struct Type<float> {
   static constexpr DType dtype = DType::kFloat32;
   static constexpr const char* name = "fp32";
   static constexpr int digits = 24, emin = -126;
+  static constexpr double max = 3.4028234663852886e38;
 };
 template <> struct Type<double> {
   static constexpr DType dtype = DType::kFloat64;
   static constexpr const char* name = "fp64";
   static constexpr int digits = 53, emin = -1022;
+  static constexpr double max = 1.7976931348623157e308;
 };
 template <> struct Type<__half> {
   static constexpr DType dtype = DType::kFloat16;
   static constexpr const char* name = "fp16";
   static constexpr int digits = 11, emin = -14;
+  static constexpr double max = 65504.0;
 };
 template <> struct Type<__nv_bfloat16> {
   static constexpr DType dtype = DType::kBFloat16;
   static constexpr const char* name = "bf16";
   static constexpr int digits = 8, emin = -126;
+  static constexpr double max = 3.3895313892515355e38;
 };
 
 template <class T> using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;

@@ -127,6 +127,30 @@ inline double atomicAdd(double* address, double value) {
   *address = old + value;
   return old;
 }
+inline int atomicAdd(int* address, int value) {
+  soslora_emu::note_atomic(address, sizeof(*address));
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  soslora_emu::note_atomic(address, sizeof(*address));
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  soslora_emu::note_atomic(address, sizeof(*address));
+  const unsigned long long old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned long long atomicMax(unsigned long long* address, unsigned long long value) {
+  soslora_emu::note_atomic(address, sizeof(*address));
+  const unsigned long long old = *address;
+  *address = old > value ? old : value;
+  return old;
+}
 
 // A trap stops the kernel (on a GPU: a launch failure); here it stops the run with the site.
 [[noreturn]] inline void __trap(std::source_location where = std::source_location::current()) {
