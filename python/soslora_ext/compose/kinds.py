@@ -115,8 +115,7 @@ def read_peft(directory: str | os.PathLike
     for name, (_, scaling) in plan.layers.items():
         keys = _embedding_keys(name) if name in layouts and layouts[name].kind == "embedding" \
             else _linear_keys(name)
-        A, B = (tensors[k] for k in keys)
-        A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
+        A, B = matrix_factors(*(tensors[k] for k in keys))
         # A huge lora_alpha (or alpha_pattern entry) overflows delta = scaling * B A.
         acc = torch.float64 if B.dtype == torch.float64 else torch.float32
         if not torch.isfinite(B.to(acc) * scaling).all():
@@ -155,6 +154,21 @@ def write_peft(directory: str | os.PathLike, factors: dict[str, tuple[Tensor, Te
     metadata = {"format": "pt", CONFIG_SHA256_KEY: hashlib.sha256(config_bytes).hexdigest()}
     return save_pair(Path(directory), config_bytes, save(tensors, metadata=metadata),
                      lock_timeout, f"write_peft({str(directory)!r})")
+
+
+def layout_of(base: nn.Module) -> Layout | None:
+    """The layout of an adapter of `base`: None for a linear layer (nn.Linear, Conv1D)."""
+    if isinstance(base, _CONVS):
+        return Layout("conv", tuple(base.weight.shape))
+    if isinstance(base, nn.Embedding):
+        return Layout("embedding", tuple(base.weight.shape))
+    return None
+
+
+def matrix_factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """PEFT-shaped factors (a convolution's lora_A [r, in, *k], lora_B [out, r, 1, ...]) as
+    those of the matrix view: A [r, in * prod(k)], B [out, r]."""
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
 
 
 def target_view(module: nn.Module, layout: Layout, where: str) -> Tensor:

@@ -23,7 +23,7 @@ from ..formats.native import (
     read_adapter,
 )
 from ..formats.peft import check_one_name_each
-from .kinds import Layout, read_peft, write_peft
+from .kinds import Layout, layout_of, matrix_factors, read_peft, write_peft
 
 Tensor = torch.Tensor
 
@@ -134,9 +134,12 @@ def from_model(model: nn.Module, name: str = "model") -> Adapter:
     from ..layers.model import adapter_layers
 
     layers = dict(adapter_layers(model))
-    terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
+    terms = {n: [LowRankTerm(*matrix_factors(*folded_factors(layer)))]
+             for n, layer in layers.items()}
     if not terms:
         raise AdapterError("from_model: the model has no adapted (SOSLinear/CPSLinear) layers")
+    layouts = {n: layout for n, layer in layers.items()
+               if (layout := layout_of(layer.base_layer)) is not None}
     return Adapter(terms, name=name,
                    fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
-                   aliases=other_names(model, layers))
+                   aliases=other_names(model, layers), layouts=layouts)
