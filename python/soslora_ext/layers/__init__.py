@@ -1,6 +1,8 @@
 """The adapted layers and what acts on them.
 
-    base.py         AdapterLinear: the frozen base (Linear, Conv1D, 4/8-bit) all layers share
+    base.py         AdapterLinear: the frozen base all layers share; merge, unmerge, state
+    bases.py        what a base is: linear layers and the other kinds, their matrix view, checks
+    kinds.py        Embedding, Conv1d/2d/3d and MultiheadAttention bases: views and forwards
     sos.py          SOSLinear: SOS-LoRA's K static, always-on experts
     cps.py          CPSLinear: CPS-LoRA's cluster-local blocks
     partition.py    CPS-LoRA's partition: gradient sketch, co-clustering, captured energy
