@@ -184,3 +184,26 @@ def test_compose_report_cli_on_conv_adapters(adapters, tmp_path, capsys):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["adapters"] == ["a", "b", "c"] and set(rep["layers"]["a"]) == set(LAYERS)
     assert "pairwise RMS cosine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["sos", "cps"])
+def test_from_model_reads_adapted_kinds(method, adapters):
+    model = kinds()
+    if method == "sos":
+        sl.apply_sos_lora(model, LAYERS, num_experts=2, rank=4, scale_mode="channel")
+    else:
+        sl.apply_cps_lora(model, LAYERS, num_clusters=2, rank=2, init_partition="random")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    live = compose.from_model(model, name=method)
+    assert live.layouts == compose.load(adapters[0]).layouts  # PEFT's, layer for layer
+    for name, layer in sl.adapter_layers(model):
+        delta = layer.delta_weight().double()
+        view = delta.T if name == "emb" else delta.reshape(delta.shape[0], -1)
+        assert rel_err(live.delta(name), view) < 1e-6
+    # Summed into a fresh base, the adapter gives the adapted model's outputs.
+    with torch.no_grad():
+        assert rel_err(compose.sum_into(kinds(), [live])(*inputs()), model(*inputs())) < 1e-6
