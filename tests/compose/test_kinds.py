@@ -2,6 +2,7 @@
 every factored measure equal to a float64 dense computation on PEFT's own deltas, sums into a
 model and as one PEFT adapter equal to PEFT's merges."""
 import json
+import re
 
 import peft
 import pytest
@@ -169,12 +170,12 @@ def test_wrong_kind_or_shape_is_refused(adapters, tmp_path):
     tensors = load_file(str(adapters[0] / "adapter_model.safetensors"))
     tensors["base_model.model.c2.lora_B.weight"] = torch.randn(6, 4, 1, 2)
     save_file(tensors, str(bad / "adapter_model.safetensors"))
-    with pytest.raises(sl.AdapterError, match="layer 'c2'.*not a convolution LoRA pair"):
+    with pytest.raises(sl.AdapterError, match="layer 'c2'.*not a LoRA pair"):
         compose.load(bad)
     tensors["base_model.model.c2.lora_B.weight"] = torch.randn(6, 4, 1, 1)
     tensors["base_model.model.emb.lora_embedding_B"] = torch.randn(11, 4, 1)
     save_file(tensors, str(bad / "adapter_model.safetensors"))
-    with pytest.raises(sl.AdapterError, match="layer 'emb'.*not an embedding LoRA pair"):
+    with pytest.raises(sl.AdapterError, match="layer 'emb'.*not a LoRA pair"):
         compose.load(bad)
 
 
@@ -183,7 +184,9 @@ def test_compose_report_cli_on_conv_adapters(adapters, tmp_path, capsys):
                  str(tmp_path / "r.json")]) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["adapters"] == ["a", "b", "c"] and set(rep["layers"]["a"]) == set(LAYERS)
-    assert "pairwise RMS cosine" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pairwise RMS cosine" in out
+    assert re.search(r"^a +1\.0000 +\d\.\d{4} +\d\.\d{4}$", out, re.M), out  # cells apart
 
 
 @pytest.mark.parametrize("method", ["sos", "cps"])
@@ -207,3 +210,16 @@ def test_from_model_reads_adapted_kinds(method, adapters):
     # Summed into a fresh base, the adapter gives the adapted model's outputs.
     with torch.no_grad():
         assert rel_err(compose.sum_into(kinds(), [live])(*inputs()), model(*inputs())) < 1e-6
+
+
+def test_own_format_records_layouts(adapters, tmp_path):
+    model = sl.apply_sos_lora(kinds(), LAYERS, num_experts=2, rank=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    sl.save_adapter(model, tmp_path / "own")
+    saved, live = compose.load(tmp_path / "own"), compose.from_model(model)
+    assert saved.layouts == live.layouts == compose.load(adapters[0]).layouts
+    for layer in live:
+        assert rel_err(saved.delta(layer), live.delta(layer)) < 1e-12

@@ -109,7 +109,7 @@ def report(adapters: Sequence[Adapter]) -> dict:
 def format_report(rep: dict) -> str:
     """The report as a readable table."""
     lines = ["pairwise RMS cosine of the deltas (layers both adapt):"]
-    width = max(len(n) for n in rep["adapters"]) + 2
+    width = max(max(len(n) for n in rep["adapters"]), 6) + 2  # a cell holds "0.1234"
     lines.append(" " * width + "".join(f"{n:>{width}}" for n in rep["adapters"]))
     for name, row in zip(rep["adapters"], rep["rms_cosine_matrix"]):
         cells = "".join(f"{'-' if v is None else f'{v:.4f}':>{width}}" for v in row)

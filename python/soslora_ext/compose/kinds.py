@@ -11,15 +11,12 @@ so every factored measure and sum works on them unchanged. A ``Layout`` records 
 weight's kind and shape, which a matrix shape alone does not tell apart (a 3x3 convolution of
 2 input channels and one of 18 channels with a 1x1 kernel have the same [out, 18] view).
 
-``read_peft`` is read_peft_lora (formats/peft.py) with these kinds mapped to and from the
-linear form, so PEFT's own checks (ranks, patterns, scaling) apply to them unchanged.
+``read_peft`` is read_peft_lora (formats/peft.py) that also returns each layer's layout;
+``write_peft`` puts the matrix-view factors back in PEFT's layout for write_peft_lora.
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import torch.nn as nn
 
 from ..formats import checks as check
 from ..formats import peft_checks
-from ..formats.files import CONFIG_NAME, CONFIG_SHA256_KEY, AdapterError, read_pair, save_pair
+from ..formats.files import AdapterError, read_pair
 from ..formats.peft import write_peft_lora
 from ..formats.peft_checks import PEFT_PREFIX
 
@@ -49,73 +46,30 @@ class Layout:
         return f"{self.kind} weight {self.weight_shape}"
 
 
-def _linear_keys(name: str) -> tuple[str, str]:
-    return f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
-
-
-def _embedding_keys(name: str) -> tuple[str, str]:
-    return f"{PEFT_PREFIX}{name}.lora_embedding_A", f"{PEFT_PREFIX}{name}.lora_embedding_B"
-
-
-def _as_linear(header: dict, where: str) -> tuple[dict, dict[str, Layout]]:
-    """PEFT's header ({key: (dtype, shape)}) with conv and embedding pairs renamed and reshaped
-    to the linear form, and the layout of each such layer. Anything else is left as it is,
-    for check_peft_header to judge."""
-    out, layouts = {}, {}
-    for key, (dtype, shape) in header.items():
-        shape = tuple(shape)
-        if key.endswith(".lora_embedding_A") or key.endswith(".lora_embedding_B"):
-            name = key[len(PEFT_PREFIX):].rpartition(".")[0]
-            A_key, B_key = _embedding_keys(name)
-            A, B = header.get(A_key), header.get(B_key)
-            if A is None or B is None or len(A[1]) != 2 or len(B[1]) != 2:
-                check.fail(where, f"layer {name!r}: lora_embedding_A {A} and lora_embedding_B "
-                                  f"{B} are not an embedding LoRA pair ([r, num], [dim, r])")
-            new = _linear_keys(name)[0 if key == A_key else 1]
-            layouts[name] = Layout("embedding", (A[1][1], B[1][0]))
-            out[new] = (dtype, shape)
-        elif key.endswith(".lora_A.weight") and len(shape) > 2:
-            name = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
-            B = header.get(_linear_keys(name)[1])
-            if (B is None or len(B[1]) != len(shape) or any(n != 1 for n in B[1][2:])
-                    or len(shape) > 5):
-                check.fail(where, f"layer {name!r}: lora_A {dtype} {shape} and lora_B "
-                                  f"{None if B is None else (B[0], tuple(B[1]))} are not a "
-                                  "convolution LoRA pair ([r, in, *k], [out, r, 1, ...], "
-                                  "1 to 3 kernel dimensions)")
-            layouts[name] = Layout("conv", (B[1][0], shape[1], *shape[2:]))
-            out[key] = (dtype, (shape[0], math.prod(shape[1:])))
-        elif (key.endswith(".lora_B.weight") and len(shape) > 2
-              and len(header.get(key[:-len(".lora_B.weight")] + ".lora_A.weight",
-                                 (None, ()))[1]) == len(shape)):
-            out[key] = (dtype, shape[:2])  # its pair's lora_A checks the trailing ones
-        else:
-            out[key] = (dtype, shape)
-    return out, layouts
-
-
 def read_peft(directory: str | os.PathLike
               ) -> tuple[dict, dict[str, tuple[Tensor, Tensor, float]], dict[str, Tensor],
                          dict[str, Layout]]:
     """(config, {module: (A, B, scaling)}, {"module.param": tensor saved whole}, {module:
-    Layout}) of a PEFT LoRA directory whose layers may be linear, convolutions or embeddings:
-    delta = scaling * B A in each layer's matrix view (module docstring)."""
+    Layout}) of a PEFT LoRA directory: read_peft_lora's checks and factors (delta = scaling *
+    B A in each layer's matrix view), with the layout of every convolution and embedding, which
+    the flattened factors no longer tell."""
     where = repr(str(directory))
 
     def validate(config):
         peft_checks.check_peft_config(config, where)
-        return lambda header: peft_checks.check_peft_header(
-            config, _as_linear(header, where)[0], where)
+        return lambda header: peft_checks.check_peft_header(config, header, where)
 
     config, tensors = read_pair(directory, validate)
-    header, layouts = _as_linear(check.header_of(tensors), where)
-    plan = peft_checks.check_peft_header(config, header, where)
+    plan = peft_checks.check_peft_header(config, check.header_of(tensors), where)
     check.check_finite(tensors, where)
-    factors = {}
+    factors, layouts = {}, {}
     for name, (_, scaling) in plan.layers.items():
-        keys = _embedding_keys(name) if name in layouts and layouts[name].kind == "embedding" \
-            else _linear_keys(name)
-        A, B = matrix_factors(*(tensors[k] for k in keys))
+        A, B = (tensors[k] for k in plan.keys(name))
+        if name in plan.embeddings:
+            layouts[name] = Layout("embedding", (A.shape[1], B.shape[0]))
+        elif A.dim() > 2:
+            layouts[name] = Layout("conv", (B.shape[0], *A.shape[1:]))
+        A, B = matrix_factors(A, B)
         # A huge lora_alpha (or alpha_pattern entry) overflows delta = scaling * B A.
         acc = torch.float64 if B.dtype == torch.float64 else torch.float32
         if not torch.isfinite(B.to(acc) * scaling).all():
@@ -128,32 +82,18 @@ def read_peft(directory: str | os.PathLike
 def write_peft(directory: str | os.PathLike, factors: dict[str, tuple[Tensor, Tensor]],
                whole: dict[str, Tensor], layouts: dict[str, Layout], fan_in_fan_out: bool,
                lock_timeout: float | None) -> Path:
-    """Write matrix-view factors as a PEFT LoRA, conv and embedding layers in PEFT's own
-    layout. write_peft_lora builds and checks the config from the linear form (in a scratch
-    directory); the same config is then saved with the tensors in their kinds' layout."""
-    if not layouts:
-        return write_peft_lora(directory, factors, whole, fan_in_fan_out=fan_in_fan_out,
-                               lock_timeout=lock_timeout)
-    from safetensors.torch import load_file, save
-
-    with tempfile.TemporaryDirectory() as scratch:
-        write_peft_lora(scratch, factors, whole, fan_in_fan_out=fan_in_fan_out,
-                        lock_timeout=lock_timeout)
-        config_bytes = (Path(scratch) / CONFIG_NAME).read_bytes()
-        tensors = load_file(str(next(Path(scratch).glob("*.safetensors"))))
+    """Write matrix-view factors as a PEFT LoRA (write_peft_lora), a convolution's in PEFT's
+    layout (A [r, in, *k], B [out, r, 1, ...]) and an embedding's as lora_embedding_A/B."""
+    shaped = dict(factors)
     for name, layout in layouts.items():
-        A_key, B_key = _linear_keys(name)
-        A, B = tensors.pop(A_key), tensors.pop(B_key)
-        if layout.kind == "embedding":
-            A_key, B_key = _embedding_keys(name)
-        else:
+        if layout.kind == "conv":
+            A, B = factors[name]
             out, inp, *k = layout.weight_shape
-            A = A.reshape(A.shape[0], inp, *k)
-            B = B.reshape(out, B.shape[1], *[1] * len(k))
-        tensors[A_key], tensors[B_key] = A.contiguous(), B.contiguous()
-    metadata = {"format": "pt", CONFIG_SHA256_KEY: hashlib.sha256(config_bytes).hexdigest()}
-    return save_pair(Path(directory), config_bytes, save(tensors, metadata=metadata),
-                     lock_timeout, f"write_peft({str(directory)!r})")
+            shaped[name] = (A.reshape(A.shape[0], inp, *k),
+                            B.reshape(out, B.shape[1], *[1] * len(k)))
+    embeddings = frozenset(n for n, layout in layouts.items() if layout.kind == "embedding")
+    return write_peft_lora(directory, shaped, whole, fan_in_fan_out=fan_in_fan_out,
+                           lock_timeout=lock_timeout, embeddings=embeddings)
 
 
 def layout_of(base: nn.Module) -> Layout | None:

@@ -113,6 +113,12 @@ class Adapter(Mapping):
                           self.layouts, self.fan_in_fan_out, lock_timeout)
 
 
+def _layouts(layers: dict) -> dict[str, Layout]:
+    """The layouts of the adapted convolutions and embeddings among `layers`."""
+    return {n: layout for n, layer in layers.items()
+            if (layout := layout_of(layer.base_layer)) is not None}
+
+
 def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
     """An adapter directory: PEFT LoRA (lora_alpha, rank_pattern/alpha_pattern, rsLoRA) or
     soslora_ext's own format (its modules saved whole included), checked as load_adapter and
@@ -121,8 +127,10 @@ def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
     name = name or directory.name
     if is_own_format(directory):
         config, layers, whole = read_adapter(directory)
-        terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
-        return Adapter(terms, name=name, whole=whole, aliases=config.get("aliases") or {})
+        terms = {n: [LowRankTerm(*matrix_factors(*folded_factors(layer)))]
+                 for n, layer in layers.items()}
+        return Adapter(terms, name=name, whole=whole, aliases=config.get("aliases") or {},
+                       layouts=_layouts(layers))
     config, factors, whole, layouts = read_peft(directory)
     terms = {n: [LowRankTerm(A, B, scaling)] for n, (A, B, scaling) in factors.items()}
     return Adapter(terms, name=name, fan_in_fan_out=bool(config.get("fan_in_fan_out")),
@@ -138,8 +146,6 @@ def from_model(model: nn.Module, name: str = "model") -> Adapter:
              for n, layer in layers.items()}
     if not terms:
         raise AdapterError("from_model: the model has no adapted (SOSLinear/CPSLinear) layers")
-    layouts = {n: layout for n, layer in layers.items()
-               if (layout := layout_of(layer.base_layer)) is not None}
     return Adapter(terms, name=name,
                    fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
-                   aliases=other_names(model, layers), layouts=layouts)
+                   aliases=other_names(model, layers), layouts=_layouts(layers))
