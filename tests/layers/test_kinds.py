@@ -228,14 +228,16 @@ def test_state_dict_and_safetensors_round_trip_bit_exact(make, cls, kwargs):
     merged.unmerge()
 
 
-@pytest.mark.parametrize("make", [embedding, conv2d, conv3d, attention])
-@pytest.mark.parametrize("cls,kwargs", METHODS)
+@pytest.mark.parametrize("make,cls,kwargs", [
+    (embedding, sl.CPSLinear, CPS), (conv2d, sl.SOSLinear, SOS), (conv3d, sl.CPSLinear, CPS),
+    (attention, sl.SOSLinear, SOS)])
 def test_torch_compile_matches_eager(make, cls, kwargs):
+    """One whole graph (inductor), forward and backward, per kind."""
     g = torch.Generator().manual_seed(9)
     layer = cls(make(), **kwargs).train()
     randomize(layer, g)
     x = inputs(layer.base_layer, g)
-    compiled = torch.compile(lambda t: call(layer, t), backend="aot_eager", fullgraph=False)
+    compiled = torch.compile(lambda t: call(layer, t), fullgraph=True)
     y = call(layer, x)
     y.square().sum().backward()
     grads = [p.grad.clone() for _, p in layer.named_adapter_parameters()]
@@ -359,3 +361,26 @@ def test_cps_embedding_repartitions_on_the_update():
     change = layer.repartition(signal="delta", force=True)
     assert change >= 0 and layer.delta_weight()[4].abs().max() == 0
     assert reference is not None and before.shape == layer.delta_weight().shape
+
+
+@pytest.mark.parametrize("make", [embedding, conv2d, attention])
+@pytest.mark.parametrize("cls,kwargs", METHODS)
+def test_bfloat16_bases_train_and_merge(make, cls, kwargs):
+    """float32 factors on a bf16 base (as PEFT); outputs in the base's dtype, and a merged
+    layer within bf16 rounding of the unmerged one."""
+    g = torch.Generator().manual_seed(6)
+    layer = cls(make().to(torch.bfloat16), **kwargs).train()
+    randomize(layer, g)
+    assert layer.lora_A.dtype == torch.float32
+    x = inputs(layer.base_layer, g)
+    x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    y = call(layer, x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for _, p in layer.named_parameters() if p.requires_grad)
+    layer.eval()
+    with torch.no_grad():
+        unmerged = call(layer, x)
+        layer.merge()
+        assert rel_err(call(layer, x), unmerged) < 2e-2

@@ -78,7 +78,7 @@ def test_regex_targets_and_cps_fit_on_channels():
 
 
 def test_cps_repartitions_are_refused_on_other_kinds():
-    with pytest.raises(ValueError, match="module 'conv1' is a Conv1d: repartition_every=4 is "
+    with pytest.raises(ValueError, match="module 'conv1' \\(type Conv1d\\): repartition_every=4 is "
                                          "supported on linear layers only"):
         sl.apply_cps_lora(toy(), ["head", "conv1"], num_clusters=1, rank=2,
                           repartition_every=4)

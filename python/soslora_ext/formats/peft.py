@@ -28,6 +28,7 @@ from . import checks as check
 from . import peft_checks
 from .checks import NESTED_OUT_PROJ
 from .files import CONFIG_SHA256_KEY, AdapterError, read_pair, save_pair
+from .kind_entries import kind_entry, meta_base
 from .lock import DEFAULT_LOCK_TIMEOUT, check_lock_timeout
 from .peft_checks import PEFT_PREFIX, factor_keys
 
@@ -55,8 +56,10 @@ def unsharded(layer: AdapterLinear) -> AdapterLinear:
 
     if not any(isinstance(t, DTensor) for t in _own_state(layer).values()):
         return layer
-    copy = type(layer)(nn.Linear(layer.in_features, layer.out_features, device="meta"),
-                       dtype=layer.lora_A.dtype, **layer.config.to_dict())
+    entry = kind_entry(layer)
+    kernel = tuple(entry["kernel_size"]) if "kernel_size" in entry else None
+    base = meta_base(entry.get("base_kind"), kernel, layer.in_features, layer.out_features)
+    copy = type(layer)(base, dtype=layer.lora_A.dtype, **layer.config.to_dict())
     copy.load_state_dict(layer_state(layer), strict=False, assign=True)
     return copy
 

@@ -22,13 +22,12 @@ from .bases import (  # noqa: F401  re-exported: the names other modules import 
     partition_shape,
     weight_matrix,
 )
+from .merged_state import MERGED_KEYS, MergedState
 from .sharing import ModelRef, fingerprint, scope_of, shared_with
 
 Tensor = torch.Tensor
 
 
-# Keys under base_layer. that a merged layer's state_dict adds: the update its weight holds.
-_MERGED_KEYS = ("merged_A", "merged_B", "merged_scale")
 
 
 # The parameter types a fused base may have: plain tensors (not DTensor, not quantized).
@@ -46,7 +45,7 @@ def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
-class AdapterLinear(nn.Module):
+class AdapterLinear(MergedState, nn.Module):
     """A frozen nn.Linear (or Conv1D) plus an update that is a sum of low-rank terms.
 
     Subclasses give the update as factors, ``_update_factors() -> (A [R, in], B [out, R],
@@ -79,7 +78,7 @@ class AdapterLinear(nn.Module):
         self.adapter_dtype = dtype or _default_adapter_dtype(base_dtype(base))
         # Exactly the factors and scale merge() added, so unmerge() subtracts the same update
         # whatever happened to the parameters since.
-        for key in _MERGED_KEYS:
+        for key in MERGED_KEYS:
             self.register_buffer("_" + key, None, persistent=False)
         self._merged_fingerprint = None  # of the weight merge() wrote: unmerge() checks it
         self._models: list[ModelRef] = []  # the models it was put into (see _scope)
@@ -377,43 +376,6 @@ class AdapterLinear(nn.Module):
         longer holds it (restored or replaced since merge()). The layer is unmerged after."""
         self._merged_A = self._merged_B = self._merged_scale = None
         self._merged_fingerprint = None
-
-    # ---- state dict: a merged layer's weight comes with the update it holds -----------------
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:
-            for key in _MERGED_KEYS:
-                t = getattr(self, "_" + key)
-                destination[f"{prefix}base_layer.{key}"] = t if keep_vars else t.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        keys = [f"{prefix}base_layer.{key}" for key in _MERGED_KEYS]
-        update = [state_dict.pop(k) for k in keys if k in state_dict]  # not the base's keys
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if update and len(update) != len(keys):
-            error_msgs.append(f"{prefix}base_layer: a merged state needs all of "
-                              f"{list(_MERGED_KEYS)}")
-        elif update and self.quantized:
-            error_msgs.append(f"{prefix}base_layer: a merged update cannot be loaded onto the "
-                              f"quantized base ({quantized.describe(self.base_layer)})")
-        elif update and (problem := merge_guard.update_problem(
-                merge_guard.Term(*update), self.out_features, self.in_features,
-                base_weight(self.base_layer).dtype)):
-            error_msgs.append(f"{prefix}base_layer: {problem}")
-        elif (weight_key := f"{prefix}base_layer.{self._weight_attr()}") in state_dict:
-            # The loaded base weight decides: merged (it holds `update`) or not.
-            device = self.lora_A.device
-            merged = [t.detach().clone().to(device) for t in update] or [None] * len(keys)
-            self._merged_A, self._merged_B, self._merged_scale = merged
-            loaded = state_dict[weight_key]  # copied into the weight's dtype
-            self._merged_fingerprint = fingerprint(loaded.detach().to(
-                base_weight(self.base_layer).dtype)) if update and isinstance(loaded, Tensor) \
-                else None
-        elif update:
-            error_msgs.append(f"{prefix}base_layer: merged update without "
-                              f"base_layer.{self._weight_attr()}")
 
     def merge_and_unload(self, dequantize: bool = False,
                          dtype: torch.dtype | None = None) -> nn.Module:

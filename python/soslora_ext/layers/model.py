@@ -114,7 +114,7 @@ def _check_cps_fits(config: CPSConfig, name: str, base: nn.Module) -> None:
     rows, columns, taps = partition_shape(base)
     check_fits(config, rows, columns, name, taps=taps)
     if config.repartition_every and is_adaptable(base) and not is_linear(base):
-        raise ValueError(f"apply_cps_lora: module {name!r} is a {type(base).__name__}: "
+        raise ValueError(f"apply_cps_lora: module {name!r} (type {type(base).__name__}): "
                          f"repartition_every={config.repartition_every} is supported on linear "
                          "layers only; adapt it in another apply_cps_lora call with "
                          "repartition_every=0")
