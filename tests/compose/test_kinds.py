@@ -187,6 +187,12 @@ def test_compose_report_cli_on_conv_adapters(adapters, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pairwise RMS cosine" in out
     assert re.search(r"^a +1\.0000 +\d\.\d{4} +\d\.\d{4}$", out, re.M), out  # cells apart
+    assert main(["compose", "concat", *map(str, adapters), "--weights", "1", "-0.5", "2",
+                 "--out", str(tmp_path / "sum")]) == 0
+    summed = compose.sum_into(kinds(), [compose.load(p) for p in adapters], [1, -0.5, 2])
+    loaded = peft.PeftModel.from_pretrained(kinds(), str(tmp_path / "sum")).eval()
+    with torch.no_grad():
+        assert rel_err(loaded(*inputs()), summed(*inputs())) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["sos", "cps"])
