@@ -229,3 +229,52 @@ def test_own_format_records_layouts(adapters, tmp_path):
     assert saved.layouts == live.layouts == compose.load(adapters[0]).layouts
     for layer in live:
         assert rel_err(saved.delta(layer), live.delta(layer)) < 1e-12
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(12, 3, batch_first=True)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def attention(seed=0):
+    torch.manual_seed(seed)
+    return Attention().double().eval()
+
+
+def test_attention_adapters(tmp_path):
+    """An nn.MultiheadAttention's PEFT adapter: in_proj as the attention layout, out_proj under
+    PEFT's name, counted twice as PEFT applies it; sums and exports give PEFT's outputs."""
+    paths = [peft_adapter(tmp_path / n, attention, s, r=r, lora_alpha=2 * r,
+                          target_modules=["attn", "head"])
+             for n, s, r in (("a", 1, 2), ("b", 2, 3))]
+    a, b = (compose.load(p) for p in paths)
+    assert a.layouts == {"attn": compose.Layout("attention", (36, 12))}
+    assert set(a) == {"attn", "attn.base_layer.out_proj", "head"}
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    with torch.no_grad():
+        for adapter, path in ((a, paths[0]), (b, paths[1])):
+            reference = peft.PeftModel.from_pretrained(attention(), str(path)).eval()
+            assert rel_err(compose.sum_into(attention(), [adapter])(x), reference(x)) < 1e-6
+        summed = compose.sum_into(attention(), [a, b], [1.0, -0.5])
+        compose.concat([a, b], [1.0, -0.5]).save_peft(tmp_path / "sum")
+        loaded = peft.PeftModel.from_pretrained(attention(), str(tmp_path / "sum")).eval()
+        assert rel_err(loaded(x), summed(x)) < 1e-5
+    # Our adapter of the module: what compose reads from the export is what the model holds.
+    model = sl.apply_sos_lora(attention(), ["attn"], num_experts=2, rank=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    sl.export_peft(model, tmp_path / "ours")
+    live, exported = compose.from_model(model), compose.load(tmp_path / "ours")
+    assert live.layouts == exported.layouts == {"attn": compose.Layout("attention", (36, 12))}
+    for layer in live:
+        assert rel_err(exported.delta(layer), live.delta(layer)) < 1e-6
+    with torch.no_grad():
+        assert rel_err(compose.sum_into(attention(), [live])(x), model(x)) < 1e-6

@@ -17,7 +17,7 @@ from ..layers.base import AdapterLinear, is_conv1d, weight_matrix
 from ..layers.merge_guard import Target, Term, merge_
 from ..layers.sharing import overlap, shared_with
 from .interference import check_same_base
-from .kinds import target_view
+from .kinds import module_path, target_view
 from .terms import Adapter, LowRankTerm
 
 Tensor = torch.Tensor
@@ -102,18 +102,20 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
     for adapter, w in zip(adapters, weights):
         # A module saved under several names goes into each of them that is its own module.
         named = [(name, layer, terms) for name, terms in adapter.items()
-                 for layer in _every_name(adapter, model, name, "layer")]
+                 for layer in _every_name(adapter, model, module_path(model, name), "layer")]
         for name, layer, terms in named:
             try:
                 module = model.get_submodule(layer)
             except AttributeError:
                 raise AdapterError(f"layer {layer!r} of adapter {adapter.name!r}: no such module "
                                    f"in {type(model).__name__}") from None
-            weight = getattr(module, "weight", None)
+            weight, param = getattr(module, "weight", None), "weight"
             layout = adapter.layouts.get(name)
-            if layout is not None:  # a convolution or embedding: a view of its weight
-                target = target_view(module, layout, f"layer {layer!r} of adapter "
-                                                     f"{adapter.name!r}")
+            if layout is not None:  # a convolution, embedding or attention: a view of a weight
+                target, param = target_view(module, layout, f"layer {layer!r} of adapter "
+                                                            f"{adapter.name!r}")
+                weight = getattr(module.base_layer if isinstance(module, AdapterLinear)
+                                 else module, param)
             elif not isinstance(weight, Tensor) or weight.dim() != 2:
                 raise AdapterError(f"layer {layer!r}: {type(module).__name__} has no 2-D weight")
             else:
@@ -133,8 +135,8 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
                                        "number; give smaller weights")
             # Where the weight lives: an adapted layer's is its base layer's.
             owner = module.base_layer if isinstance(module, AdapterLinear) else module
-            plans.append(((layer, owner, weight, target), terms, w))
-    merged_weights = [weight for (_, _, weight, _), _, _ in plans]
+            plans.append(((layer, owner, param, weight, target), terms, w))
+    merged_weights = [weight for (_, _, _, weight, _), _, _ in plans]
     copies = []
     for adapter in adapters:
         for path, tensor in _whole_items(adapter, model):
@@ -171,8 +173,8 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
     # whole sum for non-finite factors and overflow before the first weight is written, and
     # refuses a weight that shares memory with another tensor of the model.
     targets: dict[int, Target] = {}
-    for (layer, module, weight, target), terms, w in plans:
-        entry = targets.setdefault(id(weight), Target(layer, target, owner=(module, "weight")))
+    for (layer, module, param, weight, target), terms, w in plans:
+        entry = targets.setdefault(id(weight), Target(layer, target, owner=(module, param)))
         for t in terms:
             A, B = t.A.to(target.device), t.B.to(target.device)
             scale = torch.full((A.shape[0],), t.scale * w, device=target.device,
