@@ -278,3 +278,12 @@ def test_attention_adapters(tmp_path):
         assert rel_err(exported.delta(layer), live.delta(layer)) < 1e-6
     with torch.no_grad():
         assert rel_err(compose.sum_into(attention(), [live])(x), model(x)) < 1e-6
+
+
+def test_sum_into_an_adapted_model_writes_its_bases(adapters):
+    a = compose.load(adapters[0])
+    model = sl.apply_sos_lora(kinds(), LAYERS, num_experts=2, rank=4).eval()  # B = 0: no change
+    compose.sum_into(model, [a])
+    with torch.no_grad():
+        assert rel_err(model(*inputs()), compose.sum_into(kinds(), [a])(*inputs())) < 1e-12
+    assert all(not layer.merged for _, layer in sl.adapter_layers(model))
