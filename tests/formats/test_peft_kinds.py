@@ -2,6 +2,7 @@
 beside nn.Linear), through the real peft package: export_peft loads in
 PeftModel.from_pretrained with our outputs, import_peft takes PEFT's own adapters with PEFT's
 outputs."""
+import copy
 import json
 
 import peft
@@ -127,3 +128,56 @@ def test_peft_adds_an_attention_out_proj_update_twice():
     before, delta = out_proj.base_layer.weight.clone(), out_proj.get_delta_weight("default")
     merged = model.merge_and_unload()
     assert rel_err(merged.attn.out_proj.weight - before, PEFT_OUT_PROJ_FACTOR * delta) < 1e-12
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Embedding(30, 12, padding_idx=3, scale_grad_by_freq=True),
+    lambda: torch.nn.Conv2d(3, 5, 3, stride=2, padding=1),
+    lambda: torch.nn.Conv1d(3, 5, 4, padding="same"),
+])
+def test_factor_gradients_equal_peft_layers(make):
+    """One expert with PEFT's factors computes PEFT's LoRA: outputs and the factors'
+    gradients are PEFT's (padding_idx, scale_grad_by_freq, stride, padding as PEFT's)."""
+    torch.manual_seed(0)
+    base = make().double()
+    holder = torch.nn.Sequential(base)
+    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=4, lora_alpha=4,
+                                                         target_modules=["0"]))
+    layer_p = theirs.base_model.model[0]
+    with torch.no_grad():
+        for name, p in layer_p.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    embedding = isinstance(base, torch.nn.Embedding)
+    A_p = layer_p.lora_embedding_A["default"] if embedding else layer_p.lora_A["default"].weight
+    B_p = layer_p.lora_embedding_B["default"] if embedding else layer_p.lora_B["default"].weight
+    ours = sl.SOSLinear(copy.deepcopy(base), num_experts=1, rank=4, alpha=4.0)
+    with torch.no_grad():
+        ours.lora_A.copy_(A_p.reshape(4, -1))
+        ours.lora_B.copy_(B_p.reshape(B_p.shape[0], 4) / ours._rank_scale())
+    spatial = (9, 8) if isinstance(base, torch.nn.Conv2d) else (9,)
+    x = torch.tensor([[3, 1, 1, 7], [3, 2, 1, 1]]) if embedding else \
+        torch.randn(2, 3, *spatial, dtype=torch.float64)
+    w = torch.randn(layer_p(x).shape, dtype=torch.float64)
+    (layer_p(x) * w).sum().backward()
+    (ours(x) * w).sum().backward()
+    assert rel_err(ours(x), layer_p(x)) < 1e-12
+    assert rel_err(ours.lora_A.grad, A_p.grad.reshape(4, -1)) < 1e-12
+    assert rel_err(ours.lora_B.grad * ours._rank_scale().detach(),
+                   B_p.grad.reshape(B_p.shape[0], 4)) < 1e-12
+
+
+def test_dilated_convolutions_are_refused_both_ways(tmp_path):
+    """PEFT's convolution adapter ignores dilation: neither direction can give its outputs."""
+    model = sl.apply_sos_lora(toy(), ["conv1"], num_experts=1, rank=2)
+    model.conv1.base_layer.dilation = (2,)  # as if built dilated
+    with pytest.raises(AdapterError, match="layer 'conv1' is a Conv1d with dilation \\(2,\\): "
+                                           "PEFT's convolution adapter ignores"):
+        sl.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    peft_model(tmp_path)
+    dilated = toy(dtype=torch.float32)
+    dilated.conv1.dilation = (2,)
+    with pytest.raises(AdapterError, match="ignores the base's dilation"):
+        sl.import_peft(dilated, tmp_path, num_experts=2)
+    assert not list(sl.adapter_layers(dilated))

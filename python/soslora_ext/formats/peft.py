@@ -79,6 +79,19 @@ def folded_factors(layer: AdapterLinear) -> tuple[torch.Tensor, torch.Tensor]:
 PEFT_OUT_PROJ_FACTOR = 2.0
 
 
+def peft_refusal(base: nn.Module, name: str) -> str | None:
+    """Why PEFT cannot compute an adapter of base `name` as ours does, or None. PEFT (0.21)
+    builds a convolution's lora_A with the base's kernel, stride and padding but not its
+    dilation: on a dilated kernel its forward is not the update's."""
+    if isinstance(kinds.kind_of(base), kinds.ConvKind) and any(
+            d != 1 for d, k in zip(base.dilation, base.kernel_size) if k > 1):
+        return (f"layer {name!r} is a {type(base).__name__} with dilation "
+                f"{tuple(base.dilation)}: PEFT's convolution adapter ignores the base's "
+                "dilation (its lora_A has only the kernel, stride and padding), so no PEFT "
+                "adapter computes this layer's update; use save_adapter for it")
+    return None
+
+
 def peft_factors(layer: AdapterLinear, A: torch.Tensor, B: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A [r, in] and B [out, r] of the matrix view in PEFT's layout for the layer's base: a
@@ -189,6 +202,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *,
     for name, layer in layers.items():
         if layer.merged:
             raise AdapterError(f"export_peft: layer {name!r} is merged; unmerge() it first")
+        if refusal := peft_refusal(layer.base_layer, name):
+            raise AdapterError(f"export_peft: {refusal}")
         factors[name] = peft_factors(layer, *folded_factors(unsharded(layer)))
     embeddings = frozenset(name for name, layer in layers.items()
                            if isinstance(layer._kind, kinds.EmbeddingKind))
@@ -279,6 +294,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int
         if not is_adaptable(base) or isinstance(base, AdapterLinear):
             fail(f"layer {name!r}: the model has no plain nn.Linear, Conv1D, nn.Embedding, "
                  "nn.Conv1d/2d/3d or nn.MultiheadAttention of that name")
+        if refusal := peft_refusal(base, name):
+            fail(refusal)
         if outer is None and isinstance(kinds.kind_of(base), kinds.AttentionKind) \
                 and f"{name}{NESTED_OUT_PROJ}" not in nested:
             fail(f"layer {name!r}: an nn.MultiheadAttention's LoRA needs its out_proj factors "

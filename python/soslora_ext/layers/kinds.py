@@ -147,8 +147,10 @@ class EmbeddingKind(Kind):
         result = base(x)
         dtype = layer._compute_dtype(result, A)
         A, step = _split_step(A, step)
-        # The padding row of A gets no gradient, as the base's (PEFT passes padding_idx too).
-        h = F.embedding(x.reshape(-1), A.t().to(dtype), padding_idx=base.padding_idx)
+        # A's lookup as the base's (as PEFT's): no gradient to the padding column, and
+        # gradients scaled by the inverse token frequency if the base does so.
+        h = F.embedding(x.reshape(-1), A.t().to(dtype), padding_idx=base.padding_idx,
+                        scale_grad_by_freq=base.scale_grad_by_freq)
         base2 = result.reshape(-1, result.shape[-1])
         if base2.dtype == dtype:
             return _after_projection(h, B, scale, 0.0, step, base2).reshape(result.shape)
