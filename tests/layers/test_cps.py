@@ -482,7 +482,7 @@ def test_bad_configuration_is_refused_before_anything_changes(kw, match):
 
 def test_non_linear_base_and_bad_input():
     with pytest.raises(TypeError, match="base must be an nn.Linear"):
-        sl.CPSLinear(nn.Conv1d(4, 4, 1), num_clusters=2, rank=1)
+        sl.CPSLinear(nn.LayerNorm(4), num_clusters=2, rank=1)
     layer = sl.CPSLinear(nn.Linear(8, 8), num_clusters=2, rank=2)
     with pytest.raises(ValueError, match="last dimension in_features=8"):
         layer(torch.randn(3, 7))

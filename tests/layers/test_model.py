@@ -142,8 +142,10 @@ def test_layer_bad_hyperparameters(kwargs, match):
 
 def test_layer_bad_base():
     with pytest.raises(TypeError,
-                       match=r"base must be an nn.Linear \(or a transformers Conv1D\), got Conv1d"):
-        sl.SOSLinear(nn.Conv1d(4, 4, 1))
+                       match=r"base must be an nn.Linear \(or a transformers Conv1D\), "
+                             r"nn.Embedding, nn.Conv1d/2d/3d or nn.MultiheadAttention, got "
+                             r"LayerNorm"):
+        sl.SOSLinear(nn.LayerNorm(4))
 
 
 def test_layer_bad_inputs():

@@ -103,6 +103,25 @@ def test_model_bench_runs_every_variant(tmp_path):
     assert out.rstrip().splitlines()[-1].startswith("| soslinear |")
 
 
+def test_kinds_bench_times_every_method_on_both_layers(tmp_path):
+    out = run(ROOT / "bench" / "bench_kinds.py", "--tiny", "--threads", "1", "2",
+              "--json", tmp_path / "kinds.json")
+    data = json.loads((tmp_path / "kinds.json").read_text())
+    rows = data["rows"]
+    assert {(r["layer"].split()[0], r["threads"]) for r in rows} == {
+        (kind, t) for kind in ("Conv2d", "Embedding") for t in (1, 2)}
+    assert len(rows) == 2 * 2 * 4 and not any("refused" in r for r in rows)
+    for r in rows:
+        assert r["ms"] > 0 and r["x_frozen"] > 0 and r["x_peft"] > 0 and r["ops"] > 0
+        if r["method"] != "frozen":  # PEFT's rank-4 budget: r (in * 3 * 3 + out), r (num + dim)
+            assert r["trainable_params"] == (4 * (16 * 9 + 24) if "Conv2d" in r["layer"]
+                                             else 4 * (500 + 32)), r
+        assert (r["x_peft"] == 1.0) == (r["method"] == "PEFT LoRA")
+    assert {t["layer"] for t in data["targets"]} <= {r["layer"] for r in rows}
+    assert "1/2 threads" in data["machine"]
+    assert out.rstrip().splitlines()[-1].startswith("| Embedding 500×32")
+
+
 def test_structure_bench_tells_planted_blocks_from_their_null(tmp_path):
     out = run(ROOT / "bench" / "bench_structure.py", "--tiny", "--json", tmp_path / "s.json")
     rows = json.loads((tmp_path / "s.json").read_text())["planted"]

@@ -43,6 +43,23 @@ def test_plain_loop_example_learns_its_rule(tmp_path):
     assert (tmp_path / "adapter_peft" / "adapter_config.json").is_file()
 
 
+def test_diffusion_unet_example_trains_exports_and_reports(tmp_path):
+    pytest.importorskip("diffusers")
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_diffusion_unet.py"),
+                             "--steps", "12", "--out", str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for method in ("sos", "cps"):
+        match = re.search(rf"{method}: .*loss ([\d.]+) -> ([\d.]+) .*difference ([\d.e+-]+)",
+                          result.stdout)
+        assert match, result.stdout[-2000:]
+        first, final, difference = map(float, match.groups())
+        assert final < first and difference < 1e-5, (method, first, final, difference)
+        assert (tmp_path / method / "adapter_config.json").is_file()
+    convs = int(re.search(r"(\d+) convolution layers in common", result.stdout).group(1))
+    assert convs == 17  # conv_in and both convolutions of the 8 ResNet blocks
+
+
 def test_trainer_example_under_accelerate_launch_with_2_cpu_processes(tmp_path):
     # --multi_gpu makes accelerate start the processes with torchrun; the example's
     # use_cpu=True then selects MULTI_CPU (gloo). `--cpu` alone would start one process.

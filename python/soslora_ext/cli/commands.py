@@ -202,11 +202,25 @@ def cmd_cps_check(args) -> int:
     return 0
 
 
+def _refuse_other_kinds(model, given: list[str] | None) -> None:
+    """cps-check measures linear layers (the update's statistics are a linear layer's input and
+    output gradients): a --targets name of another adaptable kind is refused, not skipped."""
+    from ..layers.base import is_adaptable, is_linear
+
+    for name, module in model.named_modules():
+        if given and is_adaptable(module) and not is_linear(module) and any(
+                name == t or name.endswith("." + t) for t in given):
+            raise CliError(f"--targets {' '.join(given)}: {name!r} (type "
+                           f"{type(module).__name__}): cps-check measures Linear layers only "
+                           "(train adapts it)")
+
+
 def _check_targets(model, args) -> list[str]:
     """The layers cps-check measures, checked against --clusters before any work."""
     from ..layers.base import base_features
 
     names = _targets(model, args.targets)
+    _refuse_other_kinds(model, args.targets)
     if not names:
         raise CliError(f"--targets {' '.join(args.targets)}: no Linear module of the model has "
                        "these names" if args.targets

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["auto", "classification", "text"], default="auto",
                    help="auto: classification for 'filekinds' and .jsonl, text otherwise")
     p.add_argument("--targets", nargs="+", default=None,
-                   help="module names to adapt (default: every Linear except the heads)")
+                   help="module names to adapt (default: every Linear except the heads); "
+                   "nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention modules too, e.g. "
+                   "word_embeddings")
     p.add_argument("--method", choices=["sos", "cps"], default="sos",
                    help="sos: SOS-LoRA; cps: CPS-LoRA")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: auto: classification for 'filekinds' and .jsonl, text "
                    "otherwise")
     p.add_argument("--targets", nargs="+", default=None,
-                   help="module names to check (default: every Linear except the heads)")
+                   help="Linear module names to check (default: every Linear except the heads)")
     p.add_argument("--clusters", type=positive_int, default=4, help=cps("num_clusters"))
     p.add_argument("--rank", type=positive_int, default=16, help="CPS: every cluster's rank, "
                    "and the rank of the global term it is compared with")

@@ -8,6 +8,8 @@ the factors and never builds an [out, in] matrix:
 
 terms.py reads adapters, sums.py adds them (``concat``, ``sum_into``), interference.py measures
 how far from orthogonal they are (``report``), evaluation.py gives perplexities (``evaluate``).
+kinds.py reads and writes PEFT's convolution and embedding adapters as matrix views of their
+weights, so all of the above applies to them unchanged.
 """
 from ..formats.files import AdapterError
 from .evaluation import evaluate, perplexity, read_texts
@@ -22,11 +24,12 @@ from .interference import (
                            rms_cosine,
                            singular_values,
 )
+from .kinds import Layout
 from .sums import concat, sum_into
 from .terms import Adapter, LowRankTerm, from_model, load
 
 __all__ = [
-    "Adapter", "AdapterError", "LowRankTerm", "check_same_base", "concat", "cosine",
+    "Adapter", "AdapterError", "Layout", "LowRankTerm", "check_same_base", "concat", "cosine",
     "effective_rank", "evaluate", "format_report", "from_model", "load", "perplexity",
     "plot_report", "read_texts", "report", "require_matplotlib", "rms_cosine", "singular_values",
     "sum_into",

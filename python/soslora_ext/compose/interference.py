@@ -33,10 +33,14 @@ def _inner(a: Sequence[LowRankTerm], b: Sequence[LowRankTerm]) -> float:
 
 
 def check_same_base(a: Adapter, b: Adapter, layer: str) -> None:
-    if a.shape(layer) != b.shape(layer) or a.fan_in_fan_out != b.fan_in_fan_out:
-        raise AdapterError(f"layer {layer!r}: adapter {a.name!r} is for a {a.shape(layer)} "
-                           f"weight and {b.name!r} for a {b.shape(layer)} weight: not the same "
-                           "base model")
+    def weight(x):
+        layout = x.layouts.get(layer)
+        return layout.describe() if layout else f"{x.shape(layer)} weight"
+
+    if (a.shape(layer) != b.shape(layer) or a.fan_in_fan_out != b.fan_in_fan_out
+            or a.layouts.get(layer) != b.layouts.get(layer)):
+        raise AdapterError(f"layer {layer!r}: adapter {a.name!r} is for a {weight(a)} and "
+                           f"{b.name!r} for a {weight(b)}: not the same base model")
 
 
 def cosine(a: Adapter, b: Adapter) -> dict[str, float]:
@@ -105,7 +109,7 @@ def report(adapters: Sequence[Adapter]) -> dict:
 def format_report(rep: dict) -> str:
     """The report as a readable table."""
     lines = ["pairwise RMS cosine of the deltas (layers both adapt):"]
-    width = max(len(n) for n in rep["adapters"]) + 2
+    width = max(max(len(n) for n in rep["adapters"]), 6) + 2  # a cell holds "0.1234"
     lines.append(" " * width + "".join(f"{n:>{width}}" for n in rep["adapters"]))
     for name, row in zip(rep["adapters"], rep["rms_cosine_matrix"]):
         cells = "".join(f"{'-' if v is None else f'{v:.4f}':>{width}}" for v in row)

@@ -17,6 +17,7 @@ from ..layers.base import AdapterLinear, is_conv1d, weight_matrix
 from ..layers.merge_guard import Target, Term, merge_
 from ..layers.sharing import overlap, shared_with
 from .interference import check_same_base
+from .kinds import module_path, target_view
 from .terms import Adapter, LowRankTerm
 
 Tensor = torch.Tensor
@@ -47,7 +48,9 @@ def concat(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) 
     layers: dict[str, list[LowRankTerm]] = {}
     whole: dict[str, Tensor] = {}
     aliases: dict[str, list[str]] = {}
+    layouts = {}
     for adapter, w in zip(adapters, weights):
+        layouts.update(adapter.layouts)
         for layer, terms in adapter.items():
             layers.setdefault(layer, []).extend(
                 LowRankTerm(t.A, t.B, t.scale * w) for t in terms)
@@ -56,7 +59,8 @@ def concat(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) 
             known = aliases.setdefault(name, [])
             known += [n for n in others if n not in known]
     return Adapter(layers, name="+".join(a.name for a in adapters),
-                   fan_in_fan_out=adapters[0].fan_in_fan_out, whole=whole, aliases=aliases)
+                   fan_in_fan_out=adapters[0].fan_in_fan_out, whole=whole, aliases=aliases,
+                   layouts=layouts)
 
 
 def _every_name(adapter: Adapter, model: nn.Module, name: str, where: str) -> list[str]:
@@ -98,19 +102,27 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
     for adapter, w in zip(adapters, weights):
         # A module saved under several names goes into each of them that is its own module.
         named = [(name, layer, terms) for name, terms in adapter.items()
-                 for layer in _every_name(adapter, model, name, "layer")]
+                 for layer in _every_name(adapter, model, module_path(model, name), "layer")]
         for name, layer, terms in named:
             try:
                 module = model.get_submodule(layer)
             except AttributeError:
                 raise AdapterError(f"layer {layer!r} of adapter {adapter.name!r}: no such module "
                                    f"in {type(model).__name__}") from None
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, Tensor) or weight.dim() != 2:
+            weight, param = getattr(module, "weight", None), "weight"
+            layout = adapter.layouts.get(name)
+            if layout is not None:  # a convolution, embedding or attention: a view of a weight
+                target, param = target_view(module, layout, f"layer {layer!r} of adapter "
+                                                            f"{adapter.name!r}")
+                weight = getattr(module.base_layer if isinstance(module, AdapterLinear)
+                                 else module, param)
+            elif not isinstance(weight, Tensor) or weight.dim() != 2:
                 raise AdapterError(f"layer {layer!r}: {type(module).__name__} has no 2-D weight")
-            # As in PEFT, the layer's type decides the layout (a Conv1D stores [in, out]), not
-            # the adapter's fan_in_fan_out flag, which a model of both kinds cannot honour.
-            target = weight_matrix(module) if is_conv1d(module) else weight
+            else:
+                # As in PEFT, the layer's type decides the layout (a Conv1D stores [in, out]),
+                # not the adapter's fan_in_fan_out flag, which a model of both kinds cannot
+                # honour.
+                target = weight_matrix(module) if is_conv1d(module) else weight
             if tuple(target.shape) != adapter.shape(name):
                 raise AdapterError(f"layer {layer!r}: adapter {adapter.name!r} is for a "
                                    f"{adapter.shape(name)} weight, the model's is "
@@ -123,8 +135,8 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
                                        "number; give smaller weights")
             # Where the weight lives: an adapted layer's is its base layer's.
             owner = module.base_layer if isinstance(module, AdapterLinear) else module
-            plans.append(((layer, owner, weight, target), terms, w))
-    merged_weights = [weight for (_, _, weight, _), _, _ in plans]
+            plans.append(((layer, owner, param, weight, target), terms, w))
+    merged_weights = [weight for (_, _, _, weight, _), _, _ in plans]
     copies = []
     for adapter in adapters:
         for path, tensor in _whole_items(adapter, model):
@@ -161,8 +173,8 @@ def sum_into(model: nn.Module, adapters: Sequence[Adapter],
     # whole sum for non-finite factors and overflow before the first weight is written, and
     # refuses a weight that shares memory with another tensor of the model.
     targets: dict[int, Target] = {}
-    for (layer, module, weight, target), terms, w in plans:
-        entry = targets.setdefault(id(weight), Target(layer, target, owner=(module, "weight")))
+    for (layer, module, param, weight, target), terms, w in plans:
+        entry = targets.setdefault(id(weight), Target(layer, target, owner=(module, param)))
         for t in terms:
             A, B = t.A.to(target.device), t.B.to(target.device)
             scale = torch.full((A.shape[0],), t.scale * w, device=target.device,

@@ -1,6 +1,7 @@
 """An adapter as low-rank terms: ``Adapter`` maps module names to sums of terms,
 delta_W = sum_t scale_t B_t A_t (a PEFT LoRA is one term per module; an SOS or CPS adapter is one
-term with its scales folded into B), read from a saved directory or a model.
+term with its scales folded into B), read from a saved directory or a model. Convolution and
+embedding adapters are terms of a matrix view of their weight (kinds.py).
 """
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ from ..formats.native import (
     folded_factors,
     is_own_format,
     read_adapter,
-    read_peft_lora,
-    write_peft_lora,
 )
 from ..formats.peft import check_one_name_each
+from .kinds import Layout, layout_of, matrix_factors, read_peft, write_peft
 
 Tensor = torch.Tensor
 
@@ -45,13 +45,15 @@ class LowRankTerm:
 class Adapter(Mapping):
     """Module name -> list of LowRankTerm. `fan_in_fan_out` marks adapters of layers whose
     weight is stored [in, out] (GPT-2's Conv1D); `whole` holds modules saved whole; `aliases`
-    the other names of modules registered under several ({name: [other names]})."""
+    the other names of modules registered under several ({name: [other names]}); `layouts`
+    the convolution and embedding layers, whose terms are of a view of their weight."""
 
     layers: dict[str, list[LowRankTerm]]
     name: str = ""
     fan_in_fan_out: bool = False
     whole: dict[str, Tensor] = field(default_factory=dict)
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    layouts: dict[str, Layout] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> list[LowRankTerm]:
         return self.layers[key]
@@ -63,7 +65,8 @@ class Adapter(Mapping):
         return len(self.layers)
 
     def shape(self, layer: str) -> tuple[int, int]:
-        """(out, in) of the layer's delta."""
+        """(out, in) of the layer's delta (of its matrix view for a convolution or embedding:
+        out x in * prod(kernel), dim x num)."""
         return self.layers[layer][0].shape
 
     def rank(self, layer: str) -> int:
@@ -106,8 +109,14 @@ class Adapter(Mapping):
                   lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> Path:
         """Write as one PEFT LoRA (rank = sum of the terms' ranks per layer)."""
         self.check_writable(f"save_peft({str(directory)!r})")
-        return write_peft_lora(directory, {n: self.factors(n) for n in self.layers}, self.whole,
-                               fan_in_fan_out=self.fan_in_fan_out, lock_timeout=lock_timeout)
+        return write_peft(directory, {n: self.factors(n) for n in self.layers}, self.whole,
+                          self.layouts, self.fan_in_fan_out, lock_timeout)
+
+
+def _layouts(layers: dict) -> dict[str, Layout]:
+    """The layouts of the adapted convolutions and embeddings among `layers`."""
+    return {n: layout for n, layer in layers.items()
+            if (layout := layout_of(layer.base_layer)) is not None}
 
 
 def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
@@ -118,12 +127,14 @@ def load(directory: str | os.PathLike, name: str | None = None) -> Adapter:
     name = name or directory.name
     if is_own_format(directory):
         config, layers, whole = read_adapter(directory)
-        terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
-        return Adapter(terms, name=name, whole=whole, aliases=config.get("aliases") or {})
-    config, factors, whole = read_peft_lora(directory)
+        terms = {n: [LowRankTerm(*matrix_factors(*folded_factors(layer)))]
+                 for n, layer in layers.items()}
+        return Adapter(terms, name=name, whole=whole, aliases=config.get("aliases") or {},
+                       layouts=_layouts(layers))
+    config, factors, whole, layouts = read_peft(directory)
     terms = {n: [LowRankTerm(A, B, scaling)] for n, (A, B, scaling) in factors.items()}
     return Adapter(terms, name=name, fan_in_fan_out=bool(config.get("fan_in_fan_out")),
-                   whole=whole)
+                   whole=whole, layouts=layouts)
 
 
 def from_model(model: nn.Module, name: str = "model") -> Adapter:
@@ -131,9 +142,10 @@ def from_model(model: nn.Module, name: str = "model") -> Adapter:
     from ..layers.model import adapter_layers
 
     layers = dict(adapter_layers(model))
-    terms = {n: [LowRankTerm(*folded_factors(layer))] for n, layer in layers.items()}
+    terms = {n: [LowRankTerm(*matrix_factors(*folded_factors(layer)))]
+             for n, layer in layers.items()}
     if not terms:
         raise AdapterError("from_model: the model has no adapted (SOSLinear/CPSLinear) layers")
     return Adapter(terms, name=name,
                    fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
-                   aliases=other_names(model, layers))
+                   aliases=other_names(model, layers), layouts=_layouts(layers))

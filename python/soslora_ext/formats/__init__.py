@@ -6,6 +6,7 @@
     lock.py         the directory's lock: waiting for it, whose it is, lock_timeout
     errors.py       AdapterError
     checks.py       what an adapter's config and tensors must satisfy (both formats)
+    kind_entries.py what our format records of an Embedding, Conv or attention base
     peft_checks.py  what a PEFT adapter must satisfy to be imported
     base_models.py  which base model an adapter belongs to
 """

@@ -10,17 +10,20 @@ tensor or key."""
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ..layers.base import AdapterLinear, base_features, is_linear
+from ..layers import kinds
+from ..layers.base import AdapterLinear, base_features, is_adaptable
 from ..layers.config import CPSConfig, SOSConfig, is_int
 from ..layers.cps import CPSLinear, check_fits, check_partition
 from ..layers.sos import SOSLinear
 from ..ops import accumulate_dtype
 from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from .kind_entries import check_kind_entry
 
 METHODS = {"sos": SOSLinear, "cps": CPSLinear}
 FACTOR_DTYPES = {str(d).removeprefix("torch."): d
@@ -32,18 +35,33 @@ def fail(where: str, message: str):
 
 
 # ---- names -----------------------------------------------------------------------------------
+# The name of an attention module's out_proj adapter under the attention adapter's.
+NESTED_OUT_PROJ = ".base_layer.out_proj"
+
+
+def nested_in(name: str, layers) -> str | None:
+    """The attention layer among `layers` whose out_proj adapter `name` is, or None."""
+    outer = name[: -len(NESTED_OUT_PROJ)] if name.endswith(NESTED_OUT_PROJ) else None
+    return outer if outer in layers else None
+
+
 def check_names(where: str, adapted, whole=()) -> None:
     """Module names are dotted paths; none is, or lies inside, an adapted layer but itself
-    (e.g. "x.base_layer" beside "x"), so no tensor is claimed twice."""
+    (e.g. "x.base_layer" beside "x"), so no tensor is claimed twice. The one exception: an
+    attention module's out_proj adapter, "x.base_layer.out_proj" beside "x" (as PEFT's)."""
     adapted, whole = list(adapted), list(whole)
     for name in adapted + whole:
         if not isinstance(name, str) or not name or "" in name.split("."):
             fail(where, f"module name {name!r} is not a dotted module path")
     layers = set(adapted)
+    nested = {name for name in adapted if name.endswith(NESTED_OUT_PROJ)
+              and name[: -len(NESTED_OUT_PROJ)] in layers}
     for name in adapted + whole:
         parts = name.split(".")
         for i in range(1, len(parts) + 1):
             outer = ".".join(parts[:i])
+            if name in nested and outer == name[: -len(NESTED_OUT_PROJ)]:
+                continue
             if outer in layers and (outer != name or name in whole):
                 fail(where, f"module {name!r} is, or lies inside, the adapted layer {outer!r}")
 
@@ -103,14 +121,25 @@ def model_module(model: nn.Module, name: str, where: str, what: str) -> nn.Modul
     return module
 
 
-def check_model_layer(model: nn.Module, name: str, shape: tuple, where: str) -> nn.Module:
-    """The plain nn.Linear (or Conv1D) `name` of `model`, of (in_features, out_features)
-    `shape`."""
-    base = model_module(model, name, where, "layer")
+def check_model_layer(model: nn.Module, name: str, shape: tuple, where: str,
+                      kind: str | None = None, kernel: tuple | None = None) -> nn.Module:
+    """The plain layer `name` of `model` (an attention adapter's "x.base_layer.out_proj":
+    the out_proj of the attention module "x"), of (in_features, out_features) `shape` and the
+    saved kind (None: an nn.Linear or Conv1D) and kernel size."""
+    if name.endswith(NESTED_OUT_PROJ):
+        outer = model_module(model, name[: -len(NESTED_OUT_PROJ)], where, "layer")
+        base = getattr(outer, "out_proj", None)
+    else:
+        base = model_module(model, name, where, "layer")
     if isinstance(base, AdapterLinear):
         fail(where, f"layer {name!r} already has an adapter; load into a fresh model")
-    if not is_linear(base):
-        fail(where, f"layer {name!r} is a {type(base).__name__}, not an nn.Linear or Conv1D")
+    found = kinds.kind_of(base)
+    if not is_adaptable(base) or (found.name if found else None) != kind:
+        fail(where, f"layer {name!r} is a {type(base).__name__}, not "
+                    f"{'an nn.Linear or Conv1D' if kind is None else 'an nn.' + kind}")
+    if kernel is not None and tuple(base.kernel_size) != kernel:
+        fail(where, f"layer {name!r}: adapter is for kernel size {kernel}, the model's layer "
+                    f"has {tuple(base.kernel_size)}")
     if tuple(shape) != base_features(base):
         fail(where, f"layer {name!r}: adapter is for in/out features {tuple(shape)}, the model's "
                     f"layer is {base_features(base)}")
@@ -143,9 +172,10 @@ def _compare(where: str, what: str, got, expected) -> None:
 
 # ---- our format ------------------------------------------------------------------------------
 def layer_tensors(method: str, config, in_features: int, out_features: int,
-                  dtype: torch.dtype) -> dict:
+                  dtype: torch.dtype, taps: int = 1) -> dict:
     """{key: (dtype, shape)} of what a layer of this configuration saves, from its
-    hyperparameters alone (no layer is built: sizes are checked before anything is allocated)."""
+    hyperparameters alone (no layer is built: sizes are checked before anything is allocated).
+    `taps`: a convolution's kernel taps (CPS-LoRA clusters its in_features / taps channels)."""
     acc = accumulate_dtype(dtype)
     if method == "sos":
         K, r = config.num_experts, config.r_total
@@ -158,7 +188,7 @@ def layer_tensors(method: str, config, in_features: int, out_features: int,
         return spec
     G, r, long = config.num_clusters, config.r_max, torch.int64
     return {"lora_A": (dtype, (r, in_features)), "lora_B": (dtype, (out_features, r)),
-            "row_index": (long, (out_features,)), "col_index": (long, (in_features,)),
+            "row_index": (long, (out_features,)), "col_index": (long, (in_features // taps,)),
             "row_offsets": (long, (G + 1,)), "col_offsets": (long, (G + 1,)),
             "cluster_scales": (acc, (G,)), "partition_seed": (long, ()),
             "repartition_count": (long, ())}
@@ -174,6 +204,13 @@ class LayerPlan:
     in_features: int
     out_features: int
     tensors: dict  # key -> (dtype, shape)
+    kind: str | None = None  # the base's kind (KIND_NAMES), None for a linear layer
+    kernel: tuple | None = None  # a convolution's kernel size
+
+    @property
+    def columns(self) -> int:
+        """The columns CPS-LoRA clusters: a convolution's input channels."""
+        return self.in_features // (math.prod(self.kernel) if self.kernel else 1)
 
 
 @dataclass
@@ -209,9 +246,14 @@ def check_own_config(config: dict, where: str, model: nn.Module | None = None) -
         if not isinstance(entry, dict):
             fail(where, f"layer {name!r}: bad entry in {CONFIG_NAME} (expected an object)")
         shape = (entry.get("in_features"), entry.get("out_features"))
+        try:
+            kind, kernel = check_kind_entry(entry)
+        except ValueError as e:
+            fail(where, f"layer {name!r}: bad entry in {CONFIG_NAME} ({e})")
         if model is not None:
             for each in [name] + plan.aliases_of(name):
-                check_model_layer(model, each, shape, where)
+                check_model_layer(model, each, shape, where, kind, kernel)
+        taps = math.prod(kernel) if kernel else 1
         try:
             method = entry.get("method", "sos")  # files written before CPS-LoRA are all SOS
             if method not in METHODS:
@@ -229,12 +271,13 @@ def check_own_config(config: dict, where: str, model: nn.Module | None = None) -
                 raise ValueError(f"config must be an object, got {kwargs!r}")
             hyper = (SOSConfig if method == "sos" else CPSConfig)(**kwargs)
             if method == "cps":
-                check_fits(hyper, shape[1], shape[0])
+                check_fits(hyper, shape[1], shape[0] // taps, taps=taps)
         except (TypeError, ValueError) as e:
             fail(where, f"layer {name!r}: bad entry in {CONFIG_NAME} ({e})")
         dtype = FACTOR_DTYPES[entry["dtype"]]
         plan.layers[name] = LayerPlan(METHODS[method], dict(kwargs), dtype, *shape,
-                                      layer_tensors(method, hyper, *shape, dtype))
+                                      layer_tensors(method, hyper, *shape, dtype, taps),
+                                      kind, kernel)
     for name, params in saved.items():
         own = {}
         for each in [name] + plan.aliases_of(name) if model is not None else []:
@@ -277,7 +320,7 @@ def check_own_values(plan: OwnPlan, tensors: dict[str, torch.Tensor], where: str
             try:
                 check_partition(t["row_index"], t["row_offsets"].tolist(), layer.out_features,
                                 "rows")
-                check_partition(t["col_index"], t["col_offsets"].tolist(), layer.in_features,
+                check_partition(t["col_index"], t["col_offsets"].tolist(), layer.columns,
                                 "columns")
             except ValueError as e:
                 fail(where, f"layer {name!r}: {e}")
@@ -306,6 +349,8 @@ def placements(model: nn.Module, plan: OwnPlan, where: str) -> list[tuple[str, n
     layer_of = {n: layer for layer in plan.layers for n in [layer] + plan.aliases_of(layer)}
     placed = []
     for name in plan.layers:
+        if nested_in(name, plan.layers):
+            continue  # made by its attention layer (load_adapter)
         names = [name] + plan.aliases_of(name)
         if plan.aliases is None:
             names += [n for n in every[id(model.get_submodule(name))]

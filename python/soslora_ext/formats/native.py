@@ -37,6 +37,7 @@ from .files import (
     read_pair,
     save_pair,
 )
+from .kind_entries import kind_entry, meta_base
 from .lock import DEFAULT_LOCK_TIMEOUT, check_lock_timeout
 from .peft import (
     export_peft,
@@ -141,7 +142,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, metadata: dict 
         modules[name] = dict(method=_method(layer), in_features=layer.in_features,
                              out_features=layer.out_features,
                              bias=layer.bias is not None, config=layer.config.to_dict(),
-                             dtype=str(layer.lora_A.dtype).removeprefix("torch."))
+                             dtype=str(layer.lora_A.dtype).removeprefix("torch."),
+                             **kind_entry(layer))
     saved, whole = {}, modules_to_save(model)
     for name, module in whole.items():
         params = dict(module.named_parameters(recurse=False))
@@ -210,8 +212,8 @@ def read_adapter(directory: str | os.PathLike
     config, plan, tensors = _read_own(directory, repr(str(directory)))
     layers = {}
     for name, p in plan.layers.items():
-        layer = p.cls(nn.Linear(p.in_features, p.out_features, device="meta"), dtype=p.dtype,
-                      **p.kwargs)
+        base = meta_base(p.kind, p.kernel, p.in_features, p.out_features)
+        layer = p.cls(base, dtype=p.dtype, **p.kwargs)
         layer.load_state_dict({k: tensors[f"{name}.{k}"] for k in p.tensors}, strict=False,
                               assign=True)
         layers[name] = layer
@@ -237,12 +239,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     where = f"load_adapter({str(directory)!r})"
     _, plan, tensors = _read_own(directory, where, model)
     placed = check.placements(model, plan, where)  # (layer name, base, [names]), all checked
-    built = []
+    built, by_name = [], {}
     for name, base, names in placed:
         p = plan.layers[name]
         layer = p.cls(base, dtype=p.dtype, **p.kwargs)
         layer.load_state_dict({k: tensors[f"{name}.{k}"] for k in p.tensors}, strict=False)
         built.append((layer, names))
+        by_name[name] = layer
+    for name, p in plan.layers.items():  # an attention layer's out_proj adapter, made by it
+        if outer := check.nested_in(name, plan.layers):
+            inner = by_name[outer].base_layer.out_proj
+            inner.load_state_dict({k: tensors[f"{name}.{k}"] for k in p.tensors}, strict=False)
     for layer, names in built:
         for name in names:
             replace_module(model, name, layer)

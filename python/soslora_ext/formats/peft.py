@@ -18,16 +18,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..layers.base import AdapterLinear, base_features, is_linear
+from ..layers import kinds
+from ..layers.base import AdapterLinear, base_features, is_adaptable
 from ..layers.config import SOSConfig
 from ..layers.distributed import full, is_writer
 from ..layers.model import adapter_layers, freeze_all_but_adapters, modules_to_save, replace_module
 from ..layers.sos import SOSLinear
 from . import checks as check
 from . import peft_checks
+from .checks import NESTED_OUT_PROJ
 from .files import CONFIG_SHA256_KEY, AdapterError, read_pair, save_pair
+from .kind_entries import kind_entry, meta_base
 from .lock import DEFAULT_LOCK_TIMEOUT, check_lock_timeout
-from .peft_checks import PEFT_PREFIX
+from .peft_checks import PEFT_PREFIX, factor_keys
 
 
 def _own_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
@@ -53,8 +56,10 @@ def unsharded(layer: AdapterLinear) -> AdapterLinear:
 
     if not any(isinstance(t, DTensor) for t in _own_state(layer).values()):
         return layer
-    copy = type(layer)(nn.Linear(layer.in_features, layer.out_features, device="meta"),
-                       dtype=layer.lora_A.dtype, **layer.config.to_dict())
+    entry = kind_entry(layer)
+    kernel = tuple(entry["kernel_size"]) if "kernel_size" in entry else None
+    base = meta_base(entry.get("base_kind"), kernel, layer.in_features, layer.out_features)
+    copy = type(layer)(base, dtype=layer.lora_A.dtype, **layer.config.to_dict())
     copy.load_state_dict(layer_state(layer), strict=False, assign=True)
     return copy
 
@@ -67,14 +72,51 @@ def folded_factors(layer: AdapterLinear) -> tuple[torch.Tensor, torch.Tensor]:
         return A.detach().to(acc), B.detach().to(acc) * scale.detach().to(acc)
 
 
+# PEFT (0.21.2, pinned by tests/formats/test_peft_kinds.py) adds an nn.MultiheadAttention's
+# out_proj update twice, in its forward and in merge_and_unload alike (MultiheadAttention.merge
+# writes W + delta into out_proj, then calls out_proj.merge(), which adds delta again): the
+# update its out_proj factors give is twice scaling * B A. Export halves B, import doubles it.
+PEFT_OUT_PROJ_FACTOR = 2.0
+
+
+def peft_refusal(base: nn.Module, name: str) -> str | None:
+    """Why PEFT cannot compute an adapter of base `name` as ours does, or None. PEFT (0.21)
+    builds a convolution's lora_A with the base's kernel, stride and padding but not its
+    dilation: on a dilated kernel its forward is not the update's."""
+    if isinstance(kinds.kind_of(base), kinds.ConvKind) and any(
+            d != 1 for d, k in zip(base.dilation, base.kernel_size) if k > 1):
+        return (f"layer {name!r} is a {type(base).__name__} with dilation "
+                f"{tuple(base.dilation)}: PEFT's convolution adapter ignores the base's "
+                "dilation (its lora_A has only the kernel, stride and padding), so no PEFT "
+                "adapter computes this layer's update; use save_adapter for it")
+    return None
+
+
+def peft_factors(layer: AdapterLinear, A: torch.Tensor, B: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, in] and B [out, r] of the matrix view in PEFT's layout for the layer's base: a
+    convolution's A [r, in, *k] and B [out, r, 1, ...]; other kinds' as they are."""
+    base = layer.base_layer
+    if isinstance(layer._kind, kinds.ConvKind):
+        return (A.reshape(A.shape[0], base.in_channels, *base.kernel_size),
+                B.reshape(*B.shape, *(1,) * len(base.kernel_size)))
+    return A, B
+
+
 def write_peft_lora(directory: str | os.PathLike,
                     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                     whole: dict[str, torch.Tensor] | None = None,
                     fan_in_fan_out: bool = False, *,
-                    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> Path:
-    """Write {module: (A [r, in], B [out, r])} as a PEFT LoRA with delta = B A per module.
+                    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+                    embeddings: frozenset = frozenset(),
+                    nested: frozenset = frozenset()) -> Path:
+    """Write {module: (A [r, in], B [out, r])} as a PEFT LoRA with delta = B A per module
+    (a convolution's in PEFT's layout, A [r, in, *k] and B [out, r, 1, ...]: peft_factors).
     `fan_in_fan_out` marks adapters of Conv1D layers (weight [in, out], GPT-2); the factors have
-    the same shapes either way, and PEFT decides per layer from its type.
+    the same shapes either way, and PEFT decides per layer from its type. `embeddings` names
+    the embedding layers (PEFT's lora_embedding_A/B tensors); `nested` the out_proj adapters
+    of attention modules ("x.base_layer.out_proj"), which PEFT makes for the attention module
+    "x" and which are not target modules themselves.
 
     lora_alpha = r for every module, so PEFT's scaling alpha / r is 1 and B carries all scales;
     modules of another rank get rank_pattern / alpha_pattern entries. `whole` holds tensors of
@@ -102,8 +144,8 @@ def write_peft_lora(directory: str | os.PathLike,
         tensors_or_fail(f"whole[{name!r}]", (value,), 1)
     tensors, ranks = {}, {}
     for name, (A, B) in factors.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B
+        key_A, key_B = factor_keys(name, name in embeddings)
+        tensors[key_A], tensors[key_B] = A, B
         ranks[name] = A.shape[0] if A.dim() else 0
     tensors.update({PEFT_PREFIX + k: v for k, v in whole.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -111,7 +153,8 @@ def write_peft_lora(directory: str | os.PathLike,
     pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
     saved = sorted({k.rpartition(".")[0] for k in whole})
     config = dict(peft_type="LORA", task_type=None, r=r, lora_alpha=r, rank_pattern=pattern,
-                  alpha_pattern=dict(pattern), target_modules=sorted(factors),
+                  alpha_pattern=dict(pattern),
+                  target_modules=sorted(set(factors) - set(nested)),
                   modules_to_save=saved or None, lora_dropout=0.0, bias="none",
                   fan_in_fan_out=fan_in_fan_out, use_rslora=False, use_dora=False,
                   init_lora_weights=True, inference_mode=True, base_model_name_or_path=None)
@@ -159,7 +202,16 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *,
     for name, layer in layers.items():
         if layer.merged:
             raise AdapterError(f"export_peft: layer {name!r} is merged; unmerge() it first")
-        factors[name] = folded_factors(unsharded(layer))
+        if refusal := peft_refusal(layer.base_layer, name):
+            raise AdapterError(f"export_peft: {refusal}")
+        factors[name] = peft_factors(layer, *folded_factors(unsharded(layer)))
+    embeddings = frozenset(name for name, layer in layers.items()
+                           if isinstance(layer._kind, kinds.EmbeddingKind))
+    nested = frozenset(f"{name}{NESTED_OUT_PROJ}" for name, layer in layers.items()
+                       if layer.nested_adapters())
+    for name in nested:
+        A, B = factors[name]
+        factors[name] = (A, B / PEFT_OUT_PROJ_FACTOR)
     whole = {f"{name}.{k}": full(v) for name, module in saved.items()
              for k, v in module.named_parameters(recurse=False)}
     if not is_writer():
@@ -168,7 +220,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *,
     # when the layers are Conv1D, as PEFT's own GPT-2 adapters have it.
     fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
     return write_peft_lora(directory, factors, whole, fan_in_fan_out=fan_in_fan_out,
-                           lock_timeout=lock_timeout)
+                           lock_timeout=lock_timeout, embeddings=embeddings, nested=nested)
 
 
 def read_peft_lora(directory: str | os.PathLike
@@ -185,8 +237,9 @@ def read_peft_lora(directory: str | os.PathLike
     config, tensors = read_pair(directory, validate)
     plan = peft_checks.check_peft_header(config, check.header_of(tensors), where)
     check.check_finite(tensors, where)
-    factors = {name: (tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"],
-                      tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"], scaling)
+    # As [r, in] and [out, r] of the matrix view (a convolution's flattened).
+    factors = {name: (tensors[plan.keys(name)[0]].flatten(1),
+                      tensors[plan.keys(name)[1]].flatten(1), scaling)
                for name, (_, scaling) in plan.layers.items()}
     for name, (_, B, scaling) in factors.items():
         # A huge lora_alpha (or alpha_pattern entry) overflows delta = scaling * B A.
@@ -226,10 +279,27 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int
     # fan_in_fan_out needs nothing here: the factors' shapes are the same for a Conv1D
     # (weight [in, out]) and an nn.Linear, and each layer's type decides, as in PEFT.
     config, factors, whole = read_peft_lora(directory)
-    for name, (A, B, _) in factors.items():
-        base = check.model_module(model, name, where, "layer")
-        if not is_linear(base) or isinstance(base, AdapterLinear):
-            fail(f"layer {name!r}: the model has no plain nn.Linear or Conv1D of that name")
+    # An attention module's out_proj LoRA ("x.base_layer.out_proj" in PEFT's names) goes to
+    # the out_proj adapter that the attention module's layer makes.
+    nested = {name: (A, B, scaling * PEFT_OUT_PROJ_FACTOR)
+              for name, (A, B, scaling) in factors.items() if name.endswith(NESTED_OUT_PROJ)
+              and name[: -len(NESTED_OUT_PROJ)] in factors}
+    factors = {name: f for name, f in factors.items() if name not in nested}
+    for name, (A, B, _) in list(factors.items()) + list(nested.items()):
+        outer = name[: -len(NESTED_OUT_PROJ)] if name in nested else None
+        if outer is not None:
+            base = check.model_module(model, outer, where, "layer").out_proj
+        else:
+            base = check.model_module(model, name, where, "layer")
+        if not is_adaptable(base) or isinstance(base, AdapterLinear):
+            fail(f"layer {name!r}: the model has no plain nn.Linear, Conv1D, nn.Embedding, "
+                 "nn.Conv1d/2d/3d or nn.MultiheadAttention of that name")
+        if refusal := peft_refusal(base, name):
+            fail(refusal)
+        if outer is None and isinstance(kinds.kind_of(base), kinds.AttentionKind) \
+                and f"{name}{NESTED_OUT_PROJ}" not in nested:
+            fail(f"layer {name!r}: an nn.MultiheadAttention's LoRA needs its out_proj factors "
+                 f"({name}{NESTED_OUT_PROJ}), as PEFT saves them")
         in_features, out_features = base_features(base)
         if B.shape != (out_features, A.shape[0]) or A.shape[1] != in_features:
             fail(f"layer {name!r}: LoRA factors of shapes {tuple(A.shape)} and "
@@ -247,16 +317,23 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, num_experts: int
 
     layers = {}  # every layer built and checked before the model changes
     for name, (A, B, scaling) in factors.items():
-        layer = SOSLinear(model.get_submodule(name), num_experts=num_experts, rank=A.shape[0],
+        base = model.get_submodule(name)
+        if nested.get(f"{name}{NESTED_OUT_PROJ}", (A,))[0].shape[0] != A.shape[0]:
+            fail(f"layer {name!r}: its out_proj LoRA has another rank than its in_proj's")
+        layer = SOSLinear(base, num_experts=num_experts, rank=A.shape[0],
                           rank_mode="total", **layer_kwargs)
-        with torch.no_grad():
-            layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B.double() * scaling / layer._rank_scale().double())
-        try:
-            check.check_finite({"lora_A": layer.lora_A, "lora_B": layer.lora_B}, "")
-        except AdapterError:
-            fail(f"layer {name!r}: the LoRA factors times the scaling overflow "
-                 f"{layer.lora_B.dtype}")
+        parts = [(name, layer, (A, B, scaling))] + [
+            (f"{name}{NESTED_OUT_PROJ}", inner, nested[f"{name}{NESTED_OUT_PROJ}"])
+            for inner in layer.nested_adapters()]
+        for part, adapter, (A_p, B_p, scaling_p) in parts:
+            with torch.no_grad():
+                adapter.lora_A.copy_(A_p)
+                adapter.lora_B.copy_(B_p.double() * scaling_p / adapter._rank_scale().double())
+            try:
+                check.check_finite({"lora_A": adapter.lora_A, "lora_B": adapter.lora_B}, "")
+            except AdapterError:
+                fail(f"layer {part!r}: the LoRA factors times the scaling overflow "
+                     f"{adapter.lora_B.dtype}")
         layers[name] = layer
     for name, layer in layers.items():
         replace_module(model, name, layer)

@@ -138,20 +138,37 @@ def check_peft_config(config: dict, where: str) -> None:
 class PeftPlan:
     layers: dict[str, tuple[int, float]]  # module -> (rank, scaling): delta = scaling * B A
     whole: list[str]                     # "module.param" of the tensors saved whole
+    embeddings: frozenset = frozenset()  # modules whose factors are lora_embedding_A/B
+
+    def keys(self, name: str) -> tuple[str, str]:
+        """The tensor names of layer `name`'s A and B."""
+        return factor_keys(name, name in self.embeddings)
+
+
+def factor_keys(name: str, embedding: bool) -> tuple[str, str]:
+    """PEFT's tensor names of a layer's factors: lora_embedding_A/B for an embedding (A
+    [r, num_embeddings], B [dim, r]), else lora_A/B.weight (a convolution's A [r, in, *k], B
+    [out, r, 1, ...])."""
+    if embedding:
+        return f"{PEFT_PREFIX}{name}.lora_embedding_A", f"{PEFT_PREFIX}{name}.lora_embedding_B"
+    return f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
 
 
 def check_peft_header(config: dict, header: dict, where: str) -> PeftPlan:
     """Every tensor is a lora_A/lora_B of one layer or one saved whole; each pair's rank is
     the one r / rank_pattern gives that layer (a config and weights from different saves, or
     an edited r, are refused, not read with the wrong scaling)."""
-    names, whole = [], []
+    names, whole, embeddings = [], [], set()
     for key, (dtype, shape) in header.items():
         if not key.startswith(PEFT_PREFIX):
             fail(where, f"unexpected tensor {key!r}")
         path = key[len(PEFT_PREFIX):]
         if path.endswith(".lora_A.weight"):
             names.append(path[: -len(".lora_A.weight")])
-        elif not path.endswith(".lora_B.weight"):
+        elif path.endswith(".lora_embedding_A"):
+            names.append(path[: -len(".lora_embedding_A")])
+            embeddings.add(names[-1])
+        elif not path.endswith((".lora_B.weight", ".lora_embedding_B")):
             if "lora_" in path:
                 fail(where, f"unsupported LoRA tensor {key!r}")
             if not dtype.is_floating_point:  # modules_to_save hold trained (float) parameters
@@ -161,10 +178,15 @@ def check_peft_header(config: dict, header: dict, where: str) -> PeftPlan:
         fail(where, "the adapter holds no lora_A/lora_B tensors")
     check_names(where, names, [p.rpartition(".")[0] for p in whole])
     layers = {}
+    if len(set(names)) != len(names):
+        fail(where, f"a layer has both lora_A and lora_embedding_A tensors: {sorted(names)[:8]}")
     for name in sorted(names):
-        A = header[f"{PEFT_PREFIX}{name}.lora_A.weight"]
-        B = header.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
-        if (B is None or len(A[1]) != 2 or len(B[1]) != 2 or B[1][1] != A[1][0]
+        key_A, key_B = factor_keys(name, name in embeddings)
+        A, B = header[key_A], header.get(key_B)
+        # 2-D factors; a convolution's are [r, in, *k] and [out, r, 1, ...]
+        dims = 2 if name in embeddings else len(A[1])
+        if (B is None or len(A[1]) != dims or len(B[1]) != dims or dims not in (2, 3, 4, 5)
+                or B[1][1] != A[1][0] or any(d != 1 for d in B[1][2:])
                 or not (A[0].is_floating_point and B[0].is_floating_point)):
             fail(where, f"layer {name!r}: lora_A {A[0]} {A[1]} and lora_B "
                         f"{None if B is None else (B[0], B[1])} are not a LoRA pair")
@@ -174,4 +196,4 @@ def check_peft_header(config: dict, header: dict, where: str) -> PeftPlan:
                         f"gives this layer r={rank} (r, rank_pattern)")
         alpha = pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
         layers[name] = (rank, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
-    return PeftPlan(layers, whole)
+    return PeftPlan(layers, whole, frozenset(embeddings))

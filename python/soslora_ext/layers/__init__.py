@@ -1,6 +1,8 @@
 """The adapted layers and what acts on them.
 
-    base.py         AdapterLinear: the frozen base (Linear, Conv1D, 4/8-bit) all layers share
+    base.py         AdapterLinear: the frozen base all layers share; merge and unmerge
+    bases.py        what a base is: linear layers and the other kinds, their matrix view, checks
+    kinds.py        Embedding, Conv1d/2d/3d and MultiheadAttention bases: views and forwards
     sos.py          SOSLinear: SOS-LoRA's K static, always-on experts
     cps.py          CPSLinear: CPS-LoRA's cluster-local blocks
     partition.py    CPS-LoRA's partition: gradient sketch, co-clustering, captured energy
@@ -9,6 +11,7 @@
     config.py       SOSConfig, CPSConfig and the presets
     quantized.py    bitsandbytes 4/8-bit bases
     merge_guard.py  every in-place write of an update into a weight
+    merged_state.py a merged layer's state dict: its weight with the update it holds
     sharing.py      which tensors share memory with a weight; merged-weight fingerprints
     bypass.py       parents that read an adapted layer's weight instead of calling it
     model.py        apply_sos_lora / apply_cps_lora, merge_and_unload, penalties, counts

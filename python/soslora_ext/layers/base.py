@@ -1,84 +1,33 @@
-"""AdapterLinear: a frozen linear layer (an nn.Linear, the Conv1D of GPT-2-style models, or a
-bitsandbytes 4-bit/8-bit quantized Linear: quantized.py) plus an update that is a sum of
-low-rank terms. What every adapted layer (SOSLinear, CPSLinear) shares: the base checks, input
-checks, merge and unmerge through the merge guard, and the merged state in state dicts."""
+"""AdapterLinear: a frozen layer (an nn.Linear, the Conv1D of GPT-2-style models, a
+bitsandbytes 4-bit/8-bit quantized Linear: quantized.py; or an nn.Embedding, nn.Conv1d/2d/3d or
+nn.MultiheadAttention: kinds.py) plus an update that is a sum of low-rank terms. What every
+adapted layer (SOSLinear, CPSLinear) shares: the base checks, input checks, merge and unmerge
+through the merge guard, and the merged state in state dicts."""
 from __future__ import annotations
-
-import sys
 
 import torch
 import torch.nn as nn
 
 from .. import ops
 from ..ops.dtypes import SUPPORTED_DTYPES
-from . import merge_guard, quantized
-from .sharing import ModelRef, fingerprint, from_sums, scope_of, shared_with
+from . import kinds, merge_guard, quantized
+from .bases import (  # noqa: F401  re-exported: the names other modules import from here
+    base_dtype,
+    base_features,
+    base_weight,
+    check_base,
+    is_adaptable,
+    is_conv1d,
+    is_linear,
+    partition_shape,
+    weight_matrix,
+)
+from .merged_state import MERGED_KEYS, MergedState, fingerprint_loaded
+from .sharing import ModelRef, from_sums, scope_of, shared_with
 
 Tensor = torch.Tensor
 
 
-# The dtypes the ops compute in: a base weight or adapter of any other dtype cannot work.
-# Keys under base_layer. that a merged layer's state_dict adds: the update its weight holds.
-_MERGED_KEYS = ("merged_A", "merged_B", "merged_scale")
-
-
-def is_conv1d(module) -> bool:
-    """Whether `module` is transformers' Conv1D (GPT-2, GPT, ...): a linear layer whose weight is
-    stored [in, out] (PEFT's fan_in_fan_out). transformers is only looked up if already
-    imported: a model made of Conv1D layers has imported it."""
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
-
-
-def is_linear(module) -> bool:
-    """An nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt are ones) or a Conv1D: the
-    layers an adapter can wrap."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def base_features(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a Conv1D (weight [in, out])."""
-    if is_conv1d(base):
-        return tuple(base.weight.shape)
-    return base.in_features, base.out_features
-
-
-def weight_matrix(base: nn.Module) -> Tensor:
-    """The base weight as an [out, in] matrix: a transposed view for a Conv1D, so writes into
-    it (merging) change the weight itself."""
-    return base.weight.t() if is_conv1d(base) else base.weight
-
-
-def base_dtype(base: nn.Module) -> torch.dtype:
-    """The floating dtype the base computes in: its weight's, or a quantized base's compute
-    dtype (its weight holds uint8/int8 codes)."""
-    return quantized.compute_dtype(base) if quantized.is_quantized_linear(base) \
-        else base.weight.dtype
-
-
-def check_base(base, owner: str) -> None:
-    """Raise a clear error if `base` cannot carry an adapter: an nn.Linear (or a transformers
-    Conv1D) with a weight of a supported floating dtype and positive in/out features, or a
-    quantized bitsandbytes Linear that quantized.check_quantized accepts."""
-    if not is_linear(base):
-        raise TypeError(f"{owner}: base must be an nn.Linear (or a transformers Conv1D), got "
-                        f"{type(base).__name__}")
-    if quantized.is_quantized_linear(base):
-        quantized.check_quantized(base, owner)
-        return
-    reason = quantized.unsupported_quantization(base)
-    if reason is not None:
-        raise TypeError(f"{owner}: {reason}")
-    weight = base.weight
-    if not isinstance(weight, Tensor) or weight.dtype not in SUPPORTED_DTYPES:
-        dtype = getattr(weight, "dtype", type(weight).__name__)
-        raise TypeError(f"{owner}: the base weight is {dtype}; expected one of "
-                        f"{[str(d) for d in SUPPORTED_DTYPES]} (a quantized or integer Linear "
-                        "cannot be adapted)")
-    in_features, out_features = base_features(base)
-    if in_features <= 0 or out_features <= 0 or weight.dim() != 2:
-        raise ValueError(f"{owner}: in_features and out_features must be positive, got "
-                         f"{in_features} -> {out_features}")
 
 
 # The parameter types a fused base may have: plain tensors (not DTensor, not quantized).
@@ -96,7 +45,7 @@ def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
-class AdapterLinear(nn.Module):
+class AdapterLinear(MergedState, nn.Module):
     """A frozen nn.Linear (or Conv1D) plus an update that is a sum of low-rank terms.
 
     Subclasses give the update as factors, ``_update_factors() -> (A [R, in], B [out, R],
@@ -120,6 +69,7 @@ class AdapterLinear(nn.Module):
         super().__init__()
         self.base_layer = base
         self.fan_in_fan_out = is_conv1d(base)
+        self._kind = kinds.kind_of(base)  # None for a linear layer
         self._features = base_features(base)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -128,15 +78,50 @@ class AdapterLinear(nn.Module):
         self.adapter_dtype = dtype or _default_adapter_dtype(base_dtype(base))
         # Exactly the factors and scale merge() added, so unmerge() subtracts the same update
         # whatever happened to the parameters since.
-        for key in _MERGED_KEYS:
+        for key in MERGED_KEYS:
             self.register_buffer("_" + key, None, persistent=False)
         self._merged_fingerprint = None  # of the weight merge() wrote: unmerge() checks it
+        self.register_load_state_dict_post_hook(fingerprint_loaded)
         self._models: list[ModelRef] = []  # the models it was put into (see _scope)
         # Set by every forward in training mode or with grad enabled; check_adapters_called()
         # reads it to find layers whose parent reads .weight instead of calling them.
         self.used_in_training = False
         # Set by every forward, and by every read of .weight: bypass.py's watch reads them.
         self._called = self._weight_read = False
+
+    def _init_kind(self, config, dtype: torch.dtype | None) -> None:
+        """Per-kind setup, called by the subclasses once their factors exist: an attention
+        base's out_proj gets an adapter of this class and config (as PEFT's); an embedding's
+        padding entry a zero column of A (_zero_padding)."""
+        if isinstance(self._kind, kinds.AttentionKind) and not isinstance(
+                self.base_layer.out_proj, AdapterLinear):
+            self.base_layer.out_proj = type(self)(self.base_layer.out_proj, config, dtype=dtype)
+        self._zero_padding()
+
+    @torch.no_grad()
+    def _zero_padding(self) -> None:
+        """An embedding's padding_idx column of A is zero: its row of the update is zero, as
+        the base's row, and stays so (F.embedding gives that column no gradient, and with
+        h = 0 there B gets none from padding tokens either)."""
+        pad = getattr(self.base_layer, "padding_idx", None) \
+            if isinstance(self._kind, kinds.EmbeddingKind) else None
+        if pad is None or self.lora_A.device.type == "meta":
+            return
+        index = getattr(self, "col_index", None)  # CPS-LoRA keeps A in partition order
+        column = pad if index is None else int((index == pad).nonzero()[0, 0])
+        self.lora_A[:, column] = 0
+
+    def nested_adapters(self) -> list[AdapterLinear]:
+        """Adapters inside this one's base: an attention module's out_proj adapter."""
+        out_proj = getattr(self.base_layer, "out_proj", None) if self._kind else None
+        return [out_proj] if isinstance(out_proj, AdapterLinear) else []
+
+    def _mark_called(self) -> None:
+        """Record a call (for a nested adapter its parent computes with: check_adapters_called
+        and the bypass watch read these)."""
+        self._called = True
+        if self.training or torch.is_grad_enabled():
+            self.used_in_training = True
 
     @classmethod
     def from_config(cls, base: nn.Module, config, *, dtype: torch.dtype | None = None):
@@ -159,12 +144,16 @@ class AdapterLinear(nn.Module):
     def weight(self) -> Tensor:
         if not self._weight_read:  # a parent computing with it instead of calling the layer
             self._weight_read = True
-        return self.base_layer.weight
+        return base_weight(self.base_layer)
+
+    def _weight_attr(self) -> str:
+        return "weight" if self._kind is None else self._kind.attr
 
     @property
     def weight_shared_with(self) -> list[str]:
         """Paths of the tensors sharing memory with the base weight now (searched in _scope)."""
-        return shared_with([(self.base_layer.weight, (self.base_layer, "weight"))],
+        base = self.base_layer
+        return shared_with([(base_weight(base), (base, self._weight_attr()))],
                            self._scope())[0]
 
     def _scope(self) -> list[nn.Module]:
@@ -177,7 +166,7 @@ class AdapterLinear(nn.Module):
 
     @property
     def bias(self) -> Tensor | None:
-        return self.base_layer.bias
+        return getattr(self.base_layer, "bias", None)
 
     @property
     def merged(self) -> bool:
@@ -187,9 +176,14 @@ class AdapterLinear(nn.Module):
         """(name, parameter) of the adapter's own parameters: all but the frozen base's."""
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
 
-    def _begin_forward(self, x: Tensor) -> bool:
+    def _begin_forward(self, x: Tensor, args: tuple = (), kwargs: dict | None = None) -> bool:
         """Checks shared by every forward, and the record of a training forward; returns
-        whether the adapter is merged (the forward is then the base layer's)."""
+        whether the adapter is merged (the forward is then the base layer's). Only an
+        attention module takes more arguments than its input (key, value, masks)."""
+        if (args or kwargs) and not isinstance(self._kind, kinds.AttentionKind):
+            raise TypeError(f"{type(self).__name__}.forward takes one input x, got "
+                            f"{len(args)} more positional and {sorted(kwargs or {})} keyword "
+                            "arguments")
         self._check_input(x)
         if not self._called:  # nn.Module's setattr costs a microsecond: only when it changes
             self._called = True
@@ -198,7 +192,7 @@ class AdapterLinear(nn.Module):
         # (e.g. a backbone kept in eval() while its adapters train).
         if not self.used_in_training and (self.training or grad):
             self.used_in_training = True
-        merged = self.merged
+        merged = self.merged and all(n.merged for n in self.nested_adapters())
         if merged and self.training and grad and any(
                 p.requires_grad for _, p in self.named_adapter_parameters()):
             raise RuntimeError(
@@ -209,9 +203,11 @@ class AdapterLinear(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
-        if not isinstance(x, Tensor):
+        if self._kind is not None:
+            self._kind.check_input(self, x, name)
+        elif not isinstance(x, Tensor):
             raise TypeError(f"{name}: input x must be a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self._features[0]:
+        elif x.dim() == 0 or x.shape[-1] != self._features[0]:
             raise ValueError(f"{name}: input x must have last dimension in_features="
                              f"{self.in_features}, got shape {tuple(x.shape)}")
         device = self.lora_A.device
@@ -224,7 +220,9 @@ class AdapterLinear(nn.Module):
                                 "floating-point inputs, one of "
                                 f"{[str(d) for d in SUPPORTED_DTYPES]}")
             return
-        weight_dtype = self.base_layer.weight.dtype
+        if isinstance(self._kind, kinds.EmbeddingKind):
+            return  # token ids
+        weight_dtype = base_weight(self.base_layer).dtype
         if x.dtype != weight_dtype and not _autocast_on(device.type):
             raise TypeError(f"{name}: input x is {x.dtype} but the base weight is "
                             f"{weight_dtype} (cast x, or run under autocast)")
@@ -261,6 +259,14 @@ class AdapterLinear(nn.Module):
             return quantized.exact_forward(base, x)
         return base(x)
 
+    def _kind_forward(self, x: Tensor, args: tuple, kwargs: dict, A: Tensor, B: Tensor,
+                      scale: Tensor, dropout_p: float, dropout_on_input: bool,
+                      step: dict) -> Tensor:
+        """The forward over a base of another kind than a linear layer (kinds.py)."""
+        if isinstance(self._kind, kinds.AttentionKind):
+            return self._kind.forward(self, x, args, kwargs, A, B, scale, step)
+        return self._kind.forward(self, x, A, B, scale, dropout_p, dropout_on_input, step)
+
     def _adapted_forward(self, x: Tensor, A: Tensor, B: Tensor, scale: Tensor,
                          dropout_p: float, dropout_on_input: bool, **step) -> Tensor:
         """base(x) plus the update of factors A, B and scale (ops.adapted_linear, which takes
@@ -287,13 +293,17 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """The update in the accumulation dtype, laid out as the base weight ([out, in]; [in,
-        out] for a Conv1D), so that weight + delta_weight() is the merged weight. Refused, as
+        out] for a Conv1D; [num_embeddings, dim] for an embedding; [out, in, *kernel] for a
+        convolution; [3E, E] for an attention module's in_proj_weight, its out_proj's update
+        is that adapter's), so that weight + delta_weight() is the merged weight. Refused, as
         merge(), if a factor or scale is not finite or the update overflows that dtype."""
         A, B, scale = self._update_factors()
         delta = torch.zeros(self.out_features, self.in_features, device=A.device,
                             dtype=ops.accumulate_dtype(A.dtype))
         target = merge_guard.Target("", delta, [merge_guard.Term(A, B, scale)])
         merge_guard.merge_([target], f"{type(self).__name__}.delta_weight")
+        if self._kind is not None:
+            return self._kind.layout(self.base_layer, delta)
         return delta.t().contiguous() if self.fan_in_fan_out else delta
 
     def _check_mergeable(self, where: str) -> None:
@@ -308,7 +318,8 @@ class AdapterLinear(nn.Module):
         A, B, scale = (t.detach().clone() for t in self._update_factors())
         term = merge_guard.Term(A, B, scale)
         base = self.base_layer
-        return merge_guard.Target(name, weight_matrix(base), [term], owner=(base, "weight"))
+        return merge_guard.Target(name, weight_matrix(base), [term],
+                                  owner=(base, self._weight_attr()))
 
     def _record_merged(self, target: merge_guard.Target, stats: ops.WeightStats | None) -> None:
         """Record the update `target` wrote and the fingerprint of the weight it left (`stats`,
@@ -326,13 +337,17 @@ class AdapterLinear(nn.Module):
         """Add the update into the base weight in place (float32 accumulation, one rounding).
         Refused, with the weight unchanged, if a factor is not finite, the sum would overflow
         the weight's dtype, or another tensor of the model shares the weight's memory (see
-        _scope: a layer built on its own knows only itself). One pass over the weight when its
-        max |W| is known (merge_guard), two otherwise."""
+        _scope: a layer built on its own knows only itself). An attention module's out_proj
+        adapter is merged with it (all or nothing). One pass over each weight when its max |W|
+        is known (merge_guard), two otherwise."""
         name = type(self).__name__
         self._check_mergeable(f"{name}.merge")
-        target = self._merge_target("")
-        (stats,) = merge_guard.merge_([target], f"{name}.merge", self._scope())
-        self._record_merged(target, stats)
+        layers = [self] + [n for n in self.nested_adapters() if not n.merged]
+        targets = [layer._merge_target("out_proj" if layer is not self else "")
+                   for layer in layers]
+        stats = merge_guard.merge_(targets, f"{name}.merge", self._scope())
+        for layer, target, written in zip(layers, targets, stats):
+            layer._record_merged(target, written)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -340,7 +355,8 @@ class AdapterLinear(nn.Module):
         dtype), even if the factors or scales changed since. Refused, with nothing changed, if
         the base weight is not the one merge() wrote (its fingerprint differs: restored,
         reloaded, replaced or cast since) or shares memory with another tensor of the model.
-        Two passes over the weight: its fingerprint (and max |W|) read, then the write."""
+        An attention module's out_proj adapter is unmerged with it. Two passes over the weight:
+        its fingerprint (and max |W|) read, then the write."""
         name = type(self).__name__
         if self.quantized:
             raise RuntimeError(quantized.merge_refusal(self.base_layer, f"{name}.unmerge"))
@@ -356,9 +372,12 @@ class AdapterLinear(nn.Module):
                 "the whole update. Nothing was changed; if it no longer holds the update, call "
                 "discard_merge()")
         term = merge_guard.Term(self._merged_A, self._merged_B, self._merged_scale, -1.0)
-        target = merge_guard.Target("", weight, [term], owner=(base, "weight"))
+        target = merge_guard.Target("", weight, [term], owner=(base, self._weight_attr()))
         merge_guard.merge_([target], f"{name}.unmerge", self._scope())
         self.discard_merge()
+        for nested in self.nested_adapters():
+            if nested.merged:
+                nested.unmerge()
 
     def discard_merge(self) -> None:
         """Forget the merged update without writing the weight: for a base weight that no
@@ -366,49 +385,11 @@ class AdapterLinear(nn.Module):
         self._set_merged(None, None, None)
         self._merged_fingerprint = None
 
-    # ---- state dict: a merged layer's weight comes with the update it holds -----------------
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:
-            for key in _MERGED_KEYS:
-                t = getattr(self, "_" + key)
-                destination[f"{prefix}base_layer.{key}"] = t if keep_vars else t.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        keys = [f"{prefix}base_layer.{key}" for key in _MERGED_KEYS]
-        update = [state_dict.pop(k) for k in keys if k in state_dict]  # not the base's keys
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if update and len(update) != len(keys):
-            error_msgs.append(f"{prefix}base_layer: a merged state needs all of "
-                              f"{list(_MERGED_KEYS)}")
-        elif update and self.quantized:
-            error_msgs.append(f"{prefix}base_layer: a merged update cannot be loaded onto the "
-                              f"quantized base ({quantized.describe(self.base_layer)})")
-        elif update and (problem := merge_guard.update_problem(
-                merge_guard.Term(*update), self.out_features, self.in_features, self.weight.dtype)):
-            error_msgs.append(f"{prefix}base_layer: {problem}")
-        elif f"{prefix}base_layer.weight" in state_dict:
-            # The loaded base weight decides: merged (it holds `update`) or not.
-            device = self.lora_A.device
-            merged = [t.detach().clone().to(device) for t in update] or [None] * len(keys)
-            self._merged_A, self._merged_B, self._merged_scale = merged
-            # The fingerprint of the [out, in] weight the load copies in (in the weight's dtype).
-            loaded = state_dict[f"{prefix}base_layer.weight"]
-            if update and isinstance(loaded, Tensor):
-                loaded = loaded.detach().to(self.base_layer.weight.dtype)
-                self._merged_fingerprint = fingerprint(loaded.t() if self.fan_in_fan_out
-                                                       else loaded)
-            else:
-                self._merged_fingerprint = None
-        elif update:
-            error_msgs.append(f"{prefix}base_layer: merged update without base_layer.weight")
-
     def merge_and_unload(self, dequantize: bool = False,
                          dtype: torch.dtype | None = None) -> nn.Module:
-        """Merge (if not yet merged) and return the base layer (nn.Linear or Conv1D) carrying
-        the update. A quantized base is refused unless `dequantize`: then a new frozen
+        """Merge (if not yet merged) and return the base layer (nn.Linear, Conv1D or another
+        kind; an attention module with its out_proj Linear put back) carrying the update. A
+        quantized base is refused unless `dequantize`: then a new frozen
         nn.Linear of `dtype` (default: the base's compute dtype) holding the dequantized weight
         plus the update (quantized.merged_linear), this layer left as it was."""
         name = type(self).__name__
@@ -419,4 +400,6 @@ class AdapterLinear(nn.Module):
                              "with dequantize=True")
         if not self.merged:
             self.merge()
+        for nested in self.nested_adapters():
+            self.base_layer.out_proj = nested.merge_and_unload()
         return self.base_layer

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .base import AdapterLinear, base_features, check_base
+from . import kinds
+from .base import AdapterLinear, base_weight, check_base, partition_shape
 from .config import CPSConfig, with_fields
 from .partition import (
     GradientSketch,
@@ -116,14 +117,24 @@ class CPSLinear(AdapterLinear):
                  dtype: torch.dtype | None = None, **fields):
         config = with_fields("CPSLinear", CPSConfig, config, fields)
         check_base(base, "CPSLinear")  # before the shape checks, which read its features
-        check_fits(config, *base_features(base)[::-1])
+        rows, columns, taps = partition_shape(base)
+        check_fits(config, rows, columns, taps=taps)
+        kind = kinds.kind_of(base)
+        if kind is not None and config.repartition_every:
+            # The schedule's statistics are of a linear layer's input and output gradient.
+            raise ValueError(f"CPSLinear: repartition_every={config.repartition_every} is "
+                             f"supported on linear layers only, not on a {kind.name}; keep "
+                             "repartition_every=0 there (the partition stays as initialized)")
         super().__init__(base, dtype)
         self.config = config
-        device = base.weight.device
+        # A convolution's columns are clustered by input channel, its kernel taps kept whole:
+        # column j of the matrix view is channel j // taps, tap j % taps.
+        self._columns, self._taps = columns, taps
+        device = base_weight(base).device
         seed = int(torch.randint(0, 2**62, ()))
         g = torch.Generator().manual_seed(seed)
         rows = initial_labels(self.out_features, config.num_clusters, config.init_partition, g)
-        cols = initial_labels(self.in_features, config.num_clusters, config.init_partition, g)
+        cols = initial_labels(self._columns, config.num_clusters, config.init_partition, g)
         row_index, row_offsets = labels_to_index(rows, config.num_clusters)
         col_index, col_offsets = labels_to_index(cols, config.num_clusters)
         self.register_buffer("row_index", row_index.to(device))
@@ -144,6 +155,7 @@ class CPSLinear(AdapterLinear):
         if device.type != "meta":
             with torch.no_grad():
                 self.lora_A.copy_(self._random_A(g))
+        self._init_kind(config, dtype)
         self._sketch: GradientSketch | None = None
         self._collecting = False
         self.last_repartition: dict | None = None
@@ -162,11 +174,12 @@ class CPSLinear(AdapterLinear):
         """PEFT's LoRA init per cluster block (uniform, bound 1/sqrt(fan_in)); unused slots 0."""
         A = torch.zeros(self.config.r_max, self.in_features, dtype=torch.float64)
         _, col_offsets = self._offsets
+        T = self._taps
         for c, r in enumerate(self.ranks):
-            width = col_offsets[c + 1] - col_offsets[c]
+            width = (col_offsets[c + 1] - col_offsets[c]) * T
             if width:
                 bound = 1 / math.sqrt(width)
-                A[:r, col_offsets[c]:col_offsets[c + 1]] = (
+                A[:r, col_offsets[c] * T:col_offsets[c + 1] * T] = (
                     torch.rand(r, width, generator=generator, dtype=torch.float64) * 2 - 1) * bound
         return A
 
@@ -176,7 +189,7 @@ class CPSLinear(AdapterLinear):
             return
         row_offsets, col_offsets = self.row_offsets.tolist(), self.col_offsets.tolist()
         check_partition(self.row_index, row_offsets, self.out_features, "rows")
-        check_partition(self.col_index, col_offsets, self.in_features, "columns")
+        check_partition(self.col_index, col_offsets, self._columns, "columns")
         self._offsets = (row_offsets, col_offsets)
 
     def partition(self) -> tuple[Tensor, Tensor]:
@@ -199,15 +212,24 @@ class CPSLinear(AdapterLinear):
                 f"dropout={c.dropout}, merged={self.merged}")
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        if self._begin_forward(x):
-            return self.base_layer(x)
+    def _forward_args(self) -> tuple[Tensor, Tensor, Tensor, float, bool, dict]:
+        """(A, B, scale, dropout_p, dropout_on_input, step options) of the op."""
         row_offsets, col_offsets = self._offsets
-        out = self._adapted_forward(
-            x, self.lora_A, self.lora_B, self.cluster_scales,
-            self.config.dropout if self.training else 0.0, True,
-            blocks=(self.row_index, self.col_index, row_offsets, col_offsets, self.ranks),
-            dense_blocks=sum(self.ranks) <= DENSE_MAX_RANK)
+        step = dict(blocks=(self.row_index, self.col_index, row_offsets, col_offsets,
+                            self.ranks), dense_blocks=sum(self.ranks) <= DENSE_MAX_RANK)
+        return (self.lora_A, self.lora_B, self.cluster_scales,
+                self.config.dropout if self.training else 0.0, True, step)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """x as for SOSLinear.forward (a linear base, or another kind: kinds.py)."""
+        if self._begin_forward(x, args, kwargs):
+            return self.base_layer(x, *args, **kwargs)
+        if self._kind is not None:
+            # The clusters as one dense update in the original row and column order.
+            A, B, scale = self._update_factors()
+            dropout_p = self.config.dropout if self.training else 0.0
+            return self._kind_forward(x, args, kwargs, A, B, scale, dropout_p, True, {})
+        out = self._adapted_forward(x, *self._forward_args()[:5], **self._forward_args()[5])
         if self._collecting and self.training and torch.is_grad_enabled():
             x2 = x.reshape(-1, self.in_features)
             out = _RecordGradient.apply(out, x2, self._sketch)
@@ -221,11 +243,16 @@ class CPSLinear(AdapterLinear):
         row_offsets, col_offsets = self._offsets
         ranks = self.ranks
         # Block-diagonal in partition order, then each column (row) moved to its index.
-        A = torch.block_diag(*(self.lora_A[:r, col_offsets[c]:col_offsets[c + 1]]
+        T = self._taps
+        A = torch.block_diag(*(self.lora_A[:r, col_offsets[c] * T:col_offsets[c + 1] * T]
                                for c, r in enumerate(ranks)))
         B = torch.block_diag(*(self.lora_B[row_offsets[c]:row_offsets[c + 1], :r]
                                for c, r in enumerate(ranks)))
-        A = A.index_select(1, torch.argsort(self.col_index))
+        position = torch.argsort(self.col_index)  # of each column (channel) in partition order
+        if T > 1:
+            position = (position[:, None] * T + torch.arange(T, device=position.device)
+                        ).reshape(-1)
+        A = A.index_select(1, position)
         B = B.index_select(0, torch.argsort(self.row_index))
         scale = torch.cat([s.expand(r) for s, r in zip(self.cluster_scales, ranks)])
         return A, B, scale
@@ -239,7 +266,12 @@ class CPSLinear(AdapterLinear):
     # ---- repartition -------------------------------------------------------------------------
     def collect_statistics(self, on: bool = True) -> None:
         """Start (or pause) adding the full weight's gradients to the statistics that the next
-        repartition() clusters; they are kept until that repartition."""
+        repartition() clusters; they are kept until that repartition. Linear bases only (the
+        statistics are of a linear layer's input and output gradient)."""
+        if on and self._kind is not None:
+            raise RuntimeError(f"CPSLinear.collect_statistics: gradient statistics are kept for "
+                               f"linear bases only, not a {self._kind.name}; repartition() on "
+                               "the current update (signal='delta') instead")
         if on and self._sketch is None:
             seed = int(self.partition_seed) + int(self.repartition_count)
             self._sketch = GradientSketch(self.out_features, self.in_features,
@@ -264,6 +296,10 @@ class CPSLinear(AdapterLinear):
             raise RuntimeError("CPSLinear.repartition: the factors are sharded (FSDP2); "
                                "repartitioning sharded layers is not supported: use DDP, or "
                                "keep repartition_every=0 under FSDP2")
+        if self._taps > 1:
+            raise RuntimeError(f"CPSLinear.repartition: not supported on a {self._kind.name} "
+                               "(its columns are input channels with their kernel taps); keep "
+                               "repartition_every=0 there")
         if signal not in ("auto", "gradient", "delta"):
             raise ValueError(f"CPSLinear.repartition: signal must be 'auto', 'gradient' or "
                              f"'delta', got {signal!r}")
@@ -327,6 +363,7 @@ class CPSLinear(AdapterLinear):
         self.col_index.copy_(col_index.to(device))
         self.row_offsets.copy_(torch.tensor(row_offsets))
         self.col_offsets.copy_(torch.tensor(col_offsets))
+        self._zero_padding()
         P_new, Q_new = self._signal_factors()
         old_norm = factored_norm(P_old, Q_old)
         if old_norm == 0:
@@ -345,15 +382,18 @@ def check_partition(index: Tensor, offsets: list[int], size: int, what: str) -> 
 
 
 def check_fits(config: CPSConfig, out_features: int, in_features: int,
-                name: str = "") -> None:
+                name: str = "", taps: int = 1) -> None:
+    """Whether G clusters of rank r fit a layer of `out_features` rows and `in_features`
+    columns (a convolution's input channels, each with `taps` columns of the matrix view)."""
     where = f"CPSLinear{f' {name!r}' if name else ''}"
     G = config.num_clusters
     if G > min(out_features, in_features):
         raise ValueError(f"{where}: num_clusters={G} is more than the layer's rows "
                          f"({out_features}) or columns ({in_features})")
-    smallest = min(out_features // G, in_features // G)  # the initial blocks' smallest side
+    # the initial blocks' smallest side
+    smallest = min(out_features // G, in_features // G * taps)
     if config.r_max > smallest:
         raise ValueError(f"{where}: rank {config.r_max} is larger than a "
-                         f"{out_features // G} x {in_features // G} block allows "
+                         f"{out_features // G} x {in_features // G * taps} block allows "
                          f"(num_clusters={G} on a {in_features} -> {out_features} layer); "
                          f"use a rank <= {smallest} or fewer clusters")

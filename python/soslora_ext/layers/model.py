@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import bypass, merge_guard, quantized
-from .base import AdapterLinear, base_features, check_base, is_linear
+from .base import AdapterLinear, check_base, is_adaptable, is_linear, partition_shape
 from .config import CPSConfig, SOSConfig, check_preset, with_fields
 from .cps import CPSLinear, check_fits
 from .sos import SOSLinear
@@ -57,8 +57,10 @@ def _check_names(owner: str, arg: str, value, allow_empty: bool = False) -> None
 def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
                    modules_to_save: str | Sequence[str] = (), preset: str | None = None,
                    config: SOSConfig | None = None, **layer_kwargs) -> nn.Module:
-    """Replace the nn.Linear (or transformers Conv1D, as in GPT-2) modules named by
-    `target_modules` with SOSLinear, in place.
+    """Replace the nn.Linear (or transformers Conv1D, as in GPT-2), nn.Embedding,
+    nn.Conv1d/2d/3d and nn.MultiheadAttention modules named by `target_modules` with SOSLinear,
+    in place (as PEFT's LoRA: an attention module's adapter covers in_proj_weight and
+    out_proj; layers/kinds.py).
 
     The layers' hyperparameters: `config` (an SOSConfig, default SOSConfig()) or a named
     `preset` ("default" or "official", the SOS-LoRA authors' recipe: config.PRESETS), with
@@ -93,10 +95,11 @@ def apply_sos_lora(model: nn.Module, target_modules: str | Sequence[str],
 def apply_cps_lora(model: nn.Module, target_modules: str | Sequence[str],
                    modules_to_save: str | Sequence[str] = (), config: CPSConfig | None = None,
                    **layer_kwargs) -> nn.Module:
-    """Replace the nn.Linear (or Conv1D) modules named by `target_modules` with CPSLinear, in
-    place. Same rules as apply_sos_lora: `config` (a CPSConfig, default CPSConfig()) with
-    `layer_kwargs` (CPSConfig fields, and `dtype`) overriding its fields. Every layer's shape
-    is checked against the clusters and ranks before the model is changed."""
+    """Replace the nn.Linear (or Conv1D), nn.Embedding, nn.Conv1d/2d/3d and
+    nn.MultiheadAttention modules named by `target_modules` with CPSLinear, in place. Same
+    rules as apply_sos_lora: `config` (a CPSConfig, default CPSConfig()) with `layer_kwargs`
+    (CPSConfig fields, and `dtype`) overriding its fields. Every layer's shape is checked
+    against the clusters and ranks before the model is changed."""
     layer_kwargs = dict(layer_kwargs)
     dtype = layer_kwargs.pop("dtype", None)
     config = with_fields("apply_cps_lora", CPSConfig, config, layer_kwargs)
@@ -104,7 +107,17 @@ def apply_cps_lora(model: nn.Module, target_modules: str | Sequence[str],
     return _apply_adapters(
         model, target_modules, modules_to_save, "apply_cps_lora",
         lambda linear: CPSLinear(linear, config, dtype=dtype),
-        check=lambda name, linear: check_fits(config, *base_features(linear)[::-1], name))
+        check=lambda name, base: _check_cps_fits(config, name, base))
+
+
+def _check_cps_fits(config: CPSConfig, name: str, base: nn.Module) -> None:
+    rows, columns, taps = partition_shape(base)
+    check_fits(config, rows, columns, name, taps=taps)
+    if config.repartition_every and is_adaptable(base) and not is_linear(base):
+        raise ValueError(f"apply_cps_lora: module {name!r} (type {type(base).__name__}): "
+                         f"repartition_every={config.repartition_every} is supported on linear "
+                         "layers only; adapt it in another apply_cps_lora call with "
+                         "repartition_every=0")
 
 
 def _apply_adapters(model, target_modules, save_names, owner, build,
@@ -124,16 +137,17 @@ def _apply_adapters(model, target_modules, save_names, owner, build,
     matched = {id(m): m for name, m in candidates if _matches(name, target_modules)}
     targets = [(names[i][0], module) for i, module in matched.items()]
     if not targets:
-        linear_names = [n for n, m in candidates if is_linear(m)]
+        linear_names = [n for n, m in candidates if is_adaptable(m)]
         raise ValueError(f"{owner}: target_modules={target_modules!r} matches no module; "
-                         f"Linear modules include {linear_names[:8]}")
+                         f"adaptable modules include {linear_names[:8]}")
     for name, module in targets:
         if isinstance(module, AdapterLinear):
             raise ValueError(f"{owner}: module {name!r} already has an adapter "
                              f"({type(module).__name__})")
-        if not is_linear(module):
+        if not is_adaptable(module):
             raise TypeError(f"{owner}: module {name!r} matched target_modules but is a "
-                            f"{type(module).__name__}, not an nn.Linear or Conv1D")
+                            f"{type(module).__name__}, not an nn.Linear or Conv1D, "
+                            "nn.Embedding, nn.Conv1d/2d/3d or nn.MultiheadAttention")
         check_base(module, f"{owner}: module {name!r}")
         for alias in names[id(module)]:
             bypass.check_parent(model, alias, owner)
@@ -259,6 +273,8 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False,
     for (_, layer), target, stats in zip(pending, targets, written):
         layer._record_merged(target, stats)
     names = _names_by_module(list(model.named_modules(remove_duplicate=False)))
+    # Deepest first: an attention module's out_proj adapter before the attention adapter.
+    layers.sort(key=lambda item: -max(n.count(".") for n in names[id(item[1])]))
     for _, layer in layers:
         merged = dequantized[id(layer)] if layer.quantized else layer.merge_and_unload()
         for name in names[id(layer)]:  # every name, where one layer is registered under several

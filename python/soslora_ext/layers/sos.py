@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..ops import reference
-from .base import AdapterLinear, base_dtype
+from .base import AdapterLinear, base_dtype, base_weight
 from .config import SOSConfig, with_fields
 from .distributed import full
 
@@ -67,7 +67,7 @@ class SOSLinear(AdapterLinear):
         if dtype is None and config.factor_dtype == "base":
             self.adapter_dtype = base_dtype(base)  # as the authors' layer.bfloat16()
         self.config = config
-        weight, dtype = base.weight, self.adapter_dtype
+        weight, dtype = base_weight(base), self.adapter_dtype
 
         K, r = config.num_experts, config.r_expert
         factory = dict(device=weight.device, dtype=dtype)
@@ -85,6 +85,7 @@ class SOSLinear(AdapterLinear):
             self.gate_logits = nn.Parameter((logits - logits.mean()).to(**scale_factory))
             self.register_buffer("gate_temperature",
                                  torch.full((), config.gate_temperature, **scale_factory))
+        self._init_kind(config, dtype)
 
     # ---- structure ---------------------------------------------------------------------------
     @property
@@ -147,18 +148,28 @@ class SOSLinear(AdapterLinear):
             args.update(anchor_scales=self.fixed_scales, scale_anchor=c.scale_anchor)
         return args
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._begin_forward(x):
-            return self.base_layer(x)
+    def _forward_args(self) -> tuple[Tensor, Tensor, Tensor, float, bool, dict]:
+        """(A, B, scale, dropout_p, dropout_on_input, step options) of the op."""
         c, training = self.config, self.training
         # The orthogonality term in training mode; LoRA+ whenever a gradient flows.
         ortho = training and c.num_experts > 1
-        scale_args = self._scale_args()
-        return self._adapted_forward(
-            x, self.lora_A, self.lora_B, scale_args.pop("scale"),
-            c.dropout if training else 0.0, c.dropout_position == "pre",
-            ortho_lambda=self.ortho_lambda if ortho else None, num_experts=c.num_experts,
-            grad_A_multiplier=1.0 / c.loraplus_ratio, **scale_args)
+        step = self._scale_args()
+        scale = step.pop("scale")
+        step.update(ortho_lambda=self.ortho_lambda if ortho else None,
+                    num_experts=c.num_experts, grad_A_multiplier=1.0 / c.loraplus_ratio)
+        return (self.lora_A, self.lora_B, scale, c.dropout if training else 0.0,
+                c.dropout_position == "pre", step)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """x [..., in] for a linear base; token ids for an embedding; [batch, in, *spatial]
+        for a convolution; (query, key, value, ...) as the module takes them for an attention
+        module (kinds.py)."""
+        if self._begin_forward(x, args, kwargs):
+            return self.base_layer(x, *args, **kwargs)
+        A, B, scale, dropout_p, on_input, step = self._forward_args()
+        if self._kind is not None:
+            return self._kind_forward(x, args, kwargs, A, B, scale, dropout_p, on_input, step)
+        return self._adapted_forward(x, A, B, scale, dropout_p, on_input, **step)
 
     # ---- penalty, delta, merge ---------------------------------------------------------------
     def ortho_penalty(self) -> Tensor:
