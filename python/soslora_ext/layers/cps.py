@@ -242,18 +242,18 @@ class CPSLinear(AdapterLinear):
         on its columns), B [out, R] and the per-rank scale [R], R = sum of ranks."""
         row_offsets, col_offsets = self._offsets
         ranks = self.ranks
-        # Block-diagonal in partition order, then each column (row) moved to its index.
+        # Block-diagonal in partition order, then each column (row) written at its index:
+        # index_copy, whose backward is a gather (index_select's is a slow scatter on the CPU).
         T = self._taps
         A = torch.block_diag(*(self.lora_A[:r, col_offsets[c] * T:col_offsets[c + 1] * T]
                                for c, r in enumerate(ranks)))
         B = torch.block_diag(*(self.lora_B[row_offsets[c]:row_offsets[c + 1], :r]
                                for c, r in enumerate(ranks)))
-        position = torch.argsort(self.col_index)  # of each column (channel) in partition order
+        columns = self.col_index  # the layer's column (channel) at each partition position
         if T > 1:
-            position = (position[:, None] * T + torch.arange(T, device=position.device)
-                        ).reshape(-1)
-        A = A.index_select(1, position)
-        B = B.index_select(0, torch.argsort(self.row_index))
+            columns = (columns[:, None] * T + torch.arange(T, device=columns.device)).reshape(-1)
+        A = torch.zeros_like(A).index_copy(1, columns, A)
+        B = torch.zeros_like(B).index_copy(0, self.row_index, B)
         scale = torch.cat([s.expand(r) for s, r in zip(self.cluster_scales, ranks)])
         return A, B, scale
 
