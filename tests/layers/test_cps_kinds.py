@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import soslora_ext as sl
+from soslora_ext.layers import cps_kinds
 
 from conftest import rel_err
 from kinds_oracle import leaf_params, oracle_delta, oracle_forward, randomize
@@ -27,6 +28,19 @@ def conv3d_odd():
     return nn.Conv3d(5, 9, (2, 1, 3), stride=(1, 2, 1), padding=(1, 0, 2), bias=False, **F64)
 
 
+# Channels that G = 2 and G = 3 split evenly: the grouped-convolution path at equal ranks.
+def conv1d_even():
+    return nn.Conv1d(6, 12, 3, stride=2, padding=1, dilation=3, **F64)
+
+
+def conv2d_even():
+    return nn.Conv2d(12, 18, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), **F64)
+
+
+def conv3d_even():
+    return nn.Conv3d(4, 10, (2, 2, 1), stride=(1, 2, 1), padding=(1, 0, 1), **F64)
+
+
 def embedding_odd():
     return nn.Embedding(37, 11, padding_idx=30, **F64)
 
@@ -35,10 +49,12 @@ def embedding_plain():
     return nn.Embedding(19, 9, **F64)
 
 
-BASES = [conv1d_dilated, conv2d_odd, conv3d_odd, embedding_odd, embedding_plain]
+BASES = [conv1d_dilated, conv2d_odd, conv3d_odd, conv1d_even, conv2d_even, conv3d_even,
+         embedding_odd, embedding_plain]
 # Uneven: ranks differ per cluster, and a random partition gives uneven blocks after a reload.
 CONFIGS = [dict(num_clusters=3, rank_per_cluster=(1, 3, 2), init_partition="random"),
-           dict(num_clusters=2, rank=2, alpha=5.0, use_rslora=True)]
+           dict(num_clusters=2, rank=2, alpha=5.0, use_rslora=True),
+           dict(num_clusters=3, rank=1, init_partition="random")]
 
 
 def inputs(base, g, batch=(2,)):
@@ -122,12 +138,13 @@ def test_no_live_cluster_gives_the_base_and_zero_gradients(make):
     assert layer.lora_A.grad.abs().max() == 0 and layer.lora_B.grad.abs().max() == 0
 
 
-@pytest.mark.parametrize("make", [conv1d_dilated, conv2d_odd, conv3d_odd])
-def test_conv_dropout_is_one_mask_on_the_input_image(make):
+@pytest.mark.parametrize("make", [conv1d_dilated, conv2d_odd, conv3d_odd, conv2d_even])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_conv_dropout_is_one_mask_on_the_input_image(make, config):
     """As the dense path and PEFT: x dropped once, before the clusters' convolutions."""
     g = torch.Generator().manual_seed(14)
     base = make()
-    layer = sl.CPSLinear(base, **CONFIGS[0], dropout=0.4).train()
+    layer = sl.CPSLinear(base, **config, dropout=0.4).train()
     randomize(layer, g)
     x = inputs(base, g).requires_grad_()
     torch.manual_seed(3)
@@ -144,10 +161,11 @@ def test_conv_dropout_is_one_mask_on_the_input_image(make):
 
 
 @pytest.mark.parametrize("make", BASES)
-def test_unbatched_and_merged_match_unmerged(make):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_unbatched_and_merged_match_unmerged(make, config):
     g = torch.Generator().manual_seed(15)
     base = make()
-    layer = sl.CPSLinear(base, **CONFIGS[0]).eval()
+    layer = sl.CPSLinear(base, **config).eval()
     randomize(layer, g)
     x = inputs(base, g, batch=())
     with torch.no_grad():
@@ -170,3 +188,12 @@ def test_embedding_gradient_reaches_only_the_looked_up_columns():
     position = torch.argsort(layer.col_index)
     touched = layer.lora_A.grad.abs().sum(0) != 0
     assert touched.nonzero().flatten().tolist() == sorted(position[[1, 5]].tolist())
+
+
+@pytest.mark.parametrize("make,config,even", [
+    (conv2d_even, CONFIGS[1], True), (conv2d_even, CONFIGS[2], True),
+    (conv1d_even, CONFIGS[0], False), (conv2d_odd, CONFIGS[1], False)])
+def test_equal_clusters_take_the_grouped_path(make, config, even):
+    """The tests above cover both convolution paths: equal clusters of equal rank (grouped
+    convolutions) and the rest (one convolution per cluster)."""
+    assert cps_kinds._even(sl.CPSLinear(make(), **config)) == even

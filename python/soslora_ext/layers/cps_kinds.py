@@ -36,13 +36,12 @@ def _touch(out: Tensor, *factors: Tensor) -> Tensor:
     return out
 
 
-def _add_rows(result: Tensor, dim: int, layer, live, outs: list[Tensor]) -> Tensor:
-    """result with each live cluster's output added at its rows (along `dim`)."""
-    if not outs:
-        return _touch(result, layer.lora_A, layer.lora_B)
-    rows = torch.cat([layer.row_index[r0:r1] for _, _, r0, r1, _, _ in live])
-    out = torch.cat(outs, dim).to(result.dtype)
-    return result.index_add(dim, rows, out)
+def _even(layer) -> bool:
+    """Whether every cluster has the same rank, number of rows and (non-zero) number of
+    columns: the balanced initial partition when G divides both sides."""
+    row_offsets, col_offsets = layer._offsets
+    sizes = [{b - a for a, b in zip(o, o[1:])} for o in (row_offsets, col_offsets)]
+    return len(set(layer.ranks)) == 1 and all(len(s) == 1 and 0 not in s for s in sizes)
 
 
 def conv_forward(layer, x: Tensor, dropout_p: float) -> Tensor:
@@ -56,50 +55,84 @@ def conv_forward(layer, x: Tensor, dropout_p: float) -> Tensor:
     dtype = layer._compute_dtype(xb, A)
     if dropout_p:
         xb = F.dropout(xb, dropout_p, training=True)
-    live = _live_clusters(layer)
-    T, k = layer._taps, base.kernel_size
-    # One gather into partition order, then each cluster's channels as a slice: the
-    # gradient goes back as one cat and one scatter.
-    col_offsets = layer._offsets[1]
-    chunks = xb.to(dtype).index_select(1, layer.col_index).split(
-        [b - a for a, b in zip(col_offsets, col_offsets[1:])], 1)
+    T, k, G = layer._taps, base.kernel_size, layer.num_clusters
+    # One gather into partition channel order (contiguous planes): each cluster's channels
+    # are then a slice, its rows a slice of the output.
+    xp = xb.to(dtype).index_select(1, layer.col_index)
     scales = layer.cluster_scales
+    if _even(layer):
+        # All clusters at once: grouped convolutions, A's blocks and B's rows as the groups.
+        r, ones = layer.ranks[0], (1,) * kind.dims
+        kernel = A[:r].to(dtype).reshape(r, G, -1).transpose(0, 1).reshape(
+            G * r, xp.shape[1] // G, *k)
+        h = kind.conv(xp, kernel, None, base.stride, base.padding, base.dilation, G)
+        Bs = B[:, :r].reshape(G, -1, r) * scales[:, None, None]
+        out = kind.conv(h, Bs.to(dtype).reshape(-1, r, *ones), None, 1, 0, 1, G)
+        return _in_order(rb, out, layer.row_index, unbatched)
+    live = _live_clusters(layer)
+    col_offsets = layer._offsets[1]
+    chunks = xp.split([b - a for a, b in zip(col_offsets, col_offsets[1:])], 1)
     outs = []
     for c, r, r0, r1, c0, c1 in live:
-        xc = chunks[c]
         kernel = A[:r, c0 * T:c1 * T].to(dtype).reshape(r, c1 - c0, *k)
-        h = kind.conv(xc, kernel, None, base.stride, base.padding, base.dilation)
+        h = kind.conv(chunks[c], kernel, None, base.stride, base.padding, base.dilation)
         Bc = (B[r0:r1, :r] * scales[c]).to(dtype)
         outs.append(torch.matmul(Bc, h.flatten(2)).reshape(h.shape[0], r1 - r0, *h.shape[2:]))
-    out = _add_rows(rb, 1, layer, live, outs)
+    if not outs:
+        out = _touch(rb, A, B)
+        return out.squeeze(0) if unbatched else out
+    rows = torch.cat([layer.row_index[r0:r1] for _, _, r0, r1, _, _ in live])
+    return _in_order(rb, torch.cat(outs, 1), rows, unbatched)
+
+
+def _in_order(rb: Tensor, out: Tensor, rows: Tensor, unbatched: bool) -> Tensor:
+    """rb plus `out`, whose channel i is output channel rows[i]."""
+    out = rb.index_add(1, rows, out.to(rb.dtype))
     return out.squeeze(0) if unbatched else out
 
 
+def _labels(index: Tensor, offsets: Tensor) -> Tensor:
+    """Each item's cluster, in the original order, from a partition's index and offsets."""
+    where = torch.arange(len(index), device=index.device)  # positions in partition order
+    labels = torch.empty_like(index)
+    labels[index] = torch.searchsorted(offsets[1:], where, right=True)
+    return labels
+
+
 def embedding_forward(layer, x: Tensor) -> Tensor:
-    """base(x) + the clusters' updates for an embedding base (no dropout: token ids)."""
+    """base(x) + the clusters' updates for an embedding base (no dropout: token ids).
+
+    One product h (B s)^T over all T tokens and out rows (a rank-r LoRA's T r out
+    multiply-adds), kept where the token's cluster is the row's: token t's update is nonzero
+    only on its cluster's rows. A mask rather than a gather of each cluster's tokens, whose
+    counts would need the host (and break a compiled graph)."""
     base = layer.base_layer
     result = base(x)
     A, B = layer.lora_A, layer.lora_B
     dtype = layer._compute_dtype(result, A)
-    live = _live_clusters(layer)
     position = torch.empty_like(layer.col_index)  # of each token id in partition order
     position[layer.col_index] = torch.arange(len(position), device=position.device)
-    ids = position[x.reshape(-1)]
+    flat = x.reshape(-1)
+    ids = position[flat]
+    token_cluster = torch.searchsorted(layer.col_offsets[1:], ids, right=True)
+    if base.padding_idx is not None:
+        # Padding tokens get no update and give the padding column (zero) no gradient, as
+        # the base's lookup; a mask, not padding_idx, which would need its position on the host.
+        token_cluster = token_cluster.masked_fill(flat == base.padding_idx, -1)
     h = F.embedding(ids, A.t().to(dtype), scale_grad_by_freq=base.scale_grad_by_freq)
-    # Padding tokens masked out (their column of A is zero): no gradient to that column, as
-    # the base's lookup gives its row none; a mask, not padding_idx, which would need the
-    # padding column's position on the host.
-    pad = base.padding_idx
-    real = None if pad is None else x.reshape(-1) != pad
-    scales = layer.cluster_scales
-    outs = []
-    for c, r, r0, r1, c0, c1 in live:
-        mine = (ids >= c0) & (ids < c1)
-        mine = (mine if real is None else mine & real).to(dtype)[:, None]
-        Bc = (B[r0:r1, :r] * scales[c]).to(dtype)
-        outs.append((h[:, :r] * mine) @ Bc.t())
-    out = _add_rows(result.reshape(-1, result.shape[-1]), 1, layer, live, outs)
-    return out.reshape(result.shape)
+    ranks = layer.ranks
+    if len(set(ranks)) > 1:  # a token uses only its cluster's first r_c slots
+        r_of = torch.tensor(ranks, device=h.device)[token_cluster.clamp(min=0)]
+        h = h * (torch.arange(h.shape[1], device=h.device) < r_of[:, None]).to(dtype)
+    row_cluster = _labels(layer.row_index, layer.row_offsets)
+    B_rows = B.index_select(0, torch.argsort(layer.row_index))  # original row order
+    Bs = (B_rows * layer.cluster_scales[row_cluster][:, None]).to(dtype)
+    mine = token_cluster[:, None] == row_cluster[None, :]
+    base2 = result.reshape(-1, result.shape[-1])
+    if base2.dtype == dtype:  # the add fused into the product, then the rows kept
+        return torch.where(mine, torch.addmm(base2, h, Bs.t()), base2).reshape(result.shape)
+    out = torch.where(mine, h @ Bs.t(), 0).reshape(result.shape)
+    return result + out.to(result.dtype)
 
 
 def local_forward(layer, x: Tensor, dropout_p: float) -> Tensor:
