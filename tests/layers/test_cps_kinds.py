@@ -197,3 +197,19 @@ def test_equal_clusters_take_the_grouped_path(make, config, even):
     """The tests above cover both convolution paths: equal clusters of equal rank (grouped
     convolutions) and the rest (one convolution per cluster)."""
     assert cps_kinds._even(sl.CPSLinear(make(), **config)) == even
+
+
+@pytest.mark.parametrize("make", [conv2d_even, conv2d_odd, embedding_odd])
+def test_bfloat16_base_with_float32_factors(make):
+    """The products in the factors' float32, added into the bf16 base output: within bf16
+    rounding of the float64 oracle."""
+    g = torch.Generator().manual_seed(17)
+    layer = sl.CPSLinear(make(), **CONFIGS[1]).train()
+    randomize(layer, g)
+    x = inputs(layer.base_layer, g)
+    expected = oracle_forward(layer, x, leaf_params(layer))
+    layer.base_layer.to(torch.bfloat16)
+    y = layer(x.to(torch.bfloat16) if x.is_floating_point() else x)
+    assert y.dtype == torch.bfloat16 and rel_err(y, expected) < 1e-2
+    y.float().sum().backward()
+    assert torch.isfinite(layer.lora_A.grad).all() and torch.isfinite(layer.lora_B.grad).all()
