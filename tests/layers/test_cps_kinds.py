@@ -190,13 +190,22 @@ def test_embedding_gradient_reaches_only_the_looked_up_columns():
     assert touched.nonzero().flatten().tolist() == sorted(position[[1, 5]].tolist())
 
 
+def conv2d_rows_uneven():
+    return nn.Conv2d(6, 7, 3, padding=1, **F64)
+
+
 @pytest.mark.parametrize("make,config,even", [
     (conv2d_even, CONFIGS[1], True), (conv2d_even, CONFIGS[2], True),
+    (conv2d_rows_uneven, CONFIGS[1], True), (conv1d_dilated, CONFIGS[2], False),
     (conv1d_even, CONFIGS[0], False), (conv2d_odd, CONFIGS[1], False)])
 def test_equal_clusters_take_the_grouped_path(make, config, even):
-    """The tests above cover both convolution paths: equal clusters of equal rank (grouped
-    convolutions) and the rest (one convolution per cluster)."""
-    assert cps_kinds._even(sl.CPSLinear(make(), **config)) == even
+    """Both convolution paths are covered: equal column groups of equal rank (one grouped
+    convolution; the rows may differ) and the rest (one convolution per cluster)."""
+    g = torch.Generator().manual_seed(18)
+    layer = sl.CPSLinear(make(), **config).train()
+    assert cps_kinds._even(layer) == even
+    randomize(layer, g)
+    check_against_oracle(layer, inputs(layer.base_layer, g), g)
 
 
 @pytest.mark.parametrize("make", [conv2d_even, conv2d_odd, embedding_odd])

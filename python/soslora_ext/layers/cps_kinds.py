@@ -3,12 +3,16 @@ cluster's update computed on its own columns and rows only, so the A-projection 
 rank-r LoRA's does, not the G-times-larger dense update's.
 
 Convolution: the input is gathered once into partition channel order; cluster c convolves its
-channels with A_c viewed [r_c, in_c, *kernel] (the base's stride, padding, dilation), applies
-s_c B_c per position, and the clusters' outputs are added into the base output at their rows.
+channels with A_c viewed [r_c, in_c, *kernel] (the base's stride, padding, dilation), and
+s_c B_c, placed at the cluster's output channels, maps the result into the base output.
 Embedding: each token looks up its own column of A (its position in partition order, so A is
 never permuted) and places it in its cluster's block of slots; B's rows, in the original
 order, are placed likewise, so one product fused with the base output's add gives each token
 its cluster's rows only.
+
+There is no size rule for the previous dense form (all clusters as one rank-G r update in the
+original order): on the CPU it was slower at every shape measured, down to bench_kinds.py's
+--tiny layers.
 """
 from __future__ import annotations
 
@@ -30,19 +34,21 @@ def _live_clusters(layer) -> list[tuple[int, int, int, int, int, int]]:
 
 
 def _touch(out: Tensor, *factors: Tensor) -> Tensor:
-    """out + 0 * (each factor's first entry): the factors get a (zero) gradient even when no
+    """out plus an empty sum of each factor: the factors get a (zero) gradient even when no
     cluster uses them, as the dense form gives."""
     for f in factors:
-        out = out + 0 * f.reshape(-1)[:1].sum().to(out.dtype)
+        out = out + f.reshape(-1)[:0].sum().to(out.dtype)
     return out
 
 
 def _even(layer) -> bool:
-    """Whether every cluster has the same rank, number of rows and (non-zero) number of
-    columns: the balanced initial partition when G divides both sides."""
+    """Whether every cluster has rows, the same rank and the same (non-zero) number of
+    columns: the grouped convolution's condition (the balanced initial partition when G
+    divides the input channels)."""
     row_offsets, col_offsets = layer._offsets
-    sizes = [{b - a for a, b in zip(o, o[1:])} for o in (row_offsets, col_offsets)]
-    return len(set(layer.ranks)) == 1 and all(len(s) == 1 and 0 not in s for s in sizes)
+    columns = {b - a for a, b in zip(col_offsets, col_offsets[1:])}
+    return (len(set(layer.ranks)) == 1 and len(columns) == 1 and 0 not in columns
+            and all(b > a for a, b in zip(row_offsets, row_offsets[1:])))
 
 
 def conv_forward(layer, x: Tensor, dropout_p: float) -> Tensor:
