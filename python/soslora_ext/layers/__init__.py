@@ -5,6 +5,7 @@
     kinds.py        Embedding, Conv1d/2d/3d and MultiheadAttention bases: views and forwards
     sos.py          SOSLinear: SOS-LoRA's K static, always-on experts
     cps.py          CPSLinear: CPS-LoRA's cluster-local blocks
+    cps_kinds.py    CPS-LoRA over a convolution or an embedding: each cluster on its own channels
     partition.py    CPS-LoRA's partition: gradient sketch, co-clustering, captured energy
     structure.py    does an update have CPS-LoRA's structure? block energy against a null
     schedules.py    training schedules: SOS-LoRA's recipe, CPS-LoRA's repartitions

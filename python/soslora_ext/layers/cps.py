@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from . import kinds
+from . import cps_kinds, kinds
 from .base import AdapterLinear, base_weight, check_base, partition_shape
 from .config import CPSConfig, with_fields
 from .partition import (
@@ -110,7 +110,9 @@ class CPSLinear(AdapterLinear):
 
     The forward is one autograd node (ops.adapted_linear): the clusters as one dense low-rank
     update, as SOSLinear's, while the total rank is at most DENSE_MAX_RANK, and as blocks of
-    the activations (the cluster op) above it; both give the same function.
+    the activations (the cluster op) above it; both give the same function. Over a
+    convolution or an embedding each cluster is computed on its own channels (tokens) and rows
+    (cps_kinds.py); over an attention module, as one dense update of its weight.
     """
 
     def __init__(self, base: nn.Module, config: CPSConfig | None = None, *,
@@ -225,10 +227,12 @@ class CPSLinear(AdapterLinear):
         if self._begin_forward(x, args, kwargs):
             return self.base_layer(x, *args, **kwargs)
         if self._kind is not None:
-            # The clusters as one dense update in the original row and column order.
-            A, B, scale = self._update_factors()
             dropout_p = self.config.dropout if self.training else 0.0
-            return self._kind_forward(x, args, kwargs, A, B, scale, dropout_p, True, {})
+            if isinstance(self._kind, kinds.AttentionKind):
+                # Its module computes with the weight: the clusters as one dense update.
+                A, B, scale = self._update_factors()
+                return self._kind_forward(x, args, kwargs, A, B, scale, dropout_p, True, {})
+            return cps_kinds.local_forward(self, x, dropout_p)
         out = self._adapted_forward(x, *self._forward_args()[:5], **self._forward_args()[5])
         if self._collecting and self.training and torch.is_grad_enabled():
             x2 = x.reshape(-1, self.in_features)
