@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..formats import checks as check
-from ..formats import peft_checks
+from ..formats import peft
 from ..formats.checks import NESTED_OUT_PROJ
-from ..formats.files import AdapterError, read_pair
+from ..formats.files import AdapterError
 from ..formats.peft import PEFT_OUT_PROJ_FACTOR, write_peft_lora
 from ..formats.peft_checks import PEFT_PREFIX
 from ..layers.base import AdapterLinear
@@ -59,15 +58,7 @@ def read_peft(directory: str | os.PathLike
     Layout}) of a PEFT LoRA directory: read_peft_lora's checks and factors (delta = scaling *
     B A in each layer's matrix view), with the layout of every convolution and embedding, which
     the flattened factors no longer tell."""
-    where = repr(str(directory))
-
-    def validate(config):
-        peft_checks.check_peft_config(config, where)
-        return lambda header: peft_checks.check_peft_header(config, header, where)
-
-    config, tensors = read_pair(directory, validate)
-    plan = peft_checks.check_peft_header(config, check.header_of(tensors), where)
-    check.check_finite(tensors, where)
+    config, plan, tensors, where = peft.read_peft_checked(directory)
     factors, layouts = {}, {}
     for name, (_, scaling) in plan.layers.items():
         A, B = (tensors[k] for k in plan.keys(name))
@@ -80,11 +71,7 @@ def read_peft(directory: str | os.PathLike
         elif _nested_in(name, plan.layers):
             scaling = scaling * PEFT_OUT_PROJ_FACTOR
         A, B = matrix_factors(A, B)
-        # A huge lora_alpha (or alpha_pattern entry) overflows delta = scaling * B A.
-        acc = torch.float64 if B.dtype == torch.float64 else torch.float32
-        if not torch.isfinite(B.to(acc) * scaling).all():
-            check.fail(where, f"layer {name!r}: lora_B times the scaling {scaling:g} (lora_alpha "
-                              f"/ r) overflows {acc}")
+        peft.check_scaling(where, name, B, scaling)
         factors[name] = (A, B, scaling)
     return config, factors, {p: tensors[PEFT_PREFIX + p] for p in plan.whole}, layouts
 

@@ -223,11 +223,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *,
                            lock_timeout=lock_timeout, embeddings=embeddings, nested=nested)
 
 
-def read_peft_lora(directory: str | os.PathLike
-                   ) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-                              dict[str, torch.Tensor]]:
-    """(config, {module: (A, B, scaling)}, {"module.param": tensor saved whole}) of a PEFT LoRA
-    directory; delta = scaling * B A, scaling from lora_alpha / alpha_pattern / rsLoRA."""
+def read_peft_checked(directory: str | os.PathLike):
+    """(config, plan, tensors, where) of a PEFT LoRA directory whose config and header passed
+    peft_checks and whose tensors are finite: what read_peft_lora and compose's reader share."""
     where = repr(str(directory))
 
     def validate(config):
@@ -237,16 +235,30 @@ def read_peft_lora(directory: str | os.PathLike
     config, tensors = read_pair(directory, validate)
     plan = peft_checks.check_peft_header(config, check.header_of(tensors), where)
     check.check_finite(tensors, where)
+    return config, plan, tensors, where
+
+
+def check_scaling(where: str, name: str, B: torch.Tensor, scaling: float) -> None:
+    """Refuse a layer whose lora_B times its scaling overflows: a huge lora_alpha (or
+    alpha_pattern entry) overflows delta = scaling * B A."""
+    acc = torch.float64 if B.dtype == torch.float64 else torch.float32
+    if not torch.isfinite(B.to(acc) * scaling).all():
+        check.fail(where, f"layer {name!r}: lora_B times the scaling {scaling:g} (lora_alpha "
+                          f"/ r) overflows {acc}")
+
+
+def read_peft_lora(directory: str | os.PathLike
+                   ) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                              dict[str, torch.Tensor]]:
+    """(config, {module: (A, B, scaling)}, {"module.param": tensor saved whole}) of a PEFT LoRA
+    directory; delta = scaling * B A, scaling from lora_alpha / alpha_pattern / rsLoRA."""
+    config, plan, tensors, where = read_peft_checked(directory)
     # As [r, in] and [out, r] of the matrix view (a convolution's flattened).
     factors = {name: (tensors[plan.keys(name)[0]].flatten(1),
                       tensors[plan.keys(name)[1]].flatten(1), scaling)
                for name, (_, scaling) in plan.layers.items()}
     for name, (_, B, scaling) in factors.items():
-        # A huge lora_alpha (or alpha_pattern entry) overflows delta = scaling * B A.
-        acc = torch.float64 if B.dtype == torch.float64 else torch.float32
-        if not torch.isfinite(B.to(acc) * scaling).all():
-            check.fail(where, f"layer {name!r}: lora_B times the scaling {scaling:g} (lora_alpha "
-                              f"/ r) overflows {acc}")
+        check_scaling(where, name, B, scaling)
     return config, factors, {p: tensors[PEFT_PREFIX + p] for p in plan.whole}
 
 
